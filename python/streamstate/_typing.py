@@ -1,0 +1,10 @@
+"""Type aliases shared by the public modules."""
+
+from __future__ import annotations
+
+from typing import Union
+
+# Anything exposing a C-contiguous buffer: bytes, bytearray, memoryview, numpy arrays.
+BytesLike = Union[bytes, bytearray, memoryview]
+
+__all__ = ["BytesLike"]

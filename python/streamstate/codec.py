@@ -1,0 +1,54 @@
+"""The snapshot container every streamstate component writes its state in.
+
+Layout (all integers little-endian)::
+
+    "SSRC" | u16 version | u16 kind | u32 count | count x (u32 len, key, u32 len, value) | u32 CRC
+
+The trailing CRC32C (LevelDB-masked) covers every byte before it. Decoding validates the
+whole container before returning anything and raises :class:`~streamstate.CorruptDataError`
+with the reason (bad magic, unsupported version, checksum mismatch, truncated at ...).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from . import _core
+from ._core import crc32c, lz4_compress, lz4_decompress, sha256_hex
+from ._typing import BytesLike
+
+__all__ = [
+    "RecordKind",
+    "crc32c",
+    "decode_records",
+    "encode_records",
+    "lz4_compress",
+    "lz4_decompress",
+    "sha256_hex",
+]
+
+
+class RecordKind(enum.IntEnum):
+    """Which component wrote a snapshot container (its ``kind`` tag)."""
+
+    USER = 0
+    AGGREGATE_STORE = 1
+    NUMERIC_AGGREGATE_STORE = 2
+    STATE_BACKEND = 3
+    SPILL_RUN = 4
+
+
+def encode_records(kind: int, records: Iterable[tuple[BytesLike, BytesLike]]) -> bytes:
+    """Encode ``(key, value)`` byte pairs into a checksummed container tagged ``kind``.
+
+    ``kind`` is an integer in ``[0, 65535]``; :class:`RecordKind` names the ones in use.
+    """
+    if not 0 <= int(kind) <= 0xFFFF:
+        raise ValueError(f"kind must be in [0, 65535], got {kind}")
+    return _core.encode_records(int(kind), records)
+
+
+def decode_records(data: BytesLike) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """Validate and decode a container into ``(kind, [(key, value), ...])``."""
+    return _core.decode_records(data)

@@ -1,0 +1,60 @@
+"""The exception hierarchy: every error streamstate raises derives from StreamStateError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CorruptDataError",
+    "IntegrityError",
+    "NoValidCheckpointError",
+    "SpillError",
+    "StreamStateError",
+]
+
+
+class StreamStateError(Exception):
+    """Base class of all streamstate errors."""
+
+
+class CorruptDataError(StreamStateError, ValueError):
+    """Bytes that cannot be what they claim to be: truncated, bit-flipped or foreign."""
+
+
+class IntegrityError(CorruptDataError):
+    """An artifact whose SHA-256 digest differs from the one recorded for it."""
+
+    def __init__(self, path: str, expected: str, actual: str) -> None:
+        super().__init__(f"{path}: SHA-256 mismatch (expected {expected}, got {actual})")
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self) -> tuple[type[IntegrityError], tuple[str, str, str]]:
+        return (type(self), (self.path, self.expected, self.actual))
+
+
+class SpillError(StreamStateError, OSError):
+    """A file-system failure while spilling to disk or reading spill files back.
+
+    Constructed like OSError, ``SpillError(errno, message, path)``, so ``.errno`` and
+    ``.filename`` name what failed.
+    """
+
+
+class CheckpointError(StreamStateError):
+    """A checkpoint operation that failed permanently (after any retries)."""
+
+
+class NoValidCheckpointError(CheckpointError):
+    """Recovery found checkpoints but none of them verified.
+
+    ``failures`` lists ``(checkpoint_id, reason)`` for every candidate tried, newest first.
+    """
+
+    def __init__(self, failures: list[tuple[str, str]]) -> None:
+        lines = "; ".join(f"{cid}: {why}" for cid, why in failures)
+        super().__init__(f"no valid checkpoint among {len(failures)} candidate(s): {lines}")
+        self.failures = failures
+
+    def __reduce__(self) -> tuple[type[NoValidCheckpointError], tuple[list[tuple[str, str]]]]:
+        return (type(self), (self.failures,))

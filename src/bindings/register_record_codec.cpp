@@ -1,0 +1,62 @@
+#include "bindings/prelude.h"
+#include "core/errors.h"
+#include "core/record_codec.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace streamstate::bindings {
+
+void register_record_codec(py::module_& m) {
+  m.def(
+      "encode_records",
+      [](std::uint16_t kind, const py::iterable& records) {
+        // Pin every buffer first (needs the GIL), then build the container without it.
+        std::vector<std::pair<py::object, py::object>> owners;
+        std::vector<std::unique_ptr<BufferView>> pins;
+        std::vector<RecordView> views;
+        std::size_t total = 0;
+        for (const py::handle item : records) {
+          if (!py::isinstance<py::sequence>(item) || py::len(item) != 2) {
+            throw py::type_error("encode_records: each record must be a (key, value) pair");
+          }
+          const auto pair = py::reinterpret_borrow<py::sequence>(item);
+          owners.emplace_back(pair[0], pair[1]);
+          pins.push_back(std::make_unique<BufferView>(owners.back().first));
+          pins.push_back(std::make_unique<BufferView>(owners.back().second));
+          views.push_back({pins[pins.size() - 2]->view(), pins.back()->view()});
+          total += views.back().key.size() + views.back().value.size();
+        }
+        std::string out;
+        {
+          const MaybeReleaseGil release(total);
+          out = encode_records(kind, views);
+        }
+        return py::bytes(out);
+      },
+      py::arg("kind"), py::arg("records"),
+      "Encode (key, value) byte pairs into the checksummed snapshot container.");
+  m.def(
+      "decode_records",
+      [](const py::object& data) {
+        const BufferView buffer(data);
+        std::unique_ptr<RecordReader> reader;
+        {
+          const MaybeReleaseGil release(buffer.size());
+          reader = std::make_unique<RecordReader>(buffer.view());
+        }
+        py::list records(static_cast<py::ssize_t>(reader->count()));
+        RecordView record;
+        py::ssize_t i = 0;
+        while (reader->next(record)) {
+          records[i++] = py::make_tuple(py::bytes(record.key.data(), record.key.size()),
+                                        py::bytes(record.value.data(), record.value.size()));
+        }
+        return py::make_tuple(reader->kind(), records);
+      },
+      py::arg("data"),
+      "Validate and decode a snapshot container into (kind, [(key, value), ...]).");
+}
+
+}  // namespace streamstate::bindings
