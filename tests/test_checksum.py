@@ -45,6 +45,7 @@ def test_crc32c_matches_google_crc32c_at_loop_boundaries(size: int, offset: int)
     expected = google_crc32c.value(bytes(view))
     assert streamstate.crc32c(view) == expected
     assert _core.crc32c_portable(view) == expected
+    assert _core._crc32c_single_stream(view) == expected
 
 
 @given(st.binary(max_size=5000), st.binary(max_size=5000))

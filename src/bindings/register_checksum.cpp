@@ -23,6 +23,15 @@ void register_checksum(py::module_& m) {
       },
       py::arg("data"), py::arg("value") = 0,
       "CRC-32C with the portable table implementation (for tests and benchmarks).");
+  m.def(
+      "_crc32c_single_stream",
+      [](const py::object& data, std::uint32_t value) {
+        const BufferView buffer(data);
+        const MaybeReleaseGil release(buffer.size());
+        return crc32c_single_stream(buffer.view(), value);
+      },
+      py::arg("data"), py::arg("value") = 0,
+      "CRC-32C over one hardware stream, without interleaving (benchmark baseline).");
   m.def("crc32c_is_hardware", &crc32c_is_hardware,
         "True when crc32c() uses the CPU's crc32 instruction.");
   m.def(

@@ -156,6 +156,21 @@ __attribute__((target("sse4.2"))) std::uint32_t hardware_raw(std::uint32_t crc,
   return static_cast<std::uint32_t>(c);
 }
 
+__attribute__((target("sse4.2"))) std::uint32_t hardware_single_raw(std::uint32_t crc,
+                                                                    const unsigned char* p,
+                                                                    std::size_t n) noexcept {
+  std::uint64_t c = crc;
+  while (n >= 8) {
+    std::uint64_t w;
+    std::memcpy(&w, p, 8);
+    c = _mm_crc32_u64(c, w);
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = _mm_crc32_u8(static_cast<std::uint32_t>(c), *p++);
+  return static_cast<std::uint32_t>(c);
+}
+
 bool detect_hardware() noexcept { return __builtin_cpu_supports("sse4.2") != 0; }
 
 #else
@@ -175,6 +190,14 @@ std::uint32_t crc32c(std::string_view data, std::uint32_t crc) noexcept {
   const auto* p = reinterpret_cast<const unsigned char*>(data.data());
 #ifdef STREAMSTATE_HAVE_SSE42_PATH
   if (kUseHardware) return ~hardware_raw(~crc, p, data.size());
+#endif
+  return ~portable_raw(~crc, p, data.size());
+}
+
+std::uint32_t crc32c_single_stream(std::string_view data, std::uint32_t crc) noexcept {
+  const auto* p = reinterpret_cast<const unsigned char*>(data.data());
+#ifdef STREAMSTATE_HAVE_SSE42_PATH
+  if (kUseHardware) return ~hardware_single_raw(~crc, p, data.size());
 #endif
   return ~portable_raw(~crc, p, data.size());
 }
