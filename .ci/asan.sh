@@ -24,8 +24,10 @@ if ls "$build"/test_* >/dev/null 2>&1; then
 fi
 
 # CPython itself is not built with ASan: preload the runtime, and leave leak checking to the
-# C++ tests above (the interpreter keeps allocations alive until exit by design).
-asan_lib=$(g++ -print-file-name=libasan.so)
-LD_PRELOAD="$asan_lib" ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 \
+# C++ tests above (the interpreter keeps allocations alive until exit by design). libstdc++
+# is preloaded too, or ASan's __cxa_throw interceptor finds no real function to call (python
+# does not link libstdc++) and aborts on the first C++ exception.
+preload="$(g++ -print-file-name=libasan.so):$(g++ -print-file-name=libstdc++.so)"
+LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 \
   PYTHONPATH="$PWD/$pkg" .venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
   -o addopts="-ra --import-mode=importlib" tests "$@"
