@@ -331,20 +331,14 @@ class Pipeline:
                     f"checkpoint {recovered.manifest.checkpoint_id} has no state for "
                     f"{sorted(missing)}; it was written by a pipeline with other values"
                 )
-            key_type = self._key_type
-            stores: dict[str, NumericAggregateStore] = {}
+            # The key type comes from the source's first event, as on a fresh start.
+            first = self.source.read(0, 1)
+            self._stores = None
+            stores = self._ensure_stores(
+                np.asarray(first.columns[self.key]) if first is not None else None
+            )
             for metric in self.values:
-                store = NumericAggregateStore(self.partitions, key_type=key_type or "bytes")
-                try:
-                    store.restore(blobs[metric])
-                except StreamStateError:
-                    if key_type is not None:
-                        raise
-                    # Key type unknown before the first batch: the snapshot says which.
-                    store = NumericAggregateStore(self.partitions, key_type="int64")
-                    store.restore(blobs[metric])
-                stores[metric] = store
-            self._stores = stores
+                stores[metric].restore(blobs[metric])
             self._offset = int(recovered.source_offsets[self.source.name])
             self._epoch = recovered.manifest.epoch
             self._recovered_epoch = recovered.manifest.epoch
