@@ -458,7 +458,9 @@ class ObjectStoreCheckpointer:
 
         Also kept: any newer checkpoint (even a damaged one), and every older checkpoint a
         kept one's delta chain needs. Leftovers of uncommitted checkpoints older than the
-        oldest kept one are removed too. Returns the ids deleted, oldest first.
+        newest committed one are removed too: a writer mints ids above the newest committed
+        checkpoint, so only a failed or crashed commit leaves those behind. Returns the ids
+        deleted, oldest first.
         """
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
@@ -480,9 +482,9 @@ class ObjectStoreCheckpointer:
                 keep.update(self._owner(entry) for entry in chain)
         if not keep:
             return []
-        oldest_kept = min(keep)
+        newest = committed[-1]
         doomed = [cid for cid in committed if cid not in keep]
-        doomed += [cid for cid in dirs if cid not in committed and cid < oldest_kept]
+        doomed += [cid for cid in dirs if cid not in committed and cid < newest]
         doomed = sorted(set(doomed))
         for cid in doomed:
             self.delete_checkpoint(cid)
