@@ -1063,6 +1063,9 @@ def test_local_filesystem_errors_are_classified(tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:
         obstore.put(local, "file/below/a-file", b"x")  # ENOTDIR: permanent
     assert not is_transient(info.value)
+    with pytest.raises(obs_errors.GenericError) as invalid:
+        obstore.get(local, "staging-name#1")  # LocalStore's reserved names: permanent
+    assert not is_transient(invalid.value)
     with pytest.raises(FileNotFoundError) as missing:
         obstore.get(local, "absent")
     assert not is_transient(missing.value)

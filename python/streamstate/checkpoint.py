@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, Union
 
 import obstore
 from obstore import exceptions as obs_errors
+from obstore.store import LocalStore
 
 from ._core import sha256_hex
 from ._typing import BytesLike
@@ -156,7 +157,7 @@ class CheckpointStorage:
     """
 
     def __init__(self, store: StoreLike) -> None:
-        self.store: ObjectStore = resolve_store(store)
+        self.store: ObjectStore = _with_directory_cleanup(resolve_store(store))
 
     def put(self, path: str, data: BytesLike, *, mode: _PutMode = "overwrite") -> PutResult:
         """Write one object atomically (``mode`` as for :func:`obstore.put`)."""
@@ -183,6 +184,22 @@ class CheckpointStorage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({describe_store(self.store)})"
+
+
+def _with_directory_cleanup(store: ObjectStore) -> ObjectStore:
+    """The same LocalStore with ``automatic_cleanup`` on, so deleting a checkpoint also
+    removes its now-empty directories (otherwise every pruned checkpoint leaves a tree of
+    empty directories behind). Other stores have no directories and pass through."""
+    if not isinstance(store, LocalStore):
+        return store
+    state: Any = getattr(store, "__getnewargs_ex__", None)  # obstore's own pickling state
+    try:
+        args, kwargs = state()
+    except (TypeError, ValueError):
+        return store
+    if kwargs.get("automatic_cleanup", True):
+        return store
+    return LocalStore(*args, **{**kwargs, "automatic_cleanup": True, "mkdir": False})
 
 
 # -- recovery result ---------------------------------------------------------------------

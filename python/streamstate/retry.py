@@ -46,6 +46,8 @@ _NETWORK_HINTS = (
     "throttl",
     "temporarily",
 )
+# A GenericError wrapping an invalid path or unsupported request will never succeed.
+_INVALID_HINTS = ("invalidpath", "invalid path", "not supported", "not implemented")
 _TRANSIENT_ERRNOS = frozenset(
     {
         errno.EAGAIN,
@@ -99,6 +101,8 @@ def _transient_message(message: str, unknown: bool = True) -> bool:
     if os_error is not None:
         return int(os_error.group(1)) in _TRANSIENT_ERRNOS
     lowered = message.lower()
+    if any(hint in lowered for hint in _INVALID_HINTS):
+        return False
     if any(hint in lowered for hint in _NETWORK_HINTS):
         return True
     # An unrecognised GenericError is retried: the time budget bounds the cost of guessing
