@@ -533,8 +533,10 @@ class ObjectStoreCheckpointer:
     ) -> CheckpointManifest:
         """Commit one checkpoint: upload every artifact, then the manifest, then ``_latest``.
 
-        ``snapshots`` holds ``(operator, partition, is_delta, data)``; delta items need
-        ``parent``, a committed checkpoint holding the same partitions. ``source_offsets``
+        ``snapshots`` holds ``(operator, partition, is_delta, data)``: a checkpoint holds
+        exactly the partitions listed (list an unchanged one as an empty delta,
+        ``encode_delta([])``). Delta items need ``parent``, a committed checkpoint holding
+        the same partitions. ``source_offsets``
         maps source names to JSON values and is stored in the manifest. Returns the
         committed manifest. On failure before the manifest is written nothing is committed
         (uploaded artifacts are cleaned up best effort); a failure to move ``_latest``
