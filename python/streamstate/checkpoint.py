@@ -11,7 +11,9 @@ The commit protocol (:meth:`ObjectStoreCheckpointer.commit`):
 
 A crash before step 2 leaves unreferenced artifacts that :meth:`~ObjectStoreCheckpointer.prune`
 removes later; a crash between 2 and 3 leaves a committed checkpoint the pointer does not
-name yet, which recovery still finds because it considers every manifest.
+name yet, which recovery still finds because it considers every manifest. ``_latest`` is
+the quick answer to "which checkpoint is current" for readers that do not list; recovery
+itself never trusts it over the manifests.
 
 Recovery (:meth:`~ObjectStoreCheckpointer.recover`) tries the newest checkpoint first,
 verifies every byte against the manifest's SHA-256 digests, rebuilds delta partitions along
@@ -601,18 +603,18 @@ class ObjectStoreCheckpointer:
     ) -> RecoveredCheckpoint | None:
         """Load the newest checkpoint that verifies completely, or None on an empty store.
 
-        Candidates are every committed checkpoint plus the one ``_latest`` names (a missing
-        or damaged pointer is ignored), newest first. For each, every artifact along every
-        delta chain is read and checked against its SHA-256, then deltas are applied with
-        ``apply_delta``. Any failure moves on to the next older candidate, at most
-        ``max_fallback`` times; when all tried candidates fail,
+        Candidates are the committed checkpoints (those with a manifest), newest first.
+        That starts at the one ``_latest`` names, unless a crash came between a manifest
+        and the pointer (the newer, committed checkpoint wins) or the pointer is missing,
+        damaged, or names a deleted checkpoint (it is ignored). For each candidate, every
+        artifact along every delta chain is read and checked against its SHA-256, then
+        deltas are applied with ``apply_delta``. Any failure moves on to the next older
+        candidate, at most ``max_fallback`` times; when all tried candidates fail,
         :class:`~streamstate.NoValidCheckpointError` lists each with its reason.
         """
         if isinstance(max_fallback, bool) or not isinstance(max_fallback, int) or max_fallback < 0:
             raise ValueError(f"max_fallback must be an int >= 0, got {max_fallback!r}")
-        committed, _ = self._scan()
-        latest = self._latest_or_none()
-        candidates = sorted(set(committed) | ({latest} if latest is not None else set()))
+        candidates, _ = self._scan()
         if not candidates:
             return None
         failures: list[tuple[str, str]] = []

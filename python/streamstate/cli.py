@@ -166,8 +166,8 @@ def _checkpoints_validate(args: argparse.Namespace) -> int:
         print(f"DAMAGED {pointer}: {exc}")
     else:
         if latest is not None and latest not in ids:
-            damaged += 1
-            print(f"DAMAGED {pointer}: names {latest}, which has no manifest")
+            print(f"note    {pointer} names {latest}, which has no manifest (deleted?); "
+                  "recovery ignores it")  # fmt: skip
         elif ids and latest is None:
             print(f"note    {pointer} is missing; recovery uses the newest manifest")
     verdict = "damage found" if damaged else "all verified"
@@ -207,7 +207,9 @@ def _size(n: int) -> str:
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 # -- the parser --------------------------------------------------------------------------

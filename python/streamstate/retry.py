@@ -129,7 +129,7 @@ class RetryPolicy:
     jitter: float = 0.5
     max_elapsed: float = 30.0
     _rng: random.Random = field(
-        default_factory=random.Random, repr=False, compare=False, hash=False
+        default_factory=random.Random, init=False, repr=False, compare=False, hash=False
     )
 
     def __post_init__(self) -> None:
