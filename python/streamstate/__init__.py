@@ -37,6 +37,21 @@ from .codec import crc32c, lz4_compress, lz4_decompress, sha256_hex
 # -- checkpoint batcher (issue 6) --
 
 # -- object-store checkpointer (issue 7) --
+from .checkpoint import (
+    ObjectStoreCheckpointer,
+    RecoveredCheckpoint,
+    apply_record_delta,
+    encode_delta,
+    verify_integrity,
+)
+from .manifest import (
+    CheckpointId,
+    CheckpointManifest,
+    CheckpointPaths,
+    OperatorSnapshotEntry,
+    PartitionSnapshotEntry,
+)
+from .retry import RetryPolicy
 
 # -- pipeline (issue 8) --
 
