@@ -1,0 +1,576 @@
+#include "core/checkpoint_batch.h"
+
+#include <lz4.h>
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+#include <tbb/parallel_pipeline.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+
+#include "core/byte_io.h"
+#include "core/checksum.h"
+#include "core/errors.h"
+#include "core/lz4_block.h"
+
+namespace streamstate {
+
+static_assert(kBatchMaxBody == static_cast<std::size_t>(LZ4_MAX_INPUT_SIZE),
+              "kBatchMaxBody must be LZ4's block limit");
+static_assert(kBatchMaxBody < kBatchFormatMaxBody);
+
+namespace {
+
+// Bodies are built (encode) or decompressed (decode) in a scratch buffer. A fresh multi-MiB
+// allocation pays a page fault per 4 KiB on first touch, which costs as much as the LZ4 work
+// itself, and a batcher handles bodies of similar size every few seconds; so each thread
+// keeps its largest recent buffer, up to this size, for the next call.
+constexpr std::size_t kScratchRetainLimit = std::size_t{128} << 20;
+
+struct Scratch {
+  std::unique_ptr<char[]> data;
+  std::size_t capacity = 0;
+};
+
+thread_local Scratch t_spare_scratch;
+
+Scratch take_scratch(std::size_t size) {
+  if (t_spare_scratch.data != nullptr && t_spare_scratch.capacity >= size) {
+    return std::exchange(t_spare_scratch, Scratch{});
+  }
+  // A little headroom so a body that grows slightly between calls reuses the buffer.
+  const std::size_t capacity = size + size / 8;
+  return {std::make_unique_for_overwrite<char[]>(capacity), capacity};
+}
+
+void give_back_scratch(Scratch&& scratch) noexcept {
+  if (scratch.data != nullptr && scratch.capacity <= kScratchRetainLimit &&
+      (t_spare_scratch.data == nullptr || scratch.capacity > t_spare_scratch.capacity)) {
+    t_spare_scratch = std::move(scratch);
+  }
+}
+
+// Holds a scratch buffer for one call and returns it to the thread's spare slot afterwards,
+// also when the call throws.
+class ScratchLease {
+ public:
+  explicit ScratchLease(std::size_t size) : scratch_(take_scratch(size)) {}
+  ~ScratchLease() { give_back_scratch(std::move(scratch_)); }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  ScratchLease(ScratchLease&&) = delete;
+  ScratchLease& operator=(ScratchLease&&) = delete;
+
+  [[nodiscard]] char* data() const noexcept { return scratch_.data.get(); }
+  // Hands the buffer over for good (the DecodedBatch gives it back when it dies).
+  [[nodiscard]] Scratch release() noexcept { return std::exchange(scratch_, Scratch{}); }
+
+ private:
+  Scratch scratch_;
+};
+
+std::string hex32(std::uint32_t v) {
+  char text[11];
+  std::snprintf(text, sizeof text, "0x%08x", v);
+  return text;
+}
+
+// Entries whose data totals less than this are copied on the calling thread.
+constexpr std::size_t kParallelCopyMin = std::size_t{4} << 20;
+constexpr std::size_t kParallelCopyGrain = std::size_t{1} << 20;
+
+}  // namespace
+
+std::size_t batch_body_size(std::span<const BatchEntryView> entries) {
+  std::size_t total = 0;
+  for (const BatchEntryView& entry : entries) {
+    total += kBatchEntryOverhead + entry.key.size() + entry.data.size();
+  }
+  if (total > kBatchFormatMaxBody) {
+    throw InvalidArgument("checkpoint batch: a body of " + std::to_string(total) +
+                          " bytes exceeds the LCB1 format's 4 GiB limit; flush more often");
+  }
+  if (total > kBatchMaxBody) {
+    throw InvalidArgument("checkpoint batch: a body of " + std::to_string(total) +
+                          " bytes exceeds LZ4's block limit of " + std::to_string(kBatchMaxBody) +
+                          " bytes; flush more often");
+  }
+  return total;
+}
+
+namespace {
+
+struct ChunkPlan {
+  std::size_t count = 1;  // number of chunks (at least one, also for an empty body)
+  std::size_t size = 0;   // bytes per chunk; the last may be shorter
+  std::size_t slot = 0;   // bytes reserved for each chunk's compressed block
+};
+
+ChunkPlan plan_chunks(std::size_t body_size, std::size_t chunk_size) {
+  if (chunk_size == 0) throw InvalidArgument("checkpoint batch: chunk_size must be positive");
+  ChunkPlan plan;
+  plan.count = std::max<std::size_t>(1, (body_size + chunk_size - 1) / chunk_size);
+  plan.size = (body_size + plan.count - 1) / plan.count;  // even chunks: no tiny tail
+  // lz4_compressed_bound includes the 4-byte size prefix, which a slot does not hold.
+  plan.slot = lz4_compressed_bound(plan.size) - kLz4SizePrefix;
+  return plan;
+}
+
+// Writes body bytes [begin, end) of `entries` (whose body offsets are `offsets`) into dst.
+void render_body(std::span<const BatchEntryView> entries, const std::vector<std::size_t>& offsets,
+                 std::size_t begin, std::size_t end, char* dst) {
+  auto i = static_cast<std::size_t>(
+      std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1);
+  for (std::size_t pos = begin; pos < end; ++i) {
+    const BatchEntryView& entry = entries[i];
+    // Copies the part of one field, which starts at body offset `at`, that lies in range.
+    const auto emit = [&](std::size_t at, const char* src, std::size_t len) {
+      const std::size_t lo = std::max(begin, at);
+      const std::size_t hi = std::min(end, at + len);
+      if (lo < hi) std::memcpy(dst + (lo - begin), src + (lo - at), hi - lo);
+    };
+    char key_len[4];
+    char data_len[4];
+    store_u32(key_len, static_cast<std::uint32_t>(entry.key.size()));
+    store_u32(data_len, static_cast<std::uint32_t>(entry.data.size()));
+    const std::size_t at = offsets[i];
+    emit(at, key_len, 4);
+    emit(at + 4, entry.key.data(), entry.key.size());
+    emit(at + 4 + entry.key.size(), data_len, 4);
+    emit(at + 8 + entry.key.size(), entry.data.data(), entry.data.size());
+    pos = std::min(end, offsets[i + 1]);
+  }
+}
+
+// What splicing needs to know about one chunk's compressed block. An LZ4 block is a list of
+// sequences [token][literal length bytes][literals][u16 offset][match length bytes], the last
+// of which has literals only.
+struct ChunkBlock {
+  std::size_t size = 0;
+  std::size_t first_header = 0;    // token + literal-length bytes of the first sequence
+  std::size_t first_literals = 0;
+  std::size_t last_token = 0;      // offset of the last (literals-only) sequence
+  std::size_t last_literals = 0;
+};
+
+[[noreturn]] void bad_own_block() {
+  throw std::logic_error("checkpoint batch: LZ4 produced a block we cannot parse");
+}
+
+// Reads a literal-length field starting at block[pos] (the token); returns the length and
+// advances pos past the token and its extension bytes.
+std::size_t read_literal_length(const unsigned char* block, std::size_t size, std::size_t& pos) {
+  if (pos >= size) bad_own_block();
+  std::size_t length = block[pos++] >> 4;
+  if (length == 15) {
+    unsigned char more = 255;
+    while (more == 255) {
+      if (pos >= size) bad_own_block();
+      more = block[pos++];
+      length += more;
+    }
+  }
+  return length;
+}
+
+ChunkBlock describe_block(const char* data, std::size_t size) {
+  const auto* block = reinterpret_cast<const unsigned char*>(data);
+  ChunkBlock out;
+  out.size = size;
+  std::size_t pos = 0;
+  out.first_literals = read_literal_length(block, size, pos);
+  out.first_header = pos;
+  pos = 0;
+  // Walk the sequences to the last one; only tokens and length bytes are read.
+  while (true) {
+    const std::size_t token_at = pos;
+    const std::size_t literals = read_literal_length(block, size, pos);
+    const unsigned token = block[token_at];
+    if (literals > size - pos) bad_own_block();
+    pos += literals;
+    if (pos == size) {
+      out.last_token = token_at;
+      out.last_literals = literals;
+      return out;
+    }
+    pos += 2;  // match offset
+    if ((token & 15u) == 15u) {
+      unsigned char more = 255;
+      while (more == 255) {
+        if (pos >= size) bad_own_block();
+        more = block[pos++];
+      }
+    }
+    if (pos >= size) bad_own_block();
+  }
+}
+
+std::size_t literal_length_bytes(std::size_t literals) noexcept {
+  return literals < 15 ? 0 : (literals - 15) / 255 + 1;
+}
+
+// Writes a token with literal count `literals` and match nibble `match_code`, plus the
+// literal-length extension bytes; returns the bytes written.
+std::size_t write_literal_header(unsigned char* dst, std::size_t literals, unsigned match_code) {
+  std::size_t pos = 0;
+  dst[pos++] = static_cast<unsigned char>((std::min<std::size_t>(literals, 15) << 4) |
+                                          (match_code & 15u));
+  if (literals >= 15) {
+    std::size_t rest = literals - 15;
+    for (; rest >= 255; rest -= 255) dst[pos++] = 255;
+    dst[pos++] = static_cast<unsigned char>(rest);
+  }
+  return pos;
+}
+
+// Joins compressed chunks into one block in order. Chunk j sits in its own slot of the output
+// and is moved down to the end of what is joined so far. Independent chunks only refer back
+// into themselves, so their offsets stay valid in the concatenated output; the only rewrite is
+// at each seam, where the previous chunk's trailing literals-only sequence and the next
+// chunk's first sequence become one sequence (a block may have only one literals-only
+// sequence, its last). LZ4's end-of-block rules concern the last chunk's end, which is kept.
+class BlockSplicer {
+ public:
+  explicit BlockSplicer(char* block) noexcept
+      : block_(reinterpret_cast<unsigned char*>(block)) {}
+
+  // `chunk` points at the chunk's slot, which lies at or after size().
+  void append(const char* chunk_data, const ChunkBlock& chunk) {
+    const auto* chunk_bytes = reinterpret_cast<const unsigned char*>(chunk_data);
+    if (first_) {
+      if (chunk_bytes != block_) std::memmove(block_, chunk_bytes, chunk.size);
+      size_ = chunk.size;
+      pending_token_ = chunk.last_token;
+      pending_literals_ = chunk.last_literals;
+      first_ = false;
+      return;
+    }
+    const unsigned match_code = chunk_bytes[0] & 15u;  // read before anything can move over it
+    const std::size_t literals = pending_literals_ + chunk.first_literals;
+    const std::size_t old_header = size_ - pending_token_ - pending_literals_;
+    const std::size_t new_header = 1 + literal_length_bytes(literals);
+    // The header grows by at most the chunk's first header, so the pending literals never
+    // move over the chunk's first literals, and the chunk only ever moves down.
+    std::memmove(block_ + pending_token_ + new_header, block_ + pending_token_ + old_header,
+                 pending_literals_);
+    write_literal_header(block_ + pending_token_, literals, match_code);
+    const std::size_t rest_at = pending_token_ + new_header + pending_literals_;
+    std::memmove(block_ + rest_at, chunk_bytes + chunk.first_header, chunk.size - chunk.first_header);
+    size_ = rest_at + chunk.size - chunk.first_header;
+    if (chunk.last_token == 0) {
+      pending_literals_ = literals;  // the merged sequence is still the block's last
+    } else {
+      pending_token_ = rest_at + chunk.last_token - chunk.first_header;
+      pending_literals_ = chunk.last_literals;
+    }
+  }
+
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+
+ private:
+  unsigned char* block_;
+  std::size_t size_ = 0;
+  std::size_t pending_token_ = 0;
+  std::size_t pending_literals_ = 0;
+  bool first_ = true;
+};
+
+}  // namespace
+
+std::size_t batch_encoded_bound(std::size_t body_size, std::size_t chunk_size) {
+  const ChunkPlan plan = plan_chunks(body_size, chunk_size);
+  return kBatchHeaderSizeV2 + kLz4SizePrefix + plan.count * plan.slot;
+}
+
+std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size_t body_size,
+                              char* dst, std::size_t capacity, std::size_t chunk_size) {
+  if (capacity < batch_encoded_bound(body_size, chunk_size)) {
+    throw InvalidArgument("checkpoint batch: output buffer smaller than batch_encoded_bound");
+  }
+  std::vector<std::size_t> offsets(entries.size() + 1, 0);
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    if (!is_valid_utf8(entries[i].key)) {
+      throw InvalidArgument("checkpoint batch: the key of entry " + std::to_string(i) +
+                            " is not valid UTF-8");
+    }
+    offsets[i + 1] =
+        offsets[i] + kBatchEntryOverhead + entries[i].key.size() + entries[i].data.size();
+  }
+  if (offsets.back() != body_size) {
+    throw InvalidArgument("checkpoint batch: body_size does not match the entries");
+  }
+
+  const ChunkPlan plan = plan_chunks(body_size, chunk_size);
+  char* const block = dst + kBatchHeaderSizeV2 + kLz4SizePrefix;
+  std::size_t block_size = 0;
+  if (plan.count == 1 || tbb::this_task_arena::max_concurrency() == 1) {
+    // One thread: compress the whole body at once, which saves the splice's block walk.
+    const ScratchLease whole(body_size);
+    render_body(entries, offsets, 0, body_size, whole.data());
+    const std::size_t room = std::min(capacity - kBatchHeaderSizeV2 - kLz4SizePrefix,
+                                      lz4_compressed_bound(body_size) - kLz4SizePrefix);
+    const int written = LZ4_compress_default(whole.data(), block, static_cast<int>(body_size),
+                                             static_cast<int>(room));
+    if (written <= 0) throw std::runtime_error("checkpoint batch: LZ4 compression failed");
+    block_size = static_cast<std::size_t>(written);
+  } else {
+    const auto compress_chunk = [&](std::size_t j) {
+      const std::size_t begin = j * plan.size;
+      const std::size_t end = std::min(body_size, begin + plan.size);
+      const ScratchLease chunk(plan.size);
+      render_body(entries, offsets, begin, end, chunk.data());
+      char* const slot = block + j * plan.slot;
+      const int written = LZ4_compress_default(chunk.data(), slot, static_cast<int>(end - begin),
+                                               static_cast<int>(plan.slot));
+      if (written <= 0) throw std::runtime_error("checkpoint batch: LZ4 compression failed");
+      return describe_block(slot, static_cast<std::size_t>(written));
+    };
+    // Chunks compress in parallel; the splice runs in order, overlapping later compressions.
+    // A chunk only ever moves down to where earlier slots were, never into a later slot.
+    BlockSplicer splicer(block);
+    std::size_t next = 0;
+    using Done = std::pair<std::size_t, ChunkBlock>;
+    tbb::parallel_pipeline(
+        2 * static_cast<std::size_t>(tbb::this_task_arena::max_concurrency()),
+        tbb::make_filter<void, std::size_t>(tbb::filter_mode::serial_in_order,
+                                            [&](tbb::flow_control& control) -> std::size_t {
+                                              if (next == plan.count) control.stop();
+                                              return next++;
+                                            }) &
+            tbb::make_filter<std::size_t, Done>(
+                tbb::filter_mode::parallel,
+                [&](std::size_t j) { return Done(j, compress_chunk(j)); }) &
+            tbb::make_filter<Done, void>(tbb::filter_mode::serial_in_order,
+                                         [&](const Done& done) {
+                                           splicer.append(block + done.first * plan.slot,
+                                                          done.second);
+                                         }));
+    block_size = splicer.size();
+  }
+
+  const std::size_t compressed = kLz4SizePrefix + block_size;
+  std::memcpy(dst, kBatchMagic, sizeof kBatchMagic);
+  store_u32(dst + 4, kBatchVersionChecked);
+  // Both fit: the body (>= 8 bytes per entry) is below LZ4's 2 GB limit.
+  store_u32(dst + 8, static_cast<std::uint32_t>(entries.size()));
+  store_u32(dst + 12, static_cast<std::uint32_t>(body_size));
+  store_u32(dst + 20, static_cast<std::uint32_t>(body_size));
+  store_u32(dst + 16, crc32c(std::string_view(dst + kBatchHeaderSizeV2, compressed)));
+  return kBatchHeaderSizeV2 + compressed;
+}
+
+std::string encode_batch(std::span<const BatchEntryView> entries, std::size_t chunk_size) {
+  const std::size_t body_size = batch_body_size(entries);
+  std::string out(batch_encoded_bound(body_size, chunk_size), '\0');
+  out.resize(encode_batch_into(entries, body_size, out.data(), out.size(), chunk_size));
+  return out;
+}
+
+DecodedBatch::~DecodedBatch() { give_back_scratch(Scratch{std::move(body_), body_capacity_}); }
+
+void DecodedBatch::copy_data_to(std::span<char* const> destinations) const {
+  if (destinations.size() != entries_.size()) {
+    throw InvalidArgument("checkpoint batch: one destination per entry is required");
+  }
+  // starts[i] = offset of entry i's data in the concatenation of all entries' data.
+  std::vector<std::size_t> starts(entries_.size() + 1, 0);
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    starts[i + 1] = starts[i] + entries_[i].data.size();
+  }
+  const std::size_t total = starts.back();
+  const auto copy_range = [&](std::size_t begin, std::size_t end) {
+    // The last entry starting at or before `begin` (zero-length entries are skipped over).
+    auto i = static_cast<std::size_t>(
+        std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1);
+    for (std::size_t pos = begin; pos < end; ++i) {
+      const std::size_t stop = std::min(end, starts[i + 1]);
+      if (stop > pos) {
+        const std::size_t within = pos - starts[i];
+        std::memcpy(destinations[i] + within, entries_[i].data.data() + within, stop - pos);
+      }
+      pos = stop;
+    }
+  };
+  if (total < kParallelCopyMin) {
+    copy_range(0, total);
+    return;
+  }
+  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, total, kParallelCopyGrain),
+                    [&](const tbb::blocked_range<std::size_t>& r) {
+                      copy_range(r.begin(), r.end());
+                    });
+}
+
+DecodedBatch decode_batch(std::string_view raw) {
+  if (raw.size() < 8) {
+    throw CorruptDataError("batch too short for header: " + std::to_string(raw.size()) +
+                           " bytes");
+  }
+  if (std::memcmp(raw.data(), kBatchMagic, sizeof kBatchMagic) != 0) {
+    throw CorruptDataError("invalid batch magic");
+  }
+  const std::uint32_t version = load_u32(raw.data() + 4);
+  std::size_t header_size = 0;
+  if (version == kBatchVersionUnchecked) {
+    header_size = kBatchHeaderSizeV1;
+  } else if (version == kBatchVersionChecked) {
+    header_size = kBatchHeaderSizeV2;
+  } else {
+    throw CorruptDataError("unsupported batch version " + std::to_string(version));
+  }
+  if (raw.size() < header_size) {
+    throw CorruptDataError("batch too short for v" + std::to_string(version) + " header: " +
+                           std::to_string(raw.size()) + " bytes, need " +
+                           std::to_string(header_size));
+  }
+  const std::size_t entry_count = load_u32(raw.data() + 8);
+  const std::size_t declared_size = load_u32(raw.data() + 12);
+  const std::string_view compressed = raw.substr(header_size);
+
+  if (version == kBatchVersionChecked) {
+    const std::uint32_t expected = load_u32(raw.data() + 16);
+    const std::uint32_t actual = crc32c(compressed);
+    if (expected != actual) {
+      throw CorruptDataError("batch CRC32C mismatch: expected " + hex32(expected) +
+                             ", actual " + hex32(actual));
+    }
+  }
+  if (compressed.size() < kLz4SizePrefix) {
+    throw CorruptDataError("batch too short for the compressed body: " +
+                           std::to_string(compressed.size()) + " bytes after the header");
+  }
+  // The reference ignores the header's size field; both copies come from the same body length,
+  // so a disagreement is damage.
+  const std::size_t prefix_size = load_u32(compressed.data());
+  if (prefix_size != declared_size) {
+    throw CorruptDataError("batch header claims " + std::to_string(declared_size) +
+                           " uncompressed bytes but the compressed body claims " +
+                           std::to_string(prefix_size));
+  }
+  std::size_t body_size = 0;
+  try {
+    // Refuses a size above the LZ4 limit or beyond LZ4's best ratio for this input.
+    body_size = lz4_claimed_size(compressed, kBatchMaxBody);
+  } catch (const CorruptDataError& e) {
+    throw CorruptDataError(std::string("batch body: ") + e.what());
+  }
+  if (entry_count > body_size / kBatchEntryOverhead) {
+    throw CorruptDataError("batch entry count " + std::to_string(entry_count) +
+                           " cannot fit in a body of " + std::to_string(body_size) + " bytes");
+  }
+
+  ScratchLease body(body_size);
+  try {
+    lz4_decompress_into(compressed, body.data(), body_size);
+  } catch (const CorruptDataError& e) {
+    throw CorruptDataError(std::string("batch body: ") + e.what());
+  }
+
+  DecodedBatch batch;
+  batch.version_ = version;
+  batch.body_size_ = body_size;
+  batch.entries_.reserve(entry_count);  // <= body_size / 8, and the body is real now
+  ByteReader reader(std::string_view(body.data(), body_size), "batch body");
+  for (std::size_t i = 0; i < entry_count; ++i) {
+    if (reader.at_end()) {
+      throw CorruptDataError("batch entry count mismatch: the header says " +
+                             std::to_string(entry_count) + " entries, the body holds " +
+                             std::to_string(i));
+    }
+    BatchEntryView entry;
+    try {
+      entry.key = reader.take(reader.u32());
+      entry.data = reader.take(reader.u32());
+    } catch (const CorruptDataError& e) {
+      throw CorruptDataError("batch entry " + std::to_string(i) + ": " + e.what());
+    }
+    if (!is_valid_utf8(entry.key)) {
+      throw CorruptDataError("batch entry " + std::to_string(i) + ": key is not valid UTF-8");
+    }
+    batch.entries_.push_back(entry);
+  }
+  if (!reader.at_end()) {
+    // Name the likelier story: whole entries beyond the count, or garbage after the last one.
+    ByteReader probe = reader;
+    std::size_t extra = 0;
+    try {
+      while (!probe.at_end()) {
+        (void)probe.take(probe.u32());
+        (void)probe.take(probe.u32());
+        ++extra;
+      }
+    } catch (const CorruptDataError&) {
+      extra = 0;
+    }
+    if (extra > 0) {
+      throw CorruptDataError("batch entry count mismatch: the header says " +
+                             std::to_string(entry_count) + " entries, the body holds " +
+                             std::to_string(entry_count + extra));
+    }
+    throw CorruptDataError("batch has " + std::to_string(reader.remaining()) +
+                           " trailing bytes after its last entry");
+  }
+  Scratch owned = body.release();
+  batch.body_ = std::move(owned.data);
+  batch.body_capacity_ = owned.capacity;
+  return batch;
+}
+
+bool is_valid_utf8(std::string_view text) noexcept {
+  const auto* p = reinterpret_cast<const unsigned char*>(text.data());
+  const auto* const end = p + text.size();
+  while (p < end) {
+    if (end - p >= 8) {
+      std::uint64_t word;
+      std::memcpy(&word, p, sizeof word);
+      if ((word & 0x8080808080808080ull) == 0) {
+        p += 8;
+        continue;
+      }
+    }
+    const unsigned lead = *p;
+    if (lead < 0x80) {
+      ++p;
+      continue;
+    }
+    // Unicode's table of well-formed byte sequences (3.9, table 3-7): the second byte's
+    // range depends on the lead byte; the rest are plain continuation bytes.
+    std::ptrdiff_t tail = 0;
+    unsigned low = 0x80;
+    unsigned high = 0xBF;
+    if (lead >= 0xC2 && lead <= 0xDF) {
+      tail = 1;
+    } else if (lead == 0xE0) {
+      tail = 2;
+      low = 0xA0;
+    } else if ((lead >= 0xE1 && lead <= 0xEC) || lead == 0xEE || lead == 0xEF) {
+      tail = 2;
+    } else if (lead == 0xED) {
+      tail = 2;
+      high = 0x9F;  // no UTF-16 surrogates
+    } else if (lead == 0xF0) {
+      tail = 3;
+      low = 0x90;
+    } else if (lead >= 0xF1 && lead <= 0xF3) {
+      tail = 3;
+    } else if (lead == 0xF4) {
+      tail = 3;
+      high = 0x8F;  // nothing above U+10FFFF
+    } else {
+      return false;
+    }
+    if (end - p <= tail) return false;
+    if (p[1] < low || p[1] > high) return false;
+    for (std::ptrdiff_t k = 2; k <= tail; ++k) {
+      if ((p[k] & 0xC0u) != 0x80u) return false;
+    }
+    p += tail + 1;
+  }
+  return true;
+}
+
+}  // namespace streamstate
