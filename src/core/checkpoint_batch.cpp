@@ -3,12 +3,14 @@
 #include <lz4.h>
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
+#include <tbb/parallel_invoke.h>
 #include <tbb/parallel_pipeline.h>
 #include <tbb/task_arena.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <stdexcept>
 #include <utility>
 
@@ -79,6 +81,9 @@ std::string hex32(std::uint32_t v) {
   return text;
 }
 
+// Compressed bodies smaller than this are checksummed before decompressing, not alongside.
+constexpr std::size_t kParallelCrcMin = std::size_t{1} << 20;
+
 // Entries whose data totals less than this are copied on the calling thread.
 constexpr std::size_t kParallelCopyMin = std::size_t{4} << 20;
 constexpr std::size_t kParallelCopyGrain = std::size_t{1} << 20;
@@ -103,6 +108,11 @@ std::size_t batch_body_size(std::span<const BatchEntryView> entries) {
 }
 
 namespace {
+
+#ifndef STREAMSTATE_SPLICE_MIN_CHUNKS
+#define STREAMSTATE_SPLICE_MIN_CHUNKS 2
+#endif
+constexpr std::size_t kSpliceMinChunks = STREAMSTATE_SPLICE_MIN_CHUNKS;
 
 struct ChunkPlan {
   std::size_t count = 1;  // number of chunks (at least one, also for an empty body)
@@ -307,10 +317,18 @@ std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size
   const ChunkPlan plan = plan_chunks(body_size, chunk_size);
   char* const block = dst + kBatchHeaderSizeV2 + kLz4SizePrefix;
   std::size_t block_size = 0;
-  if (plan.count == 1 || tbb::this_task_arena::max_concurrency() == 1) {
-    // One thread: compress the whole body at once, which saves the splice's block walk.
+  if (plan.count < kSpliceMinChunks || tbb::this_task_arena::max_concurrency() == 1) {
+    // Compress the whole body at once, which saves the splice's block walk.
     const ScratchLease whole(body_size);
-    render_body(entries, offsets, 0, body_size, whole.data());
+    if (body_size < kParallelCopyMin || tbb::this_task_arena::max_concurrency() == 1) {
+      render_body(entries, offsets, 0, body_size, whole.data());
+    } else {
+      tbb::parallel_for(tbb::blocked_range<std::size_t>(0, body_size, kParallelCopyGrain),
+                        [&](const tbb::blocked_range<std::size_t>& r) {
+                          render_body(entries, offsets, r.begin(), r.end(),
+                                      whole.data() + r.begin());
+                        });
+    }
     const std::size_t room = std::min(capacity - kBatchHeaderSizeV2 - kLz4SizePrefix,
                                       lz4_compressed_bound(body_size) - kLz4SizePrefix);
     const int written = LZ4_compress_default(whole.data(), block, static_cast<int>(body_size),
@@ -431,43 +449,71 @@ DecodedBatch decode_batch(std::string_view raw) {
   const std::size_t declared_size = load_u32(raw.data() + 12);
   const std::string_view compressed = raw.substr(header_size);
 
-  if (version == kBatchVersionChecked) {
-    const std::uint32_t expected = load_u32(raw.data() + 16);
-    const std::uint32_t actual = crc32c(compressed);
-    if (expected != actual) {
-      throw CorruptDataError("batch CRC32C mismatch: expected " + hex32(expected) +
+  const bool checked = version == kBatchVersionChecked;
+  const std::uint32_t expected_crc = checked ? load_u32(raw.data() + 16) : 0;
+  const auto throw_if_crc_mismatch = [&](std::uint32_t actual) {
+    if (checked && actual != expected_crc) {
+      throw CorruptDataError("batch CRC32C mismatch: expected " + hex32(expected_crc) +
                              ", actual " + hex32(actual));
     }
-  }
-  if (compressed.size() < kLz4SizePrefix) {
-    throw CorruptDataError("batch too short for the compressed body: " +
-                           std::to_string(compressed.size()) + " bytes after the header");
-  }
-  // The reference ignores the header's size field; both copies come from the same body length,
-  // so a disagreement is damage.
-  const std::size_t prefix_size = load_u32(compressed.data());
-  if (prefix_size != declared_size) {
-    throw CorruptDataError("batch header claims " + std::to_string(declared_size) +
-                           " uncompressed bytes but the compressed body claims " +
-                           std::to_string(prefix_size));
-  }
+  };
   std::size_t body_size = 0;
   try {
-    // Refuses a size above the LZ4 limit or beyond LZ4's best ratio for this input.
-    body_size = lz4_claimed_size(compressed, kBatchMaxBody);
-  } catch (const CorruptDataError& e) {
-    throw CorruptDataError(std::string("batch body: ") + e.what());
-  }
-  if (entry_count > body_size / kBatchEntryOverhead) {
-    throw CorruptDataError("batch entry count " + std::to_string(entry_count) +
-                           " cannot fit in a body of " + std::to_string(body_size) + " bytes");
+    if (compressed.size() < kLz4SizePrefix) {
+      throw CorruptDataError("batch too short for the compressed body: " +
+                             std::to_string(compressed.size()) + " bytes after the header");
+    }
+    // The reference ignores the header's size field; both copies come from the same body
+    // length, so a disagreement is damage.
+    const std::size_t prefix_size = load_u32(compressed.data());
+    if (prefix_size != declared_size) {
+      throw CorruptDataError("batch header claims " + std::to_string(declared_size) +
+                             " uncompressed bytes but the compressed body claims " +
+                             std::to_string(prefix_size));
+    }
+    try {
+      // Refuses a size above the LZ4 limit or beyond LZ4's best ratio for this input.
+      body_size = lz4_claimed_size(compressed, kBatchMaxBody);
+    } catch (const CorruptDataError& e) {
+      throw CorruptDataError(std::string("batch body: ") + e.what());
+    }
+    if (entry_count > body_size / kBatchEntryOverhead) {
+      throw CorruptDataError("batch entry count " + std::to_string(entry_count) +
+                             " cannot fit in a body of " + std::to_string(body_size) +
+                             " bytes");
+    }
+  } catch (const CorruptDataError&) {
+    throw_if_crc_mismatch(checked ? crc32c(compressed) : 0);  // damage is the clearer story
+    throw;
   }
 
+  // The CRC and the decompression both only read the input, so for large batches they run
+  // side by side; a CRC mismatch is still reported ahead of what LZ4 made of the damage.
   ScratchLease body(body_size);
-  try {
-    lz4_decompress_into(compressed, body.data(), body_size);
-  } catch (const CorruptDataError& e) {
-    throw CorruptDataError(std::string("batch body: ") + e.what());
+  std::uint32_t actual_crc = 0;
+  std::exception_ptr lz4_error;
+  const auto decompress = [&] {
+    try {
+      lz4_decompress_into(compressed, body.data(), body_size);
+    } catch (const CorruptDataError&) {
+      lz4_error = std::current_exception();
+    }
+  };
+  if (checked && compressed.size() >= kParallelCrcMin &&
+      tbb::this_task_arena::max_concurrency() > 1) {
+    tbb::parallel_invoke([&] { actual_crc = crc32c(compressed); }, decompress);
+  } else {
+    if (checked) actual_crc = crc32c(compressed);
+    throw_if_crc_mismatch(actual_crc);
+    decompress();
+  }
+  throw_if_crc_mismatch(actual_crc);
+  if (lz4_error) {
+    try {
+      std::rethrow_exception(lz4_error);
+    } catch (const CorruptDataError& e) {
+      throw CorruptDataError(std::string("batch body: ") + e.what());
+    }
   }
 
   DecodedBatch batch;
