@@ -51,7 +51,9 @@ def make_state(total_bytes: int, seed: int = 0) -> list[tuple[str, bytes]]:
                 f"user-{g:08d}".encode(),
                 struct.pack("<qddddd", c, m * c, m - 3 * s, m + 3 * s, m, s * s * (c - 1)),
             )
-            for g, c, m, s in zip(groups.tolist(), count.tolist(), mean.tolist(), spread.tolist())
+            for g, c, m, s in zip(
+                groups.tolist(), count.tolist(), mean.tolist(), spread.tolist(), strict=True
+            )
         ]
         blob = encode_records(RecordKind.NUMERIC_AGGREGATE_STORE, records)
         key = f"partition-{i % 64:03d}/aggregate-{i // 64:05d}"
@@ -85,6 +87,8 @@ def py_decode(raw: bytes) -> list[tuple[str, bytes]]:
     if version == 2 and struct.unpack_from("<I", view, 16)[0] != google_crc32c.value(compressed):
         raise ValueError("CRC32C mismatch")
     body = lz4.block.decompress(compressed)
+    if len(body) != size:
+        raise ValueError("size mismatch")
     unpack = struct.Struct("<I").unpack_from
     out = []
     pos = 0

@@ -120,7 +120,17 @@ entry_lists = st.lists(st.tuples(keys, blobs), max_size=25)
 def test_known_answer_vector_from_the_spec() -> None:
     # [("a", b"xyz")]: body 01000000 61 03000000 78797a; block = token 0xc0 + 12 literals.
     expected = bytes.fromhex(
-        "4c43423102000000010000000c000000718d87d20c000000c001000000610300000078797a"
+        "4c434231"  # magic "LCB1"
+        "02000000"  # version 2
+        "01000000"  # entry count
+        "0c000000"  # uncompressed size 12
+        "718d87d2"  # CRC32C of the 17 bytes below
+        "0c000000"  # size prefix of the compressed body
+        "c0"  # LZ4 token: 12 literals, no match
+        "01000000"
+        "61"
+        "03000000"
+        "78797a"  # the body, as literals
     )
     assert literal_block_batch(ref_body([("a", b"xyz")]), 1) == expected
     assert google_crc32c.value(expected[20:]) == 0xD2878D71
@@ -151,7 +161,7 @@ def test_our_batches_follow_the_reference_layout() -> None:
 
 
 def test_large_batches_interoperate_with_python_lz4_both_ways() -> None:
-    # Several MiB: the encoder compresses in parallel chunks and splices them into one block.
+    # Several MiB: above the threshold where the body is rendered and copied in parallel slices.
     rng = random.Random(1)
     entries = []
     for i in range(120):
@@ -692,7 +702,7 @@ def test_permanent_failure_keeps_failing_without_losing_entries(tmp_path: Path) 
     block_store(tmp_path)
     with CheckpointBatcher(LocalStore(str(tmp_path))) as batcher:
         batcher.add("k", b"v")
-        for attempt in range(3):
+        for _ in range(3):
             with pytest.raises(CheckpointError):
                 batcher.flush(1)
             assert len(batcher) == 1

@@ -4,14 +4,12 @@
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/parallel_invoke.h>
-#include <tbb/parallel_pipeline.h>
 #include <tbb/task_arena.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <exception>
-#include <stdexcept>
 #include <utility>
 
 #include "core/byte_io.h"
@@ -84,51 +82,10 @@ std::string hex32(std::uint32_t v) {
 // Compressed bodies smaller than this are checksummed before decompressing, not alongside.
 constexpr std::size_t kParallelCrcMin = std::size_t{1} << 20;
 
-// Entries whose data totals less than this are copied on the calling thread.
+// Copies (rendering a body, filling decoded entries) smaller than this run on the calling
+// thread; larger ones in slices of kParallelCopyGrain across TBB workers.
 constexpr std::size_t kParallelCopyMin = std::size_t{4} << 20;
 constexpr std::size_t kParallelCopyGrain = std::size_t{1} << 20;
-
-}  // namespace
-
-std::size_t batch_body_size(std::span<const BatchEntryView> entries) {
-  std::size_t total = 0;
-  for (const BatchEntryView& entry : entries) {
-    total += kBatchEntryOverhead + entry.key.size() + entry.data.size();
-  }
-  if (total > kBatchFormatMaxBody) {
-    throw InvalidArgument("checkpoint batch: a body of " + std::to_string(total) +
-                          " bytes exceeds the LCB1 format's 4 GiB limit; flush more often");
-  }
-  if (total > kBatchMaxBody) {
-    throw InvalidArgument("checkpoint batch: a body of " + std::to_string(total) +
-                          " bytes exceeds LZ4's block limit of " + std::to_string(kBatchMaxBody) +
-                          " bytes; flush more often");
-  }
-  return total;
-}
-
-namespace {
-
-#ifndef STREAMSTATE_SPLICE_MIN_CHUNKS
-#define STREAMSTATE_SPLICE_MIN_CHUNKS 2
-#endif
-constexpr std::size_t kSpliceMinChunks = STREAMSTATE_SPLICE_MIN_CHUNKS;
-
-struct ChunkPlan {
-  std::size_t count = 1;  // number of chunks (at least one, also for an empty body)
-  std::size_t size = 0;   // bytes per chunk; the last may be shorter
-  std::size_t slot = 0;   // bytes reserved for each chunk's compressed block
-};
-
-ChunkPlan plan_chunks(std::size_t body_size, std::size_t chunk_size) {
-  if (chunk_size == 0) throw InvalidArgument("checkpoint batch: chunk_size must be positive");
-  ChunkPlan plan;
-  plan.count = std::max<std::size_t>(1, (body_size + chunk_size - 1) / chunk_size);
-  plan.size = (body_size + plan.count - 1) / plan.count;  // even chunks: no tiny tail
-  // lz4_compressed_bound includes the 4-byte size prefix, which a slot does not hold.
-  plan.slot = lz4_compressed_bound(plan.size) - kLz4SizePrefix;
-  return plan;
-}
 
 // Writes body bytes [begin, end) of `entries` (whose body offsets are `offsets`) into dst.
 void render_body(std::span<const BatchEntryView> entries, const std::vector<std::size_t>& offsets,
@@ -156,149 +113,33 @@ void render_body(std::span<const BatchEntryView> entries, const std::vector<std:
   }
 }
 
-// What splicing needs to know about one chunk's compressed block. An LZ4 block is a list of
-// sequences [token][literal length bytes][literals][u16 offset][match length bytes], the last
-// of which has literals only.
-struct ChunkBlock {
-  std::size_t size = 0;
-  std::size_t first_header = 0;    // token + literal-length bytes of the first sequence
-  std::size_t first_literals = 0;
-  std::size_t last_token = 0;      // offset of the last (literals-only) sequence
-  std::size_t last_literals = 0;
-};
-
-[[noreturn]] void bad_own_block() {
-  throw std::logic_error("checkpoint batch: LZ4 produced a block we cannot parse");
-}
-
-// Reads a literal-length field starting at block[pos] (the token); returns the length and
-// advances pos past the token and its extension bytes.
-std::size_t read_literal_length(const unsigned char* block, std::size_t size, std::size_t& pos) {
-  if (pos >= size) bad_own_block();
-  std::size_t length = block[pos++] >> 4;
-  if (length == 15) {
-    unsigned char more = 255;
-    while (more == 255) {
-      if (pos >= size) bad_own_block();
-      more = block[pos++];
-      length += more;
-    }
-  }
-  return length;
-}
-
-ChunkBlock describe_block(const char* data, std::size_t size) {
-  const auto* block = reinterpret_cast<const unsigned char*>(data);
-  ChunkBlock out;
-  out.size = size;
-  std::size_t pos = 0;
-  out.first_literals = read_literal_length(block, size, pos);
-  out.first_header = pos;
-  pos = 0;
-  // Walk the sequences to the last one; only tokens and length bytes are read.
-  while (true) {
-    const std::size_t token_at = pos;
-    const std::size_t literals = read_literal_length(block, size, pos);
-    const unsigned token = block[token_at];
-    if (literals > size - pos) bad_own_block();
-    pos += literals;
-    if (pos == size) {
-      out.last_token = token_at;
-      out.last_literals = literals;
-      return out;
-    }
-    pos += 2;  // match offset
-    if ((token & 15u) == 15u) {
-      unsigned char more = 255;
-      while (more == 255) {
-        if (pos >= size) bad_own_block();
-        more = block[pos++];
-      }
-    }
-    if (pos >= size) bad_own_block();
-  }
-}
-
-std::size_t literal_length_bytes(std::size_t literals) noexcept {
-  return literals < 15 ? 0 : (literals - 15) / 255 + 1;
-}
-
-// Writes a token with literal count `literals` and match nibble `match_code`, plus the
-// literal-length extension bytes; returns the bytes written.
-std::size_t write_literal_header(unsigned char* dst, std::size_t literals, unsigned match_code) {
-  std::size_t pos = 0;
-  dst[pos++] = static_cast<unsigned char>((std::min<std::size_t>(literals, 15) << 4) |
-                                          (match_code & 15u));
-  if (literals >= 15) {
-    std::size_t rest = literals - 15;
-    for (; rest >= 255; rest -= 255) dst[pos++] = 255;
-    dst[pos++] = static_cast<unsigned char>(rest);
-  }
-  return pos;
-}
-
-// Joins compressed chunks into one block in order. Chunk j sits in its own slot of the output
-// and is moved down to the end of what is joined so far. Independent chunks only refer back
-// into themselves, so their offsets stay valid in the concatenated output; the only rewrite is
-// at each seam, where the previous chunk's trailing literals-only sequence and the next
-// chunk's first sequence become one sequence (a block may have only one literals-only
-// sequence, its last). LZ4's end-of-block rules concern the last chunk's end, which is kept.
-class BlockSplicer {
- public:
-  explicit BlockSplicer(char* block) noexcept
-      : block_(reinterpret_cast<unsigned char*>(block)) {}
-
-  // `chunk` points at the chunk's slot, which lies at or after size().
-  void append(const char* chunk_data, const ChunkBlock& chunk) {
-    const auto* chunk_bytes = reinterpret_cast<const unsigned char*>(chunk_data);
-    if (first_) {
-      if (chunk_bytes != block_) std::memmove(block_, chunk_bytes, chunk.size);
-      size_ = chunk.size;
-      pending_token_ = chunk.last_token;
-      pending_literals_ = chunk.last_literals;
-      first_ = false;
-      return;
-    }
-    const unsigned match_code = chunk_bytes[0] & 15u;  // read before anything can move over it
-    const std::size_t literals = pending_literals_ + chunk.first_literals;
-    const std::size_t old_header = size_ - pending_token_ - pending_literals_;
-    const std::size_t new_header = 1 + literal_length_bytes(literals);
-    // The header grows by at most the chunk's first header, so the pending literals never
-    // move over the chunk's first literals, and the chunk only ever moves down.
-    std::memmove(block_ + pending_token_ + new_header, block_ + pending_token_ + old_header,
-                 pending_literals_);
-    write_literal_header(block_ + pending_token_, literals, match_code);
-    const std::size_t rest_at = pending_token_ + new_header + pending_literals_;
-    std::memmove(block_ + rest_at, chunk_bytes + chunk.first_header, chunk.size - chunk.first_header);
-    size_ = rest_at + chunk.size - chunk.first_header;
-    if (chunk.last_token == 0) {
-      pending_literals_ = literals;  // the merged sequence is still the block's last
-    } else {
-      pending_token_ = rest_at + chunk.last_token - chunk.first_header;
-      pending_literals_ = chunk.last_literals;
-    }
-  }
-
-  [[nodiscard]] std::size_t size() const noexcept { return size_; }
-
- private:
-  unsigned char* block_;
-  std::size_t size_ = 0;
-  std::size_t pending_token_ = 0;
-  std::size_t pending_literals_ = 0;
-  bool first_ = true;
-};
-
 }  // namespace
 
-std::size_t batch_encoded_bound(std::size_t body_size, std::size_t chunk_size) {
-  const ChunkPlan plan = plan_chunks(body_size, chunk_size);
-  return kBatchHeaderSizeV2 + kLz4SizePrefix + plan.count * plan.slot;
+std::size_t batch_body_size(std::span<const BatchEntryView> entries) {
+  std::size_t total = 0;
+  for (const BatchEntryView& entry : entries) {
+    total += kBatchEntryOverhead + entry.key.size() + entry.data.size();
+  }
+  if (total > kBatchFormatMaxBody) {
+    throw InvalidArgument("checkpoint batch: a body of " + std::to_string(total) +
+                          " bytes exceeds the LCB1 format's 4 GiB limit; flush more often");
+  }
+  if (total > kBatchMaxBody) {
+    throw InvalidArgument("checkpoint batch: a body of " + std::to_string(total) +
+                          " bytes exceeds LZ4's block limit of " + std::to_string(kBatchMaxBody) +
+                          " bytes; flush more often");
+  }
+  return total;
+}
+
+std::size_t batch_encoded_bound(std::size_t body_size) {
+  return kBatchHeaderSizeV2 + lz4_compressed_bound(body_size);
 }
 
 std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size_t body_size,
-                              char* dst, std::size_t capacity, std::size_t chunk_size) {
-  if (capacity < batch_encoded_bound(body_size, chunk_size)) {
+                              char* dst, std::size_t capacity) {
+  const std::size_t bound = batch_encoded_bound(body_size);
+  if (capacity < bound) {
     throw InvalidArgument("checkpoint batch: output buffer smaller than batch_encoded_bound");
   }
   std::vector<std::size_t> offsets(entries.size() + 1, 0);
@@ -314,77 +155,36 @@ std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size
     throw InvalidArgument("checkpoint batch: body_size does not match the entries");
   }
 
-  const ChunkPlan plan = plan_chunks(body_size, chunk_size);
-  char* const block = dst + kBatchHeaderSizeV2 + kLz4SizePrefix;
-  std::size_t block_size = 0;
-  if (plan.count < kSpliceMinChunks || tbb::this_task_arena::max_concurrency() == 1) {
-    // Compress the whole body at once, which saves the splice's block walk.
-    const ScratchLease whole(body_size);
-    if (body_size < kParallelCopyMin || tbb::this_task_arena::max_concurrency() == 1) {
-      render_body(entries, offsets, 0, body_size, whole.data());
-    } else {
-      tbb::parallel_for(tbb::blocked_range<std::size_t>(0, body_size, kParallelCopyGrain),
-                        [&](const tbb::blocked_range<std::size_t>& r) {
-                          render_body(entries, offsets, r.begin(), r.end(),
-                                      whole.data() + r.begin());
-                        });
-    }
-    const std::size_t room = std::min(capacity - kBatchHeaderSizeV2 - kLz4SizePrefix,
-                                      lz4_compressed_bound(body_size) - kLz4SizePrefix);
-    const int written = LZ4_compress_default(whole.data(), block, static_cast<int>(body_size),
-                                             static_cast<int>(room));
-    if (written <= 0) throw std::runtime_error("checkpoint batch: LZ4 compression failed");
-    block_size = static_cast<std::size_t>(written);
+  // LZ4 compresses one block from contiguous input, so the body is assembled first (in
+  // parallel slices when large; each slice writes its own range of the scratch buffer).
+  // Compressing slices in parallel and splicing their blocks into one is possible, but walking
+  // every block to find its last sequence cost more CPU than the parallelism saved on a busy
+  // machine.
+  const ScratchLease body(body_size);
+  if (body_size < kParallelCopyMin || tbb::this_task_arena::max_concurrency() == 1) {
+    render_body(entries, offsets, 0, body_size, body.data());
   } else {
-    const auto compress_chunk = [&](std::size_t j) {
-      const std::size_t begin = j * plan.size;
-      const std::size_t end = std::min(body_size, begin + plan.size);
-      const ScratchLease chunk(plan.size);
-      render_body(entries, offsets, begin, end, chunk.data());
-      char* const slot = block + j * plan.slot;
-      const int written = LZ4_compress_default(chunk.data(), slot, static_cast<int>(end - begin),
-                                               static_cast<int>(plan.slot));
-      if (written <= 0) throw std::runtime_error("checkpoint batch: LZ4 compression failed");
-      return describe_block(slot, static_cast<std::size_t>(written));
-    };
-    // Chunks compress in parallel; the splice runs in order, overlapping later compressions.
-    // A chunk only ever moves down to where earlier slots were, never into a later slot.
-    BlockSplicer splicer(block);
-    std::size_t next = 0;
-    using Done = std::pair<std::size_t, ChunkBlock>;
-    tbb::parallel_pipeline(
-        2 * static_cast<std::size_t>(tbb::this_task_arena::max_concurrency()),
-        tbb::make_filter<void, std::size_t>(tbb::filter_mode::serial_in_order,
-                                            [&](tbb::flow_control& control) -> std::size_t {
-                                              if (next == plan.count) control.stop();
-                                              return next++;
-                                            }) &
-            tbb::make_filter<std::size_t, Done>(
-                tbb::filter_mode::parallel,
-                [&](std::size_t j) { return Done(j, compress_chunk(j)); }) &
-            tbb::make_filter<Done, void>(tbb::filter_mode::serial_in_order,
-                                         [&](const Done& done) {
-                                           splicer.append(block + done.first * plan.slot,
-                                                          done.second);
-                                         }));
-    block_size = splicer.size();
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, body_size, kParallelCopyGrain),
+                      [&](const tbb::blocked_range<std::size_t>& r) {
+                        render_body(entries, offsets, r.begin(), r.end(), body.data() + r.begin());
+                      });
   }
-
-  const std::size_t compressed = kLz4SizePrefix + block_size;
+  const std::size_t compressed =
+      lz4_compress_into(std::string_view(body.data(), body_size), dst + kBatchHeaderSizeV2,
+                        bound - kBatchHeaderSizeV2);
   std::memcpy(dst, kBatchMagic, sizeof kBatchMagic);
   store_u32(dst + 4, kBatchVersionChecked);
   // Both fit: the body (>= 8 bytes per entry) is below LZ4's 2 GB limit.
   store_u32(dst + 8, static_cast<std::uint32_t>(entries.size()));
   store_u32(dst + 12, static_cast<std::uint32_t>(body_size));
-  store_u32(dst + 20, static_cast<std::uint32_t>(body_size));
   store_u32(dst + 16, crc32c(std::string_view(dst + kBatchHeaderSizeV2, compressed)));
   return kBatchHeaderSizeV2 + compressed;
 }
 
-std::string encode_batch(std::span<const BatchEntryView> entries, std::size_t chunk_size) {
+std::string encode_batch(std::span<const BatchEntryView> entries) {
   const std::size_t body_size = batch_body_size(entries);
-  std::string out(batch_encoded_bound(body_size, chunk_size), '\0');
-  out.resize(encode_batch_into(entries, body_size, out.data(), out.size(), chunk_size));
+  std::string out(batch_encoded_bound(body_size), '\0');
+  out.resize(encode_batch_into(entries, body_size, out.data(), out.size()));
   return out;
 }
 

@@ -42,25 +42,17 @@ struct BatchEntryView {
 // format's 4 GiB limit or LZ4's block limit, naming both sizes.
 [[nodiscard]] std::size_t batch_body_size(std::span<const BatchEntryView> entries);
 
-// Bodies larger than this are compressed in chunks of about this size on TBB workers, and
-// the chunks' blocks spliced into the single LZ4 block the format requires.
-inline constexpr std::size_t kBatchCompressChunk = std::size_t{1} << 20;
-
 // Capacity encode_batch_into needs for a body of `body_size` bytes (the worst case, for
 // incompressible data).
-[[nodiscard]] std::size_t batch_encoded_bound(std::size_t body_size,
-                                              std::size_t chunk_size = kBatchCompressChunk);
+[[nodiscard]] std::size_t batch_encoded_bound(std::size_t body_size);
 
 // Writes a version-2 batch of `entries` (whose body size is `body_size`, from
 // batch_body_size) into dst and returns its length. Throws InvalidArgument for a key that is
-// not valid UTF-8, so the encoder never writes a batch the decoder would refuse. chunk_size
-// exists for tests of the splice; pass the same value to batch_encoded_bound.
+// not valid UTF-8, so the encoder never writes a batch the decoder would refuse.
 std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size_t body_size,
-                              char* dst, std::size_t capacity,
-                              std::size_t chunk_size = kBatchCompressChunk);
+                              char* dst, std::size_t capacity);
 
-[[nodiscard]] std::string encode_batch(std::span<const BatchEntryView> entries,
-                                       std::size_t chunk_size = kBatchCompressChunk);
+[[nodiscard]] std::string encode_batch(std::span<const BatchEntryView> entries);
 
 // A decoded batch: the decompressed body and views of its entries into it. Movable, not
 // copyable; the views stay valid while the object lives.
