@@ -157,14 +157,14 @@ class CheckpointBatcher:
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__}")
-        view = None if type(data) is bytes else memoryview(data)
-        size = len(key.encode("utf-8")) + (len(data) if view is None else view.nbytes) + 8
+        view = memoryview(data)  # also rejects what is not bytes-like
+        size = len(key.encode("utf-8")) + view.nbytes + 8
         if size > MAX_BATCH_BODY:  # checked before copying a huge buffer for nothing
             raise ValueError(
                 f"an entry of {size} bytes cannot fit in a batch: LZ4's block limit is "
                 f"{MAX_BATCH_BODY} bytes"
             )
-        blob = data if view is None else view.tobytes()
+        blob = data if isinstance(data, bytes) else view.tobytes()
         with self._lock:
             if self._closed:
                 raise ValueError("add() on a closed CheckpointBatcher")

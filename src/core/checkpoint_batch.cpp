@@ -80,7 +80,7 @@ std::string hex32(std::uint32_t v) {
 }
 
 // Compressed bodies smaller than this are checksummed before decompressing, not alongside.
-constexpr std::size_t kParallelCrcMin = std::size_t{1} << 20;
+constexpr std::size_t kParallelCrcMin = std::size_t{16} << 20;
 
 // Copies (rendering a body, filling decoded entries) smaller than this run on the calling
 // thread; larger ones in slices of kParallelCopyGrain across TBB workers.
