@@ -83,8 +83,9 @@ std::string hex32(std::uint32_t v) {
 constexpr std::size_t kParallelCrcMin = std::size_t{16} << 20;
 
 // Copies (rendering a body, filling decoded entries) smaller than this run on the calling
-// thread; larger ones in slices of kParallelCopyGrain across TBB workers.
-constexpr std::size_t kParallelCopyMin = std::size_t{4} << 20;
+// thread; larger ones in slices of kParallelCopyGrain across TBB workers. Below it, one
+// worker preempted on a busy machine stalls the call for longer than the split saves.
+constexpr std::size_t kParallelCopyMin = std::size_t{16} << 20;
 constexpr std::size_t kParallelCopyGrain = std::size_t{1} << 20;
 
 // Writes body bytes [begin, end) of `entries` (whose body offsets are `offsets`) into dst.
