@@ -13,6 +13,7 @@ import os
 import random
 import struct
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -637,6 +638,7 @@ def test_concurrent_adds_during_flushes_lose_nothing() -> None:
             if batcher.should_flush():
                 batcher.flush_async(epoch)
                 epoch += 1
+            time.sleep(0.0005)
         for thread in threads:
             thread.join()
         batcher.flush(epoch)
