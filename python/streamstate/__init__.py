@@ -35,6 +35,7 @@ from .codec import crc32c, lz4_compress, lz4_decompress, sha256_hex
 # -- spilling aggregator (issue 5) --
 
 # -- checkpoint batcher (issue 6) --
+from .batcher import BatchMetrics, CheckpointBatcher, decode_batch, encode_batch
 
 # -- object-store checkpointer (issue 7) --
 from .checkpoint import (

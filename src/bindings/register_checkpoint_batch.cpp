@@ -1,7 +1,119 @@
 #include "bindings/prelude.h"
+#include "core/checkpoint_batch.h"
+#include "core/errors.h"
+
+#include <deque>
+#include <optional>
+#include <string>
+#include <vector>
 
 namespace streamstate::bindings {
+namespace {
 
-void register_checkpoint_batch(py::module_& /*m*/) {}
+// The UTF-8 bytes of a str, cached inside the str object itself (no copy); valid while the
+// str lives. Lone surrogates cannot be encoded and raise UnicodeEncodeError.
+std::string_view utf8_of(py::handle text) {
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &size);
+  if (data == nullptr) throw py::error_already_set();
+  return {data, static_cast<std::size_t>(size)};
+}
+
+py::bytes encode_batch_py(const py::iterable& entries) {
+  // Pin every key and buffer first (needs the GIL): the strong references keep them alive
+  // even if the caller's list is mutated while the GIL is released below.
+  std::vector<py::object> owners;
+  std::deque<BufferView> pins;  // a deque never moves its elements
+  std::vector<BatchEntryView> views;
+  if (py::isinstance<py::sequence>(entries)) {
+    const auto n = static_cast<std::size_t>(py::len(entries));
+    owners.reserve(2 * n);
+    views.reserve(n);
+  }
+  for (const py::handle item : entries) {
+    py::object key;
+    py::object data;
+    if (PyTuple_Check(item.ptr()) && PyTuple_GET_SIZE(item.ptr()) == 2) {
+      key = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(item.ptr(), 0));
+      data = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(item.ptr(), 1));
+    } else if (py::isinstance<py::sequence>(item) && !py::isinstance<py::str>(item) &&
+               py::len(item) == 2) {
+      const auto pair = py::reinterpret_borrow<py::sequence>(item);
+      key = pair[0];
+      data = pair[1];
+    } else {
+      throw py::type_error("encode_batch: each entry must be a (key, data) pair");
+    }
+    if (!PyUnicode_Check(key.ptr())) {
+      throw py::type_error("encode_batch: keys must be str, got " +
+                           std::string(Py_TYPE(key.ptr())->tp_name));
+    }
+    BatchEntryView view;
+    view.key = utf8_of(key);
+    if (PyBytes_CheckExact(data.ptr())) {
+      // bytes are immutable, so the reference alone pins them.
+      view.data = {PyBytes_AS_STRING(data.ptr()),
+                   static_cast<std::size_t>(PyBytes_GET_SIZE(data.ptr()))};
+    } else {
+      view.data = pins.emplace_back(data).view();
+    }
+    owners.push_back(std::move(key));
+    owners.push_back(std::move(data));
+    views.push_back(view);
+  }
+  const std::size_t body_size = batch_body_size(views);
+  // The fill runs without the GIL: it reads only the pinned buffers above and writes only the
+  // new bytes object, which no other thread can see yet.
+  return bytes_filled_by(batch_encoded_bound(body_size), body_size,
+                         [&views, body_size](char* dst, std::size_t capacity) {
+                           return encode_batch_into(views, body_size, dst, capacity);
+                         });
+}
+
+py::list decode_batch_py(const py::object& raw) {
+  const BufferView buffer(raw);
+  std::optional<DecodedBatch> batch;
+  {
+    // Pure C++ over the pinned input buffer: validation, CRC and decompression.
+    const MaybeReleaseGil release(buffer.size());
+    batch.emplace(decode_batch(buffer.view()));
+  }
+  const std::vector<BatchEntryView>& entries = batch->entries();
+  py::list out(static_cast<py::ssize_t>(entries.size()));
+  std::vector<char*> destinations(entries.size());
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    const BatchEntryView& entry = entries[i];
+    // The core validated the key as UTF-8, so this cannot fail short of memory.
+    auto key = py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(
+        entry.key.data(), static_cast<Py_ssize_t>(entry.key.size()), "strict"));
+    if (!key) throw py::error_already_set();
+    auto data = py::reinterpret_steal<py::object>(
+        PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(entry.data.size())));
+    if (!data) throw py::error_already_set();
+    destinations[i] = PyBytes_AS_STRING(data.ptr());
+    PyObject* pair = PyTuple_New(2);
+    if (pair == nullptr) throw py::error_already_set();
+    PyTuple_SET_ITEM(pair, 0, key.release().ptr());
+    PyTuple_SET_ITEM(pair, 1, data.release().ptr());
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), pair);
+  }
+  {
+    // Fills the bytes objects just created; nothing else holds them yet, and the copy never
+    // touches a reference count.
+    const MaybeReleaseGil release(batch->body_size());
+    batch->copy_data_to(destinations);
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_checkpoint_batch(py::module_& m) {
+  m.def("encode_batch", &encode_batch_py, py::arg("entries"),
+        "Encode (key: str, data: bytes-like) pairs as one LCB1 version-2 batch "
+        "(LZ4-compressed, CRC32C-checked).");
+  m.def("decode_batch", &decode_batch_py, py::arg("raw"),
+        "Validate and decode an LCB1 batch (version 1 or 2) into [(key, data), ...].");
+}
 
 }  // namespace streamstate::bindings
