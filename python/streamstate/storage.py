@@ -48,7 +48,7 @@ def resolve_store(store: StoreLike, **options: Any) -> ObjectStore:
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise ValueError(f"file URLs must be local (file:///path), got {store!r}")
         path.mkdir(parents=True, exist_ok=True)
-        return LocalStore(str(path.resolve()))
+        return LocalStore(str(path.resolve()), automatic_cleanup=True)
     if parsed.scheme == "memory":
         return MemoryStore()
     return from_url(store, **options)
