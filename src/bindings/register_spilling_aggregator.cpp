@@ -18,36 +18,55 @@ using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecas
 // (16 bytes a row) whatever the batch size.
 constexpr std::size_t kBytesChunkRows = std::size_t{1} << 16;
 
-// Copies a chunked column into a fresh numpy array and frees the chunks as it goes.
+// Owns a column's mapped memory on behalf of the numpy array that views it.
+struct MappedColumn {
+  char* data;
+  std::size_t capacity;
+  MappedColumn(char* d, std::size_t c) noexcept : data(d), capacity(c) {}
+  ~MappedColumn() { GrowableBuffer::free_memory(data, capacity); }
+  MappedColumn(const MappedColumn&) = delete;
+  MappedColumn& operator=(const MappedColumn&) = delete;
+  MappedColumn(MappedColumn&&) = delete;
+  MappedColumn& operator=(MappedColumn&&) = delete;
+};
+
+// Concatenates the lanes' column into the first lane's buffer (it grows in place, so only
+// the other lanes' values are copied) and hands that memory to a numpy array: no second
+// copy of the result ever exists.
 template <class T>
-py::array_t<T> to_array(std::vector<StatsColumns>& parts, std::size_t total,
-                        ChunkedColumn<T> StatsColumns::*column) {
-  py::array_t<T> out(static_cast<py::ssize_t>(total));
-  T* dst = out.mutable_data();
-  // Writes only into the array this call owns and reads core-owned chunks.
-  const MaybeReleaseGil release(total * sizeof(T));
-  for (StatsColumns& p : parts) {
-    ChunkedColumn<T>& c = p.*column;
-    c.copy_to(dst);
-    dst += c.size();
-    c.release();
+py::array_t<T> to_array(std::vector<StatsColumns>& parts, ResultColumn<T> StatsColumns::*column) {
+  ResultColumn<T>& first = parts.front().*column;
+  {
+    // Only core-owned buffers are touched.
+    const py::gil_scoped_release release;
+    for (std::size_t i = 1; i < parts.size(); ++i) first.append(parts[i].*column);
   }
-  return out;
+  const std::size_t n = first.size();
+  if (n == 0) return py::array_t<T>(0);
+  GrowableBuffer& buffer = first.buffer();
+  const std::size_t capacity = buffer.capacity();
+  auto holder = std::make_unique<MappedColumn>(buffer.release(), capacity);
+  first.release();
+  T* data = reinterpret_cast<T*>(holder->data);
+  py::capsule owner(holder.get(), [](void* p) { delete static_cast<MappedColumn*>(p); });
+  (void)holder.release();  // the capsule owns it now
+  return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))},
+                        data, owner);
 }
 
-py::dict columns_dict(py::object keys, std::vector<StatsColumns>& parts, std::size_t total) {
+py::dict columns_dict(py::object keys, std::vector<StatsColumns>& parts) {
   // Same keys, order and dtypes as stats_columns() (NumericAggregateStore.results()), but
-  // filled from the chunked columns the drain streamed into, so a large result is built
-  // once instead of first as Moments and then again as columns.
+  // the columns are the buffers the drain streamed into, so a large result exists once
+  // instead of first as Moments and then again as columns.
   py::dict out;
   out["key"] = std::move(keys);
-  out["count"] = to_array(parts, total, &StatsColumns::count);
-  out["sum"] = to_array(parts, total, &StatsColumns::sum);
-  out["min"] = to_array(parts, total, &StatsColumns::min);
-  out["max"] = to_array(parts, total, &StatsColumns::max);
-  out["mean"] = to_array(parts, total, &StatsColumns::mean);
-  out["var"] = to_array(parts, total, &StatsColumns::var);
-  out["std"] = to_array(parts, total, &StatsColumns::std);
+  out["count"] = to_array(parts, &StatsColumns::count);
+  out["sum"] = to_array(parts, &StatsColumns::sum);
+  out["min"] = to_array(parts, &StatsColumns::min);
+  out["max"] = to_array(parts, &StatsColumns::max);
+  out["mean"] = to_array(parts, &StatsColumns::mean);
+  out["var"] = to_array(parts, &StatsColumns::var);
+  out["std"] = to_array(parts, &StatsColumns::std);
   return out;
 }
 
@@ -170,18 +189,8 @@ class SpillingAggregatorCore {
         const py::gil_scoped_release release;
         parts = int64_->drain();
       }
-      const std::size_t total = total_rows(parts);
-      py::array_t<std::int64_t> keys(static_cast<py::ssize_t>(total));
-      {
-        std::int64_t* dst = keys.mutable_data();
-        const MaybeReleaseGil release(total * sizeof(std::int64_t));
-        for (StatsColumns& p : parts) {
-          p.int_keys.copy_to(dst);
-          dst += p.int_keys.size();
-          p.int_keys.release();
-        }
-      }
-      return columns_dict(std::move(keys), parts, total);
+      py::array_t<std::int64_t> keys = to_array(parts, &StatsColumns::int_keys);
+      return columns_dict(std::move(keys), parts);
     }
     {
       const py::gil_scoped_release release;
@@ -198,7 +207,7 @@ class SpillingAggregatorCore {
       });
       p.bytes_keys.release();
     }
-    return columns_dict(std::move(keys), parts, total);
+    return columns_dict(std::move(keys), parts);
   }
 
   void close() noexcept {

@@ -1,5 +1,6 @@
 #include "core/spilling_aggregator.h"
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +23,34 @@ namespace streamstate {
 
 // ---------------------------------------------------------------------------------------
 // Result columns
+
+void GrowableBuffer::reserve(std::size_t bytes) {
+  if (bytes <= capacity_) return;
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  const std::size_t page = page_size > 0 ? static_cast<std::size_t>(page_size) : 4096;
+  const std::size_t want = (bytes + page - 1) / page * page;
+  void* p = nullptr;
+  if (data_ == nullptr) {
+    p = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  } else {
+#ifdef __linux__
+    p = ::mremap(data_, capacity_, want, MREMAP_MAYMOVE);
+#else
+    p = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+      std::memcpy(p, data_, capacity_);
+      ::munmap(data_, capacity_);
+    }
+#endif
+  }
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  data_ = static_cast<char*>(p);
+  capacity_ = want;
+}
+
+void GrowableBuffer::free_memory(char* data, std::size_t capacity) noexcept {
+  if (data != nullptr) ::munmap(data, capacity);
+}
 
 void ChunkedBytes::push_back(std::string_view key) {
   if (key.size() > std::numeric_limits<std::uint32_t>::max()) {
