@@ -516,7 +516,7 @@ def test_killed_process_leaves_a_marked_dir_that_the_next_run_removes(tmp_path: 
 # -- failures ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["middle", "header", "truncate"])
+@pytest.mark.parametrize("where", ["middle", "header", "truncate", "block-boundary"])
 def test_corrupted_spill_file_is_detected(where: str, tmp_path: Path) -> None:
     agg = SpillingAggregator(64 * KiB, spill_dir=tmp_path)
     spill_some(agg, seed=3)
@@ -526,8 +526,12 @@ def test_corrupted_spill_file_is_detected(where: str, tmp_path: Path) -> None:
         data[len(data) // 2] ^= 0x40
     elif where == "header":
         data[1] ^= 0x01
-    else:
+    elif where == "truncate":
         del data[-7:]
+    else:  # cut exactly after the first block: still well-formed, but groups are missing
+        first_block = int.from_bytes(data[12:16], "little")
+        del data[12 + 12 + first_block :]
+        assert len(data) < victim.stat().st_size
     victim.write_bytes(bytes(data))
     with pytest.raises(CorruptDataError, match=victim.name) as info:
         agg.drain()

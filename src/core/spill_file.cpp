@@ -181,7 +181,8 @@ std::uint64_t SpillRunWriter::finish() {
 // ---------------------------------------------------------------------------------------
 // SpillFileReader
 
-SpillFileReader::SpillFileReader(std::string path, SpillKeyType key_type, std::string& buffer)
+SpillFileReader::SpillFileReader(std::string path, SpillKeyType key_type, std::string& buffer,
+                                 std::uint64_t expected_size)
     : path_(std::move(path)), key_type_(key_type), buffer_(buffer) {
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw_io("open spill file", path_, errno);
@@ -193,6 +194,10 @@ SpillFileReader::SpillFileReader(std::string path, SpillKeyType key_type, std::s
   }
   file_size_ = static_cast<std::uint64_t>(st.st_size);
   try {
+    if (file_size_ != expected_size) {
+      corrupt("the file is " + std::to_string(file_size_) + " bytes but " +
+              std::to_string(expected_size) + " were written");
+    }
     char header[kSpillFileHeaderSize];
     if (file_size_ < kSpillFileHeaderSize) corrupt("truncated header");
     read_exact(header, sizeof header);

@@ -90,9 +90,12 @@ class SpillRunWriter {
 
 // Reads a spill file block by block into the caller's `buffer`. next() yields records whose
 // key views point into the buffer and stay valid until the following next() call.
+// `expected_size` is what the writers reported: a file cut at a block boundary would
+// otherwise read as a valid shorter file and silently lose groups.
 class SpillFileReader {
  public:
-  SpillFileReader(std::string path, SpillKeyType key_type, std::string& buffer);
+  SpillFileReader(std::string path, SpillKeyType key_type, std::string& buffer,
+                  std::uint64_t expected_size);
   ~SpillFileReader();
   SpillFileReader(const SpillFileReader&) = delete;
   SpillFileReader& operator=(const SpillFileReader&) = delete;

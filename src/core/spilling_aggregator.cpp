@@ -95,6 +95,8 @@ constexpr unsigned kMaxDepth = 24;
 constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
 // Serial below this much work (rows x lanes): a parallel_for costs more than it saves.
 constexpr std::size_t kParallelThreshold = 1 << 15;
+// Heap bytes a spill file name adds to the directory path ("/lane15-1234567.spill").
+constexpr std::size_t kPathSuffixReserve = 48;
 // How far ahead the batch loop prefetches table slots.
 constexpr std::size_t kPrefetch = 8;
 
@@ -223,8 +225,14 @@ struct Lane {
     }
   }
 
+  // Built in one exact reservation, so its heap size stays within the level's reserve.
   [[nodiscard]] std::string new_file_path() {
-    return dir + "/lane" + std::to_string(index) + "-" + std::to_string(next_file++) + ".spill";
+    const std::string name =
+        "/lane" + std::to_string(index) + "-" + std::to_string(next_file++) + ".spill";
+    std::string path;
+    path.reserve(dir.size() + name.size());
+    path.append(dir).append(name);
+    return path;
   }
 
   unsigned index;
@@ -253,6 +261,7 @@ class Level {
     std::size_t key_cap = 0;  // arena bytes reserved (bytes keys)
     std::size_t charged = 0;  // heap bytes charged to the budget for this table
     std::string file;         // empty until the first spill
+    std::uint64_t file_bytes = 0;  // written to `file` so far
   };
 
  public:
@@ -261,7 +270,9 @@ class Level {
     unsigned bits = 0;
     while ((std::size_t{1} << bits) < fanout) ++bits;
     shift_ = 64 - bits;
-    overhead_ = fanout * sizeof(Part);
+    // Each partition may name a spill file: reserve its path's heap bytes up front, since
+    // the path is created when the budget is already full (that is why it spills).
+    overhead_ = fanout * (sizeof(Part) + lane_.dir.size() + kPathSuffixReserve);
     lane_.budget.charge(overhead_);
   }
 
@@ -324,7 +335,7 @@ class Level {
       if (p.file.empty()) continue;
       Level child(lane_, depth_ + 1, parts_.size());
       {
-        SpillFileReader reader(p.file, Traits::kType, lane_.read_buf);
+        SpillFileReader reader(p.file, Traits::kType, lane_.read_buf, p.file_bytes);
         Key key{};
         Moments m;
         while (reader.next(key, m)) child.add_partial(key, Traits::hash(key), m);
@@ -426,15 +437,16 @@ class Level {
   [[nodiscard]] Config share_config() const {
     const std::size_t avg_key =
         seen_keys_ == 0 ? 0 : (seen_key_bytes_ + seen_keys_ - 1) / seen_keys_;
-    const std::size_t per_entry = sizeof(Entry) + avg_key + avg_key / 8;
-    Config best{12, avg_key == 0 ? 0 : 12 * (avg_key + avg_key / 8) + 64};
-    for (std::size_t slots = 16; slots * sizeof(std::uint64_t) < share_; slots *= 2) {
-      const std::size_t room = share_ - slots * sizeof(std::uint64_t);
+    // Arena room per key: the average plus 1/8 slack, and 64 bytes for the odd long key.
+    const std::size_t key_room = avg_key + avg_key / 8;
+    const std::size_t arena_extra = avg_key == 0 ? 0 : 64;
+    const std::size_t per_entry = sizeof(Entry) + key_room;
+    Config best{12, 12 * key_room + arena_extra};
+    for (std::size_t slots = 16; slots * sizeof(std::uint64_t) + arena_extra < share_;
+         slots *= 2) {
+      const std::size_t room = share_ - slots * sizeof(std::uint64_t) - arena_extra;
       const std::size_t cap = std::min(slots - slots / 4, room / per_entry);
-      if (cap > best.cap) {
-        best.cap = cap;
-        best.key_cap = avg_key == 0 ? 0 : cap * (avg_key + avg_key / 8) + 64;
-      }
+      if (cap > best.cap) best = Config{cap, cap * key_room + arena_extra};
     }
     return best;
   }
@@ -482,6 +494,7 @@ class Level {
     ++c.spill_count;
     ++c.runs;
     c.spilled_bytes += bytes;
+    p.file_bytes += bytes;
     c.depth = std::max<std::uint64_t>(c.depth, depth_ + 1);
     p.table.clear();
   }
@@ -493,6 +506,7 @@ class Level {
                          error);
     }
     p.file.clear();
+    p.file_bytes = 0;
     --lane_.counters.files;
   }
 
