@@ -98,7 +98,7 @@ constexpr std::size_t kParallelThreshold = 1 << 15;
 // Heap bytes a spill file name adds to the directory path ("/lane15-1234567.spill").
 constexpr std::size_t kPathSuffixReserve = 48;
 // How far ahead the batch loop prefetches table slots.
-constexpr std::size_t kPrefetch = 8;
+constexpr std::size_t kPrefetch = 16;
 
 // Per-level hash remix: every level of repartitioning sees independent bits.
 [[nodiscard]] constexpr std::uint64_t level_seed(unsigned depth) noexcept {
@@ -296,8 +296,11 @@ class Level {
     return part_of_mixed(mix64(hash + seed_));
   }
 
-  void prefetch(std::size_t part, std::uint64_t hash) const noexcept {
+  void prefetch_slot(std::size_t part, std::uint64_t hash) const noexcept {
     parts_[part].table.prefetch_slot(hash);
+  }
+  void prefetch_entry(std::size_t part, std::uint64_t hash) const noexcept {
+    parts_[part].table.prefetch_entry(hash);
   }
 
   void add_value(std::size_t part, Key key, std::uint64_t hash, double v) {
@@ -569,6 +572,10 @@ struct SpillingAggregator<Key>::Impl {
     return static_cast<unsigned>(((mixed & 0xffffffffULL) * lanes.size()) >> 32);
   }
 
+  // Folds the rows of `keys` this lane owns. Two cache misses per new row (the slot, then
+  // the entry it points at) are hidden by a software pipeline: a row's slot is prefetched
+  // when it enters a ring of kPrefetch rows, its entry halfway through, and it is folded
+  // on leaving.
   void fold_lane(unsigned l, const Key* keys, const double* values, std::size_t n) {
     Level<Key>& level = *lanes[l]->top;
     const std::uint64_t seed = level.seed();
@@ -578,9 +585,12 @@ struct SpillingAggregator<Key>::Impl {
       std::size_t part;
       std::uint64_t hash;
     };
+    static_assert((kPrefetch & (kPrefetch - 1)) == 0);
+    constexpr std::size_t kMask = kPrefetch - 1;
+    constexpr std::size_t kHalf = kPrefetch / 2;
     Pending ring[kPrefetch];
-    std::size_t head = 0;
-    std::size_t held = 0;
+    std::size_t head = 0;  // rows entered so far
+    std::size_t done = 0;  // rows folded so far
     for (std::size_t i = 0; i < n; ++i) {
       const double v = values[i];
       if (skip_nan && std::isnan(v)) continue;
@@ -588,19 +598,21 @@ struct SpillingAggregator<Key>::Impl {
       const std::uint64_t mixed = mix64(h + seed);
       if (lane_of(mixed) != l) continue;
       const std::size_t part = level.part_of_mixed(mixed);
-      level.prefetch(part, h);
-      if (held == kPrefetch) {
-        const Pending& due = ring[head];
+      level.prefetch_slot(part, h);
+      if (head - done == kPrefetch) {
+        const Pending& due = ring[done & kMask];
         level.add_value(due.part, keys[due.row], due.hash, values[due.row]);
-      } else {
-        ++held;
+        ++done;
       }
-      ring[head] = Pending{i, part, h};
-      head = (head + 1) % kPrefetch;
+      ring[head & kMask] = Pending{i, part, h};
+      ++head;
+      if (head - done > kHalf) {
+        const Pending& mid = ring[(head - kHalf - 1) & kMask];
+        level.prefetch_entry(mid.part, mid.hash);
+      }
     }
-    // The ring holds the last `held` rows, oldest at head - held.
-    for (std::size_t k = 0; k < held; ++k) {
-      const Pending& due = ring[(head + kPrefetch - held + k) % kPrefetch];
+    for (; done < head; ++done) {
+      const Pending& due = ring[done & kMask];
       level.add_value(due.part, keys[due.row], due.hash, values[due.row]);
     }
   }
