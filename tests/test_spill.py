@@ -324,7 +324,7 @@ def test_diagnostics_survive_drain(tmp_path: Path) -> None:
     before = agg.diagnostics()
     assert before["spill_count"] > 0 and before["spill_files"] > 0
     assert before["in_memory_groups"] > 0
-    assert before["spilled_batch_count"] == before["spill_count"]
+    assert before["spilled_batch_count"] >= before["spill_count"]
     agg.drain()
     after = agg.diagnostics()
     assert after["in_memory_groups"] == before["in_memory_groups"]

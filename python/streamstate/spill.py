@@ -347,12 +347,13 @@ class SpillingAggregator:
 
     @property
     def spill_count(self) -> int:
-        """Partition spills so far (each appends one run of partials to a spill file)."""
+        """Times memory was spilled so far: a full partition alone, or every partition
+        at once (the first overflow of a level, and the remainder when draining)."""
         return int(self._core.diagnostics()["spill_count"])
 
     @property
     def spilled_batch_count(self) -> int:
-        """Runs (batches of partials) written to spill files so far."""
+        """Runs written so far: each is one partition's partials appended to its file."""
         return int(self._core.diagnostics()["spilled_batch_count"])
 
     @property

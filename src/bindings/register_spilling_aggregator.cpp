@@ -128,9 +128,14 @@ class SpillingAggregatorCore {
   void accumulate(const py::handle& key, double value) {
     if (int64_) {
       const auto k = py::cast<std::int64_t>(key);
+      // Plain values only. Released so a call waiting for a running batch does not hold
+      // every other Python thread up.
+      const py::gil_scoped_release release;
       int64_->accumulate(k, value);
     } else {
       const std::string_view k = key_view(key.ptr(), 0);
+      // The view points into `key`, which the caller's frame keeps alive.
+      const py::gil_scoped_release release;
       bytes_->accumulate(k, value);
     }
   }
@@ -210,19 +215,30 @@ class SpillingAggregatorCore {
     return columns_dict(std::move(keys), parts);
   }
 
-  void close() noexcept {
+  // These wait for a running call to finish (the core serialises calls), so they release
+  // the GIL while they wait; none touches a Python object meanwhile.
+  void close() {
+    const py::gil_scoped_release release;
     if (int64_) int64_->close();
     if (bytes_) bytes_->close();
   }
 
   [[nodiscard]] py::dict diagnostics() const {
-    return diagnostics_dict(int64_ ? int64_->diagnostics() : bytes_->diagnostics());
+    SpillDiagnostics d;
+    {
+      const py::gil_scoped_release release;
+      d = int64_ ? int64_->diagnostics() : bytes_->diagnostics();
+    }
+    return diagnostics_dict(d);
   }
   [[nodiscard]] unsigned lanes() const noexcept { return int64_ ? int64_->lanes() : bytes_->lanes(); }
   [[nodiscard]] std::size_t fanout() const noexcept {
     return int64_ ? int64_->fanout() : bytes_->fanout();
   }
-  [[nodiscard]] bool closed() const noexcept { return int64_ ? int64_->closed() : bytes_->closed(); }
+  [[nodiscard]] bool closed() const {
+    const py::gil_scoped_release release;
+    return int64_ ? int64_->closed() : bytes_->closed();
+  }
   [[nodiscard]] const std::string& key_type() const noexcept { return key_type_; }
 
  private:

@@ -164,8 +164,14 @@ class Budget {
   Budget& operator=(Budget&&) = delete;
   ~Budget() { meter_.sub(used_); }
 
-  [[nodiscard]] bool fits(std::size_t extra) const noexcept { return extra <= limit_ - used_; }
-  [[nodiscard]] std::size_t available() const noexcept { return limit_ - used_; }
+  // used_ can pass limit_ after a forced growth (one group larger than a partition's
+  // share), so both guard the subtraction.
+  [[nodiscard]] bool fits(std::size_t extra) const noexcept {
+    return used_ <= limit_ && extra <= limit_ - used_;
+  }
+  [[nodiscard]] std::size_t available() const noexcept {
+    return used_ >= limit_ ? 0 : limit_ - used_;
+  }
   [[nodiscard]] bool unlimited() const noexcept {
     return limit_ == std::numeric_limits<std::size_t>::max();
   }
@@ -328,12 +334,15 @@ class Level {
     }
     // The rest: write the in-memory remainder as a last run, free every table, then
     // rebuild each partition from its file alone with the whole budget.
+    bool remainder = false;
     for (Part& p : parts_) {
       if (!p.file.empty()) {
-        spill_part(p);
+        remainder = remainder || !p.table.empty();
+        spill_part(p, /*event=*/false);
         free_table(p);
       }
     }
+    if (remainder) ++lane_.counters.spill_count;
     for (Part& p : parts_) {
       if (p.file.empty()) continue;
       Level child(lane_, depth_ + 1, parts_.size());
@@ -463,9 +472,10 @@ class Level {
   // First overflow: spill everything, then give every partition the same fixed size, so
   // from now on each fills (and spills) on its own at nearly full capacity.
   void reshape() {
+    ++lane_.counters.spill_count;
     for (Part& p : parts_) {
       observe_keys(p);
-      spill_part(p);
+      spill_part(p, /*event=*/false);
       free_table(p);
     }
     share_ = std::max<std::size_t>(lane_.budget.available() / parts_.size(), 1);
@@ -480,7 +490,8 @@ class Level {
   }
 
   // Appends the table's partials to the partition's file as one run and empties it.
-  void spill_part(Part& p) {
+  // `event` counts it as a spill of its own (reshape and drain count once for all parts).
+  void spill_part(Part& p, bool event = true) {
     if (p.table.empty()) return;
     if (p.file.empty()) {
       p.file = lane_.new_file_path();
@@ -494,7 +505,7 @@ class Level {
     }
     lane_.track_buffers();
     LaneCounters& c = lane_.counters;
-    ++c.spill_count;
+    if (event) ++c.spill_count;
     ++c.runs;
     c.spilled_bytes += bytes;
     p.file_bytes += bytes;

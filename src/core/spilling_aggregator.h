@@ -170,8 +170,8 @@ struct SpillingAggregatorOptions {
 };
 
 struct SpillDiagnostics {
-  std::uint64_t spill_count = 0;          // partition spills (each writes one run)
-  std::uint64_t spilled_batch_count = 0;  // runs written (non-empty partition spills)
+  std::uint64_t spill_count = 0;          // times memory was spilled (one or all partitions)
+  std::uint64_t spilled_batch_count = 0;  // runs written (one partition's partials each)
   std::uint64_t total_spilled_bytes = 0;  // bytes written to spill files
   std::uint64_t in_memory_groups = 0;     // groups held in memory (frozen by drain)
   std::uint64_t peak_memory_bytes = 0;    // highest accounted working memory
