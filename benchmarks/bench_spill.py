@@ -10,9 +10,10 @@ Rows (ratio = baseline time / streamstate time, higher is better):
 * the peak RSS growth of both runs above (reported, ratio = DuckDB / streamstate)
 * in memory vs pandas ``groupby().agg``                                      (target >= 3.0)
 
-Every engine and mode runs in its own subprocess (so peak RSS is that run's alone: the
-kernel's high-water mark is reset after the input arrays exist, and the figure is the
-growth beyond them, result included). Each subprocess repeats the run; figures are medians.
+Every run is its own subprocess (so peak RSS is that run's alone: the kernel's high-water
+mark is reset once the input arrays are loaded, and the figure is the growth beyond them,
+result included). Rounds run every configuration in turn, so load on a shared machine hits
+all of them alike; figures are medians over the rounds.
 
 Run: ``PYTHONPATH=python python benchmarks/bench_spill.py [--rows N] [--repeats R]
 [--quick]``. The full 20M-row run takes a few minutes on 2 cores; ``--quick`` uses 2M rows.
@@ -107,24 +108,20 @@ def _run_pandas(keys: np.ndarray, values: np.ndarray, limit: int | None) -> int:
 ENGINES = {"streamstate": _run_streamstate, "duckdb": _run_duckdb, "pandas": _run_pandas}
 
 
-def worker(engine: str, rows: int, limit: int | None, repeats: int) -> None:
-    """Subprocess body: build the input, then time `repeats` runs, printing JSON."""
+def worker(engine: str, data_dir: str, limit: int | None) -> None:
+    """Subprocess body: load the input, time one run, print JSON."""
     __import__({"streamstate": "streamstate", "duckdb": "duckdb", "pandas": "pandas"}[engine])
-    keys, values = make_data(rows)
-    run = ENGINES[engine]
-    results = []
-    for _ in range(repeats):
-        base = _reset_peak()
-        start = time.perf_counter()
-        groups = run(keys, values, limit)
-        elapsed = time.perf_counter() - start
-        results.append(
-            {"seconds": elapsed, "peak_growth": _status("VmHWM") - base, "groups": groups}
-        )
-    print(json.dumps(results))
+    keys = np.load(os.path.join(data_dir, "keys.npy"))
+    values = np.load(os.path.join(data_dir, "values.npy"))
+    base = _reset_peak()
+    start = time.perf_counter()
+    groups = ENGINES[engine](keys, values, limit)
+    elapsed = time.perf_counter() - start
+    peak = _status("VmHWM") - base
+    print(json.dumps({"seconds": elapsed, "peak_growth": peak, "groups": groups}))
 
 
-def measure(engine: str, rows: int, limit: int | None, repeats: int) -> dict[str, float]:
+def measure_once(engine: str, data_dir: str, limit: int | None) -> dict[str, float]:
     env = {**os.environ}
     here = os.path.dirname(os.path.abspath(__file__))
     python_dir = os.path.join(os.path.dirname(here), "python")
@@ -135,12 +132,10 @@ def measure(engine: str, rows: int, limit: int | None, repeats: int) -> dict[str
             os.path.abspath(__file__),
             "--worker",
             engine,
-            "--rows",
-            str(rows),
+            "--data",
+            data_dir,
             "--limit",
             str(limit or 0),
-            "--repeats",
-            str(repeats),
         ],
         check=True,
         capture_output=True,
@@ -148,11 +143,39 @@ def measure(engine: str, rows: int, limit: int | None, repeats: int) -> dict[str
         env=env,
         timeout=1800,
     )
-    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+CONFIGS = (
+    ("streamstate", None),
+    ("duckdb", None),
+    ("streamstate", LIMIT_BYTES),
+    ("duckdb", LIMIT_BYTES),
+    ("pandas", None),
+)
+
+
+def measure_all(rows: int, repeats: int) -> dict[tuple[str, int | None], dict[str, float]]:
+    """Rounds of every configuration in turn (so load on a shared machine hits all alike);
+    medians per configuration."""
+    runs: dict[tuple[str, int | None], list[dict[str, float]]] = {c: [] for c in CONFIGS}
+    with tempfile.TemporaryDirectory() as data_dir:
+        keys, values = make_data(rows)
+        np.save(os.path.join(data_dir, "keys.npy"), keys)
+        np.save(os.path.join(data_dir, "values.npy"), values)
+        del keys, values
+        for _ in range(repeats):
+            for engine, limit in CONFIGS:
+                runs[(engine, limit)].append(measure_once(engine, data_dir, limit))
+    groups = {r["groups"] for rs in runs.values() for r in rs}
+    assert len(groups) == 1, f"engines disagree on the number of groups: {groups}"
     return {
-        "seconds": statistics.median(r["seconds"] for r in runs),
-        "peak_growth": statistics.median(r["peak_growth"] for r in runs),
-        "groups": runs[0]["groups"],
+        c: {
+            "seconds": statistics.median(r["seconds"] for r in rs),
+            "peak_growth": statistics.median(r["peak_growth"] for r in rs),
+        }
+        for c, rs in runs.items()
     }
 
 
@@ -171,19 +194,10 @@ def run(quick: bool = False, rows: int | None = None, repeats: int | None = None
     rows = rows or (QUICK_ROWS if quick else FULL_ROWS)
     repeats = repeats or (1 if quick else 3)
     label = f"{rows / 1e6:g}M rows, {rows // KEY_FRACTION / 1e6:g}M keys"
-    ss_mem = measure("streamstate", rows, None, repeats)
-    duck_mem = measure("duckdb", rows, None, repeats)
-    ss_lim = measure("streamstate", rows, LIMIT_BYTES, repeats)
-    duck_lim = measure("duckdb", rows, LIMIT_BYTES, repeats)
-    pandas = measure("pandas", rows, None, max(1, repeats - 1))
-    groups = {
-        ss_mem["groups"],
-        duck_mem["groups"],
-        ss_lim["groups"],
-        duck_lim["groups"],
-        pandas["groups"],
-    }
-    assert len(groups) == 1, f"engines disagree on the number of groups: {groups}"
+    m = measure_all(rows, repeats)
+    ss_mem, duck_mem = m[("streamstate", None)], m[("duckdb", None)]
+    ss_lim, duck_lim = m[("streamstate", LIMIT_BYTES)], m[("duckdb", LIMIT_BYTES)]
+    pandas = m[("pandas", None)]
 
     def secs(m: dict[str, float]) -> str:
         return f"{m['seconds']:.2f} s"
@@ -237,11 +251,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="runs per engine (median; default 3)")
     parser.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.rows, args.limit or None, args.repeats)
+        worker(args.worker, args.data, args.limit or None)
         return
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     rows = run(quick=args.quick, rows=args.rows, repeats=args.repeats)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     widths = (54, 12, 12, 7, 8)
     header = ("operation", "streamstate", "baseline", "ratio", "target")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
