@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -511,6 +512,28 @@ def test_killed_process_leaves_a_marked_dir_that_the_next_run_removes(tmp_path: 
     assert unrelated.exists() and mine.spill_dir.exists()
     assert cleanup_stale_spill_dirs(tmp_path) == []  # the live one stays
     mine.close()
+
+
+def test_forked_child_leaves_the_parents_files_alone(tmp_path: Path) -> None:
+    keys, values = int_data(40_000, 20_000, seed=12)
+    agg = SpillingAggregator(64 * KiB, spill_dir=tmp_path, threads=1)
+    agg.accumulate_batch(keys, values)
+    files = spill_files(agg)
+    assert files
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child drops its copy: the finalizer, then the C++ destructors
+        try:
+            agg.close()
+            agg._core.close()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert spill_files(agg) == files
+    assert_matches(agg.drain(), reference(keys, values))
+    assert listdir(tmp_path) == []
 
 
 # -- failures ----------------------------------------------------------------------------

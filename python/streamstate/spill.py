@@ -161,9 +161,12 @@ def _make_private_dir(parent: Path) -> Path:
     return path
 
 
-def _release(core: _core.SpillingAggregatorCore, path: str) -> None:
+def _release(core: _core.SpillingAggregatorCore, path: str, owner_pid: int) -> None:
     # The finalizer of every exit path: free the core's memory (its destructors delete
-    # the spill files), then the directory and its marker.
+    # the spill files), then the directory and its marker. A fork()ed child runs this too
+    # (at its exit) but must leave the parent's files alone.
+    if os.getpid() != owner_pid:
+        return
     core.close()
     shutil.rmtree(path, ignore_errors=True)
 
@@ -212,7 +215,8 @@ class SpillingAggregator:
         self._mem_limit = mem_limit_bytes
         self._key_type: KeyType = key_type
         self._nan_policy: NanPolicyName = nan_policy
-        parent = Path(spill_dir) if spill_dir is not None else _default_parent()
+        # Absolute, so a later chdir cannot send spill files elsewhere.
+        parent = Path(spill_dir).absolute() if spill_dir is not None else _default_parent()
         self._dir = _make_private_dir(parent)
         try:
             self._core = _core.SpillingAggregatorCore(
@@ -221,7 +225,7 @@ class SpillingAggregator:
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
-        self._finalizer = weakref.finalize(self, _release, self._core, str(self._dir))
+        self._finalizer = weakref.finalize(self, _release, self._core, str(self._dir), os.getpid())
 
     # -- folding ---------------------------------------------------------------------
 

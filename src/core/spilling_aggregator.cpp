@@ -244,6 +244,7 @@ struct Lane {
   unsigned index;
   Budget budget;
   std::string dir;
+  pid_t owner_pid = ::getpid();
   std::size_t block_bytes = 64 * 1024;
   std::string write_buf;
   std::string read_buf;
@@ -514,6 +515,9 @@ class Level {
   }
 
   void remove_file(Part& p, bool report) {
+    // A fork()ed child holds a copy of this aggregator but not its files: destroying the
+    // copy must not delete the parent's spill files.
+    if (::getpid() != lane_.owner_pid) return;
     if (::unlink(p.file.c_str()) != 0 && errno != ENOENT && report) {
       const int error = errno;
       throw SpillIoError("spill: cannot remove '" + p.file + "': " + std::strerror(error), p.file,
