@@ -395,10 +395,14 @@ class Level {
     if (!grow(p, len, /*force=*/false)) grow(p, len, /*force=*/true);
   }
 
+  // What flat_table's memory_bytes() will report for (cap, key_cap), minus the object
+  // itself: each array is rounded up the way its allocator rounds it (2 MiB blocks for
+  // huge-page storage).
   [[nodiscard]] static std::size_t table_bytes(std::size_t cap, std::size_t key_cap) {
-    if (cap == 0) return key_cap;
-    return flat_detail::SlotIndex::capacity_for(cap) * sizeof(std::uint64_t) +
-           cap * sizeof(Entry) + key_cap;
+    using flat_detail::allocation_bytes;
+    if (cap == 0) return allocation_bytes(key_cap);
+    return allocation_bytes(flat_detail::SlotIndex::capacity_for(cap) * sizeof(std::uint64_t)) +
+           allocation_bytes(cap * sizeof(Entry)) + allocation_bytes(key_cap);
   }
 
   // Reserves (cap, key_cap) for `p`, charging the growth before it happens: while the
@@ -458,7 +462,11 @@ class Level {
     for (std::size_t slots = 16; slots * sizeof(std::uint64_t) + arena_extra < share_;
          slots *= 2) {
       const std::size_t room = share_ - slots * sizeof(std::uint64_t) - arena_extra;
-      const std::size_t cap = std::min(slots - slots / 4, room / per_entry);
+      std::size_t cap = std::min(slots - slots / 4, room / per_entry);
+      // Large arrays are allocated in 2 MiB blocks: trim until the rounded size fits.
+      while (cap > 12 && table_bytes(cap, cap * key_room + arena_extra) > share_) {
+        cap -= std::max<std::size_t>(cap / 16, 1);
+      }
       if (cap > best.cap) best = Config{cap, cap * key_room + arena_extra};
     }
     return best;
