@@ -33,6 +33,7 @@ from .codec import crc32c, lz4_compress, lz4_decompress, sha256_hex
 # -- keyed state (issue 4) --
 
 # -- spilling aggregator (issue 5) --
+from .spill import SpillingAggregator
 
 # -- checkpoint batcher (issue 6) --
 from .batcher import BatchMetrics, CheckpointBatcher, decode_batch, encode_batch

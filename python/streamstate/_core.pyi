@@ -1,6 +1,7 @@
 """Type stubs for streamstate's compiled core. Use the public names in ``streamstate``."""
 
 from collections.abc import Iterable
+from typing import Any
 
 from ._typing import BytesLike
 
@@ -28,6 +29,30 @@ def decode_records(data: BytesLike) -> tuple[int, list[tuple[bytes, bytes]]]: ..
 # -- keyed state (issue 4) --
 
 # -- spilling aggregator (issue 5) --
+SPILL_MIN_MEM_LIMIT: int
+
+class SpillingAggregatorCore:
+    def __init__(
+        self,
+        key_type: str,
+        mem_limit_bytes: int,
+        spill_dir: str,
+        nan_policy: str = "skip",
+        threads: int = 0,
+    ) -> None: ...
+    def accumulate(self, key: int | bytes | str, value: float) -> None: ...
+    def accumulate_batch(self, keys: Any, values: Any) -> None: ...
+    def drain(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+    def diagnostics(self) -> dict[str, int]: ...
+    @property
+    def lanes(self) -> int: ...
+    @property
+    def fanout(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def key_type(self) -> str: ...
 
 # -- checkpoint batcher (issue 6) --
 def encode_batch(entries: Iterable[tuple[str, BytesLike]]) -> bytes: ...

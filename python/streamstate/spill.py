@@ -1,0 +1,392 @@
+"""Group-by larger than memory: the spilling hash aggregator.
+
+:class:`SpillingAggregator` folds ``(key, value)`` rows into per-key count / sum / min /
+max / mean / var / std within a memory limit, spilling partial aggregates to disk by key
+hash (grace hash aggregation) and repartitioning recursively when reading them back, so
+any input finishes within the limit. The work runs in C++ with the GIL released.
+
+Spill files live in a directory private to each aggregator, created inside ``spill_dir``
+(or a per-user directory under the system temp dir) and marked with the owner's PID; they
+are deleted after :meth:`~SpillingAggregator.drain`, on :meth:`~SpillingAggregator.close`
+or exit from ``with``, when the aggregator is garbage-collected, and at interpreter exit.
+A process killed mid-spill leaves its private directory behind; the next aggregator
+created in the same place removes directories whose owner is no longer running.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import shutil
+import socket
+import tempfile
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from . import _core
+from .errors import SpillError
+from .stats import columns_to_pandas
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = [
+    "MIN_MEM_LIMIT_BYTES",
+    "RSS_OVERHEAD_BYTES",
+    "SpillingAggregator",
+    "cleanup_stale_spill_dirs",
+]
+
+KeyType = Literal["int64", "bytes"]
+NanPolicyName = Literal["skip", "propagate", "raise"]
+
+#: The smallest ``mem_limit_bytes`` accepted (64 KiB).
+MIN_MEM_LIMIT_BYTES: int = int(_core.SPILL_MIN_MEM_LIMIT)
+
+#: How far the process's peak RSS may grow beyond ``mem_limit_bytes`` while accumulating
+#: and draining: thread stacks and TBB's pool, the allocator's slack, the byte-string key
+#: views of one 64 Ki-row chunk, and Python's own objects. The returned result columns are
+#: extra (8 bytes per statistic per group plus the keys): they are the caller's data.
+RSS_OVERHEAD_BYTES: int = 24 << 20
+
+_MARKER = ".streamstate-spill"
+_DIR_PREFIX = "streamstate-spill-"
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+_DIAGNOSTICS = (
+    "spill_count",
+    "spilled_batch_count",
+    "total_spilled_bytes",
+    "in_memory_groups",
+    "peak_memory_bytes",
+    "memory_bytes",
+    "spill_depth",
+    "spill_files",
+)
+
+
+def _default_parent() -> Path:
+    # Per user: another user's 0700 directory of the same name would be unusable.
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"streamstate-spill-{uid}"
+
+
+def _process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (Linux), which tells a reused PID apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name; starttime is field 22 overall.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _owner_alive(marker: Path) -> bool:
+    """False only when the marker's process is certainly gone (same host, dead or reused)."""
+    try:
+        info = dict(line.split("=", 1) for line in marker.read_text().splitlines() if "=" in line)
+        pid = int(info["pid"])
+    except (OSError, KeyError, ValueError):
+        return True  # unreadable or foreign: leave it alone
+    if info.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    start = info.get("start", "")
+    current = _process_start_time(pid)
+    return not (start.isdigit() and current is not None and current != int(start))
+
+
+def cleanup_stale_spill_dirs(parent: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove spill directories under ``parent`` left by processes that no longer run.
+
+    Only directories this module created (name prefix and marker file) are touched. Runs
+    automatically whenever a :class:`SpillingAggregator` creates its directory; returns the
+    directories removed.
+    """
+    root = Path(parent) if parent is not None else _default_parent()
+    removed: list[Path] = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        marker = entry / _MARKER
+        if not entry.name.startswith(_DIR_PREFIX) or not marker.is_file():
+            continue
+        if not _owner_alive(marker):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _make_private_dir(parent: Path) -> Path:
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cleanup_stale_spill_dirs(parent)
+        path = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=parent))
+    except OSError as exc:
+        raise SpillError(
+            exc.errno or 0,
+            f"cannot create a spill directory in '{parent}': {exc.strerror}",
+            str(parent),
+        ) from exc
+    try:
+        start = _process_start_time(os.getpid())
+        (path / _MARKER).write_text(
+            f"pid={os.getpid()}\nstart={'' if start is None else start}\n"
+            f"host={socket.gethostname()}\n"
+        )
+    except OSError as exc:
+        shutil.rmtree(path, ignore_errors=True)
+        raise SpillError(
+            exc.errno or 0,
+            f"cannot write the spill marker in '{path}': {exc.strerror}",
+            str(path),
+        ) from exc
+    return path
+
+
+def _release(core: _core.SpillingAggregatorCore, path: str, owner_pid: int) -> None:
+    # The finalizer of every exit path: free the core's memory (its destructors delete
+    # the spill files), then the directory and its marker. A fork()ed child runs this too
+    # (at its exit) but must leave the parent's files alone.
+    if os.getpid() != owner_pid:
+        return
+    core.close()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class SpillingAggregator:
+    """Per-key count / sum / min / max / mean / var / std of a stream larger than memory.
+
+    ``mem_limit_bytes`` bounds the working memory (hash tables and I/O buffers, measured
+    exactly); ``None`` means no limit (never spill). Any limit from 64 KiB up works: a small
+    one only means more spilling. ``spill_dir`` is where the aggregator's private spill
+    directory is created (default: a per-user directory under the system temp dir).
+    ``key_type`` is ``"int64"`` (integer keys) or ``"bytes"`` (bytes, or str as UTF-8).
+    ``nan_policy`` is ``"skip"`` (NaN values are ignored), ``"propagate"`` (they make the
+    group's statistics NaN) or ``"raise"`` (a batch holding one is rejected whole).
+    ``threads`` caps the worker threads (default: every core TBB may use).
+
+    A context manager: leaving the ``with`` block deletes every spill file. Statistics are
+    sample statistics (``ddof=1``), exactly as :class:`streamstate.Stats` defines them.
+    """
+
+    def __init__(
+        self,
+        mem_limit_bytes: int | None = 64 << 20,
+        spill_dir: str | os.PathLike[str] | None = None,
+        key_type: KeyType = "int64",
+        *,
+        nan_policy: NanPolicyName = "skip",
+        threads: int | None = None,
+    ) -> None:
+        if key_type not in ("int64", "bytes"):
+            raise ValueError(f"key_type must be 'int64' or 'bytes', got {key_type!r}")
+        if nan_policy not in ("skip", "propagate", "raise"):
+            raise ValueError(
+                f"nan_policy must be 'skip', 'propagate' or 'raise', got {nan_policy!r}"
+            )
+        if mem_limit_bytes is not None:
+            if isinstance(mem_limit_bytes, bool) or not isinstance(mem_limit_bytes, int):
+                raise TypeError("mem_limit_bytes must be an int or None")
+            if mem_limit_bytes < MIN_MEM_LIMIT_BYTES:
+                raise ValueError(
+                    f"mem_limit_bytes must be at least {MIN_MEM_LIMIT_BYTES} (64 KiB), "
+                    f"got {mem_limit_bytes}"
+                )
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self._mem_limit = mem_limit_bytes
+        self._key_type: KeyType = key_type
+        self._nan_policy: NanPolicyName = nan_policy
+        # Absolute, so a later chdir cannot send spill files elsewhere.
+        parent = Path(spill_dir).absolute() if spill_dir is not None else _default_parent()
+        self._dir = _make_private_dir(parent)
+        try:
+            self._core = _core.SpillingAggregatorCore(
+                key_type, mem_limit_bytes or 0, str(self._dir), nan_policy, threads or 0
+            )
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self._finalizer = weakref.finalize(self, _release, self._core, str(self._dir), os.getpid())
+
+    # -- folding ---------------------------------------------------------------------
+
+    def accumulate(self, key: int | bytes | str, value: float) -> None:
+        """Fold one row. For batches use :meth:`accumulate_batch` (far faster)."""
+        if self._key_type == "int64":
+            if isinstance(key, (bytes, str)):
+                raise TypeError(f"key must be an int for key_type='int64', got {key!r}")
+            k = operator.index(key)
+            if not _INT64_MIN <= k <= _INT64_MAX:
+                raise OverflowError(f"key {k} does not fit in int64")
+            self._core.accumulate(k, float(value))
+        else:
+            if not isinstance(key, (bytes, str)):
+                raise TypeError(f"key must be bytes or str for key_type='bytes', got {key!r}")
+            self._core.accumulate(key, float(value))
+
+    def accumulate_batch(self, keys: Any, values: Any) -> None:
+        """Fold a batch: ``keys`` an int64 array-like (or a sequence of bytes / str for
+        ``key_type="bytes"``), ``values`` a float64 array-like of the same length.
+
+        Runs in C++ with the GIL released, on all worker threads. Mismatched lengths, wrong
+        key types and (with ``nan_policy="raise"``) NaN values are rejected before any row
+        is folded. An I/O error while spilling raises :class:`~streamstate.SpillError` and
+        closes the aggregator (the batch may have been partly folded).
+        """
+        vals = np.asarray(values, dtype=np.float64)
+        if vals.ndim != 1:
+            raise ValueError(f"values must be one-dimensional, got shape {vals.shape}")
+        if self._key_type == "int64":
+            ks = np.asarray(keys)
+            if ks.ndim != 1:
+                raise ValueError(f"keys must be one-dimensional, got shape {ks.shape}")
+            if ks.size and ks.dtype.kind not in "iu":
+                raise TypeError(f"keys must be integers for key_type='int64', got dtype {ks.dtype}")
+            if ks.dtype == np.uint64 and ks.size and int(ks.max()) > _INT64_MAX:
+                raise OverflowError("a uint64 key does not fit in int64")
+            self._core.accumulate_batch(ks, vals)
+        else:
+            if isinstance(keys, (bytes, str)):
+                raise TypeError("keys must be a sequence of bytes or str, not a single key")
+            self._core.accumulate_batch(keys, vals)
+
+    # -- results ---------------------------------------------------------------------
+
+    def drain(self) -> dict[str, Any]:
+        """Merge everything into one result per key and delete the spill files.
+
+        Returns the same columns as ``NumericAggregateStore.results()``: ``{"key", "count",
+        "sum", "min", "max", "mean", "var", "std"}`` (keys an int64 array, or a list of
+        bytes). Works within the memory limit however many spill files there are; the
+        returned columns themselves are the caller's. Terminal: afterwards the aggregator
+        is closed, its diagnostics keep their values. A damaged spill file raises
+        :class:`~streamstate.CorruptDataError` naming it, and no partial result is returned.
+        """
+        try:
+            return self._core.drain()
+        finally:
+            self._finalizer()
+
+    def to_pandas(self) -> Any:
+        """:meth:`drain` as a pandas DataFrame indexed by key (needs pandas)."""
+        return columns_to_pandas(self.drain())
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the memory and delete every spill file (idempotent)."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`drain`, :meth:`close` or a failed spill."""
+        return not self._finalizer.alive or self._core.closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- configuration and diagnostics -------------------------------------------------
+
+    @property
+    def mem_limit_bytes(self) -> int | None:
+        """The working-memory limit (``None``: unlimited)."""
+        return self._mem_limit
+
+    @property
+    def key_type(self) -> KeyType:
+        """``"int64"`` or ``"bytes"``."""
+        return self._key_type
+
+    @property
+    def nan_policy(self) -> NanPolicyName:
+        """What a NaN value does: ``"skip"``, ``"propagate"`` or ``"raise"``."""
+        return self._nan_policy
+
+    @property
+    def spill_dir(self) -> Path:
+        """This aggregator's private spill directory (removed when it is closed)."""
+        return self._dir
+
+    @property
+    def threads(self) -> int:
+        """Worker lanes: each owns a share of the keys and of the memory limit."""
+        return int(self._core.lanes)
+
+    @property
+    def fanout(self) -> int:
+        """Partitions per lane and per repartitioning level."""
+        return int(self._core.fanout)
+
+    def diagnostics(self) -> dict[str, int]:
+        """All counters at once (see the properties of the same names)."""
+        d = self._core.diagnostics()
+        return {name: int(d[name]) for name in _DIAGNOSTICS}
+
+    @property
+    def spill_count(self) -> int:
+        """Times memory was spilled so far: a full partition alone, or every partition
+        at once (the first overflow of a level, and the remainder when draining)."""
+        return int(self._core.diagnostics()["spill_count"])
+
+    @property
+    def spilled_batch_count(self) -> int:
+        """Runs written so far: each is one partition's partials appended to its file."""
+        return int(self._core.diagnostics()["spilled_batch_count"])
+
+    @property
+    def total_spilled_bytes(self) -> int:
+        """Bytes written to spill files so far, across every level."""
+        return int(self._core.diagnostics()["total_spilled_bytes"])
+
+    @property
+    def in_memory_groups(self) -> int:
+        """Groups held in memory now (frozen at the value :meth:`drain` started from)."""
+        return int(self._core.diagnostics()["in_memory_groups"])
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """Highest working memory accounted (tables and buffers, exact bytes)."""
+        return int(self._core.diagnostics()["peak_memory_bytes"])
+
+    @property
+    def spill_depth(self) -> int:
+        """Levels that spilled: 0 never, 1 while accumulating, 2+ repartitioned in drain."""
+        return int(self._core.diagnostics()["spill_depth"])
+
+    def __repr__(self) -> str:
+        limit = "None" if self._mem_limit is None else f"{self._mem_limit}"
+        d = self.diagnostics()
+        state = "closed" if self.closed else "open"
+        return (
+            f"SpillingAggregator(key_type={self._key_type!r}, mem_limit_bytes={limit}, "
+            f"{state}, in_memory_groups={d['in_memory_groups']}, "
+            f"spill_count={d['spill_count']}, total_spilled_bytes={d['total_spilled_bytes']}, "
+            f"spill_dir='{self._dir}')"
+        )
