@@ -1,7 +1,394 @@
 #include "bindings/prelude.h"
+#include "core/errors.h"
+#include "core/state_backend.h"
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
 
 namespace streamstate::bindings {
+namespace {
 
-void register_state_backend(py::module_& /*m*/) {}
+// The backend calls these around a blocking wait for its lock. A thread that still holds
+// the GIL (a small call that did not release it) drops it while waiting, so one reader
+// queued behind a large batch write does not freeze every other Python thread. Lock
+// holders never need the GIL, so waiting without it cannot deadlock either.
+thread_local PyThreadState* t_waiting_thread_state = nullptr;
+
+void drop_gil_while_waiting() noexcept {
+  if (PyGILState_Check() != 0) t_waiting_thread_state = PyEval_SaveThread();
+}
+
+void retake_gil_after_waiting() noexcept {
+  if (t_waiting_thread_state != nullptr) {
+    PyEval_RestoreThread(std::exchange(t_waiting_thread_state, nullptr));
+  }
+}
+
+double resolve_now(const std::optional<double>& now) {
+  return now ? *now : wall_clock_seconds();
+}
+
+double resolve_expiry(const std::optional<double>& expires_at) {
+  return expires_at ? *expires_at : kNeverExpires;
+}
+
+std::uint64_t checkpoint_id_from(const py::handle& value) {
+  if (!py::isinstance<py::int_>(value) || py::isinstance<py::bool_>(value)) {
+    throw py::type_error("checkpoint_id must be an int");
+  }
+  const auto id = py::reinterpret_borrow<py::int_>(value);
+  if (id < py::int_(0) || id > py::int_(std::numeric_limits<std::uint64_t>::max())) {
+    throw py::value_error("checkpoint_id must be in [0, 2**64)");
+  }
+  return id.cast<std::uint64_t>();
+}
+
+// A sequence of bytes-like objects pinned for use without the GIL: a private tuple keeps
+// every item alive even if the caller's list is mutated meanwhile, bytes are read in place
+// and anything else goes through the buffer protocol.
+class PinnedBuffers {
+ public:
+  explicit PinnedBuffers(const py::handle& items) {
+    PyObject* tuple = PySequence_Tuple(items.ptr());
+    if (tuple == nullptr) throw py::error_already_set();
+    owner_ = py::reinterpret_steal<py::object>(tuple);
+    const Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+    views_.reserve(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(tuple, i);
+      if (PyBytes_CheckExact(item)) {
+        views_.emplace_back(PyBytes_AS_STRING(item), static_cast<std::size_t>(PyBytes_GET_SIZE(item)));
+      } else {
+        pins_.push_back(std::make_unique<BufferView>(item));
+        views_.push_back(pins_.back()->view());
+      }
+      total_bytes_ += views_.back().size();
+    }
+  }
+
+  [[nodiscard]] std::span<const std::string_view> views() const noexcept { return views_; }
+  [[nodiscard]] std::size_t total_bytes() const noexcept { return total_bytes_; }
+
+ private:
+  py::object owner_;
+  std::vector<std::unique_ptr<BufferView>> pins_;
+  std::vector<std::string_view> views_;
+  std::size_t total_bytes_ = 0;
+};
+
+// Restores the GIL on scope exit if it was released part-way through a call (checkpoint
+// releases it only after allocating its output, which needs the GIL).
+class LateGilRelease {
+ public:
+  LateGilRelease() = default;
+  ~LateGilRelease() { restore(); }
+  LateGilRelease(const LateGilRelease&) = delete;
+  LateGilRelease& operator=(const LateGilRelease&) = delete;
+  LateGilRelease(LateGilRelease&&) = delete;
+  LateGilRelease& operator=(LateGilRelease&&) = delete;
+
+  void release() noexcept {
+    if (state_ == nullptr) state_ = PyEval_SaveThread();
+  }
+  void restore() noexcept {
+    if (state_ != nullptr) PyEval_RestoreThread(std::exchange(state_, nullptr));
+  }
+
+ private:
+  PyThreadState* state_ = nullptr;
+};
+
+py::object bytes_or_none(const std::optional<std::string>& value) {
+  if (!value) return py::none();
+  return py::bytes(value->data(), value->size());
+}
+
+std::optional<std::string_view> optional_view(const py::object& object,
+                                              std::unique_ptr<BufferView>& pin) {
+  if (object.is_none()) return std::nullopt;
+  pin = std::make_unique<BufferView>(object);
+  return pin->view();
+}
+
+// Owns the bytes objects a scan creates until they are moved into the result list, so an
+// error part-way (MemoryError) releases every one of them.
+class ScanObjects {
+ public:
+  // The pointer buffer is reused per thread: a 1% scan of a large backend would otherwise
+  // fault in fresh pages on every call.
+  // A scan started from inside another (a finalizer run by a collection that to_pairs
+  // triggered) gets its own buffer.
+  ScanObjects() : borrowed_(!t_buffer_busy), objects_(borrowed_ ? t_buffer : owned_) {
+    t_buffer_busy = true;
+    objects_.clear();
+  }
+  ~ScanObjects() {
+    for (PyObject* object : objects_) Py_XDECREF(object);
+    objects_.clear();
+    if (borrowed_) {
+      if (objects_.capacity() > (std::size_t{1} << 20)) std::vector<PyObject*>().swap(objects_);
+      t_buffer_busy = false;
+    }
+  }
+  ScanObjects(const ScanObjects&) = delete;
+  ScanObjects& operator=(const ScanObjects&) = delete;
+  ScanObjects(ScanObjects&&) = delete;
+  ScanObjects& operator=(ScanObjects&&) = delete;
+
+  void add(std::string_view bytes) {
+    objects_.push_back(nullptr);  // grow first, so a failed push cannot leak the object
+    PyObject* object =
+        PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size()));
+    if (object == nullptr) throw py::error_already_set();
+    objects_.back() = object;
+  }
+
+  // [(key, value), ...] from the objects added as key, value, key, value, ...
+  py::list to_pairs() {
+    const std::size_t n = objects_.size() / 2;
+    py::list out(static_cast<py::ssize_t>(n));
+    // Untracked while it is filled: otherwise each young-generation collection that the
+    // tuple allocations trigger would walk the growing list again (quadratic in n).
+    PyObject_GC_UnTrack(out.ptr());
+    const RetrackOnExit retrack{out.ptr()};
+    for (std::size_t i = 0; i < n; ++i) {
+      PyObject* pair = PyTuple_New(2);
+      if (pair == nullptr) throw py::error_already_set();
+      PyTuple_SET_ITEM(pair, 0, std::exchange(objects_[2 * i], nullptr));
+      PyTuple_SET_ITEM(pair, 1, std::exchange(objects_[2 * i + 1], nullptr));
+      // A pair of bytes can never be part of a reference cycle; CPython would untrack it at
+      // its first collection anyway. Untracking now keeps large scans from making every
+      // young-generation collection walk thousands of tuples.
+      PyObject_GC_UnTrack(pair);
+      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), pair);
+    }
+    return out;
+  }
+
+ private:
+  struct RetrackOnExit {
+    PyObject* object;
+    ~RetrackOnExit() { PyObject_GC_Track(object); }
+  };
+  static thread_local std::vector<PyObject*> t_buffer;
+  static thread_local bool t_buffer_busy;
+  bool borrowed_;
+  std::vector<PyObject*> owned_;
+  std::vector<PyObject*>& objects_;
+};
+
+thread_local std::vector<PyObject*> ScanObjects::t_buffer;
+thread_local bool ScanObjects::t_buffer_busy = false;
+
+py::list values_to_list(const ValueBatch& batch) {
+  const std::size_t n = batch.sizes.size();
+  py::list out(static_cast<py::ssize_t>(n));
+  const char* p = batch.bytes.data();
+  for (std::size_t i = 0; i < n; ++i) {
+    PyObject* item;
+    if (batch.sizes[i] == ValueBatch::kMissing) {
+      item = Py_NewRef(Py_None);
+    } else {
+      item = PyBytes_FromStringAndSize(p, static_cast<Py_ssize_t>(batch.sizes[i]));
+      if (item == nullptr) throw py::error_already_set();
+      p += batch.sizes[i];
+    }
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), item);
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_state_backend(py::module_& m) {
+  py::class_<InMemoryStateBackend>(m, "InMemoryStateBackend", R"doc(
+Ordered, thread-safe in-memory keyed state with optional per-entry expiry.
+
+Keys and values are bytes. Reads take ``now`` (seconds; default ``time.time()``) and hide
+entries whose ``expires_at`` is at or before it. ``range_scan`` returns entries sorted by
+key from an ordered index; ``checkpoint``/``restore`` use the project's checksummed record
+container. Any number of threads may share one backend; batch calls release the GIL.
+)doc")
+      .def(py::init([](std::size_t delta_limit) {
+             StateBackendOptions options;
+             options.delta_limit = delta_limit;
+             options.hooks.before_wait = &drop_gil_while_waiting;
+             options.hooks.after_wait = &retake_gil_after_waiting;
+             return std::make_unique<InMemoryStateBackend>(options);
+           }),
+           py::kw_only(), py::arg("delta_limit") = StateBackendOptions{}.delta_limit,
+           "``delta_limit``: new keys held outside the sorted run before a merge (tuning).")
+      .def(
+          "get",
+          [](const InMemoryStateBackend& self, const py::object& key, std::optional<double> now) {
+            const BufferView k(key);
+            // Small point call: keeps the GIL; a contended lock drops it via the wait hooks.
+            return bytes_or_none(self.get(k.view(), resolve_now(now)));
+          },
+          py::arg("key"), py::kw_only(), py::arg("now") = py::none(),
+          "The value stored under ``key``, or None if absent or expired at ``now``.")
+      .def(
+          "put",
+          [](InMemoryStateBackend& self, const py::object& key, const py::object& value,
+             std::optional<double> expires_at) {
+            const BufferView k(key);
+            const BufferView v(value);
+            const MaybeReleaseGil release(k.size() + v.size());
+            self.put(k.view(), v.view(), resolve_expiry(expires_at));
+          },
+          py::arg("key"), py::arg("value"), py::kw_only(), py::arg("expires_at") = py::none(),
+          "Store ``value`` under ``key``; ``expires_at`` (seconds) makes it expire.")
+      .def(
+          "delete",
+          [](InMemoryStateBackend& self, const py::object& key, std::optional<double> now) {
+            const BufferView k(key);
+            return self.erase(k.view(), resolve_now(now));
+          },
+          py::arg("key"), py::kw_only(), py::arg("now") = py::none(),
+          "Remove ``key``; True if a visible (unexpired) entry was removed.")
+      .def(
+          "compare_and_set",
+          [](InMemoryStateBackend& self, const py::object& key, const py::object& expected,
+             const py::object& new_value, std::optional<double> expires_at,
+             std::optional<double> now) {
+            const BufferView k(key);
+            std::unique_ptr<BufferView> expected_pin;
+            std::unique_ptr<BufferView> new_pin;
+            const auto expected_view = optional_view(expected, expected_pin);
+            const auto new_view = optional_view(new_value, new_pin);
+            return self.compare_and_set(k.view(), expected_view, new_view,
+                                        resolve_expiry(expires_at), resolve_now(now));
+          },
+          py::arg("key"), py::arg("expected"), py::arg("new"), py::kw_only(),
+          py::arg("expires_at") = py::none(), py::arg("now") = py::none(),
+          "Atomically replace the value under ``key`` with ``new`` (None deletes) if it is\n"
+          "currently ``expected`` (None: absent or expired); True if it did.")
+      .def(
+          "put_many",
+          [](InMemoryStateBackend& self, const py::handle& keys, const py::handle& values,
+             std::optional<double> expires_at) {
+            const PinnedBuffers k(keys);
+            const PinnedBuffers v(values);
+            const double expiry = resolve_expiry(expires_at);
+            // Pure C++ over pinned buffers: no Python object is touched while released.
+            const MaybeReleaseGil release(k.total_bytes() + v.total_bytes());
+            self.put_many(k.views(), v.views(), expiry);
+          },
+          py::arg("keys"), py::arg("values"), py::kw_only(), py::arg("expires_at") = py::none(),
+          "Store many pairs under one lock; the last of repeated keys wins.")
+      .def(
+          "get_many",
+          [](const InMemoryStateBackend& self, const py::handle& keys, std::optional<double> now) {
+            const PinnedBuffers k(keys);
+            const double t = resolve_now(now);
+            ValueBatch batch;
+            {
+              // Pure C++ over pinned buffers; results are copied out before the lock is left.
+              const MaybeReleaseGil release(k.total_bytes());
+              batch = self.get_many(k.views(), t);
+            }
+            return values_to_list(batch);
+          },
+          py::arg("keys"), py::kw_only(), py::arg("now") = py::none(),
+          "Values for many keys (None where absent or expired), under one lock.")
+      .def(
+          "delete_many",
+          [](InMemoryStateBackend& self, const py::handle& keys, std::optional<double> now) {
+            const PinnedBuffers k(keys);
+            const double t = resolve_now(now);
+            const MaybeReleaseGil release(k.total_bytes());
+            return self.erase_many(k.views(), t);
+          },
+          py::arg("keys"), py::kw_only(), py::arg("now") = py::none(),
+          "Remove many keys under one lock; returns how many visible entries were removed.")
+      .def(
+          "range_scan",
+          [](const InMemoryStateBackend& self, const py::object& prefix, std::optional<double> now) {
+            const BufferView p(prefix);
+            // The scan is O(log n + matches) and building Python objects costs more than
+            // finding the entries, so the GIL is kept and the bytes objects are made straight
+            // from the backend's memory under its read lock. That is safe: creating bytes runs
+            // no Python code (bytes are not GC-tracked, so no collection can start), and a lock
+            // holder never waits for the GIL. Tuples, which can trigger a collection, are made
+            // after the lock is released.
+            ScanObjects objects;
+            self.range_scan(p.view(), resolve_now(now),
+                            [&objects](std::string_view key, std::string_view value) {
+                              objects.add(key);
+                              objects.add(value);
+                            });
+            return objects.to_pairs();
+          },
+          py::arg("prefix"), py::kw_only(), py::arg("now") = py::none(),
+          "``[(key, value), ...]`` for visible keys starting with ``prefix``, sorted by key.")
+      .def(
+          "delete_prefix",
+          [](InMemoryStateBackend& self, const py::object& prefix, std::optional<double> now) {
+            const BufferView p(prefix);
+            return self.erase_prefix(p.view(), resolve_now(now));
+          },
+          py::arg("prefix"), py::kw_only(), py::arg("now") = py::none(),
+          "Atomically remove every key starting with ``prefix``; returns how many visible\n"
+          "entries were removed.")
+      .def(
+          "purge_expired",
+          [](InMemoryStateBackend& self, std::optional<double> now) {
+            const double t = resolve_now(now);
+            const py::gil_scoped_release release;  // a full pass over the table, no Python
+            return self.purge_expired(t);
+          },
+          py::kw_only(), py::arg("now") = py::none(),
+          "Free the memory of entries expired at ``now``; returns how many were dropped.")
+      .def(
+          "checkpoint",
+          [](const InMemoryStateBackend& self, const py::handle& checkpoint_id,
+             std::optional<double> now) {
+            const std::uint64_t id = checkpoint_id_from(checkpoint_id);
+            const double t = resolve_now(now);
+            py::object result;
+            LateGilRelease release;
+            self.checkpoint(id, t, [&](std::size_t n) -> char* {
+              // Called once, under the read lock, with the GIL still held: allocate the final
+              // bytes object here and fill it in place without the GIL.
+              PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+              if (raw == nullptr) throw py::error_already_set();
+              result = py::reinterpret_steal<py::object>(raw);
+              if (n >= kReleaseGilThreshold) release.release();
+              return PyBytes_AS_STRING(raw);
+            });
+            release.restore();
+            return py::reinterpret_borrow<py::bytes>(result);
+          },
+          py::arg("checkpoint_id"), py::kw_only(), py::arg("now") = py::none(),
+          "Snapshot every entry visible at ``now`` into checksummed bytes tagged\n"
+          "``checkpoint_id``.")
+      .def(
+          "restore",
+          [](InMemoryStateBackend& self, const py::object& snapshot) {
+            const BufferView s(snapshot);
+            // Parses a pinned buffer into a private table; only the final swap takes the lock.
+            const MaybeReleaseGil release(s.size());
+            return self.restore(s.view());
+          },
+          py::arg("snapshot"),
+          "Replace all state with a checkpoint's; returns its checkpoint id. Corrupt, truncated\n"
+          "or foreign bytes raise CorruptDataError and leave the backend untouched.")
+      .def("size_bytes", &InMemoryStateBackend::size_bytes,
+           "Sum of key and value sizes of stored entries (expired ones until purged).")
+      .def_property_readonly("version", &InMemoryStateBackend::version,
+                             "Bumped by every call that changes stored state.")
+      .def("__len__", &InMemoryStateBackend::size,
+           "Stored entries (expired ones count until purge_expired frees them).")
+      .def("__repr__", [](const InMemoryStateBackend& self) {
+        return "<InMemoryStateBackend entries=" + std::to_string(self.size()) +
+               " size_bytes=" + std::to_string(self.size_bytes()) +
+               " version=" + std::to_string(self.version()) + ">";
+      });
+}
 
 }  // namespace streamstate::bindings

@@ -1,0 +1,1312 @@
+#include "core/state_backend.h"
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <random>
+#include <set>
+#include <stdexcept>
+#include <utility>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "core/byte_io.h"
+#include "core/checksum.h"
+#include "core/errors.h"
+#include "core/record_codec.h"
+
+namespace streamstate {
+namespace {
+
+// A deleted slot "expired before time began", so the one visibility test (expires_at > now)
+// hides deleted and expired entries alike. Callers may not pass -inf themselves.
+constexpr double kDeleted = -std::numeric_limits<double>::infinity();
+constexpr std::uint32_t kNoSlot = std::numeric_limits<std::uint32_t>::max();
+// Slot ids travel as id + 1 in the index (0 marks an empty cell), so the last id is reserved.
+constexpr std::size_t kMaxSlots = std::numeric_limits<std::uint32_t>::max() - 1;
+
+// Checkpoint layout inside the record container: one header record, then one record per
+// entry whose value is [u8 flags][f64 LE expires_at if flags & kFlagExpires][value].
+constexpr std::string_view kHeaderKey = "state_backend";
+constexpr std::uint32_t kLayoutVersion = 1;
+constexpr std::size_t kHeaderValueSize = 12;  // u64 checkpoint id, u32 layout version
+constexpr unsigned char kFlagExpires = 1;
+
+// How far apart the stages of the batch lookup pipeline run: enough misses in flight to
+// hide memory latency, few enough that the prefetched lines are still cached when used.
+constexpr std::size_t kPipelineDistance = 8;
+constexpr std::size_t kRadixSortMin = 1024;
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+// Keys and values are mostly a few bytes long, where a call to memcpy costs more than the
+// copy; two overlapping word moves cover 1..16 bytes without a loop or a call.
+void copy_bytes(char* dst, const char* src, std::size_t n) noexcept {
+  if (n > 16) {
+    std::memcpy(dst, src, n);
+  } else if (n >= 8) {
+    std::uint64_t head;
+    std::uint64_t tail;
+    std::memcpy(&head, src, 8);
+    std::memcpy(&tail, src + n - 8, 8);
+    std::memcpy(dst, &head, 8);
+    std::memcpy(dst + n - 8, &tail, 8);
+  } else if (n >= 4) {
+    std::uint32_t head;
+    std::uint32_t tail;
+    std::memcpy(&head, src, 4);
+    std::memcpy(&tail, src + n - 4, 4);
+    std::memcpy(dst, &head, 4);
+    std::memcpy(dst + n - 4, &tail, 4);
+  } else if (n > 0) {
+    dst[0] = src[0];
+    dst[n / 2] = src[n / 2];
+    dst[n - 1] = src[n - 1];
+  }
+}
+
+[[nodiscard]] bool starts_with(std::string_view s, std::string_view prefix) noexcept {
+  return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
+}
+
+[[nodiscard]] bool is_finite_expiry(double expires_at) noexcept {
+  return expires_at != kNeverExpires && expires_at != kDeleted;
+}
+
+// ---------------------------------------------------------------------------------------
+// Hashing: a multiply-fold hash over 16-byte blocks, seeded per process so a stream of
+// adversarial keys cannot be precomputed to collide. Never persisted.
+
+__extension__ using u128 = unsigned __int128;
+
+[[nodiscard]] std::uint64_t fold_multiply(std::uint64_t a, std::uint64_t b) noexcept {
+  const u128 product = static_cast<u128>(a) * b;
+  return static_cast<std::uint64_t>(product) ^ static_cast<std::uint64_t>(product >> 64);
+}
+
+[[nodiscard]] std::uint64_t load_native64(const char* p) noexcept {
+  std::uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+[[nodiscard]] std::uint64_t load_native32(const char* p) noexcept {
+  std::uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+const std::uint64_t kHashSeed = [] {
+  std::random_device device;
+  return (static_cast<std::uint64_t>(device()) << 32) ^ device();
+}();
+
+[[nodiscard]] std::uint32_t hash_key(std::string_view key) noexcept {
+  constexpr std::uint64_t kA = 0x9e3779b97f4a7c15ULL;
+  constexpr std::uint64_t kB = 0xd1b54a32d192ed03ULL;
+  const char* p = key.data();
+  std::size_t n = key.size();
+  std::uint64_t h = kHashSeed ^ (static_cast<std::uint64_t>(n) * kB);
+  while (n > 16) {
+    h = fold_multiply(load_native64(p) ^ kA, load_native64(p + 8) ^ h);
+    p += 16;
+    n -= 16;
+  }
+  // The last 1..16 bytes as two (possibly overlapping) words; the length is already in h.
+  std::uint64_t a = 0;
+  std::uint64_t b = 0;
+  if (n >= 8) {
+    a = load_native64(p);
+    b = load_native64(p + n - 8);
+  } else if (n >= 4) {
+    a = load_native32(p);
+    b = load_native32(p + n - 4);
+  } else if (n > 0) {
+    const auto byte = [p](std::size_t i) {
+      return static_cast<std::uint64_t>(static_cast<unsigned char>(p[i]));
+    };
+    a = (byte(0) << 16) | (byte(n / 2) << 8) | byte(n - 1);
+  }
+  h = fold_multiply(a ^ kA ^ h, b ^ kB);
+  h = fold_multiply(h ^ kA, kB);
+  return static_cast<std::uint32_t>(h ^ (h >> 32));
+}
+
+// ---------------------------------------------------------------------------------------
+
+// Tables of a few MiB and up go on 2 MiB-aligned memory advised for transparent huge
+// pages: far fewer page faults when a fresh table is first written (restore, compaction)
+// and far fewer TLB misses when the hash index and slots are probed at random.
+[[nodiscard]] void* allocate_table(std::size_t bytes) {
+  if (bytes < kHugePage) {
+    void* p = std::malloc(bytes == 0 ? 1 : bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  const std::size_t rounded = (bytes + kHugePage - 1) & ~(kHugePage - 1);
+  void* p = std::aligned_alloc(kHugePage, rounded);
+  if (p == nullptr) throw std::bad_alloc();
+  advise_huge_pages(p, rounded);
+  return p;
+}
+
+template <typename T>
+struct TableAllocator {
+  using value_type = T;
+  TableAllocator() = default;
+  template <typename U>
+  explicit TableAllocator(const TableAllocator<U>& /*other*/) noexcept {}
+  [[nodiscard]] T* allocate(std::size_t n) {
+    if (n > std::numeric_limits<std::size_t>::max() / sizeof(T)) throw std::bad_alloc();
+    const std::size_t bytes = n * sizeof(T);
+    if (bytes < kHugePage && alignof(T) > alignof(std::max_align_t)) {
+      return static_cast<T*>(::operator new(bytes, std::align_val_t{alignof(T)}));
+    }
+    return static_cast<T*>(allocate_table(bytes));
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    if (n * sizeof(T) < kHugePage && alignof(T) > alignof(std::max_align_t)) {
+      ::operator delete(p, std::align_val_t{alignof(T)});
+      return;
+    }
+    std::free(p);
+  }
+  friend bool operator==(const TableAllocator&, const TableAllocator&) noexcept { return true; }
+};
+
+template <typename T>
+using TableVector = std::vector<T, TableAllocator<T>>;
+
+struct FreeDeleter {
+  void operator()(char* p) const noexcept { std::free(p); }
+};
+
+// 32 bytes and 32-aligned, so a slot never straddles two cache lines.
+struct alignas(32) Slot {
+  std::uint64_t key_off;
+  std::uint64_t value_off;
+  std::uint32_t key_len;
+  std::uint32_t value_len;
+  double expires_at;  // kNeverExpires, a timestamp, or kDeleted
+};
+static_assert(sizeof(Slot) == 32);
+
+// All key and value bytes, addressed by offset. Grows geometrically without zero-filling;
+// offsets stay valid across growth (pointers do not, so nothing keeps one).
+class ByteArena {
+ public:
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] const char* data() const noexcept { return data_.get(); }
+  [[nodiscard]] std::string_view view(std::uint64_t off, std::uint32_t len) const noexcept {
+    return {data_.get() + off, len};
+  }
+
+  // Room for `extra` more bytes; strong guarantee.
+  void reserve_extra(std::size_t extra) {
+    if (extra <= capacity_ - size_) return;
+    const std::size_t wanted = std::max(size_ + extra, capacity_ + capacity_ / 2);
+    std::unique_ptr<char, FreeDeleter> grown(static_cast<char*>(allocate_table(wanted)));
+    copy_bytes(grown.get(), data_.get(), size_);
+    data_ = std::move(grown);
+    capacity_ = wanted;
+  }
+  // Requires reserve_extra(bytes.size()) beforehand.
+  std::uint64_t append(std::string_view bytes) noexcept {
+    const std::uint64_t off = size_;
+    copy_bytes(data_.get() + size_, bytes.data(), bytes.size());
+    size_ += bytes.size();
+    return off;
+  }
+  void overwrite(std::uint64_t off, std::string_view bytes) noexcept {
+    copy_bytes(data_.get() + off, bytes.data(), bytes.size());
+  }
+  void truncate(std::size_t size) noexcept { size_ = std::min(size, size_); }
+  void swap(ByteArena& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+    std::swap(capacity_, other.capacity_);
+  }
+
+ private:
+  std::unique_ptr<char, FreeDeleter> data_;
+  std::size_t size_ = 0;
+  std::size_t capacity_ = 0;
+};
+
+// Open addressing with linear probing. A cell is (hash << 32) | (slot id + 1); 0 is empty.
+// Slots are only ever appended or rebuilt wholesale, never unlinked one by one, so the
+// table needs neither tombstones nor backward-shift deletion. Load stays at or below 1/2.
+class HashIndex {
+ public:
+  HashIndex() { reset(0); }
+
+  // An empty index sized for `expected` slots at load <= 1/2 with room to spare.
+  void reset(std::size_t expected) {
+    const std::size_t capacity = std::bit_ceil(std::max<std::size_t>(16, 2 * expected + 2));
+    TableVector<std::uint64_t> cells(capacity, 0);
+    cells_.swap(cells);
+    mask_ = capacity - 1;
+  }
+  [[nodiscard]] bool fits(std::size_t slots) const noexcept { return 2 * slots <= cells_.size(); }
+
+  // Doubles until `slots` fit, moving cells by their stored hash: no key is reread.
+  void grow_for(std::size_t slots) {
+    if (fits(slots)) return;
+    HashIndex grown;
+    grown.reset(std::max(slots, cells_.size()));
+    for (const std::uint64_t cell : cells_) {
+      if (cell != 0) grown.insert_cell(cell);
+    }
+    swap(grown);
+  }
+
+  // A fresh index over slots 0..n-1, hashing ahead of the inserts so each cell is
+  // prefetched a few iterations before it is written.
+  template <typename HashOf>
+  void build(std::size_t n, HashOf&& hash_of) {
+    reset(n);
+    constexpr std::size_t kAhead = 2 * kPipelineDistance;
+    constexpr std::size_t kRing = 4 * kPipelineDistance;
+    std::array<std::uint32_t, kRing> hashes{};
+    for (std::size_t i = 0; i < std::min(n, kAhead); ++i) {
+      hashes[i % kRing] = hash_of(i);
+      prefetch(hashes[i % kRing]);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        hashes[(i + kAhead) % kRing] = hash_of(i + kAhead);
+        prefetch(hashes[(i + kAhead) % kRing]);
+      }
+      insert(hashes[i % kRing], static_cast<std::uint32_t>(i));
+    }
+  }
+
+  void prefetch(std::uint32_t hash) const noexcept { __builtin_prefetch(&cells_[hash & mask_]); }
+
+  // The slot of the first cell carrying this hash tag (a prefetch hint), or kNoSlot.
+  [[nodiscard]] std::uint32_t first_candidate(std::uint32_t hash) const noexcept {
+    for (std::size_t i = hash & mask_;; i = (i + 1) & mask_) {
+      const std::uint64_t cell = cells_[i];
+      if (cell == 0) return kNoSlot;
+      if (static_cast<std::uint32_t>(cell >> 32) == hash) {
+        return static_cast<std::uint32_t>(cell) - 1;
+      }
+    }
+  }
+
+  template <typename IsKey>
+  [[nodiscard]] std::uint32_t find(std::uint32_t hash, IsKey&& is_key) const noexcept {
+    for (std::size_t i = hash & mask_;; i = (i + 1) & mask_) {
+      const std::uint64_t cell = cells_[i];
+      if (cell == 0) return kNoSlot;
+      if (static_cast<std::uint32_t>(cell >> 32) == hash) {
+        const auto slot = static_cast<std::uint32_t>(cell) - 1;
+        if (is_key(slot)) return slot;
+      }
+    }
+  }
+
+  // Requires fits(slot count) after the insert.
+  void insert(std::uint32_t hash, std::uint32_t slot) noexcept {
+    insert_cell((static_cast<std::uint64_t>(hash) << 32) | (static_cast<std::uint64_t>(slot) + 1));
+  }
+
+  void swap(HashIndex& other) noexcept {
+    cells_.swap(other.cells_);
+    std::swap(mask_, other.mask_);
+  }
+
+ private:
+  void insert_cell(std::uint64_t cell) noexcept {
+    std::size_t i = (cell >> 32) & mask_;
+    while (cells_[i] != 0) i = (i + 1) & mask_;
+    cells_[i] = cell;
+  }
+
+  TableVector<std::uint64_t> cells_;
+  std::size_t mask_ = 0;
+};
+
+// Sorting keys without chasing a pointer per comparison: sort (8-byte big-endian chunk, id)
+// pairs by chunk, then refine groups whose chunks tie on the next 8 bytes. Namespaced keys
+// share long prefixes, so ties are the normal case, not an afterthought.
+struct ChunkedId {
+  std::uint64_t chunk;
+  std::uint32_t id;
+};
+
+[[nodiscard]] std::uint64_t chunk_at(std::string_view key, std::size_t depth) noexcept {
+  if (key.size() >= depth + 8) {
+    std::uint64_t v;
+    std::memcpy(&v, key.data() + depth, sizeof v);
+    if constexpr (std::endian::native == std::endian::little) v = __builtin_bswap64(v);
+    return v;
+  }
+  std::uint64_t chunk = 0;
+  for (std::size_t i = depth; i < key.size(); ++i) {
+    chunk |= static_cast<std::uint64_t>(static_cast<unsigned char>(key[i]))
+             << (8 * (7 - (i - depth)));
+  }
+  return chunk;
+}
+
+// Stable LSD radix sort on the chunk, skipping byte positions where every item agrees
+// (common prefixes cost nothing).
+void radix_sort_chunks(ChunkedId* items, std::size_t n, std::vector<ChunkedId>& scratch) {
+  std::array<std::array<std::size_t, 256>, 8> counts{};
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t c = items[i].chunk;
+    for (std::size_t b = 0; b < 8; ++b) ++counts[b][(c >> (8 * b)) & 0xff];
+  }
+  scratch.resize(n);
+  ChunkedId* src = items;
+  ChunkedId* dst = scratch.data();
+  for (std::size_t b = 0; b < 8; ++b) {
+    auto& count = counts[b];
+    if (count[(items[0].chunk >> (8 * b)) & 0xff] == n) continue;
+    std::size_t offset = 0;
+    for (auto& c : count) offset += std::exchange(c, offset);
+    for (std::size_t i = 0; i < n; ++i) dst[count[(src[i].chunk >> (8 * b)) & 0xff]++] = src[i];
+    std::swap(src, dst);
+  }
+  if (src != items) std::copy(src, src + n, items);
+}
+
+// Sorts ids by key_of(id) (a string_view), unsigned bytewise: radix or std::sort on 8-byte
+// chunks, then refinement of tied groups on the next chunk.
+template <typename KeyOf>
+void sort_ids_by_key(std::vector<std::uint32_t>& ids, KeyOf&& key_of) {
+  if (ids.size() < 2) return;
+  std::vector<ChunkedId> items(ids.size());
+  for (std::size_t i = 0; i < ids.size(); ++i) items[i].id = ids[i];
+  std::vector<ChunkedId> scratch;
+  struct Range {
+    std::size_t first;
+    std::size_t last;
+    std::size_t depth;
+  };
+  std::vector<Range> work{{0, items.size(), 0}};
+  while (!work.empty()) {
+    const Range r = work.back();
+    work.pop_back();
+    ChunkedId* first = items.data() + r.first;
+    ChunkedId* last = items.data() + r.last;
+    for (ChunkedId* p = first; p != last; ++p) {
+      if (last - p > static_cast<std::ptrdiff_t>(kPipelineDistance)) {
+        __builtin_prefetch(key_of(p[kPipelineDistance].id).data() + r.depth);
+      }
+      p->chunk = chunk_at(key_of(p->id), r.depth);
+    }
+    if (last - first >= static_cast<std::ptrdiff_t>(kRadixSortMin)) {
+      radix_sort_chunks(first, static_cast<std::size_t>(last - first), scratch);
+    } else {
+      std::sort(first, last,
+                [](const ChunkedId& a, const ChunkedId& b) { return a.chunk < b.chunk; });
+    }
+    for (ChunkedId* a = first; a != last;) {
+      ChunkedId* b = a + 1;
+      while (b != last && b->chunk == a->chunk) ++b;
+      if (b - a > 1) {
+        // Equal chunks: keys that end inside this chunk are prefixes of the longer ones,
+        // and of each other, so they come first, shortest first.
+        const std::size_t end = r.depth + 8;
+        ChunkedId* mid = std::partition(
+            a, b, [&](const ChunkedId& c) { return key_of(c.id).size() <= end; });
+        std::sort(a, mid, [&](const ChunkedId& x, const ChunkedId& y) {
+          return key_of(x.id).size() < key_of(y.id).size();
+        });
+        if (b - mid > 1) {
+          work.push_back({static_cast<std::size_t>(mid - items.data()),
+                          static_cast<std::size_t>(b - items.data()), end});
+        }
+      }
+      a = b;
+    }
+  }
+  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = items[i].id;
+}
+
+// A bounds-checked writer of the record container straight into caller memory, so the
+// checkpoint is built in its final buffer (a Python bytes object) with no intermediate copy.
+class ContainerWriter {
+ public:
+  ContainerWriter(char* out, std::size_t capacity, RecordKind kind)
+      : out_(out), capacity_(capacity) {
+    raw(std::string_view(kRecordMagic, sizeof kRecordMagic));
+    u16(kRecordFormatVersion);
+    u16(static_cast<std::uint16_t>(kind));
+    u32(0);  // record count, patched by finish()
+  }
+  void begin_record(std::string_view key, std::size_t value_size) {
+    u32(static_cast<std::uint32_t>(key.size()));
+    raw(key);
+    u32(static_cast<std::uint32_t>(value_size));
+    ++count_;
+  }
+  void raw(std::string_view bytes) {
+    ensure(bytes.size());
+    copy_bytes(out_ + pos_, bytes.data(), bytes.size());
+    pos_ += bytes.size();
+  }
+  void u8(unsigned char v) {
+    ensure(1);
+    out_[pos_++] = static_cast<char>(v);
+  }
+  void u16(std::uint16_t v) {
+    const char b[2] = {static_cast<char>(v & 0xff), static_cast<char>(v >> 8)};
+    raw(std::string_view(b, 2));
+  }
+  void u32(std::uint32_t v) {
+    ensure(4);
+    store_u32(out_ + pos_, v);
+    pos_ += 4;
+  }
+  void u64(std::uint64_t v) {
+    u32(static_cast<std::uint32_t>(v));
+    u32(static_cast<std::uint32_t>(v >> 32));
+  }
+  void f64(double v) { u64(std::bit_cast<std::uint64_t>(v)); }
+
+  std::size_t finish() {
+    store_u32(out_ + 8, count_);
+    const std::uint32_t crc = crc32c(std::string_view(out_, pos_));
+    u32(crc32c_mask(crc));
+    return pos_;
+  }
+
+ private:
+  void ensure(std::size_t n) const {
+    // The size was computed under the same read lock, so this cannot fire; it guards the
+    // caller's buffer should that reasoning ever break.
+    if (n > capacity_ - pos_) throw std::logic_error("state backend: checkpoint outgrew its size");
+  }
+  char* out_;
+  std::size_t capacity_;
+  std::size_t pos_ = 0;
+  std::uint32_t count_ = 0;
+};
+
+void check_now(double now) {
+  if (!std::isfinite(now)) throw InvalidArgument("state backend: `now` must be a finite timestamp");
+}
+
+void check_expiry(double expires_at) {
+  if (std::isnan(expires_at) || expires_at == kDeleted) {
+    throw InvalidArgument("state backend: expires_at must be a timestamp or +inf (never)");
+  }
+}
+
+void check_entry(std::string_view key, std::string_view value) {
+  if (key.size() > kMaxStateKeySize) throw InvalidArgument("state backend: key exceeds 4 GiB");
+  if (value.size() > kMaxStateValueSize) {
+    throw InvalidArgument("state backend: value exceeds 4 GiB minus 9 bytes");
+  }
+}
+
+class WaitScope {
+ public:
+  explicit WaitScope(const LockWaitHooks& hooks) noexcept : hooks_(hooks) {
+    if (hooks_.before_wait != nullptr) hooks_.before_wait();
+  }
+  ~WaitScope() {
+    if (hooks_.after_wait != nullptr) hooks_.after_wait();
+  }
+  WaitScope(const WaitScope&) = delete;
+  WaitScope& operator=(const WaitScope&) = delete;
+  WaitScope(WaitScope&&) = delete;
+  WaitScope& operator=(WaitScope&&) = delete;
+
+ private:
+  const LockWaitHooks& hooks_;
+};
+
+}  // namespace
+
+void advise_huge_pages(void* data, std::size_t size) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // Only whole 2 MiB pages inside the range can be huge; the advice is a hint, so errors
+  // (a kernel without THP, say) are ignored.
+  const auto begin = reinterpret_cast<std::uintptr_t>(data);
+  const std::uintptr_t first = (begin + kHugePage - 1) & ~(std::uintptr_t{kHugePage} - 1);
+  const std::uintptr_t last = (begin + size) & ~(std::uintptr_t{kHugePage} - 1);
+  if (last > first) {
+    (void)::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)data;
+  (void)size;
+#endif
+}
+
+double wall_clock_seconds() noexcept {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// ---------------------------------------------------------------------------------------
+
+class InMemoryStateBackend::Table {
+ public:
+  explicit Table(std::size_t delta_limit)
+      : delta_limit_(std::max<std::size_t>(1, delta_limit)), tail_(TailOrder{this}) {}
+  Table(const Table&) = delete;
+  Table& operator=(const Table&) = delete;
+  Table(Table&&) = delete;
+  Table& operator=(Table&&) = delete;
+  ~Table() = default;
+
+  // ----- reads -------------------------------------------------------------------------
+
+  [[nodiscard]] std::string_view key(std::uint32_t id) const noexcept {
+    return arena_.view(slots_[id].key_off, slots_[id].key_len);
+  }
+  [[nodiscard]] std::string_view value(std::uint32_t id) const noexcept {
+    return arena_.view(slots_[id].value_off, slots_[id].value_len);
+  }
+  [[nodiscard]] bool visible(std::uint32_t id, double now) const noexcept {
+    return slots_[id].expires_at > now;
+  }
+  [[nodiscard]] bool stored(std::uint32_t id) const noexcept {
+    return slots_[id].expires_at != kDeleted;
+  }
+  [[nodiscard]] std::size_t stored_count() const noexcept { return stored_; }
+  [[nodiscard]] std::size_t stored_bytes() const noexcept { return stored_bytes_; }
+
+  [[nodiscard]] std::uint32_t find(std::string_view key, std::uint32_t hash) const noexcept {
+    return index_.find(hash, [this, key](std::uint32_t id) {
+      const Slot& s = slots_[id];
+      return s.key_len == key.size() &&
+             (key.empty() || std::memcmp(arena_.data() + s.key_off, key.data(), key.size()) == 0);
+    });
+  }
+
+  // Calls on_key(i, hash, slot id or kNoSlot) for every key in order. The lookups run as a
+  // software pipeline: key i's index cell is prefetched, then (a few keys later) its slot,
+  // then its key and value bytes, and only then is it looked up for real, so the three
+  // dependent cache misses of many keys overlap instead of queueing. on_key may insert:
+  // the earlier stages only issue prefetches, so a stale guess costs nothing but time.
+  template <typename OnKey>
+  void find_each(std::span<const std::string_view> keys, OnKey&& on_key) const {
+    constexpr std::size_t kDistance = kPipelineDistance;
+    constexpr std::size_t kRing = 4 * kDistance;
+    std::array<std::uint32_t, kRing> hashes{};
+    std::array<std::uint32_t, kRing> candidates{};
+    const std::size_t n = keys.size();
+    for (std::size_t i = 0; i < n + 3 * kDistance; ++i) {
+      if (i < n) {
+        hashes[i % kRing] = hash_key(keys[i]);
+        index_.prefetch(hashes[i % kRing]);
+      }
+      if (i >= kDistance && i - kDistance < n) {
+        const std::size_t k = (i - kDistance) % kRing;
+        candidates[k] = index_.first_candidate(hashes[k]);
+        if (candidates[k] != kNoSlot) __builtin_prefetch(&slots_[candidates[k]]);
+      }
+      if (i >= 2 * kDistance && i - 2 * kDistance < n) {
+        const std::size_t k = (i - 2 * kDistance) % kRing;
+        if (candidates[k] != kNoSlot && candidates[k] < slots_.size()) {
+          const Slot& slot = slots_[candidates[k]];
+          __builtin_prefetch(arena_.data() + slot.key_off);
+          __builtin_prefetch(arena_.data() + slot.value_off);
+        }
+      }
+      if (i >= 3 * kDistance) {
+        const std::size_t c = i - 3 * kDistance;
+        on_key(c, hashes[c % kRing], find(keys[c], hashes[c % kRing]));
+      }
+    }
+  }
+
+  // Calls fn(id) for every slot (visible or not) whose key starts with `prefix`, in key
+  // order: a binary search into the run, an ordered walk of the tail, merged. Requires an
+  // ordered tail (ensure_ordered).
+  template <typename Fn>
+  void for_each_in_order(std::string_view prefix, Fn&& fn) const {
+    // The run's matches are exactly [first key >= prefix, first key past every extension of
+    // prefix): two binary searches, and no per-entry prefix test on the walk.
+    const std::size_t lo = run_lower_bound(prefix);
+    std::size_t hi = run_;
+    std::string bound(prefix);
+    while (!bound.empty() && static_cast<unsigned char>(bound.back()) == 0xff) bound.pop_back();
+    if (!bound.empty()) {
+      bound.back() = static_cast<char>(static_cast<unsigned char>(bound.back()) + 1);
+      hi = run_lower_bound(bound);
+    }
+    const std::vector<std::uint32_t> tail = tail_in_order(prefix);
+    if (tail.empty()) {
+      for (std::size_t i = lo; i < hi; ++i) fn(static_cast<std::uint32_t>(i));
+      return;
+    }
+    std::size_t i = lo;
+    std::size_t j = 0;
+    while (i < hi || j < tail.size()) {
+      if (i < hi && (j == tail.size() || key(static_cast<std::uint32_t>(i)) < key(tail[j]))) {
+        fn(static_cast<std::uint32_t>(i++));
+      } else {
+        fn(tail[j++]);
+      }
+    }
+  }
+
+  // The first run position whose key is >= `key` (run_ if none).
+  [[nodiscard]] std::size_t run_lower_bound(std::string_view key_bound) const noexcept {
+    std::size_t lo = 0;
+    std::size_t hi = run_;
+    while (lo < hi) {
+      const std::size_t mid = lo + (hi - lo) / 2;
+      if (key(static_cast<std::uint32_t>(mid)) < key_bound) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    return lo;
+  }
+
+  // ----- writes (exclusive lock held) ------------------------------------------------
+
+  [[nodiscard]] bool index_ready() const noexcept { return index_ready_; }
+
+  // Builds the hash index a restored table defers. Strong guarantee.
+  void ensure_index() {
+    if (index_ready_) return;
+    HashIndex index;
+    index.build(slots_.size(), [this](std::size_t id) {
+      return hash_key(key(static_cast<std::uint32_t>(id)));
+    });
+    index_.swap(index);
+    index_ready_ = true;
+  }
+
+  // Stores key -> value at `id` (an existing slot, live or deleted) or in a new slot when id
+  // is kNoSlot, and returns the slot id. A new slot joins the ordered tail set when
+  // `keep_order` and the tail is still ordered; otherwise the tail becomes unordered until
+  // the next ordered read merges it (ensure_ordered). Strong guarantee: everything that can
+  // fail (growth, the set's node) happens before the first change or is rolled back.
+  std::uint32_t assign(std::uint32_t id, std::string_view key, std::uint32_t hash,
+                       std::string_view value, double expires_at, bool keep_order = true) {
+    if (id == kNoSlot) {
+      if (slots_.size() >= kMaxSlots) {
+        throw InvalidArgument("state backend: more than 2^32-2 entries");
+      }
+      index_.grow_for(slots_.size() + 1);
+      arena_.reserve_extra(key.size() + value.size());
+      id = static_cast<std::uint32_t>(slots_.size());
+      const std::size_t arena_before = arena_.size();
+      Slot slot{};
+      slot.key_off = arena_before;
+      slot.value_off = arena_before + key.size();
+      slot.key_len = static_cast<std::uint32_t>(key.size());
+      slot.value_len = static_cast<std::uint32_t>(value.size());
+      slot.expires_at = expires_at;
+      slots_.push_back(slot);
+      arena_.append(key);
+      arena_.append(value);
+      if (keep_order && tail_ordered_) {
+        try {
+          tail_.insert(id);
+        } catch (...) {
+          slots_.pop_back();
+          arena_.truncate(arena_before);
+          throw;
+        }
+      } else {
+        tail_ordered_ = false;
+      }
+      index_.insert(hash, id);
+      ++stored_;
+      stored_bytes_ += key.size() + value.size();
+      if (is_finite_expiry(expires_at)) ++expiring_;
+      return id;
+    }
+    Slot& s = slots_[id];
+    const bool in_place = value.size() == s.value_len;
+    if (!in_place) arena_.reserve_extra(value.size());
+    if (s.expires_at == kDeleted) {
+      // Revived: its key and old value were counted as garbage when it was deleted.
+      --dead_;
+      garbage_ -= std::size_t{s.key_len} + s.value_len;
+      ++stored_;
+      stored_bytes_ += s.key_len;
+    } else {
+      stored_bytes_ -= s.value_len;
+      if (is_finite_expiry(s.expires_at)) --expiring_;
+    }
+    if (in_place) {
+      arena_.overwrite(s.value_off, value);  // counters and fixed-width values stay put
+    } else {
+      garbage_ += s.value_len;
+      s.value_off = arena_.append(value);
+      s.value_len = static_cast<std::uint32_t>(value.size());
+    }
+    s.expires_at = expires_at;
+    stored_bytes_ += value.size();
+    if (is_finite_expiry(expires_at)) ++expiring_;
+    return id;
+  }
+
+  // put_many, in one pipelined pass: keys that have a slot are updated in place, new keys
+  // are appended. A small batch keeps the tail ordered as it goes; a large one leaves its
+  // new keys unordered, to be sorted and merged into the run by the first ordered read
+  // (range scan, checkpoint), as a log-structured store defers sorting its memtable:
+  // a bulk load costs hash inserts now and one sort later, however many batches it takes.
+  void put_batch(std::span<const std::string_view> keys, std::span<const std::string_view> values,
+                 double expires_at) {
+    if (keys.size() > kMaxSlots - slots_.size()) {
+      throw InvalidArgument("state backend: more than 2^32-2 entries");
+    }
+    const bool keep_order = slots_.size() - run_ + keys.size() <= tail_limit();
+    find_each(keys, [&](std::size_t i, std::uint32_t hash, std::uint32_t id) {
+      assign(id, keys[i], hash, values[i], expires_at, keep_order);
+    });
+    if (!tail_ordered_ && slots_.size() - run_ <= tail_limit()) {
+      // Mostly updates after all: ordering the few new keys now is cheaper than a merge.
+      try {
+        for (std::size_t id = run_; id < slots_.size(); ++id) {
+          tail_.insert(static_cast<std::uint32_t>(id));
+        }
+        tail_ordered_ = true;
+      } catch (const std::bad_alloc&) {
+        // Stays unordered: the next ordered read merges it.
+      }
+    }
+  }
+
+  // How many keys the ordered tail set may hold before they are merged into the run.
+  [[nodiscard]] std::size_t tail_limit() const noexcept {
+    return std::max(delta_limit_, run_ / 8);
+  }
+
+  [[nodiscard]] bool ordered() const noexcept { return tail_ordered_; }
+
+  // Merges an unordered tail into the run (the deferred half of a bulk put_many).
+  void ensure_ordered() {
+    if (!tail_ordered_) rebuild();
+  }
+
+  // Marks a slot deleted; returns whether it held an entry.
+  bool remove(std::uint32_t id) noexcept {
+    Slot& s = slots_[id];
+    if (s.expires_at == kDeleted) return false;
+    --stored_;
+    stored_bytes_ -= std::size_t{s.key_len} + s.value_len;
+    if (is_finite_expiry(s.expires_at)) --expiring_;
+    ++dead_;
+    garbage_ += std::size_t{s.key_len} + s.value_len;
+    s.expires_at = kDeleted;
+    return true;
+  }
+
+  // Compacts when the tail, dead slots or dead arena bytes outgrow their share.
+  void maybe_compact() noexcept {
+    if (!needs_compaction()) return;
+    try {
+      rebuild();
+    } catch (const std::bad_alloc&) {
+      // Compaction only reorganises; the table stays valid, and a later write retries.
+    }
+  }
+
+  // An unordered tail is left for the next ordered read; an ordered one is merged when
+  // the set grows past its share, as are dead slots and garbage bytes.
+  [[nodiscard]] bool needs_compaction() const noexcept {
+    return (tail_ordered_ && slots_.size() - run_ > tail_limit()) ||
+           dead_ > std::max(delta_limit_, slots_.size() / 4) ||
+           garbage_ > std::max(64 * delta_limit_, stored_bytes_);
+  }
+
+  // Merges the run and the tail into a fresh run whose bytes are in key order; drops
+  // deleted slots, garbage bytes and the tail set, and rebuilds the index once. Strong
+  // guarantee: builds aside, then swaps.
+  void rebuild() {
+    std::vector<std::uint32_t> tail;
+    tail.reserve(slots_.size() - run_);
+    if (tail_ordered_) {
+      for (const std::uint32_t id : tail_) {
+        if (stored(id)) tail.push_back(id);  // the set is already in key order
+      }
+    } else {
+      for (std::size_t id = run_; id < slots_.size(); ++id) {
+        if (stored(static_cast<std::uint32_t>(id))) tail.push_back(static_cast<std::uint32_t>(id));
+      }
+      sort_ids_by_key(tail, [this](std::uint32_t id) { return key(id); });
+    }
+    TableVector<Slot> slots;
+    slots.reserve(stored_);
+    ByteArena arena;
+    arena.reserve_extra(stored_bytes_);
+    const auto move_slot = [&](std::uint32_t id) {
+      Slot s = slots_[id];
+      s.key_off = arena.append(key(id));
+      s.value_off = arena.append(value(id));
+      slots.push_back(s);
+    };
+    std::size_t r = 0;
+    std::size_t t = 0;
+    for (;;) {
+      if (t + kPipelineDistance < tail.size()) {
+        // Tail entries sit in insertion order, so in key order they are scattered.
+        const Slot& ahead = slots_[tail[t + kPipelineDistance]];
+        __builtin_prefetch(arena_.data() + ahead.key_off);
+        __builtin_prefetch(arena_.data() + ahead.value_off);
+      }
+      while (r < run_ && !stored(static_cast<std::uint32_t>(r))) ++r;
+      if (r < run_ && (t == tail.size() || key(static_cast<std::uint32_t>(r)) < key(tail[t]))) {
+        move_slot(static_cast<std::uint32_t>(r++));
+      } else if (t < tail.size()) {
+        move_slot(tail[t++]);
+      } else {
+        break;
+      }
+    }
+    HashIndex index;
+    index.build(slots.size(), [&](std::size_t id) {
+      return hash_key(arena.view(slots[id].key_off, slots[id].key_len));
+    });
+    // Commit: nothing below can throw.
+    slots_.swap(slots);
+    arena_.swap(arena);
+    index_.swap(index);
+    tail_.clear();
+    tail_ordered_ = true;
+    index_ready_ = true;
+    run_ = slots_.size();
+    dead_ = 0;
+    garbage_ = 0;
+  }
+
+  [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.size(); }
+
+  // ----- checkpoint --------------------------------------------------------------------
+
+  struct CheckpointShape {
+    std::size_t entries = 0;
+    std::size_t bytes = 0;
+  };
+
+  [[nodiscard]] CheckpointShape checkpoint_shape(double now) const {
+    CheckpointShape shape;
+    shape.bytes = kRecordHeaderSize + kRecordEntryOverhead + kHeaderKey.size() +
+                  kHeaderValueSize + kRecordTrailerSize;
+    if (expiring_ == 0) {
+      // Nothing can have expired: the running totals are exact without a pass.
+      shape.entries = stored_;
+      shape.bytes += stored_ * (kRecordEntryOverhead + 1) + stored_bytes_;
+    } else {
+      for_each_in_order({}, [&](std::uint32_t id) {
+        if (!visible(id, now)) return;
+        ++shape.entries;
+        shape.bytes += kRecordEntryOverhead + 1 + slots_[id].key_len + slots_[id].value_len;
+        if (is_finite_expiry(slots_[id].expires_at)) shape.bytes += 8;
+      });
+    }
+    if (shape.entries >= std::numeric_limits<std::uint32_t>::max()) {
+      throw InvalidArgument("state backend: too many entries for one checkpoint");
+    }
+    return shape;
+  }
+
+  std::size_t write_checkpoint(char* out, std::size_t capacity, std::uint64_t checkpoint_id,
+                               double now) const {
+    ContainerWriter writer(out, capacity, RecordKind::kStateBackend);
+    writer.begin_record(kHeaderKey, kHeaderValueSize);
+    writer.u64(checkpoint_id);
+    writer.u32(kLayoutVersion);
+    for_each_in_order({}, [&](std::uint32_t id) {
+      if (!visible(id, now)) return;
+      const Slot& s = slots_[id];
+      const bool expires = is_finite_expiry(s.expires_at);
+      writer.begin_record(key(id), std::size_t{expires ? 9U : 1U} + s.value_len);
+      writer.u8(expires ? kFlagExpires : 0);
+      if (expires) writer.f64(s.expires_at);
+      writer.raw(value(id));
+    });
+    return writer.finish();
+  }
+
+  // Parses and checks a whole snapshot into a new table; throws CorruptDataError.
+  static std::unique_ptr<Table> from_snapshot(std::string_view snapshot, std::size_t delta_limit,
+                                              std::uint64_t* checkpoint_id) {
+    RecordReader reader(snapshot);
+    reader.expect_kind(RecordKind::kStateBackend);
+    RecordView record;
+    if (!reader.next(record)) throw CorruptDataError("state backend snapshot: no header record");
+    if (record.key != kHeaderKey || record.value.size() != kHeaderValueSize) {
+      throw CorruptDataError("state backend snapshot: malformed header record");
+    }
+    ByteReader header(record.value, "state backend snapshot header");
+    const std::uint64_t id = header.u64();
+    const std::uint32_t layout = header.u32();
+    if (layout != kLayoutVersion) {
+      throw CorruptDataError("state backend snapshot: unsupported layout version " +
+                             std::to_string(layout));
+    }
+    // The snapshot's bytes become the arena in one copy; slots point at the keys and values
+    // inside it (the record framing in between is dead weight until the next compaction).
+    // The hash index is left for the first point operation: a restore followed by a
+    // checkpoint or range scans never needs it.
+    auto table = std::make_unique<Table>(delta_limit);
+    const std::size_t entries = reader.count() - 1;
+    table->slots_.reserve(entries);
+    table->arena_.reserve_extra(snapshot.size());
+    table->arena_.append(snapshot);
+    table->index_ready_ = false;
+    const auto offset_of = [&](std::string_view part) {
+      return static_cast<std::uint64_t>(part.data() - snapshot.data());
+    };
+    std::string_view previous;
+    for (std::size_t n = 0; reader.next(record); ++n) {
+      if (n > 0 && !(previous < record.key)) {
+        throw CorruptDataError("state backend snapshot: keys out of order or repeated at entry " +
+                               std::to_string(n));
+      }
+      previous = record.key;
+      const std::string_view v = record.value;
+      const unsigned char flags = v.empty() ? 0xff : static_cast<unsigned char>(v[0]);
+      const std::size_t value_header = (flags & kFlagExpires) != 0 ? 9 : 1;
+      if ((flags & ~kFlagExpires) != 0 || v.size() < value_header) {
+        throw CorruptDataError("state backend snapshot: malformed value header at entry " +
+                               std::to_string(n));
+      }
+      double expires_at = kNeverExpires;
+      if (value_header == 9) {
+        expires_at = std::bit_cast<double>(load_u64(v.data() + 1));
+        if (std::isnan(expires_at) || expires_at == kDeleted) {
+          throw CorruptDataError("state backend snapshot: invalid expiry at entry " +
+                                 std::to_string(n));
+        }
+        if (is_finite_expiry(expires_at)) ++table->expiring_;
+      }
+      Slot slot{};
+      slot.key_off = offset_of(record.key);
+      slot.value_off = offset_of(v) + value_header;
+      slot.key_len = static_cast<std::uint32_t>(record.key.size());
+      slot.value_len = static_cast<std::uint32_t>(v.size() - value_header);
+      slot.expires_at = expires_at;
+      table->slots_.push_back(slot);
+      table->stored_bytes_ += record.key.size() + slot.value_len;
+    }
+    table->stored_ = table->slots_.size();
+    table->run_ = table->slots_.size();
+    if (checkpoint_id != nullptr) *checkpoint_id = id;
+    return table;
+  }
+
+ private:
+  // Orders tail slot ids by key, for the std::set and for lookups by prefix.
+  struct TailOrder {
+    using is_transparent = void;
+    const Table* table;
+    bool operator()(std::uint32_t a, std::uint32_t b) const noexcept {
+      return table->key(a) < table->key(b);
+    }
+    bool operator()(std::uint32_t a, std::string_view b) const noexcept {
+      return table->key(a) < b;
+    }
+    bool operator()(std::string_view a, std::uint32_t b) const noexcept {
+      return a < table->key(b);
+    }
+  };
+
+  [[nodiscard]] std::vector<std::uint32_t> tail_in_order(std::string_view prefix) const {
+    std::vector<std::uint32_t> ids;
+    for (auto it = tail_.lower_bound(prefix); it != tail_.end() && starts_with(key(*it), prefix);
+         ++it) {
+      ids.push_back(*it);
+    }
+    return ids;
+  }
+
+  std::size_t delta_limit_;
+  TableVector<Slot> slots_;
+  ByteArena arena_;
+  HashIndex index_;
+  bool index_ready_ = true;  // false from restore until the first point operation
+  std::size_t run_ = 0;  // slots [0, run_) are sorted by key, their bytes in key order
+  std::set<std::uint32_t, TailOrder> tail_;  // slots [run_, end) in key order...
+  bool tail_ordered_ = true;                 // ...unless a bulk put_many left them unordered
+  std::size_t stored_ = 0;        // slots holding an entry (expired or not)
+  std::size_t stored_bytes_ = 0;  // their key and value bytes
+  std::size_t expiring_ = 0;      // stored entries with a finite expiry
+  std::size_t dead_ = 0;          // deleted slots awaiting compaction
+  std::size_t garbage_ = 0;       // arena bytes no slot refers to
+};
+
+// ---------------------------------------------------------------------------------------
+
+InMemoryStateBackend::InMemoryStateBackend(StateBackendOptions options)
+    : options_(options), table_(std::make_unique<Table>(options.delta_limit)) {}
+
+InMemoryStateBackend::~InMemoryStateBackend() = default;
+
+std::shared_lock<std::shared_mutex> InMemoryStateBackend::read_lock() const {
+  std::shared_lock lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    const WaitScope wait(options_.hooks);
+    lock.lock();
+  }
+  return lock;
+}
+
+std::unique_lock<std::shared_mutex> InMemoryStateBackend::write_lock() const {
+  std::unique_lock lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    const WaitScope wait(options_.hooks);
+    lock.lock();
+  }
+  return lock;
+}
+
+std::shared_lock<std::shared_mutex> InMemoryStateBackend::prepared_read_lock(
+    bool need_index, bool need_order) const {
+  for (;;) {
+    auto lock = read_lock();
+    if ((!need_index || table_->index_ready()) && (!need_order || table_->ordered())) {
+      return lock;
+    }
+    // Deferred work (an index after restore, ordering after a bulk put_many) changes the
+    // table's layout, not its contents: done once under the write lock.
+    lock.unlock();
+    const auto write = write_lock();
+    if (need_index) table_->ensure_index();
+    if (need_order) table_->ensure_ordered();
+    // Loop: a restore may swap in another table before the read lock is back.
+  }
+}
+
+std::unique_lock<std::shared_mutex> InMemoryStateBackend::indexed_write_lock() {
+  auto lock = write_lock();
+  table_->ensure_index();
+  return lock;
+}
+
+std::optional<std::string> InMemoryStateBackend::get(std::string_view key, double now) const {
+  check_now(now);
+  const std::uint32_t hash = hash_key(key);
+  const auto lock = prepared_read_lock(/*need_index=*/true, /*need_order=*/false);
+  const std::uint32_t id = table_->find(key, hash);
+  if (id == kNoSlot || !table_->visible(id, now)) return std::nullopt;
+  return std::string(table_->value(id));
+}
+
+void InMemoryStateBackend::put(std::string_view key, std::string_view value, double expires_at) {
+  check_entry(key, value);
+  check_expiry(expires_at);
+  const std::uint32_t hash = hash_key(key);
+  const auto lock = indexed_write_lock();
+  Table& t = *table_;
+  t.assign(t.find(key, hash), key, hash, value, expires_at);
+  bump_version();
+  t.maybe_compact();
+}
+
+bool InMemoryStateBackend::erase(std::string_view key, double now) {
+  check_now(now);
+  const std::uint32_t hash = hash_key(key);
+  const auto lock = indexed_write_lock();
+  Table& t = *table_;
+  const std::uint32_t id = t.find(key, hash);
+  if (id == kNoSlot) return false;
+  const bool was_visible = t.visible(id, now);
+  if (t.remove(id)) {
+    bump_version();
+    t.maybe_compact();
+  }
+  return was_visible;
+}
+
+bool InMemoryStateBackend::compare_and_set(std::string_view key,
+                                           std::optional<std::string_view> expected,
+                                           std::optional<std::string_view> desired,
+                                           double expires_at, double now) {
+  check_now(now);
+  check_expiry(expires_at);
+  if (desired) check_entry(key, *desired);
+  const std::uint32_t hash = hash_key(key);
+  const auto lock = indexed_write_lock();
+  Table& t = *table_;
+  const std::uint32_t id = t.find(key, hash);
+  const bool present = id != kNoSlot && t.visible(id, now);
+  if (present != expected.has_value()) return false;
+  if (present && t.value(id) != *expected) return false;
+  if (desired) {
+    t.assign(id, key, hash, *desired, expires_at);
+    bump_version();
+  } else if (id != kNoSlot && t.remove(id)) {
+    bump_version();  // also clears an expired entry that `expected == nullopt` matched
+  }
+  t.maybe_compact();
+  return true;
+}
+
+void InMemoryStateBackend::put_many(std::span<const std::string_view> keys,
+                                    std::span<const std::string_view> values,
+                                    double expires_at) {
+  if (keys.size() != values.size()) {
+    throw InvalidArgument("state backend: put_many needs as many values as keys");
+  }
+  check_expiry(expires_at);
+  for (std::size_t i = 0; i < keys.size(); ++i) check_entry(keys[i], values[i]);
+  if (keys.empty()) return;
+  const auto lock = indexed_write_lock();
+  Table& t = *table_;
+  // Every argument is checked above, so only running out of memory can stop the batch
+  // part-way; the pairs applied by then stay applied (each one atomically).
+  t.put_batch(keys, values, expires_at);
+  bump_version();
+  t.maybe_compact();
+}
+
+ValueBatch InMemoryStateBackend::get_many(std::span<const std::string_view> keys,
+                                          double now) const {
+  check_now(now);
+  ValueBatch out;
+  out.sizes.resize(keys.size());
+  const auto lock = prepared_read_lock(/*need_index=*/true, /*need_order=*/false);
+  const Table& t = *table_;
+  t.find_each(keys, [&](std::size_t i, std::uint32_t /*hash*/, std::uint32_t id) {
+    if (id == kNoSlot || !t.visible(id, now)) {
+      out.sizes[i] = ValueBatch::kMissing;
+      return;
+    }
+    const std::string_view v = t.value(id);
+    out.bytes.append(v);
+    out.sizes[i] = v.size();
+  });
+  return out;
+}
+
+std::size_t InMemoryStateBackend::erase_many(std::span<const std::string_view> keys,
+                                             double now) {
+  check_now(now);
+  if (keys.empty()) return 0;
+  const auto lock = indexed_write_lock();
+  Table& t = *table_;
+  std::size_t removed_visible = 0;
+  bool changed = false;
+  t.find_each(keys, [&](std::size_t /*i*/, std::uint32_t /*hash*/, std::uint32_t id) {
+    if (id == kNoSlot) return;
+    if (t.visible(id, now)) ++removed_visible;
+    changed |= t.remove(id);
+  });
+  if (changed) {
+    bump_version();
+    t.maybe_compact();
+  }
+  return removed_visible;
+}
+
+EntryBatch InMemoryStateBackend::range_scan(std::string_view prefix, double now) const {
+  EntryBatch out;
+  range_scan(prefix, now, [&out](std::string_view k, std::string_view v) {
+    out.bytes.append(k);
+    out.bytes.append(v);
+    out.key_sizes.push_back(static_cast<std::uint32_t>(k.size()));
+    out.value_sizes.push_back(static_cast<std::uint32_t>(v.size()));
+  });
+  return out;
+}
+
+void InMemoryStateBackend::range_scan(
+    std::string_view prefix, double now,
+    const std::function<void(std::string_view, std::string_view)>& visit) const {
+  check_now(now);
+  const auto lock = prepared_read_lock(/*need_index=*/false, /*need_order=*/true);
+  const Table& t = *table_;
+  t.for_each_in_order(prefix, [&](std::uint32_t id) {
+    if (t.visible(id, now)) visit(t.key(id), t.value(id));
+  });
+}
+
+std::size_t InMemoryStateBackend::erase_prefix(std::string_view prefix, double now) {
+  check_now(now);
+  const auto lock = write_lock();
+  Table& t = *table_;
+  t.ensure_ordered();
+  std::vector<std::uint32_t> ids;
+  t.for_each_in_order(prefix, [&](std::uint32_t id) {
+    if (t.stored(id)) ids.push_back(id);
+  });
+  std::size_t removed_visible = 0;
+  for (const std::uint32_t id : ids) {
+    if (t.visible(id, now)) ++removed_visible;
+    t.remove(id);
+  }
+  if (!ids.empty()) {
+    bump_version();
+    t.maybe_compact();
+  }
+  return removed_visible;
+}
+
+std::size_t InMemoryStateBackend::purge_expired(double now) {
+  check_now(now);
+  const auto lock = write_lock();
+  Table& t = *table_;
+  std::size_t purged = 0;
+  for (std::size_t id = 0; id < t.slot_count(); ++id) {
+    const auto slot = static_cast<std::uint32_t>(id);
+    if (t.stored(slot) && !t.visible(slot, now)) {
+      t.remove(slot);
+      ++purged;
+    }
+  }
+  if (purged != 0) {
+    bump_version();
+    t.maybe_compact();
+  }
+  return purged;
+}
+
+std::size_t InMemoryStateBackend::checkpoint(
+    std::uint64_t checkpoint_id, double now,
+    const std::function<char*(std::size_t)>& allocate) const {
+  check_now(now);
+  const auto lock = prepared_read_lock(/*need_index=*/false, /*need_order=*/true);
+  const Table& t = *table_;
+  const Table::CheckpointShape shape = t.checkpoint_shape(now);
+  char* out = allocate(shape.bytes);
+  const std::size_t written = t.write_checkpoint(out, shape.bytes, checkpoint_id, now);
+  if (written != shape.bytes) throw std::logic_error("state backend: checkpoint size mismatch");
+  return written;
+}
+
+std::string InMemoryStateBackend::checkpoint(std::uint64_t checkpoint_id, double now) const {
+  std::string out;
+  checkpoint(checkpoint_id, now, [&out](std::size_t n) {
+    out.resize(n);
+    return out.data();
+  });
+  return out;
+}
+
+std::uint64_t InMemoryStateBackend::restore(std::string_view snapshot) {
+  std::uint64_t checkpoint_id = 0;
+  // Parse and index without any lock: readers and writers carry on until the swap.
+  std::unique_ptr<Table> fresh = Table::from_snapshot(snapshot, options_.delta_limit, &checkpoint_id);
+  {
+    const auto lock = write_lock();
+    table_.swap(fresh);
+    bump_version();
+  }
+  return checkpoint_id;  // the old table is freed here, outside the lock
+}
+
+std::size_t InMemoryStateBackend::size() const {
+  const auto lock = read_lock();
+  return table_->stored_count();
+}
+
+std::size_t InMemoryStateBackend::size_bytes() const {
+  const auto lock = read_lock();
+  return table_->stored_bytes();
+}
+
+}  // namespace streamstate
