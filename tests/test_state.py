@@ -425,6 +425,30 @@ def test_restore_accepts_any_bytes_like(populated: InMemoryStateBackend) -> None
         assert entries(fresh) == entries(populated)
 
 
+def test_restore_uses_a_bytes_snapshot_in_place_without_changing_it() -> None:
+    source = InMemoryStateBackend()
+    source.put_many([b"k%d" % i for i in range(100)], [b"v%d" % i for i in range(100)])
+    snapshot = source.checkpoint(1)
+    pristine = bytes(bytearray(snapshot))  # an independent copy
+    before = sys.getrefcount(snapshot)
+    backend = InMemoryStateBackend(delta_limit=4)
+    backend.restore(snapshot)
+    assert sys.getrefcount(snapshot) == before + 1  # held, not copied
+    backend.put(b"k1", b"V1")  # same size: written to the backend's own memory
+    backend.delete(b"k2")
+    assert snapshot == pristine
+    for i in range(200):  # enough writes to compact: the backend lets the snapshot go
+        backend.put(b"new%d" % i, b"x")
+    assert sys.getrefcount(snapshot) == before
+    assert backend.get(b"k1") == b"V1" and backend.get(b"k3") == b"v3"
+    again = InMemoryStateBackend()
+    again.restore(pristine)
+    del pristine  # the only reference left is the backend's
+    assert again.range_scan(b"k9") == [(b"k9", b"v9")] + [
+        (b"k9%d" % i, b"v9%d" % i) for i in range(10)
+    ]
+
+
 # ---- TTL ---------------------------------------------------------------------------------------
 
 

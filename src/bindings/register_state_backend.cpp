@@ -103,6 +103,16 @@ class LateGilRelease {
   PyThreadState* state_ = nullptr;
 };
 
+// Releases the backend's reference to a snapshot it used in place. The backend drops it
+// outside its own lock, from whichever thread finishes with it, with or without the GIL.
+struct ReleasePyObject {
+  void operator()(PyObject* object) const noexcept {
+    const PyGILState_STATE state = PyGILState_Ensure();
+    Py_DECREF(object);
+    PyGILState_Release(state);
+  }
+};
+
 py::object bytes_or_none(const std::optional<std::string>& value) {
   if (!value) return py::none();
   return py::bytes(value->data(), value->size());
@@ -371,13 +381,20 @@ container. Any number of threads may share one backend; batch calls release the 
           "restore",
           [](InMemoryStateBackend& self, const py::object& snapshot) {
             const BufferView s(snapshot);
+            // An immutable bytes object is indexed in place rather than copied: the backend
+            // holds a reference until its next compaction. Mutable buffers are copied.
+            std::shared_ptr<const void> keep_alive;
+            if (PyBytes_CheckExact(snapshot.ptr())) {
+              keep_alive = std::shared_ptr<PyObject>(Py_NewRef(snapshot.ptr()), ReleasePyObject{});
+            }
             // Parses a pinned buffer into a private table; only the final swap takes the lock.
             const MaybeReleaseGil release(s.size());
-            return self.restore(s.view());
+            return self.restore(s.view(), std::move(keep_alive));
           },
           py::arg("snapshot"),
           "Replace all state with a checkpoint's; returns its checkpoint id. Corrupt, truncated\n"
-          "or foreign bytes raise CorruptDataError and leave the backend untouched.")
+          "or foreign bytes raise CorruptDataError and leave the backend untouched. A bytes\n"
+          "snapshot is used in place (kept alive until the backend next compacts).")
       .def("size_bytes", &InMemoryStateBackend::size_bytes,
            "Sum of key and value sizes of stored entries (expired ones until purged).")
       .def_property_readonly("version", &InMemoryStateBackend::version,

@@ -26,25 +26,27 @@
 namespace streamstate {
 namespace {
 
-// A deleted slot "expired before time began", so the one visibility test (expires_at > now)
-// hides deleted and expired entries alike. Callers may not pass -inf themselves.
-constexpr double kDeleted = -std::numeric_limits<double>::infinity();
 constexpr std::uint32_t kNoSlot = std::numeric_limits<std::uint32_t>::max();
 // Slot ids travel as id + 1 in the index (0 marks an empty cell), so the last id is reserved.
 constexpr std::size_t kMaxSlots = std::numeric_limits<std::uint32_t>::max() - 1;
 
-// Checkpoint layout inside the record container: one header record, then one record per
-// entry whose value is [u8 flags][f64 LE expires_at if flags & kFlagExpires][value].
+// The checkpoint is a record container: one header record, then one record per entry,
+//   [u32 key length][key][u32 record length][u8 flags][f64 expires_at if flags & 1][value]
+// and an entry in memory is stored in exactly those bytes, so a checkpoint copies entries
+// verbatim and a restore can use the snapshot's bytes as they are.
 constexpr std::string_view kHeaderKey = "state_backend";
 constexpr std::uint32_t kLayoutVersion = 1;
 constexpr std::size_t kHeaderValueSize = 12;  // u64 checkpoint id, u32 layout version
 constexpr unsigned char kFlagExpires = 1;
+constexpr std::size_t kEntryOverhead = 4 + 4 + 1;  // two lengths and the flags byte
+constexpr std::size_t kExpirySize = 8;
 
 // How far apart the stages of the batch lookup pipeline run: enough misses in flight to
 // hide memory latency, few enough that the prefetched lines are still cached when used.
 constexpr std::size_t kPipelineDistance = 8;
 constexpr std::size_t kRadixSortMin = 1024;
 constexpr std::size_t kHugePage = std::size_t{2} << 20;
+constexpr std::size_t kMinChunk = std::size_t{64} << 10;
 
 // Keys and values are mostly a few bytes long, where a call to memcpy costs more than the
 // copy; two overlapping word moves cover 1..16 bytes without a loop or a call.
@@ -74,10 +76,6 @@ void copy_bytes(char* dst, const char* src, std::size_t n) noexcept {
 
 [[nodiscard]] bool starts_with(std::string_view s, std::string_view prefix) noexcept {
   return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
-}
-
-[[nodiscard]] bool is_finite_expiry(double expires_at) noexcept {
-  return expires_at != kNeverExpires && expires_at != kDeleted;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -188,56 +186,119 @@ struct FreeDeleter {
   void operator()(char* p) const noexcept { std::free(p); }
 };
 
-// 32 bytes and 32-aligned, so a slot never straddles two cache lines.
-struct alignas(32) Slot {
-  std::uint64_t key_off;
-  std::uint64_t value_off;
-  std::uint32_t key_len;
+// An entry: 16 bytes, 16-aligned, so a slot never straddles two cache lines. The key length
+// carries a flag in its top bit (the entry has an expiry field); a deleted slot keeps its
+// entry (its key still orders the run until the next compaction) and marks value_len.
+struct alignas(16) Slot {
+  const char* entry;
+  std::uint32_t key_bits;
   std::uint32_t value_len;
-  double expires_at;  // kNeverExpires, a timestamp, or kDeleted
 };
-static_assert(sizeof(Slot) == 32);
+static_assert(sizeof(Slot) == 16);
 
-// All key and value bytes, addressed by offset. Grows geometrically without zero-filling;
-// offsets stay valid across growth (pointers do not, so nothing keeps one).
+constexpr std::uint32_t kHasExpiry = std::uint32_t{1} << 31;
+constexpr std::uint32_t kDead = std::numeric_limits<std::uint32_t>::max();
+
+[[nodiscard]] constexpr std::uint32_t key_len(const Slot& s) noexcept {
+  return s.key_bits & ~kHasExpiry;
+}
+[[nodiscard]] constexpr bool has_expiry(const Slot& s) noexcept {
+  return (s.key_bits & kHasExpiry) != 0;
+}
+[[nodiscard]] constexpr std::size_t entry_size(std::size_t key, std::size_t value,
+                                               bool expiring) noexcept {
+  return kEntryOverhead + key + value + (expiring ? kExpirySize : 0);
+}
+[[nodiscard]] std::size_t entry_size(const Slot& s, std::uint32_t value_len) noexcept {
+  return entry_size(key_len(s), value_len, has_expiry(s));
+}
+[[nodiscard]] const char* header_of(const Slot& s) noexcept {
+  return s.entry + 8 + key_len(s);  // the flags byte
+}
+[[nodiscard]] double expiry_of(const Slot& s) noexcept {
+  return has_expiry(s) ? std::bit_cast<double>(load_u64(header_of(s) + 1)) : kNeverExpires;
+}
+
+// Writes one entry at `out` (entry_size(...) bytes).
+void write_entry(char* out, std::string_view key, std::string_view value, bool expiring,
+                 double expires_at) noexcept {
+  store_u32(out, static_cast<std::uint32_t>(key.size()));
+  copy_bytes(out + 4, key.data(), key.size());
+  char* header = out + 4 + key.size();
+  store_u32(header, static_cast<std::uint32_t>(1 + (expiring ? kExpirySize : 0) + value.size()));
+  header[4] = static_cast<char>(expiring ? kFlagExpires : 0);
+  char* body = header + 5;
+  if (expiring) {
+    const auto bits = std::bit_cast<std::uint64_t>(expires_at);
+    store_u32(body, static_cast<std::uint32_t>(bits));
+    store_u32(body + 4, static_cast<std::uint32_t>(bits >> 32));
+    body += kExpirySize;
+  }
+  copy_bytes(body, value.data(), value.size());
+}
+
+// Entry bytes, in chunks that never move (slots hold pointers), plus optionally one
+// external region: a restored snapshot used in place, kept alive by its owner and never
+// written to. Each chunk is at least half the size of all before it, so there are few.
 class ByteArena {
  public:
-  [[nodiscard]] std::size_t size() const noexcept { return size_; }
-  [[nodiscard]] const char* data() const noexcept { return data_.get(); }
-  [[nodiscard]] std::string_view view(std::uint64_t off, std::uint32_t len) const noexcept {
-    return {data_.get() + off, len};
+  ByteArena() = default;
+  ByteArena(const ByteArena&) = delete;
+  ByteArena& operator=(const ByteArena&) = delete;
+  ByteArena(ByteArena&&) = delete;
+  ByteArena& operator=(ByteArena&&) = delete;
+  ~ByteArena() = default;
+
+  // Room for `n` contiguous bytes; strong guarantee.
+  void reserve(std::size_t n) {
+    if (!chunks_.empty() && chunks_.back().capacity - chunks_.back().size >= n) return;
+    const std::size_t capacity = std::max({n, kMinChunk, capacity_ / 2});
+    std::unique_ptr<char, FreeDeleter> data(static_cast<char*>(allocate_table(capacity)));
+    chunks_.reserve(chunks_.size() + 1);
+    chunks_.push_back(Chunk{std::move(data), 0, capacity});
+    capacity_ += capacity;
+  }
+  // Requires reserve(n) beforehand: where to write the next n bytes.
+  [[nodiscard]] char* take(std::size_t n) noexcept {
+    Chunk& chunk = chunks_.back();
+    char* out = chunk.data.get() + chunk.size;
+    chunk.size += n;
+    return out;
+  }
+  // Undoes the last take(n) (for rollback).
+  void give_back(std::size_t n) noexcept { chunks_.back().size -= n; }
+
+  void adopt_external(std::string_view bytes, std::shared_ptr<const void> owner) noexcept {
+    external_ = bytes;
+    external_owner_ = std::move(owner);
+  }
+  [[nodiscard]] bool is_external(const char* p) const noexcept {
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    const auto begin = reinterpret_cast<std::uintptr_t>(external_.data());
+    return address >= begin && address < begin + external_.size();
+  }
+  [[nodiscard]] std::shared_ptr<const void> release_external() noexcept {
+    external_ = {};
+    return std::move(external_owner_);
   }
 
-  // Room for `extra` more bytes; strong guarantee.
-  void reserve_extra(std::size_t extra) {
-    if (extra <= capacity_ - size_) return;
-    const std::size_t wanted = std::max(size_ + extra, capacity_ + capacity_ / 2);
-    std::unique_ptr<char, FreeDeleter> grown(static_cast<char*>(allocate_table(wanted)));
-    copy_bytes(grown.get(), data_.get(), size_);
-    data_ = std::move(grown);
-    capacity_ = wanted;
-  }
-  // Requires reserve_extra(bytes.size()) beforehand.
-  std::uint64_t append(std::string_view bytes) noexcept {
-    const std::uint64_t off = size_;
-    copy_bytes(data_.get() + size_, bytes.data(), bytes.size());
-    size_ += bytes.size();
-    return off;
-  }
-  void overwrite(std::uint64_t off, std::string_view bytes) noexcept {
-    copy_bytes(data_.get() + off, bytes.data(), bytes.size());
-  }
-  void truncate(std::size_t size) noexcept { size_ = std::min(size, size_); }
   void swap(ByteArena& other) noexcept {
-    std::swap(data_, other.data_);
-    std::swap(size_, other.size_);
+    chunks_.swap(other.chunks_);
     std::swap(capacity_, other.capacity_);
+    std::swap(external_, other.external_);
+    external_owner_.swap(other.external_owner_);
   }
 
  private:
-  std::unique_ptr<char, FreeDeleter> data_;
-  std::size_t size_ = 0;
+  struct Chunk {
+    std::unique_ptr<char, FreeDeleter> data;
+    std::size_t size;
+    std::size_t capacity;
+  };
+  std::vector<Chunk> chunks_;
   std::size_t capacity_ = 0;
+  std::string_view external_;
+  std::shared_ptr<const void> external_owner_;
 };
 
 // Open addressing with linear probing. A cell is (hash << 32) | (slot id + 1); 0 is empty.
@@ -440,9 +501,17 @@ class ContainerWriter {
   ContainerWriter(char* out, std::size_t capacity, RecordKind kind)
       : out_(out), capacity_(capacity) {
     raw(std::string_view(kRecordMagic, sizeof kRecordMagic));
-    u16(kRecordFormatVersion);
-    u16(static_cast<std::uint16_t>(kind));
+    const auto version = kRecordFormatVersion;
+    const auto kind_tag = static_cast<std::uint16_t>(kind);
+    const char tags[4] = {static_cast<char>(version & 0xff), static_cast<char>(version >> 8),
+                          static_cast<char>(kind_tag & 0xff), static_cast<char>(kind_tag >> 8)};
+    raw(std::string_view(tags, 4));
     u32(0);  // record count, patched by finish()
+  }
+  // A record whose bytes (lengths included) are already laid out, as entries are.
+  void record(std::string_view bytes) {
+    raw(bytes);
+    ++count_;
   }
   void begin_record(std::string_view key, std::size_t value_size) {
     u32(static_cast<std::uint32_t>(key.size()));
@@ -455,14 +524,6 @@ class ContainerWriter {
     copy_bytes(out_ + pos_, bytes.data(), bytes.size());
     pos_ += bytes.size();
   }
-  void u8(unsigned char v) {
-    ensure(1);
-    out_[pos_++] = static_cast<char>(v);
-  }
-  void u16(std::uint16_t v) {
-    const char b[2] = {static_cast<char>(v & 0xff), static_cast<char>(v >> 8)};
-    raw(std::string_view(b, 2));
-  }
   void u32(std::uint32_t v) {
     ensure(4);
     store_u32(out_ + pos_, v);
@@ -472,7 +533,6 @@ class ContainerWriter {
     u32(static_cast<std::uint32_t>(v));
     u32(static_cast<std::uint32_t>(v >> 32));
   }
-  void f64(double v) { u64(std::bit_cast<std::uint64_t>(v)); }
 
   std::size_t finish() {
     store_u32(out_ + 8, count_);
@@ -498,13 +558,13 @@ void check_now(double now) {
 }
 
 void check_expiry(double expires_at) {
-  if (std::isnan(expires_at) || expires_at == kDeleted) {
+  if (std::isnan(expires_at) || expires_at == -kNeverExpires) {
     throw InvalidArgument("state backend: expires_at must be a timestamp or +inf (never)");
   }
 }
 
 void check_entry(std::string_view key, std::string_view value) {
-  if (key.size() > kMaxStateKeySize) throw InvalidArgument("state backend: key exceeds 4 GiB");
+  if (key.size() > kMaxStateKeySize) throw InvalidArgument("state backend: key exceeds 2 GiB");
   if (value.size() > kMaxStateValueSize) {
     throw InvalidArgument("state backend: value exceeds 4 GiB minus 9 bytes");
   }
@@ -565,33 +625,41 @@ class InMemoryStateBackend::Table {
   // ----- reads -------------------------------------------------------------------------
 
   [[nodiscard]] std::string_view key(std::uint32_t id) const noexcept {
-    return arena_.view(slots_[id].key_off, slots_[id].key_len);
+    const Slot& s = slots_[id];
+    return {s.entry + 4, key_len(s)};
   }
   [[nodiscard]] std::string_view value(std::uint32_t id) const noexcept {
-    return arena_.view(slots_[id].value_off, slots_[id].value_len);
+    const Slot& s = slots_[id];
+    return {header_of(s) + 1 + (has_expiry(s) ? kExpirySize : 0), s.value_len};
   }
-  [[nodiscard]] bool visible(std::uint32_t id, double now) const noexcept {
-    return slots_[id].expires_at > now;
+  // The whole entry: exactly the bytes of its checkpoint record.
+  [[nodiscard]] std::string_view entry(std::uint32_t id) const noexcept {
+    const Slot& s = slots_[id];
+    return {s.entry, entry_size(s, s.value_len)};
   }
   [[nodiscard]] bool stored(std::uint32_t id) const noexcept {
-    return slots_[id].expires_at != kDeleted;
+    return slots_[id].value_len != kDead;
+  }
+  [[nodiscard]] bool visible(std::uint32_t id, double now) const noexcept {
+    const Slot& s = slots_[id];
+    return s.value_len != kDead && (!has_expiry(s) || expiry_of(s) > now);
   }
   [[nodiscard]] std::size_t stored_count() const noexcept { return stored_; }
   [[nodiscard]] std::size_t stored_bytes() const noexcept { return stored_bytes_; }
+  [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.size(); }
 
-  [[nodiscard]] std::uint32_t find(std::string_view key, std::uint32_t hash) const noexcept {
-    return index_.find(hash, [this, key](std::uint32_t id) {
+  [[nodiscard]] std::uint32_t find(std::string_view k, std::uint32_t hash) const noexcept {
+    return index_.find(hash, [this, k](std::uint32_t id) {
       const Slot& s = slots_[id];
-      return s.key_len == key.size() &&
-             (key.empty() || std::memcmp(arena_.data() + s.key_off, key.data(), key.size()) == 0);
+      return key_len(s) == k.size() && (k.empty() || std::memcmp(s.entry + 4, k.data(), k.size()) == 0);
     });
   }
 
   // Calls on_key(i, hash, slot id or kNoSlot) for every key in order. The lookups run as a
   // software pipeline: key i's index cell is prefetched, then (a few keys later) its slot,
-  // then its key and value bytes, and only then is it looked up for real, so the three
-  // dependent cache misses of many keys overlap instead of queueing. on_key may insert:
-  // the earlier stages only issue prefetches, so a stale guess costs nothing but time.
+  // then its entry, and only then is it looked up for real, so the three dependent cache
+  // misses of many keys overlap instead of queueing. on_key may insert: the earlier stages
+  // only issue prefetches, so a stale guess costs nothing but time.
   template <typename OnKey>
   void find_each(std::span<const std::string_view> keys, OnKey&& on_key) const {
     constexpr std::size_t kDistance = kPipelineDistance;
@@ -613,8 +681,8 @@ class InMemoryStateBackend::Table {
         const std::size_t k = (i - 2 * kDistance) % kRing;
         if (candidates[k] != kNoSlot && candidates[k] < slots_.size()) {
           const Slot& slot = slots_[candidates[k]];
-          __builtin_prefetch(arena_.data() + slot.key_off);
-          __builtin_prefetch(arena_.data() + slot.value_off);
+          __builtin_prefetch(slot.entry);
+          __builtin_prefetch(slot.entry + 64);
         }
       }
       if (i >= 3 * kDistance) {
@@ -625,7 +693,7 @@ class InMemoryStateBackend::Table {
   }
 
   // Calls fn(id) for every slot (visible or not) whose key starts with `prefix`, in key
-  // order: a binary search into the run, an ordered walk of the tail, merged. Requires an
+  // order: binary searches into the run, an ordered walk of the tail, merged. Requires an
   // ordered tail (ensure_ordered).
   template <typename Fn>
   void for_each_in_order(std::string_view prefix, Fn&& fn) const {
@@ -655,24 +723,10 @@ class InMemoryStateBackend::Table {
     }
   }
 
-  // The first run position whose key is >= `key` (run_ if none).
-  [[nodiscard]] std::size_t run_lower_bound(std::string_view key_bound) const noexcept {
-    std::size_t lo = 0;
-    std::size_t hi = run_;
-    while (lo < hi) {
-      const std::size_t mid = lo + (hi - lo) / 2;
-      if (key(static_cast<std::uint32_t>(mid)) < key_bound) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo;
-  }
-
-  // ----- writes (exclusive lock held) ------------------------------------------------
+  // ----- deferred work ---------------------------------------------------------------
 
   [[nodiscard]] bool index_ready() const noexcept { return index_ready_; }
+  [[nodiscard]] bool ordered() const noexcept { return tail_ordered_; }
 
   // Builds the hash index a restored table defers. Strong guarantee.
   void ensure_index() {
@@ -685,70 +739,85 @@ class InMemoryStateBackend::Table {
     index_ready_ = true;
   }
 
+  // Merges an unordered tail into the run (the deferred half of a bulk put_many).
+  void ensure_ordered() {
+    if (!tail_ordered_) rebuild();
+  }
+
+  // Buffers a compaction stopped using (a restored snapshot's owner) for the caller to
+  // release after unlocking: releasing may need a lock of the embedding's (the GIL).
+  [[nodiscard]] std::vector<std::shared_ptr<const void>> take_retired() noexcept {
+    return std::exchange(retired_, {});
+  }
+
+  // ----- writes (exclusive lock held) ------------------------------------------------
+
   // Stores key -> value at `id` (an existing slot, live or deleted) or in a new slot when id
   // is kNoSlot, and returns the slot id. A new slot joins the ordered tail set when
   // `keep_order` and the tail is still ordered; otherwise the tail becomes unordered until
   // the next ordered read merges it (ensure_ordered). Strong guarantee: everything that can
   // fail (growth, the set's node) happens before the first change or is rolled back.
-  std::uint32_t assign(std::uint32_t id, std::string_view key, std::uint32_t hash,
-                       std::string_view value, double expires_at, bool keep_order = true) {
+  std::uint32_t assign(std::uint32_t id, std::string_view k, std::uint32_t hash,
+                       std::string_view v, double expires_at, bool keep_order = true) {
+    const bool expiring = expires_at != kNeverExpires;
+    const std::size_t size = entry_size(k.size(), v.size(), expiring);
+    const std::uint32_t bits =
+        static_cast<std::uint32_t>(k.size()) | (expiring ? kHasExpiry : 0);
     if (id == kNoSlot) {
       if (slots_.size() >= kMaxSlots) {
         throw InvalidArgument("state backend: more than 2^32-2 entries");
       }
       index_.grow_for(slots_.size() + 1);
-      arena_.reserve_extra(key.size() + value.size());
-      id = static_cast<std::uint32_t>(slots_.size());
-      const std::size_t arena_before = arena_.size();
-      Slot slot{};
-      slot.key_off = arena_before;
-      slot.value_off = arena_before + key.size();
-      slot.key_len = static_cast<std::uint32_t>(key.size());
-      slot.value_len = static_cast<std::uint32_t>(value.size());
-      slot.expires_at = expires_at;
-      slots_.push_back(slot);
-      arena_.append(key);
-      arena_.append(value);
+      arena_.reserve(size);
+      slots_.push_back(Slot{nullptr, bits, static_cast<std::uint32_t>(v.size())});
+      id = static_cast<std::uint32_t>(slots_.size() - 1);
+      char* out = arena_.take(size);
+      write_entry(out, k, v, expiring, expires_at);
+      slots_.back().entry = out;
       if (keep_order && tail_ordered_) {
         try {
           tail_.insert(id);
         } catch (...) {
           slots_.pop_back();
-          arena_.truncate(arena_before);
+          arena_.give_back(size);
           throw;
         }
-      } else {
+      } else if (!keep_order) {
         tail_ordered_ = false;
       }
       index_.insert(hash, id);
-      ++stored_;
-      stored_bytes_ += key.size() + value.size();
-      if (is_finite_expiry(expires_at)) ++expiring_;
+      count_in(k.size(), v.size(), expiring);
       return id;
     }
     Slot& s = slots_[id];
-    const bool in_place = value.size() == s.value_len;
-    if (!in_place) arena_.reserve_extra(value.size());
-    if (s.expires_at == kDeleted) {
-      // Revived: its key and old value were counted as garbage when it was deleted.
-      --dead_;
-      garbage_ -= std::size_t{s.key_len} + s.value_len;
-      ++stored_;
-      stored_bytes_ += s.key_len;
-    } else {
-      stored_bytes_ -= s.value_len;
-      if (is_finite_expiry(s.expires_at)) --expiring_;
+    const bool live = s.value_len != kDead;
+    // Same size, same layout, in our own memory: overwrite in place, so counters and
+    // fixed-width aggregates never grow the arena. An entry that has an expiry field keeps
+    // it (+inf meaning never) rather than move.
+    if (live && v.size() == s.value_len && (expiring == has_expiry(s) || has_expiry(s)) &&
+        !arena_.is_external(s.entry)) {
+      char* header = const_cast<char*>(header_of(s));
+      char* body = header + 1;
+      if (has_expiry(s)) {
+        const auto bits64 = std::bit_cast<std::uint64_t>(expires_at);
+        store_u32(body, static_cast<std::uint32_t>(bits64));
+        store_u32(body + 4, static_cast<std::uint32_t>(bits64 >> 32));
+        body += kExpirySize;
+      }
+      copy_bytes(body, v.data(), v.size());
+      return id;
     }
-    if (in_place) {
-      arena_.overwrite(s.value_off, value);  // counters and fixed-width values stay put
+    arena_.reserve(size);
+    if (live) {
+      count_out(s);
+      garbage_ += entry_size(s, s.value_len);
     } else {
-      garbage_ += s.value_len;
-      s.value_off = arena_.append(value);
-      s.value_len = static_cast<std::uint32_t>(value.size());
+      --dead_;  // revived; its old entry was counted as garbage when it was deleted
     }
-    s.expires_at = expires_at;
-    stored_bytes_ += value.size();
-    if (is_finite_expiry(expires_at)) ++expiring_;
+    char* out = arena_.take(size);
+    write_entry(out, k, v, expiring, expires_at);
+    s = Slot{out, bits, static_cast<std::uint32_t>(v.size())};
+    count_in(k.size(), v.size(), expiring);
     return id;
   }
 
@@ -779,28 +848,14 @@ class InMemoryStateBackend::Table {
     }
   }
 
-  // How many keys the ordered tail set may hold before they are merged into the run.
-  [[nodiscard]] std::size_t tail_limit() const noexcept {
-    return std::max(delta_limit_, run_ / 8);
-  }
-
-  [[nodiscard]] bool ordered() const noexcept { return tail_ordered_; }
-
-  // Merges an unordered tail into the run (the deferred half of a bulk put_many).
-  void ensure_ordered() {
-    if (!tail_ordered_) rebuild();
-  }
-
   // Marks a slot deleted; returns whether it held an entry.
   bool remove(std::uint32_t id) noexcept {
     Slot& s = slots_[id];
-    if (s.expires_at == kDeleted) return false;
-    --stored_;
-    stored_bytes_ -= std::size_t{s.key_len} + s.value_len;
-    if (is_finite_expiry(s.expires_at)) --expiring_;
+    if (s.value_len == kDead) return false;
+    count_out(s);
+    garbage_ += entry_size(s, s.value_len);
     ++dead_;
-    garbage_ += std::size_t{s.key_len} + s.value_len;
-    s.expires_at = kDeleted;
+    s.value_len = kDead;
     return true;
   }
 
@@ -819,12 +874,12 @@ class InMemoryStateBackend::Table {
   [[nodiscard]] bool needs_compaction() const noexcept {
     return (tail_ordered_ && slots_.size() - run_ > tail_limit()) ||
            dead_ > std::max(delta_limit_, slots_.size() / 4) ||
-           garbage_ > std::max(64 * delta_limit_, stored_bytes_);
+           garbage_ > std::max(64 * delta_limit_, stored_entry_bytes_);
   }
 
-  // Merges the run and the tail into a fresh run whose bytes are in key order; drops
-  // deleted slots, garbage bytes and the tail set, and rebuilds the index once. Strong
-  // guarantee: builds aside, then swaps.
+  // Merges the run and the tail into a fresh run whose entries lie in key order in one
+  // chunk; drops deleted slots, garbage bytes, the tail set and any restored snapshot, and
+  // rebuilds the index once. Strong guarantee: builds aside, then swaps.
   void rebuild() {
     std::vector<std::uint32_t> tail;
     tail.reserve(slots_.size() - run_);
@@ -841,21 +896,19 @@ class InMemoryStateBackend::Table {
     TableVector<Slot> slots;
     slots.reserve(stored_);
     ByteArena arena;
-    arena.reserve_extra(stored_bytes_);
+    arena.reserve(std::max<std::size_t>(stored_entry_bytes_, 1));
     const auto move_slot = [&](std::uint32_t id) {
-      Slot s = slots_[id];
-      s.key_off = arena.append(key(id));
-      s.value_off = arena.append(value(id));
-      slots.push_back(s);
+      const std::string_view bytes = entry(id);
+      char* out = arena.take(bytes.size());
+      copy_bytes(out, bytes.data(), bytes.size());
+      slots.push_back(Slot{out, slots_[id].key_bits, slots_[id].value_len});
     };
     std::size_t r = 0;
     std::size_t t = 0;
     for (;;) {
       if (t + kPipelineDistance < tail.size()) {
         // Tail entries sit in insertion order, so in key order they are scattered.
-        const Slot& ahead = slots_[tail[t + kPipelineDistance]];
-        __builtin_prefetch(arena_.data() + ahead.key_off);
-        __builtin_prefetch(arena_.data() + ahead.value_off);
+        __builtin_prefetch(slots_[tail[t + kPipelineDistance]].entry);
       }
       while (r < run_ && !stored(static_cast<std::uint32_t>(r))) ++r;
       if (r < run_ && (t == tail.size() || key(static_cast<std::uint32_t>(r)) < key(tail[t]))) {
@@ -868,11 +921,13 @@ class InMemoryStateBackend::Table {
     }
     HashIndex index;
     index.build(slots.size(), [&](std::size_t id) {
-      return hash_key(arena.view(slots[id].key_off, slots[id].key_len));
+      return hash_key({slots[id].entry + 4, key_len(slots[id])});
     });
+    retired_.reserve(retired_.size() + 1);
     // Commit: nothing below can throw.
     slots_.swap(slots);
     arena_.swap(arena);
+    if (auto owner = arena.release_external()) retired_.push_back(std::move(owner));
     index_.swap(index);
     tail_.clear();
     tail_ordered_ = true;
@@ -881,8 +936,6 @@ class InMemoryStateBackend::Table {
     dead_ = 0;
     garbage_ = 0;
   }
-
-  [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.size(); }
 
   // ----- checkpoint --------------------------------------------------------------------
 
@@ -898,13 +951,12 @@ class InMemoryStateBackend::Table {
     if (expiring_ == 0) {
       // Nothing can have expired: the running totals are exact without a pass.
       shape.entries = stored_;
-      shape.bytes += stored_ * (kRecordEntryOverhead + 1) + stored_bytes_;
+      shape.bytes += stored_entry_bytes_;
     } else {
       for_each_in_order({}, [&](std::uint32_t id) {
         if (!visible(id, now)) return;
         ++shape.entries;
-        shape.bytes += kRecordEntryOverhead + 1 + slots_[id].key_len + slots_[id].value_len;
-        if (is_finite_expiry(slots_[id].expires_at)) shape.bytes += 8;
+        shape.bytes += entry_size(slots_[id], slots_[id].value_len);
       });
     }
     if (shape.entries >= std::numeric_limits<std::uint32_t>::max()) {
@@ -920,19 +972,16 @@ class InMemoryStateBackend::Table {
     writer.u64(checkpoint_id);
     writer.u32(kLayoutVersion);
     for_each_in_order({}, [&](std::uint32_t id) {
-      if (!visible(id, now)) return;
-      const Slot& s = slots_[id];
-      const bool expires = is_finite_expiry(s.expires_at);
-      writer.begin_record(key(id), std::size_t{expires ? 9U : 1U} + s.value_len);
-      writer.u8(expires ? kFlagExpires : 0);
-      if (expires) writer.f64(s.expires_at);
-      writer.raw(value(id));
+      if (visible(id, now)) writer.record(entry(id));
     });
     return writer.finish();
   }
 
-  // Parses and checks a whole snapshot into a new table; throws CorruptDataError.
+  // Checks a whole snapshot and builds a table over it; throws CorruptDataError. With
+  // `keep_alive` the table uses the snapshot's bytes in place (it must not change while
+  // keep_alive is held); without, it copies them once.
   static std::unique_ptr<Table> from_snapshot(std::string_view snapshot, std::size_t delta_limit,
+                                              std::shared_ptr<const void> keep_alive,
                                               std::uint64_t* checkpoint_id) {
     RecordReader reader(snapshot);
     reader.expect_kind(RecordKind::kStateBackend);
@@ -948,19 +997,20 @@ class InMemoryStateBackend::Table {
       throw CorruptDataError("state backend snapshot: unsupported layout version " +
                              std::to_string(layout));
     }
-    // The snapshot's bytes become the arena in one copy; slots point at the keys and values
-    // inside it (the record framing in between is dead weight until the next compaction).
-    // The hash index is left for the first point operation: a restore followed by a
-    // checkpoint or range scans never needs it.
+    // Each record is already an entry. The hash index is left for the first point
+    // operation: a restore followed by a checkpoint or range scans never needs it.
     auto table = std::make_unique<Table>(delta_limit);
-    const std::size_t entries = reader.count() - 1;
-    table->slots_.reserve(entries);
-    table->arena_.reserve_extra(snapshot.size());
-    table->arena_.append(snapshot);
+    table->slots_.reserve(reader.count() - 1);
     table->index_ready_ = false;
-    const auto offset_of = [&](std::string_view part) {
-      return static_cast<std::uint64_t>(part.data() - snapshot.data());
-    };
+    const char* base = snapshot.data();
+    if (keep_alive) {
+      table->arena_.adopt_external(snapshot, std::move(keep_alive));
+    } else {
+      table->arena_.reserve(snapshot.size());
+      char* copy = table->arena_.take(snapshot.size());
+      copy_bytes(copy, snapshot.data(), snapshot.size());
+      base = copy;
+    }
     std::string_view previous;
     for (std::size_t n = 0; reader.next(record); ++n) {
       if (n > 0 && !(previous < record.key)) {
@@ -968,32 +1018,32 @@ class InMemoryStateBackend::Table {
                                std::to_string(n));
       }
       previous = record.key;
+      if (record.key.size() > kMaxStateKeySize) {
+        throw CorruptDataError("state backend snapshot: oversized key at entry " + std::to_string(n));
+      }
       const std::string_view v = record.value;
       const unsigned char flags = v.empty() ? 0xff : static_cast<unsigned char>(v[0]);
-      const std::size_t value_header = (flags & kFlagExpires) != 0 ? 9 : 1;
+      const bool expiring = (flags & kFlagExpires) != 0;
+      const std::size_t value_header = expiring ? 1 + kExpirySize : 1;
       if ((flags & ~kFlagExpires) != 0 || v.size() < value_header) {
         throw CorruptDataError("state backend snapshot: malformed value header at entry " +
                                std::to_string(n));
       }
-      double expires_at = kNeverExpires;
-      if (value_header == 9) {
-        expires_at = std::bit_cast<double>(load_u64(v.data() + 1));
-        if (std::isnan(expires_at) || expires_at == kDeleted) {
+      if (expiring) {
+        const double expires_at = std::bit_cast<double>(load_u64(v.data() + 1));
+        if (std::isnan(expires_at) || expires_at == -kNeverExpires) {
           throw CorruptDataError("state backend snapshot: invalid expiry at entry " +
                                  std::to_string(n));
         }
-        if (is_finite_expiry(expires_at)) ++table->expiring_;
       }
-      Slot slot{};
-      slot.key_off = offset_of(record.key);
-      slot.value_off = offset_of(v) + value_header;
-      slot.key_len = static_cast<std::uint32_t>(record.key.size());
-      slot.value_len = static_cast<std::uint32_t>(v.size() - value_header);
-      slot.expires_at = expires_at;
-      table->slots_.push_back(slot);
-      table->stored_bytes_ += record.key.size() + slot.value_len;
+      const auto value_len = static_cast<std::uint32_t>(v.size() - value_header);
+      const std::size_t offset = static_cast<std::size_t>(record.key.data() - snapshot.data()) - 4;
+      table->slots_.push_back(Slot{base + offset,
+                                   static_cast<std::uint32_t>(record.key.size()) |
+                                       (expiring ? kHasExpiry : 0),
+                                   value_len});
+      table->count_in(record.key.size(), value_len, expiring);
     }
-    table->stored_ = table->slots_.size();
     table->run_ = table->slots_.size();
     if (checkpoint_id != nullptr) *checkpoint_id = id;
     return table;
@@ -1015,6 +1065,39 @@ class InMemoryStateBackend::Table {
     }
   };
 
+  void count_in(std::size_t k, std::size_t v, bool expiring) noexcept {
+    ++stored_;
+    stored_bytes_ += k + v;
+    stored_entry_bytes_ += entry_size(k, v, expiring);
+    if (expiring) ++expiring_;
+  }
+  void count_out(const Slot& s) noexcept {
+    --stored_;
+    stored_bytes_ -= std::size_t{key_len(s)} + s.value_len;
+    stored_entry_bytes_ -= entry_size(s, s.value_len);
+    if (has_expiry(s)) --expiring_;
+  }
+
+  // How many keys the ordered tail set may hold before they are merged into the run.
+  [[nodiscard]] std::size_t tail_limit() const noexcept {
+    return std::max(delta_limit_, run_ / 8);
+  }
+
+  // The first run position whose key is >= `key_bound` (run_ if none).
+  [[nodiscard]] std::size_t run_lower_bound(std::string_view key_bound) const noexcept {
+    std::size_t lo = 0;
+    std::size_t hi = run_;
+    while (lo < hi) {
+      const std::size_t mid = lo + (hi - lo) / 2;
+      if (key(static_cast<std::uint32_t>(mid)) < key_bound) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    return lo;
+  }
+
   [[nodiscard]] std::vector<std::uint32_t> tail_in_order(std::string_view prefix) const {
     std::vector<std::uint32_t> ids;
     for (auto it = tail_.lower_bound(prefix); it != tail_.end() && starts_with(key(*it), prefix);
@@ -1029,17 +1112,45 @@ class InMemoryStateBackend::Table {
   ByteArena arena_;
   HashIndex index_;
   bool index_ready_ = true;  // false from restore until the first point operation
-  std::size_t run_ = 0;  // slots [0, run_) are sorted by key, their bytes in key order
+  std::size_t run_ = 0;      // slots [0, run_) are sorted by key
   std::set<std::uint32_t, TailOrder> tail_;  // slots [run_, end) in key order...
   bool tail_ordered_ = true;                 // ...unless a bulk put_many left them unordered
-  std::size_t stored_ = 0;        // slots holding an entry (expired or not)
-  std::size_t stored_bytes_ = 0;  // their key and value bytes
-  std::size_t expiring_ = 0;      // stored entries with a finite expiry
-  std::size_t dead_ = 0;          // deleted slots awaiting compaction
-  std::size_t garbage_ = 0;       // arena bytes no slot refers to
+  std::size_t stored_ = 0;              // slots holding an entry (expired or not)
+  std::size_t stored_bytes_ = 0;        // their key and value bytes
+  std::size_t stored_entry_bytes_ = 0;  // their entries' bytes (what a checkpoint copies)
+  std::size_t expiring_ = 0;            // stored entries with an expiry field
+  std::size_t dead_ = 0;                // deleted slots awaiting compaction
+  std::size_t garbage_ = 0;             // entry bytes no slot refers to
+  std::vector<std::shared_ptr<const void>> retired_;
 };
 
 // ---------------------------------------------------------------------------------------
+
+// The exclusive lock, plus the rule that buffers a compaction retired (a restored snapshot
+// owned by the embedding) are released only after unlocking.
+class InMemoryStateBackend::WriteGuard {
+ public:
+  explicit WriteGuard(const InMemoryStateBackend& backend)
+      : backend_(&backend), lock_(backend.mutex_, std::try_to_lock) {
+    if (!lock_.owns_lock()) {
+      const WaitScope wait(backend.options_.hooks);
+      lock_.lock();
+    }
+  }
+  WriteGuard(WriteGuard&& other) noexcept = default;
+  WriteGuard& operator=(WriteGuard&&) = delete;
+  WriteGuard(const WriteGuard&) = delete;
+  WriteGuard& operator=(const WriteGuard&) = delete;
+  ~WriteGuard() {
+    if (!lock_.owns_lock()) return;
+    const auto retired = backend_->table_->take_retired();
+    lock_.unlock();
+  }  // `retired` is released here, outside the lock
+
+ private:
+  const InMemoryStateBackend* backend_;
+  std::unique_lock<std::shared_mutex> lock_;
+};
 
 InMemoryStateBackend::InMemoryStateBackend(StateBackendOptions options)
     : options_(options), table_(std::make_unique<Table>(options.delta_limit)) {}
@@ -1055,13 +1166,8 @@ std::shared_lock<std::shared_mutex> InMemoryStateBackend::read_lock() const {
   return lock;
 }
 
-std::unique_lock<std::shared_mutex> InMemoryStateBackend::write_lock() const {
-  std::unique_lock lock(mutex_, std::try_to_lock);
-  if (!lock.owns_lock()) {
-    const WaitScope wait(options_.hooks);
-    lock.lock();
-  }
-  return lock;
+InMemoryStateBackend::WriteGuard InMemoryStateBackend::write_lock() const {
+  return WriteGuard(*this);
 }
 
 std::shared_lock<std::shared_mutex> InMemoryStateBackend::prepared_read_lock(
@@ -1074,17 +1180,17 @@ std::shared_lock<std::shared_mutex> InMemoryStateBackend::prepared_read_lock(
     // Deferred work (an index after restore, ordering after a bulk put_many) changes the
     // table's layout, not its contents: done once under the write lock.
     lock.unlock();
-    const auto write = write_lock();
+    const WriteGuard write(*this);
     if (need_index) table_->ensure_index();
     if (need_order) table_->ensure_ordered();
     // Loop: a restore may swap in another table before the read lock is back.
   }
 }
 
-std::unique_lock<std::shared_mutex> InMemoryStateBackend::indexed_write_lock() {
-  auto lock = write_lock();
+InMemoryStateBackend::WriteGuard InMemoryStateBackend::indexed_write_lock() {
+  WriteGuard guard(*this);
   table_->ensure_index();
-  return lock;
+  return guard;
 }
 
 std::optional<std::string> InMemoryStateBackend::get(std::string_view key, double now) const {
@@ -1287,12 +1393,15 @@ std::string InMemoryStateBackend::checkpoint(std::uint64_t checkpoint_id, double
   return out;
 }
 
-std::uint64_t InMemoryStateBackend::restore(std::string_view snapshot) {
+std::uint64_t InMemoryStateBackend::restore(std::string_view snapshot,
+                                            std::shared_ptr<const void> keep_alive) {
   std::uint64_t checkpoint_id = 0;
-  // Parse and index without any lock: readers and writers carry on until the swap.
-  std::unique_ptr<Table> fresh = Table::from_snapshot(snapshot, options_.delta_limit, &checkpoint_id);
+  // Parse into a private table without any lock: readers and writers carry on until the
+  // swap, and a corrupt snapshot never touches the current state.
+  std::unique_ptr<Table> fresh =
+      Table::from_snapshot(snapshot, options_.delta_limit, std::move(keep_alive), &checkpoint_id);
   {
-    const auto lock = write_lock();
+    const WriteGuard lock(*this);
     table_.swap(fresh);
     bump_version();
   }

@@ -4,14 +4,19 @@
 // Why this layout. Checkpoint and restore must run at memory speed, point operations must
 // cost about as much as a Python dict lookup, and range scans must come from an ordered
 // index. A node-per-entry tree fails the first (a cache miss per entry on every walk), a
-// plain hash map fails the last. So the data is split three ways:
-//   * the run: slots [0, run) sorted by key, with their bytes laid out in key order in one
-//     arena, so a checkpoint or a prefix scan is a sequential walk;
+// plain hash map fails the last. So:
+//   * every entry is stored as exactly the bytes of its checkpoint record (lengths, flags,
+//     optional expiry, key, value) in an arena of large chunks; a 16-byte slot points at it.
+//     A checkpoint copies entries verbatim; a restore indexes the snapshot's records where
+//     they lie (in place, when the caller can promise the bytes stay unchanged);
+//   * the run: slots [0, run) sorted by key, their entries in key order after a merge, so a
+//     checkpoint or a prefix scan is a sequential walk;
 //   * the tail: keys inserted since the run was built, kept in key order by a small set of
 //     slot ids; when it outgrows a fraction of the run (or dead entries and replaced values
-//     pile up) everything is merged into a fresh run: amortised O(1) copies per write;
+//     pile up) everything is merged into a fresh run: amortised O(1) copies per write. A
+//     bulk put_many leaves its new keys unordered until the next ordered read sorts them;
 //   * a hash index (open addressing, 32-bit hash tags) over all slots for point operations,
-//     probed with software prefetching in the batch calls.
+//     probed with software prefetching in the batch calls, and built lazily after restore.
 // Values of the same length are overwritten in place, so counters and fixed-width
 // aggregates never grow the arena. Deletion marks the slot; compaction drops it.
 //
@@ -80,9 +85,9 @@ struct ValueBatch {
   std::vector<std::uint64_t> sizes;
 };
 
-// The largest key and value a checkpoint record can hold (the value record carries a
-// 9-byte expiry header in front of the value).
-inline constexpr std::size_t kMaxStateKeySize = std::numeric_limits<std::uint32_t>::max();
+// The largest key and value an entry can hold (a slot keeps a flag in the key length's top
+// bit; the value's record carries a 9-byte expiry header in front of the value).
+inline constexpr std::size_t kMaxStateKeySize = std::numeric_limits<std::int32_t>::max();
 inline constexpr std::size_t kMaxStateValueSize = std::numeric_limits<std::uint32_t>::max() - 9;
 
 class InMemoryStateBackend {
@@ -133,7 +138,10 @@ class InMemoryStateBackend {
   [[nodiscard]] std::string checkpoint(std::uint64_t checkpoint_id, double now) const;
   // Validates the whole snapshot into a fresh table, then swaps it in; on any error
   // (CorruptDataError) the backend is untouched. Returns the snapshot's checkpoint id.
-  std::uint64_t restore(std::string_view snapshot);
+  // With `keep_alive`, the backend uses the snapshot's bytes in place instead of copying
+  // them, holding keep_alive for as long as it does (until the next compaction or restore):
+  // the bytes must not change meanwhile. keep_alive is never released under the lock.
+  std::uint64_t restore(std::string_view snapshot, std::shared_ptr<const void> keep_alive = {});
 
   // Stored entries and the sum of their key and value sizes; entries that have expired
   // but were not yet purged still count (they still occupy memory).
@@ -147,13 +155,15 @@ class InMemoryStateBackend {
   class Table;  // the data; defined in state_backend.cpp
 
  private:
+  class WriteGuard;  // the exclusive lock; releases retired buffers after unlocking
+
   [[nodiscard]] std::shared_lock<std::shared_mutex> read_lock() const;
-  [[nodiscard]] std::unique_lock<std::shared_mutex> write_lock() const;
+  [[nodiscard]] WriteGuard write_lock() const;
   // A read lock on a table whose deferred work is done: the hash index (a restored table
   // builds it on first use) and/or the ordering (a bulk put_many sorts on first use).
   [[nodiscard]] std::shared_lock<std::shared_mutex> prepared_read_lock(bool need_index,
                                                                        bool need_order) const;
-  [[nodiscard]] std::unique_lock<std::shared_mutex> indexed_write_lock();
+  [[nodiscard]] WriteGuard indexed_write_lock();
   void bump_version() noexcept { version_.fetch_add(1, std::memory_order_acq_rel); }
 
   StateBackendOptions options_;
