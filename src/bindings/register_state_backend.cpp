@@ -2,6 +2,7 @@
 #include "core/errors.h"
 #include "core/state_backend.h"
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -48,37 +49,131 @@ std::uint64_t checkpoint_id_from(const py::handle& value) {
   return id.cast<std::uint64_t>();
 }
 
-// A sequence of bytes-like objects pinned for use without the GIL: a private tuple keeps
-// every item alive even if the caller's list is mutated meanwhile, bytes are read in place
-// and anything else goes through the buffer protocol.
+// Scratch memory for batch calls, reused per thread: a million-key batch would otherwise
+// fault in tens of fresh megabytes on every call. A caller that finds every set busy (a
+// nested call from a finalizer) gets its own; oversized buffers are not kept.
+constexpr std::size_t kKeepScratchItems = std::size_t{1} << 22;
+
+struct PinScratch {
+  std::vector<PyObject*> owners;
+  std::vector<std::string_view> views;
+  bool busy = false;
+};
+thread_local std::array<PinScratch, 2> t_pin_scratch;  // put_many pins keys and values at once
+
+struct OutScratch {
+  ValueBatch values;
+  bool busy = false;
+};
+thread_local OutScratch t_out_scratch;
+
+// A batch of bytes-like objects pinned for use without the GIL: the pinner holds its own
+// reference to every item (so the caller's list may change meanwhile), reads bytes in place
+// and goes through the buffer protocol for anything else.
 class PinnedBuffers {
  public:
   explicit PinnedBuffers(const py::handle& items) {
-    PyObject* tuple = PySequence_Tuple(items.ptr());
-    if (tuple == nullptr) throw py::error_already_set();
-    owner_ = py::reinterpret_steal<py::object>(tuple);
-    const Py_ssize_t n = PyTuple_GET_SIZE(tuple);
-    views_.reserve(static_cast<std::size_t>(n));
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* item = PyTuple_GET_ITEM(tuple, i);
+    std::vector<PyObject*>& owners = scratch_.get().owners;
+    std::vector<std::string_view>& views = scratch_.get().views;
+    const auto pin = [&](PyObject* item) {  // item is borrowed; the pinner takes a reference
+      owners.push_back(item);
+      Py_INCREF(item);
       if (PyBytes_CheckExact(item)) {
-        views_.emplace_back(PyBytes_AS_STRING(item), static_cast<std::size_t>(PyBytes_GET_SIZE(item)));
+        views.emplace_back(PyBytes_AS_STRING(item), static_cast<std::size_t>(PyBytes_GET_SIZE(item)));
       } else {
         pins_.push_back(std::make_unique<BufferView>(item));
-        views_.push_back(pins_.back()->view());
+        views.push_back(pins_.back()->view());
       }
-      total_bytes_ += views_.back().size();
+      total_bytes_ += views.back().size();
+    };
+    if (PyList_CheckExact(items.ptr()) || PyTuple_CheckExact(items.ptr())) {
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(items.ptr());
+      owners.reserve(static_cast<std::size_t>(n));
+      views.reserve(static_cast<std::size_t>(n));
+      PyObject** array = PySequence_Fast_ITEMS(items.ptr());
+      for (Py_ssize_t i = 0; i < n; ++i) pin(array[i]);
+    } else {
+      const py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(items.ptr()));
+      if (!iterator) throw py::error_already_set();
+      for (;;) {
+        const py::object item = py::reinterpret_steal<py::object>(PyIter_Next(iterator.ptr()));
+        if (!item) break;
+        pin(item.ptr());
+      }
+      if (PyErr_Occurred() != nullptr) throw py::error_already_set();
     }
   }
 
-  [[nodiscard]] std::span<const std::string_view> views() const noexcept { return views_; }
+  [[nodiscard]] std::span<const std::string_view> views() const noexcept {
+    return scratch_.get().views;
+  }
   [[nodiscard]] std::size_t total_bytes() const noexcept { return total_bytes_; }
 
  private:
-  py::object owner_;
+  // Claims a scratch set; on destruction drops the references and hands the set back.
+  class Claim {
+   public:
+    Claim() {
+      for (PinScratch& candidate : t_pin_scratch) {
+        if (!candidate.busy) {
+          scratch_ = &candidate;
+          break;
+        }
+      }
+      scratch_->busy = true;
+      scratch_->owners.clear();
+      scratch_->views.clear();
+    }
+    ~Claim() {
+      for (PyObject* owner : scratch_->owners) Py_DECREF(owner);
+      scratch_->owners.clear();
+      scratch_->views.clear();
+      if (scratch_->owners.capacity() > kKeepScratchItems) {
+        std::vector<PyObject*>().swap(scratch_->owners);
+        std::vector<std::string_view>().swap(scratch_->views);
+      }
+      scratch_->busy = false;
+    }
+    Claim(const Claim&) = delete;
+    Claim& operator=(const Claim&) = delete;
+    Claim(Claim&&) = delete;
+    Claim& operator=(Claim&&) = delete;
+    [[nodiscard]] PinScratch& get() const noexcept { return *scratch_; }
+
+   private:
+    PinScratch own_;
+    PinScratch* scratch_ = &own_;
+  };
+
+  Claim scratch_;  // first: destroyed last, after the buffer views below are released
   std::vector<std::unique_ptr<BufferView>> pins_;
-  std::vector<std::string_view> views_;
   std::size_t total_bytes_ = 0;
+};
+
+// The output buffer of get_many, reused per thread like the pin scratch.
+class OutputBatch {
+ public:
+  OutputBatch() : batch_(t_out_scratch.busy ? own_ : t_out_scratch.values) {
+    if (&batch_ == &t_out_scratch.values) t_out_scratch.busy = true;
+  }
+  ~OutputBatch() {
+    batch_.bytes.clear();
+    batch_.sizes.clear();
+    if (batch_.sizes.capacity() > kKeepScratchItems ||
+        batch_.bytes.capacity() > 16 * kKeepScratchItems) {
+      batch_ = ValueBatch{};
+    }
+    if (&batch_ == &t_out_scratch.values) t_out_scratch.busy = false;
+  }
+  OutputBatch(const OutputBatch&) = delete;
+  OutputBatch& operator=(const OutputBatch&) = delete;
+  OutputBatch(OutputBatch&&) = delete;
+  OutputBatch& operator=(OutputBatch&&) = delete;
+  [[nodiscard]] ValueBatch& get() noexcept { return batch_; }
+
+ private:
+  ValueBatch own_;
+  ValueBatch& batch_;
 };
 
 // Restores the GIL on scope exit if it was released part-way through a call (checkpoint
@@ -163,9 +258,12 @@ class ScanObjects {
     const std::size_t n = objects_.size() / 2;
     py::list out(static_cast<py::ssize_t>(n));
     // Untracked while it is filled: otherwise each young-generation collection that the
-    // tuple allocations trigger would walk the growing list again (quadratic in n).
+    // tuple allocations trigger would walk the growing list again (quadratic in n). And the
+    // collector is paused for the loop: the pairs are untracked as soon as they are made, so
+    // a collection every 700 of them would find nothing to do, but still cost its setup.
     PyObject_GC_UnTrack(out.ptr());
     const RetrackOnExit retrack{out.ptr()};
+    const PauseCollector pause;
     for (std::size_t i = 0; i < n; ++i) {
       PyObject* pair = PyTuple_New(2);
       if (pair == nullptr) throw py::error_already_set();
@@ -184,6 +282,12 @@ class ScanObjects {
   struct RetrackOnExit {
     PyObject* object;
     ~RetrackOnExit() { PyObject_GC_Track(object); }
+  };
+  struct PauseCollector {
+    int was_enabled = PyGC_Disable();
+    ~PauseCollector() {
+      if (was_enabled != 0) PyGC_Enable();
+    }
   };
   static thread_local std::vector<PyObject*> t_buffer;
   static thread_local bool t_buffer_busy;
@@ -296,13 +400,13 @@ container. Any number of threads may share one backend; batch calls release the 
           [](const InMemoryStateBackend& self, const py::handle& keys, std::optional<double> now) {
             const PinnedBuffers k(keys);
             const double t = resolve_now(now);
-            ValueBatch batch;
+            OutputBatch batch;
             {
               // Pure C++ over pinned buffers; results are copied out before the lock is left.
               const MaybeReleaseGil release(k.total_bytes());
-              batch = self.get_many(k.views(), t);
+              self.get_many(k.views(), t, batch.get());
             }
-            return values_to_list(batch);
+            return values_to_list(batch.get());
           },
           py::arg("keys"), py::kw_only(), py::arg("now") = py::none(),
           "Values for many keys (None where absent or expired), under one lock.")

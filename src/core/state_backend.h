@@ -116,6 +116,8 @@ class InMemoryStateBackend {
   void put_many(std::span<const std::string_view> keys, std::span<const std::string_view> values,
                 double expires_at = kNeverExpires);
   [[nodiscard]] ValueBatch get_many(std::span<const std::string_view> keys, double now) const;
+  // The same into `out` (cleared first; callers may reuse its buffers across calls).
+  void get_many(std::span<const std::string_view> keys, double now, ValueBatch& out) const;
   std::size_t erase_many(std::span<const std::string_view> keys, double now);
 
   // Visible entries whose key starts with `prefix`, sorted by key (unsigned bytewise).
