@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include "core/byte_io.h"
+#include "core/checksum.h"
 #include "core/errors.h"
 #include "core/record_codec.h"
 #include "core/state_backend.h"
@@ -206,6 +208,35 @@ void test_semantically_bad_snapshots() {
   CHECK(throws_corrupt([&] {
     b.restore(build(RecordKind::kStateBackend, {{"state_backend", header(1)}, {"a", nan_expiry}}));
   }));
+  // Checksum-valid containers whose record count and lengths disagree with their bytes:
+  // the single-pass reader must catch what RecordReader catches.
+  const auto seal = [](std::uint32_t count, const std::string& records) {
+    std::string out("SSRC", 4);
+    streamstate::put_u16(out, streamstate::kRecordFormatVersion);
+    streamstate::put_u16(out, static_cast<std::uint16_t>(RecordKind::kStateBackend));
+    streamstate::put_u32(out, count);
+    out += records;
+    streamstate::put_u32(out, streamstate::crc32c_mask(streamstate::crc32c(out)));
+    return out;
+  };
+  const auto rec = [](std::string_view k, std::string_view v) {
+    std::string out;
+    streamstate::put_u32(out, static_cast<std::uint32_t>(k.size()));
+    out += k;
+    streamstate::put_u32(out, static_cast<std::uint32_t>(v.size()));
+    out += v;
+    return out;
+  };
+  const std::string head = rec("state_backend", header(1));
+  const std::string one = rec("a", plain + "1");
+  CHECK(!throws_corrupt([&] { InMemoryStateBackend().restore(seal(2, head + one)); }));
+  CHECK(throws_corrupt([&] { b.restore(seal(2, head + one + "junk")); }));       // trailing bytes
+  CHECK(throws_corrupt([&] { b.restore(seal(3, head + one)); }));                // too few records
+  CHECK(throws_corrupt([&] { b.restore(seal(1, head + one)); }));                // too many
+  CHECK(throws_corrupt([&] { b.restore(seal(1000, head)); }));                   // impossible count
+  std::string long_length = rec("a", plain + "1");
+  long_length[8] = '\x7f';  // the value length's high byte: far past the end
+  CHECK(throws_corrupt([&] { b.restore(seal(2, head + long_length)); }));
   CHECK(b.get("x", kNow) == std::optional<std::string>("y"));
   CHECK(b.size() == 1);
 }
