@@ -26,7 +26,12 @@ def decode_records(data: BytesLike) -> tuple[int, list[tuple[bytes, bytes]]]: ..
 
 # -- keyed state (issue 4) --
 class InMemoryStateBackend:
-    """Ordered, thread-safe in-memory keyed state with optional per-entry expiry."""
+    """Ordered, thread-safe in-memory keyed state with optional per-entry expiry.
+
+    ``restore`` of a ``bytes`` snapshot uses it in place (the backend keeps a reference until
+    it next compacts); the hash index is built by the first point operation after a restore,
+    and a large ``put_many``'s new keys are ordered by the next ``range_scan``/``checkpoint``.
+    """
 
     def __init__(self, *, delta_limit: int = 4096) -> None: ...
     def get(self, key: BytesLike, *, now: float | None = None) -> bytes | None: ...

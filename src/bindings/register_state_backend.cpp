@@ -51,8 +51,10 @@ std::uint64_t checkpoint_id_from(const py::handle& value) {
 
 // Scratch memory for batch calls, reused per thread: a million-key batch would otherwise
 // fault in tens of fresh megabytes on every call. A caller that finds every set busy (a
-// nested call from a finalizer) gets its own; oversized buffers are not kept.
-constexpr std::size_t kKeepScratchItems = std::size_t{1} << 22;
+// nested call from a finalizer) gets its own. Buffers for more than 2^20 items (or 16 MiB of
+// values) are freed after use, so a thread keeps at most ~72 MiB of scratch.
+constexpr std::size_t kKeepScratchItems = std::size_t{1} << 20;
+constexpr std::size_t kKeepScratchBytes = std::size_t{16} << 20;
 
 struct PinScratch {
   std::vector<PyObject*> owners;
@@ -159,8 +161,7 @@ class OutputBatch {
   ~OutputBatch() {
     batch_.bytes.clear();
     batch_.sizes.clear();
-    if (batch_.sizes.capacity() > kKeepScratchItems ||
-        batch_.bytes.capacity() > 16 * kKeepScratchItems) {
+    if (batch_.sizes.capacity() > kKeepScratchItems || batch_.bytes.capacity() > kKeepScratchBytes) {
       batch_ = ValueBatch{};
     }
     if (&batch_ == &t_out_scratch.values) t_out_scratch.busy = false;
@@ -327,6 +328,11 @@ Keys and values are bytes. Reads take ``now`` (seconds; default ``time.time()``)
 entries whose ``expires_at`` is at or before it. ``range_scan`` returns entries sorted by
 key from an ordered index; ``checkpoint``/``restore`` use the project's checksummed record
 container. Any number of threads may share one backend; batch calls release the GIL.
+
+Some work is deferred to where it is needed: after ``restore`` the hash index is built by
+the first point operation, and the new keys of a large ``put_many`` are sorted into the
+ordered index by the next ordered read (``range_scan``, ``checkpoint``, ``delete_prefix``).
+``len()`` and ``size_bytes()`` count expired entries until ``purge_expired`` frees them.
 )doc")
       .def(py::init([](std::size_t delta_limit) {
              StateBackendOptions options;

@@ -7,8 +7,9 @@
 // plain hash map fails the last. So:
 //   * every entry is stored as exactly the bytes of its checkpoint record (lengths, flags,
 //     optional expiry, key, value) in an arena of large chunks; a 16-byte slot points at it.
-//     A checkpoint copies entries verbatim; a restore indexes the snapshot's records where
-//     they lie (in place, when the caller can promise the bytes stay unchanged);
+//     A checkpoint copies entries verbatim; a restore checks the container in one pass
+//     (checksum a block ahead of the record walk) and indexes the records where they lie
+//     (in place, when the caller can promise the bytes stay unchanged);
 //   * the run: slots [0, run) sorted by key, their entries in key order after a merge, so a
 //     checkpoint or a prefix scan is a sequential walk;
 //   * the tail: keys inserted since the run was built, kept in key order by a small set of
