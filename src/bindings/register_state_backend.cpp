@@ -221,84 +221,83 @@ std::optional<std::string_view> optional_view(const py::object& object,
   return pin->view();
 }
 
-// Owns the bytes objects a scan creates until they are moved into the result list, so an
+// Pauses the cyclic garbage collector for a scope (restoring its previous state). While it
+// is paused, allocating objects cannot start a collection, so it runs no finalizers: no
+// Python code at all.
+class PauseCollector {
+ public:
+  PauseCollector() noexcept : was_enabled_(PyGC_Disable()) {}
+  ~PauseCollector() {
+    if (was_enabled_ != 0) PyGC_Enable();
+  }
+  PauseCollector(const PauseCollector&) = delete;
+  PauseCollector& operator=(const PauseCollector&) = delete;
+  PauseCollector(PauseCollector&&) = delete;
+  PauseCollector& operator=(PauseCollector&&) = delete;
+
+ private:
+  int was_enabled_;
+};
+
+// The (key, value) pairs of a scan, owned until they are moved into the result list, so an
 // error part-way (MemoryError) releases every one of them.
-class ScanObjects {
+class ScanPairs {
  public:
   // The pointer buffer is reused per thread: a 1% scan of a large backend would otherwise
-  // fault in fresh pages on every call.
-  // A scan started from inside another (a finalizer run by a collection that to_pairs
-  // triggered) gets its own buffer.
-  ScanObjects() : borrowed_(!t_buffer_busy), objects_(borrowed_ ? t_buffer : owned_) {
+  // fault in fresh pages on every call. A scan started from inside another (not possible
+  // while the collector is paused, but cheap to allow) gets its own buffer.
+  ScanPairs() : borrowed_(!t_buffer_busy), pairs_(borrowed_ ? t_buffer : owned_) {
     t_buffer_busy = true;
-    objects_.clear();
+    pairs_.clear();
   }
-  ~ScanObjects() {
-    for (PyObject* object : objects_) Py_XDECREF(object);
-    objects_.clear();
+  ~ScanPairs() {
+    for (PyObject* pair : pairs_) Py_XDECREF(pair);
+    pairs_.clear();
     if (borrowed_) {
-      if (objects_.capacity() > (std::size_t{1} << 20)) std::vector<PyObject*>().swap(objects_);
+      if (pairs_.capacity() > kKeepScratchItems) std::vector<PyObject*>().swap(pairs_);
       t_buffer_busy = false;
     }
   }
-  ScanObjects(const ScanObjects&) = delete;
-  ScanObjects& operator=(const ScanObjects&) = delete;
-  ScanObjects(ScanObjects&&) = delete;
-  ScanObjects& operator=(ScanObjects&&) = delete;
+  ScanPairs(const ScanPairs&) = delete;
+  ScanPairs& operator=(const ScanPairs&) = delete;
+  ScanPairs(ScanPairs&&) = delete;
+  ScanPairs& operator=(ScanPairs&&) = delete;
 
-  void add(std::string_view bytes) {
-    objects_.push_back(nullptr);  // grow first, so a failed push cannot leak the object
-    PyObject* object =
-        PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size()));
-    if (object == nullptr) throw py::error_already_set();
-    objects_.back() = object;
+  // Requires a paused collector (see PauseCollector).
+  void add(std::string_view key, std::string_view value) {
+    pairs_.push_back(nullptr);  // grow first, so a failed push cannot leak the pair
+    PyObject* pair = PyTuple_New(2);
+    if (pair == nullptr) throw py::error_already_set();
+    pairs_.back() = pair;
+    // A pair of bytes can never be part of a reference cycle; CPython would untrack it at
+    // its first collection anyway.
+    PyObject_GC_UnTrack(pair);
+    for (Py_ssize_t i = 0; i < 2; ++i) {
+      const std::string_view part = i == 0 ? key : value;
+      PyObject* bytes = PyBytes_FromStringAndSize(part.data(), static_cast<Py_ssize_t>(part.size()));
+      if (bytes == nullptr) throw py::error_already_set();
+      PyTuple_SET_ITEM(pair, i, bytes);
+    }
   }
 
-  // [(key, value), ...] from the objects added as key, value, key, value, ...
-  py::list to_pairs() {
-    const std::size_t n = objects_.size() / 2;
-    py::list out(static_cast<py::ssize_t>(n));
-    // Untracked while it is filled: otherwise each young-generation collection that the
-    // tuple allocations trigger would walk the growing list again (quadratic in n). And the
-    // collector is paused for the loop: the pairs are untracked as soon as they are made, so
-    // a collection every 700 of them would find nothing to do, but still cost its setup.
-    PyObject_GC_UnTrack(out.ptr());
-    const RetrackOnExit retrack{out.ptr()};
-    const PauseCollector pause;
-    for (std::size_t i = 0; i < n; ++i) {
-      PyObject* pair = PyTuple_New(2);
-      if (pair == nullptr) throw py::error_already_set();
-      PyTuple_SET_ITEM(pair, 0, std::exchange(objects_[2 * i], nullptr));
-      PyTuple_SET_ITEM(pair, 1, std::exchange(objects_[2 * i + 1], nullptr));
-      // A pair of bytes can never be part of a reference cycle; CPython would untrack it at
-      // its first collection anyway. Untracking now keeps large scans from making every
-      // young-generation collection walk thousands of tuples.
-      PyObject_GC_UnTrack(pair);
-      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), pair);
+  [[nodiscard]] py::list to_list() {
+    py::list out(static_cast<py::ssize_t>(pairs_.size()));
+    for (std::size_t i = 0; i < pairs_.size(); ++i) {
+      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), std::exchange(pairs_[i], nullptr));
     }
     return out;
   }
 
  private:
-  struct RetrackOnExit {
-    PyObject* object;
-    ~RetrackOnExit() { PyObject_GC_Track(object); }
-  };
-  struct PauseCollector {
-    int was_enabled = PyGC_Disable();
-    ~PauseCollector() {
-      if (was_enabled != 0) PyGC_Enable();
-    }
-  };
   static thread_local std::vector<PyObject*> t_buffer;
   static thread_local bool t_buffer_busy;
   bool borrowed_;
   std::vector<PyObject*> owned_;
-  std::vector<PyObject*>& objects_;
+  std::vector<PyObject*>& pairs_;
 };
 
-thread_local std::vector<PyObject*> ScanObjects::t_buffer;
-thread_local bool ScanObjects::t_buffer_busy = false;
+thread_local std::vector<PyObject*> ScanPairs::t_buffer;
+thread_local bool ScanPairs::t_buffer_busy = false;
 
 py::list values_to_list(const ValueBatch& batch) {
   const std::size_t n = batch.sizes.size();
@@ -431,18 +430,16 @@ ordered index by the next ordered read (``range_scan``, ``checkpoint``, ``delete
           [](const InMemoryStateBackend& self, const py::object& prefix, std::optional<double> now) {
             const BufferView p(prefix);
             // The scan is O(log n + matches) and building Python objects costs more than
-            // finding the entries, so the GIL is kept and the bytes objects are made straight
-            // from the backend's memory under its read lock. That is safe: creating bytes runs
-            // no Python code (bytes are not GC-tracked, so no collection can start), and a lock
-            // holder never waits for the GIL. Tuples, which can trigger a collection, are made
-            // after the lock is released.
-            ScanObjects objects;
-            self.range_scan(p.view(), resolve_now(now),
-                            [&objects](std::string_view key, std::string_view value) {
-                              objects.add(key);
-                              objects.add(value);
-                            });
-            return objects.to_pairs();
+            // finding the entries, so the GIL is kept and the pairs are made straight from the
+            // backend's memory under its read lock. That is safe: with the collector paused,
+            // allocating runs no Python code, and a lock holder never waits for the GIL.
+            const double t = resolve_now(now);
+            ScanPairs pairs;
+            const PauseCollector pause;
+            self.range_scan(p.view(), t, [&pairs](std::string_view key, std::string_view value) {
+              pairs.add(key, value);
+            });
+            return pairs.to_list();
           },
           py::arg("prefix"), py::kw_only(), py::arg("now") = py::none(),
           "``[(key, value), ...]`` for visible keys starting with ``prefix``, sorted by key.")
