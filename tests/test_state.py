@@ -3,6 +3,7 @@ corruption, TTL, threads, model-based state machine) and the typed state on top 
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import threading
@@ -307,6 +308,29 @@ def test_put_many_get_many_delete_many() -> None:
     with pytest.raises(TypeError):
         backend.put_many(["text"], [b"v"])  # type: ignore[list-item]
     assert sorted(backend.range_scan(b"")) == [(b"b", b"2"), (b"c", b"4")]
+
+
+def test_batches_take_any_bytes_like_items_and_any_iterable() -> None:
+    backend = InMemoryStateBackend()
+    backend.put_many((k for k in [bytearray(b"a"), memoryview(b"b")]), [b"1", bytearray(b"2")])
+    assert backend.get_many([memoryview(b"a"), bytearray(b"b")]) == [b"1", b"2"]
+    with pytest.raises(TypeError):
+        backend.get_many([b"a", 3])  # type: ignore[list-item]
+    assert backend.delete_many(iter([b"a"])) == 1
+
+
+def test_range_scan_leaves_the_garbage_collector_as_it_found_it() -> None:
+    backend = InMemoryStateBackend()
+    backend.put_many([b"k%d" % i for i in range(1000)], [b"v"] * 1000)
+    assert gc.isenabled()
+    assert len(backend.range_scan(b"k")) == 1000
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        backend.range_scan(b"k")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_bulk_put_many_then_every_kind_of_read() -> None:
