@@ -101,9 +101,17 @@ __extension__ using u128 = unsigned __int128;
   return v;
 }
 
-const std::uint64_t kHashSeed = [] {
-  std::random_device device;
-  return (static_cast<std::uint64_t>(device()) << 32) ^ device();
+const std::uint64_t kHashSeed = []() noexcept {
+  try {
+    std::random_device device;
+    return (static_cast<std::uint64_t>(device()) << 32) ^ device();
+  } catch (...) {
+    // No entropy source: the clock and this module's load address still vary per process.
+    static const int anchor = 0;
+    return static_cast<std::uint64_t>(
+               std::chrono::steady_clock::now().time_since_epoch().count()) ^
+           reinterpret_cast<std::uintptr_t>(&anchor);
+  }
 }();
 
 [[nodiscard]] std::uint32_t hash_key(std::string_view key) noexcept {
