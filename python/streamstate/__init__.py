@@ -31,6 +31,16 @@ from .codec import crc32c, lz4_compress, lz4_decompress, sha256_hex
 # -- aggregate store (issue 3) --
 
 # -- keyed state (issue 4) --
+from . import serde
+from .state import (
+    AggregatingState,
+    InMemoryStateBackend,
+    KeyedStateStore,
+    ListState,
+    MapState,
+    StateBackend,
+    StatePartitionKey,
+)
 
 # -- spilling aggregator (issue 5) --
 from .spill import SpillingAggregator
