@@ -1,0 +1,309 @@
+#include "core/numeric_aggregate_store.h"
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "core/byte_io.h"
+#include "core/errors.h"
+#include "core/record_codec.h"
+
+namespace streamstate {
+namespace {
+
+// Snapshot layout inside the record container (kind kNumericAggregateStore):
+//   "streamstate.numeric_aggregate_store": u32 layout version, u32 num_partitions,
+//                                          u8 key type (0 int64, 1 bytes)
+//   "shared" (any number of chunks): u32 n, n x (key, u32 k, k x (u32 partition, Moments))
+//   "local" + u32 partition (any number of chunks per partition): u32 n, n x (key, Moments)
+// A key is 8 bytes LE for int64 keys, u32 length + bytes for bytes keys. Chunks keep each
+// record far below the container's 4 GiB field limit.
+constexpr std::string_view kHeaderKey = "streamstate.numeric_aggregate_store";
+constexpr std::string_view kSharedKey = "shared";
+constexpr std::string_view kLocalPrefix = "local";
+constexpr std::uint32_t kLayoutVersion = 1;
+constexpr std::uint32_t kMaxPartitions = 65536;
+constexpr std::size_t kChunkEntries = 1 << 16;
+
+[[noreturn]] void corrupt(const std::string& what) {
+  throw CorruptDataError("numeric aggregate store snapshot: " + what);
+}
+
+// Reads a chunk's entry count and rejects counts the chunk cannot possibly hold, so a
+// forged count never drives a giant reservation.
+std::uint32_t chunk_count(ByteReader& in, std::size_t min_entry_bytes) {
+  const std::uint32_t n = in.u32();
+  if (n > in.remaining() / min_entry_bytes) corrupt("chunk entry count larger than its bytes");
+  return n;
+}
+
+}  // namespace
+
+template <class K>
+NumericAggregateStore<K>::NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy)
+    : policy_(policy) {
+  if (num_partitions == 0 || num_partitions > kMaxPartitions) {
+    throw InvalidArgument("num_partitions must be between 1 and 65536, got " +
+                          std::to_string(num_partitions));
+  }
+  partitions_.reserve(num_partitions);
+  for (std::uint32_t i = 0; i < num_partitions; ++i) {
+    partitions_.push_back(std::make_unique<Partition>());
+  }
+}
+
+template <class K>
+typename NumericAggregateStore<K>::Partition& NumericAggregateStore<K>::partition(
+    std::uint32_t partition_id) {
+  if (partition_id >= partitions_.size()) {
+    throw InvalidArgument("partition_id " + std::to_string(partition_id) + " out of range [0, " +
+                          std::to_string(partitions_.size()) + ")");
+  }
+  return *partitions_[partition_id];
+}
+
+template <class K>
+const typename NumericAggregateStore<K>::Partition& NumericAggregateStore<K>::partition(
+    std::uint32_t partition_id) const {
+  return const_cast<NumericAggregateStore*>(this)->partition(partition_id);
+}
+
+template <class K>
+void NumericAggregateStore<K>::fold(std::uint32_t partition_id, const View* keys,
+                                    const double* values, std::size_t n) {
+  Partition& p = partition(partition_id);
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  p.local.fold(keys, values, n, policy_);
+}
+
+template <class K>
+void NumericAggregateStore<K>::put_slot(Slots& slots, std::uint32_t partition_id,
+                                        const Moments& m) {
+  auto at = slots.begin();
+  while (at != slots.end() && at->partition < partition_id) ++at;
+  if (at != slots.end() && at->partition == partition_id) {
+    at->partial = m;
+  } else {
+    slots.insert(at, Slot{partition_id, m});
+  }
+}
+
+template <class K>
+Moments NumericAggregateStore<K>::merged(const Slots& slots) noexcept {
+  Moments out;
+  for (const Slot& s : slots) out.merge(s.partial);
+  return out;
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
+  Partition& p = partition(partition_id);
+  const SharedEpoch epoch(epoch_);
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  return p.local.take_changes([&](View key, const Moments& m) {
+    typename SharedMap::accessor entry;
+    shared_.insert(entry, key);
+    put_slot(entry->second, partition_id, m);
+  });
+}
+
+template <class K>
+std::optional<Moments> NumericAggregateStore<K>::result(View key) const {
+  const SharedEpoch epoch(epoch_);
+  typename SharedMap::const_accessor entry;
+  if (!shared_.find(entry, key)) return std::nullopt;
+  return merged(entry->second);
+}
+
+template <class K>
+void NumericAggregateStore<K>::results(KeyColumn& keys, std::vector<Moments>& stats) const {
+  const ExclusiveEpoch epoch(epoch_);
+  keys.reserve(shared_.size());
+  stats.reserve(shared_.size());
+  for (const auto& item : shared_) {
+    keys.push_back(K::view_of(item.first));
+    stats.push_back(merged(item.second));
+  }
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::partition_size(std::uint32_t partition_id) const {
+  const Partition& p = partition(partition_id);
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  return p.local.size();
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::partition_pending(std::uint32_t partition_id) const {
+  const Partition& p = partition(partition_id);
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  return p.local.pending();
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::partition_memory_bytes(std::uint32_t partition_id) const {
+  const Partition& p = partition(partition_id);
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  return p.local.memory_bytes();
+}
+
+template <class K>
+std::string NumericAggregateStore<K>::snapshot() const {
+  const ExclusiveEpoch epoch(epoch_);
+  std::vector<std::unique_lock<std::mutex>> locks;
+  locks.reserve(partitions_.size());
+  for (const auto& p : partitions_) locks.emplace_back(p->mutex);
+
+  RecordWriter writer(RecordKind::kNumericAggregateStore);
+  std::string header;
+  put_u32(header, kLayoutVersion);
+  put_u32(header, num_partitions());
+  header.push_back(static_cast<char>(K::kTag));
+  writer.add(kHeaderKey, header);
+
+  // Shared entries sorted by key, so equal contents give byte-identical snapshots.
+  std::vector<const typename SharedMap::value_type*> items;
+  items.reserve(shared_.size());
+  for (const auto& item : shared_) items.push_back(&item);
+  std::sort(items.begin(), items.end(), [](const auto* a, const auto* b) {
+    return K::less(K::view_of(a->first), K::view_of(b->first));
+  });
+  std::string chunk;
+  for (std::size_t start = 0; start < items.size(); start += kChunkEntries) {
+    const std::size_t end = std::min(items.size(), start + kChunkEntries);
+    chunk.clear();
+    put_u32(chunk, static_cast<std::uint32_t>(end - start));
+    for (std::size_t i = start; i < end; ++i) {
+      K::encode(chunk, K::view_of(items[i]->first));
+      put_u32(chunk, static_cast<std::uint32_t>(items[i]->second.size()));
+      for (const Slot& s : items[i]->second) {
+        put_u32(chunk, s.partition);
+        s.partial.encode(chunk);
+      }
+    }
+    writer.add(kSharedKey, chunk);
+  }
+
+  // Local tables in insertion order: restoring rebuilds them in the same order, so a
+  // restored store snapshots to the same bytes.
+  std::string key;
+  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+    const auto& table = partitions_[pid]->local.table();
+    key.assign(kLocalPrefix);
+    put_u32(key, pid);
+    for (std::size_t start = 0; start < table.size(); start += kChunkEntries) {
+      const std::size_t end = std::min(table.size(), start + kChunkEntries);
+      chunk.clear();
+      put_u32(chunk, static_cast<std::uint32_t>(end - start));
+      for (std::size_t i = start; i < end; ++i) {
+        K::encode(chunk, table.key_at(i));
+        table.value_at(i).encode(chunk);
+      }
+      writer.add(key, chunk);
+    }
+  }
+  return std::move(writer).finish();
+}
+
+template <class K>
+void NumericAggregateStore<K>::restore(std::string_view data) {
+  RecordReader reader(data);
+  reader.expect_kind(RecordKind::kNumericAggregateStore);
+  RecordView record;
+  if (!reader.next(record) || record.key != kHeaderKey) corrupt("missing header record");
+  {
+    ByteReader header(record.value, "numeric aggregate store snapshot header");
+    const std::uint32_t version = header.u32();
+    (void)header.u32();  // the writer's num_partitions; partition ids are checked below
+    const auto tag = static_cast<std::uint8_t>(header.take(1)[0]);
+    if (version != kLayoutVersion) corrupt("unsupported layout version " + std::to_string(version));
+    if (tag != K::kTag) {
+      corrupt("written by a store with a different key_type (this store's is '" +
+              std::string(K::kName) + "')");
+    }
+  }
+
+  const std::uint32_t np = num_partitions();
+  SharedMap fresh_shared;
+  std::vector<typename K::Table> fresh_local(np);
+  constexpr std::size_t kMinShared = 8 + 4 + 4 + Moments::kEncodedSize;  // int64 key lower bound
+  constexpr std::size_t kMinLocal = 4 + Moments::kEncodedSize;
+  while (reader.next(record)) {
+    ByteReader in(record.value, "numeric aggregate store snapshot chunk");
+    if (record.key == kSharedKey) {
+      const std::uint32_t n = chunk_count(in, kMinShared - 4);
+      for (std::uint32_t i = 0; i < n; ++i) {
+        const View key = K::decode(in);
+        const std::uint32_t k = in.u32();
+        if (k == 0 || k > np) corrupt("a shared entry with " + std::to_string(k) + " partials");
+        typename SharedMap::accessor entry;
+        if (!fresh_shared.insert(entry, key)) corrupt("duplicate shared entry");
+        Slots& slots = entry->second;
+        slots.reserve(k);
+        for (std::uint32_t j = 0; j < k; ++j) {
+          const std::uint32_t pid = in.u32();
+          if (pid >= np) {
+            corrupt("partition id " + std::to_string(pid) + " >= num_partitions " +
+                    std::to_string(np));
+          }
+          if (!slots.empty() && slots.back().partition >= pid) {
+            corrupt("shared partials not in strictly ascending partition order");
+          }
+          slots.push_back(Slot{pid, Moments::decode(in)});
+        }
+      }
+    } else if (record.key.size() == kLocalPrefix.size() + 4 &&
+               record.key.substr(0, kLocalPrefix.size()) == kLocalPrefix) {
+      const std::uint32_t pid = load_u32(record.key.data() + kLocalPrefix.size());
+      if (pid >= np) {
+        corrupt("partition id " + std::to_string(pid) + " >= num_partitions " +
+                std::to_string(np));
+      }
+      auto& table = fresh_local[pid];
+      const std::uint32_t n = chunk_count(in, kMinLocal);
+      table.reserve(table.size() + n);
+      for (std::uint32_t i = 0; i < n; ++i) {
+        const View key = K::decode(in);
+        const auto [idx, inserted] = table.emplace(key);
+        if (!inserted) corrupt("duplicate local entry in partition " + std::to_string(pid));
+        table.value_at(idx) = Moments::decode(in);
+      }
+    } else {
+      corrupt("unknown record");
+    }
+    if (!in.at_end()) corrupt("trailing bytes in a chunk");
+  }
+
+  const ExclusiveEpoch epoch(epoch_);
+  std::vector<std::unique_lock<std::mutex>> locks;
+  locks.reserve(partitions_.size());
+  for (const auto& p : partitions_) locks.emplace_back(p->mutex);
+  shared_.swap(fresh_shared);
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    partitions_[pid]->local.replace(std::move(fresh_local[pid]));
+  }
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::memory_bytes() const {
+  std::size_t total = sizeof(*this);
+  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) total += partition_memory_bytes(pid);
+  const ExclusiveEpoch epoch(epoch_);
+  // TBB node: bucket link + per-node rw lock + the (key, slots) pair; plus each bucket's
+  // pointer and lock. Slot vectors and long string keys count their heap capacity.
+  constexpr std::size_t kNodeOverhead = 2 * sizeof(void*);
+  constexpr std::size_t kBucket = 2 * sizeof(void*);
+  total += shared_.bucket_count() * kBucket;
+  for (const auto& item : shared_) {
+    total += kNodeOverhead + sizeof(item) + item.second.capacity() * sizeof(Slot);
+    if constexpr (std::is_same_v<typename K::Key, std::string>) {
+      if (item.first.capacity() > 15) total += item.first.capacity() + 1;
+    }
+  }
+  return total;
+}
+
+template class NumericAggregateStore<Int64Keys>;
+template class NumericAggregateStore<BytesKeys>;
+
+}  // namespace streamstate

@@ -1,0 +1,115 @@
+// Typed numeric partials merged across partitions in C++: each partition folds locally
+// (PartitionAggregator), publishes its changed Moments into one oneTBB concurrent_hash_map,
+// and readers merge the per-partition partials of a key on demand.
+//
+// The shared map is keyed by group key and holds a short list of (partition, Moments)
+// slots sorted by partition: a merged read of one key is one lookup, and results() is one
+// pass over the map, instead of num_partitions lookups per key.
+//
+// Locking (always in this order, never while waiting for the GIL):
+//   epoch_ (store-wide EpochLock): shared for publish and point reads, exclusive for
+//     snapshot / restore / results (which iterate the map);
+//   each partition's mutex: held by fold and publish of that partition, and by snapshot /
+//     restore for all partitions. Uncontended in a normal pipeline (one thread per
+//     partition), it makes concurrent misuse of one partition safe instead of a data race.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <oneapi/tbb/concurrent_hash_map.h>
+
+#include "core/aggregate_store.h"
+#include "core/partition_aggregator.h"
+#include "core/stats.h"
+
+namespace streamstate {
+
+template <class K>
+class NumericAggregateStore {
+ public:
+  using View = typename K::View;
+  using KeyColumn = typename K::KeyColumn;
+
+  // Throws InvalidArgument unless 1 <= num_partitions <= 65536 (each has its own table).
+  NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy);
+
+  [[nodiscard]] std::uint32_t num_partitions() const noexcept {
+    return static_cast<std::uint32_t>(partitions_.size());
+  }
+  [[nodiscard]] NanPolicy nan_policy() const noexcept { return policy_; }
+
+  // Single writer per partition by design; concurrent calls on one partition serialise.
+  void fold(std::uint32_t partition_id, const View* keys, const double* values, std::size_t n);
+
+  // Pushes the partition's changed partials into the shared map, atomically with respect
+  // to snapshot(). Returns how many partials were pushed.
+  std::size_t publish(std::uint32_t partition_id);
+
+  // The key's partials merged in ascending partition order; nullopt if nobody published it.
+  [[nodiscard]] std::optional<Moments> result(View key) const;
+
+  // Every published key with its merged partial, in no particular order.
+  void results(KeyColumn& keys, std::vector<Moments>& stats) const;
+
+  // Published keys.
+  [[nodiscard]] std::size_t size() const noexcept { return shared_.size(); }
+  [[nodiscard]] std::size_t partition_size(std::uint32_t partition_id) const;
+  [[nodiscard]] std::size_t partition_pending(std::uint32_t partition_id) const;
+  [[nodiscard]] std::size_t partition_memory_bytes(std::uint32_t partition_id) const;
+
+  // Shared map and every partition's local state (kind kNumericAggregateStore).
+  [[nodiscard]] std::string snapshot() const;
+  // Validates everything into fresh structures, then swaps them in; CorruptDataError on
+  // any problem and the store is unchanged.
+  void restore(std::string_view data);
+
+  // Heap held by the partitions' tables plus an estimate for the shared map's nodes.
+  [[nodiscard]] std::size_t memory_bytes() const;
+
+ private:
+  struct Slot {
+    std::uint32_t partition;
+    Moments partial;
+  };
+  using Slots = std::vector<Slot>;  // sorted by partition, at most one per partition
+
+  struct KeyHash {
+    using is_transparent = void;
+    template <class A>
+    [[nodiscard]] std::size_t hash(const A& k) const {
+      return static_cast<std::size_t>(K::hash(View(k)));
+    }
+    template <class A, class B>
+    [[nodiscard]] bool equal(const A& a, const B& b) const {
+      return View(a) == View(b);
+    }
+  };
+  using SharedMap = tbb::concurrent_hash_map<typename K::Key, Slots, KeyHash>;
+
+  struct Partition {
+    mutable std::mutex mutex;
+    PartitionAggregator<K> local;
+  };
+
+  Partition& partition(std::uint32_t partition_id);
+  const Partition& partition(std::uint32_t partition_id) const;
+  static void put_slot(Slots& slots, std::uint32_t partition_id, const Moments& m);
+  static Moments merged(const Slots& slots) noexcept;
+
+  NanPolicy policy_;
+  std::vector<std::unique_ptr<Partition>> partitions_;
+  mutable EpochLock epoch_;
+  mutable SharedMap shared_;
+};
+
+extern template class NumericAggregateStore<Int64Keys>;
+extern template class NumericAggregateStore<BytesKeys>;
+
+}  // namespace streamstate
