@@ -1,6 +1,7 @@
 #include "core/numeric_aggregate_store.h"
 
 #include <algorithm>
+#include <bit>
 #include <string>
 #include <type_traits>
 
@@ -24,6 +25,30 @@ constexpr std::string_view kLocalPrefix = "local";
 constexpr std::uint32_t kLayoutVersion = 1;
 constexpr std::uint32_t kMaxPartitions = 65536;
 constexpr std::size_t kChunkEntries = 1 << 16;
+
+// Sorts by bits [32, 32 + bits) (LSD radix, 11 bits a pass; std::sort for small inputs).
+void sort_by_high_word(std::vector<std::uint64_t>& v, unsigned bits) {
+  if (v.size() < 2048) {
+    std::sort(v.begin(), v.end());
+    return;
+  }
+  constexpr unsigned kDigit = 11;
+  constexpr std::size_t kBins = std::size_t{1} << kDigit;
+  std::vector<std::uint64_t> tmp(v.size());
+  std::vector<std::size_t> count(kBins);
+  for (unsigned shift = 32; shift < 32 + bits; shift += kDigit) {
+    std::fill(count.begin(), count.end(), 0);
+    for (const std::uint64_t x : v) ++count[(x >> shift) & (kBins - 1)];
+    std::size_t sum = 0;
+    for (std::size_t& c : count) {
+      const std::size_t n = c;
+      c = sum;
+      sum += n;
+    }
+    for (const std::uint64_t x : v) tmp[count[(x >> shift) & (kBins - 1)]++] = x;
+    v.swap(tmp);
+  }
+}
 
 [[noreturn]] void corrupt(const std::string& what) {
   throw CorruptDataError("numeric aggregate store snapshot: " + what);
@@ -77,15 +102,25 @@ void NumericAggregateStore<K>::fold(std::uint32_t partition_id, const View* keys
 }
 
 template <class K>
-void NumericAggregateStore<K>::put_slot(Slots& slots, std::uint32_t partition_id,
-                                        const Moments& m) {
-  auto at = slots.begin();
-  while (at != slots.end() && at->partition < partition_id) ++at;
-  if (at != slots.end() && at->partition == partition_id) {
-    at->partial = m;
-  } else {
-    slots.insert(at, Slot{partition_id, m});
+void NumericAggregateStore<K>::Slots::put(std::uint32_t partition_id, const Moments& m) {
+  Slot* slots = data();
+  std::uint32_t at = 0;
+  while (at < size_ && slots[at].partition < partition_id) ++at;
+  if (at < size_ && slots[at].partition == partition_id) {
+    slots[at].partial = m;
+    return;
   }
+  if (size_ == capacity_) {
+    const std::uint32_t grown = capacity_ * 2;
+    auto bigger = std::make_unique<Slot[]>(grown);
+    std::copy(slots, slots + size_, bigger.get());
+    heap_ = std::move(bigger);
+    capacity_ = grown;
+    slots = heap_.get();
+  }
+  std::copy_backward(slots + at, slots + size_, slots + size_ + 1);
+  slots[at] = Slot{partition_id, m};
+  ++size_;
 }
 
 template <class K>
@@ -96,15 +131,50 @@ Moments NumericAggregateStore<K>::merged(const Slots& slots) noexcept {
 }
 
 template <class K>
+void NumericAggregateStore<K>::reserve_for(Partition& p) {
+  std::size_t pending = 0;
+  {
+    const std::lock_guard<std::mutex> lock(p.mutex);
+    pending = p.local.pending();
+  }
+  const std::size_t want = shared_.size() + pending;
+  if (want <= shared_.bucket_count()) return;
+  // TBB's rehash() must not run concurrently with anything else on the map.
+  const ExclusiveEpoch epoch(epoch_);
+  if (want > shared_.bucket_count()) shared_.rehash(want);
+}
+
+// Publishing walks the changed entries in the order of the shared map's buckets (a radix
+// sort of bucket index, entry index): bucket heads are then read sequentially, a first
+// publish allocates nodes in bucket order, and every later publish and results() pass
+// finds them in that order too. With a random order each insert costs several dependent
+// cache misses; this turns most of them into streaming reads. The bucket array is grown
+// beforehand so the order stays valid during the inserts.
+template <class K>
 std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
   Partition& p = partition(partition_id);
+  reserve_for(p);
   const SharedEpoch epoch(epoch_);
   const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.take_changes([&](View key, const Moments& m) {
+  std::vector<std::uint64_t> order;
+  p.local.collect_changes(order);
+  const auto& table = p.local.table();
+  const std::uint64_t buckets = shared_.bucket_count();
+  const std::uint64_t mask = (buckets - 1) & 0xffffffffULL;
+  for (std::uint64_t& o : order) o |= (table.hash_at(static_cast<std::size_t>(o)) & mask) << 32;
+  sort_by_high_word(order, static_cast<unsigned>(std::bit_width(mask)));
+  constexpr std::size_t kAhead = 8;
+  for (std::size_t j = 0; j < order.size(); ++j) {
+    if (j + kAhead < order.size()) {
+      table.prefetch_index(static_cast<std::size_t>(order[j + kAhead] & 0xffffffffULL));
+    }
+    const auto i = static_cast<std::size_t>(order[j] & 0xffffffffULL);
     typename SharedMap::accessor entry;
-    shared_.insert(entry, key);
-    put_slot(entry->second, partition_id, m);
-  });
+    shared_.insert(entry, table.key_at(i));
+    entry->second.put(partition_id, table.value_at(i));
+  }
+  p.local.forget_changes();
+  return order.size();
 }
 
 template <class K>
@@ -239,17 +309,18 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
         typename SharedMap::accessor entry;
         if (!fresh_shared.insert(entry, key)) corrupt("duplicate shared entry");
         Slots& slots = entry->second;
-        slots.reserve(k);
+        std::uint32_t previous = 0;
         for (std::uint32_t j = 0; j < k; ++j) {
           const std::uint32_t pid = in.u32();
           if (pid >= np) {
             corrupt("partition id " + std::to_string(pid) + " >= num_partitions " +
                     std::to_string(np));
           }
-          if (!slots.empty() && slots.back().partition >= pid) {
+          if (j > 0 && pid <= previous) {
             corrupt("shared partials not in strictly ascending partition order");
           }
-          slots.push_back(Slot{pid, Moments::decode(in)});
+          previous = pid;
+          slots.put(pid, Moments::decode(in));
         }
       }
     } else if (record.key.size() == kLocalPrefix.size() + 4 &&
@@ -295,7 +366,7 @@ std::size_t NumericAggregateStore<K>::memory_bytes() const {
   constexpr std::size_t kBucket = 2 * sizeof(void*);
   total += shared_.bucket_count() * kBucket;
   for (const auto& item : shared_) {
-    total += kNodeOverhead + sizeof(item) + item.second.capacity() * sizeof(Slot);
+    total += kNodeOverhead + sizeof(item) + item.second.heap_bytes();
     if constexpr (std::is_same_v<typename K::Key, std::string>) {
       if (item.first.capacity() > 15) total += item.first.capacity() + 1;
     }

@@ -78,7 +78,39 @@ class NumericAggregateStore {
     std::uint32_t partition;
     Moments partial;
   };
-  using Slots = std::vector<Slot>;  // sorted by partition, at most one per partition
+
+  // A key's partials, sorted by partition, at most one per partition. The first kInline
+  // live inside the map node itself, so with a few partitions publishing costs no
+  // allocation beyond TBB's node and a merged read touches one node.
+  class Slots {
+   public:
+    static constexpr std::uint32_t kInline = 2;
+    Slots() = default;
+    Slots(const Slots&) = delete;
+    Slots& operator=(const Slots&) = delete;
+    Slots(Slots&&) = delete;
+    Slots& operator=(Slots&&) = delete;
+    ~Slots() = default;
+
+    [[nodiscard]] const Slot* begin() const noexcept { return data(); }
+    [[nodiscard]] const Slot* end() const noexcept { return data() + size_; }
+    [[nodiscard]] std::uint32_t size() const noexcept { return size_; }
+    [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+    [[nodiscard]] std::size_t heap_bytes() const noexcept {
+      return heap_ ? capacity_ * sizeof(Slot) : 0;
+    }
+    // Inserts or overwrites the partition's partial.
+    void put(std::uint32_t partition, const Moments& m);
+
+   private:
+    [[nodiscard]] Slot* data() noexcept { return heap_ ? heap_.get() : inline_; }
+    [[nodiscard]] const Slot* data() const noexcept { return heap_ ? heap_.get() : inline_; }
+
+    std::uint32_t size_ = 0;
+    std::uint32_t capacity_ = kInline;
+    Slot inline_[kInline];
+    std::unique_ptr<Slot[]> heap_;
+  };
 
   struct KeyHash {
     using is_transparent = void;
@@ -100,7 +132,8 @@ class NumericAggregateStore {
 
   Partition& partition(std::uint32_t partition_id);
   const Partition& partition(std::uint32_t partition_id) const;
-  static void put_slot(Slots& slots, std::uint32_t partition_id, const Moments& m);
+  // Grows the map's bucket array before a publish that would overflow it (see publish).
+  void reserve_for(Partition& p);
   static Moments merged(const Slots& slots) noexcept;
 
   NanPolicy policy_;

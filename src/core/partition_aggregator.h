@@ -96,27 +96,25 @@ class PartitionAggregator {
   // kPropagate folds them (the key's sum/mean/min/max/var become NaN).
   void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy);
 
-  // Calls emit(key, moments) for each entry changed since the last call, then forgets the
-  // changes. If emit throws, nothing is forgotten (publishing again is idempotent).
-  template <class Emit>
-  std::size_t take_changes(Emit&& emit) {
-    std::size_t emitted = 0;
+  // Appends the indices (into table()) of entries changed since the last forget_changes().
+  void collect_changes(std::vector<std::uint64_t>& out) const {
+    out.reserve(out.size() + pending());
     for (std::size_t w = 0; w < changed_.size(); ++w) {
       for (std::uint64_t bits = changed_[w]; bits != 0; bits &= bits - 1) {
-        const std::size_t i = w * 64 + static_cast<std::size_t>(__builtin_ctzll(bits));
-        emit(key_at(i), table_.value_at(i));
-        ++emitted;
+        out.push_back(w * 64 + static_cast<std::uint64_t>(__builtin_ctzll(bits)));
       }
     }
-    for (std::size_t i = watermark_; i < table_.size(); ++i) {
-      emit(key_at(i), table_.value_at(i));
-      ++emitted;
-    }
-    forget_changes();
-    return emitted;
+    for (std::size_t i = watermark_; i < table_.size(); ++i) out.push_back(i);
   }
 
-  // Entries changed since the last take_changes (new keys plus updated ones).
+  // Marks everything as published. Call only once the changes are safely pushed:
+  // publishing the same partial twice is harmless, losing one is not.
+  void forget_changes() {
+    watermark_ = table_.size();
+    changed_.assign((watermark_ + 63) / 64, 0);
+  }
+
+  // Entries changed since the last forget_changes (new keys plus updated ones).
   [[nodiscard]] std::size_t pending() const noexcept;
   [[nodiscard]] std::size_t size() const noexcept { return table_.size(); }
   [[nodiscard]] std::size_t memory_bytes() const noexcept {
@@ -134,10 +132,6 @@ class PartitionAggregator {
   }
 
  private:
-  void forget_changes() {
-    watermark_ = table_.size();
-    changed_.assign((watermark_ + 63) / 64, 0);
-  }
   template <bool kSkipNan>
   void fold_numbers(const View* keys, const double* values, std::size_t n);
   void fold_with_nan(const View* keys, const double* values, std::size_t n);
