@@ -277,7 +277,7 @@ void register_opaque_store(py::module_& m) {
       "Opaque partial aggregates published by partitions under (group_key, partition_id).")
       .def(py::init([](std::int64_t num_partitions) {
              return std::make_shared<AggregateStore>(
-                 checked_num_partitions(num_partitions, std::int64_t{1} << 31));
+                 checked_num_partitions(num_partitions, 65536));
            }),
            py::arg("num_partitions"))
       .def_property_readonly("num_partitions", &AggregateStore::num_partitions)

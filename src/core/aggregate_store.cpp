@@ -15,13 +15,13 @@ namespace {
 //   then one record per entry: key = group bytes + u32 LE partition id, value = partial.
 constexpr std::string_view kHeaderKey = "streamstate.aggregate_store";
 constexpr std::uint32_t kLayoutVersion = 1;
-constexpr std::uint32_t kMaxPartitions = 1U << 31;
+constexpr std::uint32_t kMaxPartitions = 65536;
 
 }  // namespace
 
 AggregateStore::AggregateStore(std::uint32_t num_partitions) : num_partitions_(num_partitions) {
   if (num_partitions == 0 || num_partitions > kMaxPartitions) {
-    throw InvalidArgument("num_partitions must be between 1 and 2^31, got " +
+    throw InvalidArgument("num_partitions must be between 1 and 65536, got " +
                           std::to_string(num_partitions));
   }
 }
@@ -35,20 +35,9 @@ void AggregateStore::check_partition(std::uint32_t partition_id) const {
 
 void AggregateStore::publish_locked(std::string_view group_key, std::uint32_t partition_id,
                                     std::string_view partial) {
-  bool created = false;
-  {
-    EntryMap::accessor entry;
-    created = entries_.insert(entry, EntryKeyView{group_key, partition_id});
-    entry->second.assign(partial);
-  }
-  if (!created) return;
-  // A remove_group racing with this publish either ran before the entry existed or will
-  // not see this partition in the index yet; both leave the index and the map agreeing.
-  GroupIndex::accessor group;
-  groups_.insert(group, group_key);
-  auto& ids = group->second;
-  const auto at = std::lower_bound(ids.begin(), ids.end(), partition_id);
-  if (at == ids.end() || *at != partition_id) ids.insert(at, partition_id);
+  EntryMap::accessor entry;
+  entries_.insert(entry, EntryKeyView{group_key, partition_id});
+  entry->second.assign(partial);
 }
 
 void AggregateStore::publish(std::string_view group_key, std::uint32_t partition_id,
@@ -56,6 +45,13 @@ void AggregateStore::publish(std::string_view group_key, std::uint32_t partition
   check_partition(partition_id);
   const SharedEpoch epoch(epoch_);
   publish_locked(group_key, partition_id, partial);
+}
+
+void AggregateStore::reserve_for(std::size_t more) {
+  const std::size_t want = entries_.size() + more;
+  if (want <= entries_.bucket_count()) return;
+  const ExclusiveEpoch epoch(epoch_);
+  if (want > entries_.bucket_count()) entries_.rehash(want);
 }
 
 void AggregateStore::publish_many(std::uint32_t partition_id,
@@ -66,6 +62,8 @@ void AggregateStore::publish_many(std::uint32_t partition_id,
     throw InvalidArgument("publish_many: " + std::to_string(group_keys.size()) + " keys but " +
                           std::to_string(partials.size()) + " partials");
   }
+  // Only worth an exclusive moment when the batch is big next to the map.
+  if (group_keys.size() >= 1024) reserve_for(group_keys.size());
   const SharedEpoch epoch(epoch_);
   for (std::size_t i = 0; i < group_keys.size(); ++i) {
     publish_locked(group_keys[i], partition_id, partials[i]);
@@ -84,15 +82,8 @@ std::optional<std::string> AggregateStore::get_partial(std::string_view group_ke
 std::vector<std::pair<std::uint32_t, std::string>> AggregateStore::collect_partials(
     std::string_view group_key) const {
   const SharedEpoch epoch(epoch_);
-  std::vector<std::uint32_t> ids;
-  {
-    GroupIndex::const_accessor group;
-    if (!groups_.find(group, group_key)) return {};
-    ids = group->second;
-  }
   std::vector<std::pair<std::uint32_t, std::string>> out;
-  out.reserve(ids.size());
-  for (const std::uint32_t id : ids) {
+  for (std::uint32_t id = 0; id < num_partitions_; ++id) {
     EntryMap::const_accessor entry;
     if (entries_.find(entry, EntryKeyView{group_key, id})) out.emplace_back(id, entry->second);
   }
@@ -101,25 +92,21 @@ std::vector<std::pair<std::uint32_t, std::string>> AggregateStore::collect_parti
 
 std::size_t AggregateStore::remove_group(std::string_view group_key) {
   const SharedEpoch epoch(epoch_);
-  // Holding the group's index entry serialises this with publishes that add a partition
-  // to the same group, so no entry is left behind without an index record.
-  GroupIndex::accessor group;
-  if (!groups_.find(group, group_key)) return 0;
   std::size_t removed = 0;
-  for (const std::uint32_t id : group->second) {
+  for (std::uint32_t id = 0; id < num_partitions_; ++id) {
     if (entries_.erase(EntryKeyView{group_key, id})) ++removed;
   }
-  groups_.erase(group);
   return removed;
 }
 
 std::vector<std::string> AggregateStore::groups() const {
   const ExclusiveEpoch epoch(epoch_);
-  std::vector<std::string> out;
-  out.reserve(groups_.size());
-  for (const auto& item : groups_) out.push_back(item.first);
-  std::sort(out.begin(), out.end());
-  return out;
+  std::vector<std::string_view> views;
+  views.reserve(entries_.size());
+  for (const auto& item : entries_) views.emplace_back(item.first.group);
+  std::sort(views.begin(), views.end());
+  views.erase(std::unique(views.begin(), views.end()), views.end());
+  return {views.begin(), views.end()};  // copied while the entries cannot change
 }
 
 std::string AggregateStore::snapshot() const {
@@ -169,7 +156,7 @@ void AggregateStore::restore(std::string_view data) {
                            std::to_string(version));
   }
   EntryMap fresh_entries;
-  GroupIndex fresh_groups;
+  fresh_entries.rehash(reader.count());
   while (reader.next(record)) {
     if (record.key.size() < 4) {
       throw CorruptDataError("aggregate store snapshot: entry key shorter than 4 bytes");
@@ -186,16 +173,10 @@ void AggregateStore::restore(std::string_view data) {
                              std::to_string(id));
     }
     entry->second.assign(record.value);
-    entry.release();
-    GroupIndex::accessor index;
-    fresh_groups.insert(index, group);
-    auto& ids = index->second;
-    ids.insert(std::lower_bound(ids.begin(), ids.end(), id), id);
   }
   const ExclusiveEpoch epoch(epoch_);
   entries_.swap(fresh_entries);
-  groups_.swap(fresh_groups);
-  // The old contents are freed when the fresh_* locals go out of scope.
+  // The old contents are freed when fresh_entries goes out of scope, after the lock.
 }
 
 std::size_t AggregateStore::memory_bytes() const {
@@ -206,13 +187,9 @@ std::size_t AggregateStore::memory_bytes() const {
   constexpr std::size_t kBucket = 2 * sizeof(void*);
   auto heap = [](const std::string& s) { return s.capacity() > 15 ? s.capacity() + 1 : 0; };
   std::size_t total = sizeof(*this);
-  total += entries_.bucket_count() * kBucket + groups_.bucket_count() * kBucket;
+  total += entries_.bucket_count() * kBucket;
   for (const auto& item : entries_) {
     total += kNodeOverhead + sizeof(item) + heap(item.first.group) + heap(item.second);
-  }
-  for (const auto& item : groups_) {
-    total += kNodeOverhead + sizeof(item) + heap(item.first) +
-             item.second.capacity() * sizeof(std::uint32_t);
   }
   return total;
 }

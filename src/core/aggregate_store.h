@@ -6,7 +6,9 @@
 // safely while others insert, and a checkpoint must see each publish_many call whole, so a
 // store-wide EpochLock separates the two kinds of operation: publish / publish_many /
 // remove_group / point reads hold it shared (they run in parallel with each other), while
-// snapshot / restore / groups hold it exclusively (they see a quiescent map).
+// snapshot / restore / groups hold it exclusively (they see a quiescent map). A
+// publish_many that would grow the map by a lot first pre-sizes it (TBB's rehash()
+// must also run alone), which spares the inserts TBB's bucket-by-bucket splitting.
 #pragma once
 
 #include <cstddef>
@@ -56,7 +58,7 @@ using ExclusiveEpoch = std::unique_lock<EpochLock>;
 
 class AggregateStore {
  public:
-  // Throws InvalidArgument unless 1 <= num_partitions <= 2^31.
+  // Throws InvalidArgument unless 1 <= num_partitions <= 65536.
   explicit AggregateStore(std::uint32_t num_partitions);
 
   [[nodiscard]] std::uint32_t num_partitions() const noexcept { return num_partitions_; }
@@ -77,13 +79,14 @@ class AggregateStore {
                                                        std::uint32_t partition_id) const;
 
   // (partition id, partial) for every partition that published the group, ascending id.
+  // One point lookup per partition id.
   [[nodiscard]] std::vector<std::pair<std::uint32_t, std::string>> collect_partials(
       std::string_view group_key) const;
 
   // Drops every partition's partial for the group; returns how many were dropped.
   std::size_t remove_group(std::string_view group_key);
 
-  // Every group with at least one partial, sorted bytewise.
+  // Every group with at least one partial, sorted bytewise (one pass over the entries).
   [[nodiscard]] std::vector<std::string> groups() const;
 
   // A record-codec container (kind kAggregateStore), entries sorted by (group, partition).
@@ -123,29 +126,16 @@ class AggregateStore {
       return a.partition == b.partition && std::string_view(a.group) == std::string_view(b.group);
     }
   };
-  struct GroupHash {
-    using is_transparent = void;
-    [[nodiscard]] std::size_t hash(std::string_view k) const {
-      return static_cast<std::size_t>(hash_bytes(k));
-    }
-    [[nodiscard]] std::size_t hash(const std::string& k) const {
-      return static_cast<std::size_t>(hash_bytes(k));
-    }
-    template <class A, class B>
-    [[nodiscard]] bool equal(const A& a, const B& b) const {
-      return std::string_view(a) == std::string_view(b);
-    }
-  };
-
-  // Primary map: (group, partition) -> partial, as the product promises.
+  // Keyed by (group, partition) and nothing else: publishing is the hot path, so each
+  // publish is exactly one map operation. A secondary group -> partitions index was tried
+  // and dropped: it doubled the cost of every first publish of a key (a second node, key
+  // copy and id list) to speed up collect_partials / groups, which are occasional reads
+  // and already cheap enough as num_partitions point lookups / one sorted pass.
   using EntryMap = tbb::concurrent_hash_map<EntryKey, std::string, EntryHash>;
-  // Secondary index: group -> partition ids present, kept sorted. It makes groups() cost
-  // O(groups) instead of a de-duplicating scan of every entry, and collect_partials /
-  // remove_group cost O(partitions present) instead of probing all num_partitions ids.
-  // Only a publish that creates a new (group, partition) pair touches it.
-  using GroupIndex = tbb::concurrent_hash_map<std::string, std::vector<std::uint32_t>, GroupHash>;
 
   void check_partition(std::uint32_t partition_id) const;
+  // Pre-sizes the bucket array for `more` new entries if it would otherwise grow.
+  void reserve_for(std::size_t more);
   // Publishes one pair; the caller holds the epoch lock shared.
   void publish_locked(std::string_view group_key, std::uint32_t partition_id,
                       std::string_view partial);
@@ -153,7 +143,6 @@ class AggregateStore {
   std::uint32_t num_partitions_;
   mutable EpochLock epoch_;
   mutable EntryMap entries_;
-  mutable GroupIndex groups_;
 };
 
 }  // namespace streamstate
