@@ -39,12 +39,15 @@ except ImportError:  # running from a source checkout without installing
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of fn(); whatever fn returns is freed outside the timed region,
+    for streamstate and baselines alike."""
     times = []
     for _ in range(repeats):
         gc.collect()
         start = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - start)
+        del result
     return statistics.median(times)
 
 
@@ -61,9 +64,11 @@ def _run_threads(targets: list[Callable[[], object]]) -> None:
         t.join()
 
 
-def streamstate_fold(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+def streamstate_fold(
+    parts: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[ss.NumericAggregateStore, dict[str, Any]]:
     """Fold each (keys, values) part in its own partition on its own thread, publish,
-    and read the merged columns."""
+    and read the merged columns (the store is returned so it is freed after timing)."""
     store = ss.NumericAggregateStore(len(parts))
 
     def work(pid: int) -> None:
@@ -75,7 +80,7 @@ def streamstate_fold(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, An
         work(0)
     else:
         _run_threads([lambda pid=pid: work(pid) for pid in range(len(parts))])
-    return store.results()
+    return store, store.results()
 
 
 def python_dict_fold(keys: list[int], values: list[float]) -> dict[int, tuple[float, ...]]:
@@ -115,7 +120,7 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
     owned = [(keys[keys % 2 == p], values[keys % 2 == p]) for p in range(2)]
     # Cross-check once: streamstate agrees with pandas before anything is timed.
     frame = pd.DataFrame({"k": keys, "v": values})
-    check = streamstate_fold(halves)
+    _, check = streamstate_fold(halves)
     expected = frame.groupby("k")["v"].agg(["count", "var"])
     order = np.argsort(check["key"])
     assert np.array_equal(check["key"][order], expected.index.to_numpy())
@@ -124,6 +129,8 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
     t_two = _median_time(lambda: streamstate_fold(halves), repeats)
     t_one = _median_time(lambda: streamstate_fold([(keys, values)]), repeats)
     t_owned = _median_time(lambda: streamstate_fold(owned), repeats)
+    owned_one = [(np.concatenate([o[0] for o in owned]), np.concatenate([o[1] for o in owned]))]
+    t_owned_one = _median_time(lambda: streamstate_fold(owned_one), repeats)
 
     con = duckdb.connect()
     con.execute("SET threads TO 2")
@@ -159,6 +166,8 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
              two_rate / py_rate, ">= 100x"),
         _row(f"{label}, 2 threads vs 1 thread", f"{t_two:.3f} s", f"{t_one:.3f} s",
              t_one / t_two, ">= 1.7x"),
+        _row(f"{label}, 2 threads vs 1 thread, key-partitioned input", f"{t_owned:.3f} s",
+             f"{t_owned_one:.3f} s", t_owned_one / t_owned, ">= 1.7x"),
     ]
 
 
@@ -172,14 +181,15 @@ def bench_publish_many(quick: bool) -> list[dict[str, Any]]:
         partials = [i.to_bytes(8, "little") * 2 for i in range(per_thread)]
         work.append([(keys[s : s + batch], partials[s : s + batch]) for s in range(0, per_thread, batch)])
 
-    def ours() -> None:
+    def ours() -> ss.AggregateStore:
         store = ss.AggregateStore(threads)
         _run_threads([
             lambda pid=pid: [store.publish_many(pid, k, p) for k, p in work[pid]]
             for pid in range(threads)
         ])
+        return store
 
-    def baseline() -> None:
+    def baseline() -> dict[tuple[bytes, int], bytes]:
         table: dict[tuple[bytes, int], bytes] = {}
         lock = threading.Lock()
 
@@ -190,6 +200,7 @@ def bench_publish_many(quick: bool) -> list[dict[str, Any]]:
                         table[(key, pid)] = partial
 
         _run_threads([lambda pid=pid: publish(pid) for pid in range(threads)])
+        return table
 
     t_ours = _median_time(ours, repeats)
     t_base = _median_time(baseline, repeats)
@@ -201,10 +212,11 @@ def bench_publish_many(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def bench_memory(quick: bool) -> list[dict[str, Any]]:
+def _memory_probe(groups: int) -> tuple[float, float]:
+    """(accounted, RSS-measured) bytes per group for a 2-partition store of `groups` keys.
+    Runs in a fresh interpreter (see bench_memory) so earlier allocations do not blur RSS."""
     import psutil
 
-    groups = 100_000 if quick else 1_000_000
     proc = psutil.Process()
     rng = np.random.default_rng(1)
     keys = rng.permutation(groups).astype(np.int64)
@@ -216,9 +228,22 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
         with store.partition(pid) as part:
             part.fold(keys, values)
     rss_after = proc.memory_info().rss
-    accounted = store.memory_bytes() / groups
-    measured = (rss_after - rss_before) / groups
-    del store
+    return store.memory_bytes() / groups, (rss_after - rss_before) / groups
+
+
+def bench_memory(quick: bool) -> list[dict[str, Any]]:
+    import subprocess
+
+    groups = 100_000 if quick else 1_000_000
+    code = (
+        "import sys; sys.path[:0] = sys.argv[1:3]; import bench_aggregate as b; "
+        f"print(*b._memory_probe({groups}))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    src = str(Path(__file__).resolve().parents[1] / "python")
+    out = subprocess.run([sys.executable, "-c", code, here, src], check=True,
+                         capture_output=True, text=True).stdout.split()
+    accounted, measured = float(out[0]), float(out[1])
     return [
         _row(f"memory per group at {groups // 1000}K groups, 2 partitions (accounted / RSS)",
              f"{accounted:.0f} B", f"{measured:.0f} B RSS", accounted / measured if measured else 0.0,

@@ -163,11 +163,20 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
   const std::uint64_t mask = (buckets - 1) & 0xffffffffULL;
   for (std::uint64_t& o : order) o |= (table.hash_at(static_cast<std::size_t>(o)) & mask) << 32;
   sort_by_high_word(order, static_cast<unsigned>(std::bit_width(mask)));
+  // Partitions publishing at the same time would otherwise walk the same buckets in
+  // lockstep (same order, same keys) and fight over every bucket and node lock and cache
+  // line; each starts instead at its own fraction of the bucket order and wraps around.
+  const std::size_t n = order.size();
+  // n < 2^32 (entry indices are 32-bit) and partition_id < 2^16: no overflow.
+  const std::size_t start = static_cast<std::size_t>(
+      static_cast<std::uint64_t>(n) * partition_id / num_partitions());
   constexpr std::size_t kAhead = 8;
-  for (std::size_t j = 0; j < order.size(); ++j) {
-    if (j + kAhead < order.size()) {
-      table.prefetch_index(static_cast<std::size_t>(order[j + kAhead] & 0xffffffffULL));
-    }
+  for (std::size_t step = 0; step < n; ++step) {
+    std::size_t j = start + step;
+    if (j >= n) j -= n;
+    std::size_t ahead = j + kAhead;
+    if (ahead >= n) ahead -= n;
+    if (kAhead < n) table.prefetch_index(static_cast<std::size_t>(order[ahead] & 0xffffffffULL));
     const auto i = static_cast<std::size_t>(order[j] & 0xffffffffULL);
     typename SharedMap::accessor entry;
     shared_.insert(entry, table.key_at(i));
