@@ -4,6 +4,10 @@
 #include <bit>
 #include <string>
 #include <type_traits>
+#include <utility>
+
+#include <oneapi/tbb/enumerable_thread_specific.h>
+#include <oneapi/tbb/parallel_for.h>
 
 #include "core/byte_io.h"
 #include "core/errors.h"
@@ -197,11 +201,26 @@ std::optional<Moments> NumericAggregateStore<K>::result(View key) const {
 template <class K>
 void NumericAggregateStore<K>::results(KeyColumn& keys, std::vector<Moments>& stats) const {
   const ExclusiveEpoch epoch(epoch_);
+  // Readers run alone here, so the merge uses every core: TBB splits the map's buckets
+  // into ranges, each worker fills its own columns, and they are concatenated.
+  struct Part {
+    KeyColumn keys;
+    std::vector<Moments> stats;
+  };
+  tbb::enumerable_thread_specific<Part> parts;
+  const auto merge_range = [&](const typename SharedMap::const_range_type& r) {
+    Part& part = parts.local();
+    for (auto it = r.begin(); it != r.end(); ++it) {
+      part.keys.push_back(K::view_of(it->first));
+      part.stats.push_back(merged(it->second));
+    }
+  };
+  tbb::parallel_for(std::as_const(shared_).range(4096), merge_range);
   keys.reserve(shared_.size());
   stats.reserve(shared_.size());
-  for (const auto& item : shared_) {
-    keys.push_back(K::view_of(item.first));
-    stats.push_back(merged(item.second));
+  for (const Part& part : parts) {
+    keys.append(part.keys);
+    stats.insert(stats.end(), part.stats.begin(), part.stats.end());
   }
 }
 

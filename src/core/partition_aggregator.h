@@ -25,6 +25,9 @@ struct Int64Keys {
     std::vector<std::int64_t> keys;
     void reserve(std::size_t n) { keys.reserve(n); }
     void push_back(View k) { keys.push_back(k); }
+    void append(const KeyColumn& other) {
+      keys.insert(keys.end(), other.keys.begin(), other.keys.end());
+    }
     [[nodiscard]] std::size_t size() const noexcept { return keys.size(); }
   };
   static constexpr std::uint8_t kTag = 0;
@@ -52,6 +55,11 @@ struct BytesKeys {
     void push_back(View k) {
       bytes.append(k);
       ends.push_back(bytes.size());
+    }
+    void append(const KeyColumn& other) {
+      const std::size_t base = bytes.size();
+      bytes.append(other.bytes);
+      for (const std::size_t end : other.ends) ends.push_back(base + end);
     }
     [[nodiscard]] std::size_t size() const noexcept { return ends.size(); }
   };
