@@ -52,8 +52,13 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _row(operation: str, ours: str, base: str, ratio: float, target: str) -> dict[str, Any]:
-    return {"operation": operation, "streamstate": ours, "baseline": base, "ratio": ratio,
-            "target": target}
+    return {
+        "operation": operation,
+        "streamstate": ours,
+        "baseline": base,
+        "ratio": ratio,
+        "target": target,
+    }
 
 
 def _run_threads(targets: list[Callable[[], object]]) -> None:
@@ -86,7 +91,7 @@ def streamstate_fold(
 def python_dict_fold(keys: list[int], values: list[float]) -> dict[int, tuple[float, ...]]:
     """The pure-Python baseline: Welford per key in a dict, then the six statistics."""
     acc: dict[int, list[float]] = {}
-    for k, v in zip(keys, values):
+    for k, v in zip(keys, values, strict=True):
         s = acc.get(k)
         if s is None:
             acc[k] = [1, v, v, v, v, 0.0]
@@ -94,9 +99,9 @@ def python_dict_fold(keys: list[int], values: list[float]) -> dict[int, tuple[fl
             n = s[0] + 1
             s[0] = n
             s[1] += v
-            if v < s[2]:
+            if v < s[2]:  # noqa: PLR1730 - a call to min() would slow the baseline
                 s[2] = v
-            if v > s[3]:
+            if v > s[3]:  # noqa: PLR1730
                 s[3] = v
             delta = v - s[4]
             s[4] += delta / n
@@ -116,7 +121,10 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     keys = rng.integers(0, keys_n, rows_n, dtype=np.int64)
     values = rng.standard_normal(rows_n)
-    halves = [(keys[: rows_n // 2], values[: rows_n // 2]), (keys[rows_n // 2 :], values[rows_n // 2 :])]
+    halves = [
+        (keys[: rows_n // 2], values[: rows_n // 2]),
+        (keys[rows_n // 2 :], values[rows_n // 2 :]),
+    ]
     owned = [(keys[keys % 2 == p], values[keys % 2 == p]) for p in range(2)]
     # Cross-check once: streamstate agrees with pandas before anything is timed.
     frame = pd.DataFrame({"k": keys, "v": values})
@@ -135,9 +143,7 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
     con = duckdb.connect()
     con.execute("SET threads TO 2")
     con.register("t", frame)
-    query = (
-        "SELECT k, count(*), sum(v), min(v), max(v), avg(v), var_samp(v) FROM t GROUP BY k"
-    )
+    query = "SELECT k, count(*), sum(v), min(v), max(v), avg(v), var_samp(v) FROM t GROUP BY k"
     con.execute(query).fetchnumpy()  # warm-up (plans and scans once)
     t_duck = _median_time(lambda: con.execute(query).fetchnumpy(), repeats)
 
@@ -155,19 +161,48 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
 
     label = f"fold {rows_n // 1_000_000 or rows_n / 1e6}M rows/{keys_n // 1000}K keys e2e"
     return [
-        _row(f"{label}, 2 threads vs DuckDB (2 threads)", f"{t_two:.3f} s", f"{t_duck:.3f} s",
-             t_duck / t_two, ">= 1.0x"),
-        _row(f"{label}, 2 threads, key-partitioned input vs DuckDB", f"{t_owned:.3f} s",
-             f"{t_duck:.3f} s", t_duck / t_owned, "(extra)"),
-        _row(f"{label}, 2 threads vs pandas groupby.agg", f"{t_two:.3f} s",
-             f"{t_pandas:.3f} s", t_pandas / t_two, ">= 3x"),
-        _row(f"{label}, 2 threads vs pure-Python dict ({prefix // 1000}K-row prefix)",
-             f"{two_rate / 1e6:.1f} M rows/s", f"{py_rate / 1e6:.2f} M rows/s",
-             two_rate / py_rate, ">= 100x"),
-        _row(f"{label}, 2 threads vs 1 thread", f"{t_two:.3f} s", f"{t_one:.3f} s",
-             t_one / t_two, ">= 1.7x"),
-        _row(f"{label}, 2 threads vs 1 thread, key-partitioned input", f"{t_owned:.3f} s",
-             f"{t_owned_one:.3f} s", t_owned_one / t_owned, ">= 1.7x"),
+        _row(
+            f"{label}, 2 threads vs DuckDB (2 threads)",
+            f"{t_two:.3f} s",
+            f"{t_duck:.3f} s",
+            t_duck / t_two,
+            ">= 1.0x",
+        ),
+        _row(
+            f"{label}, 2 threads, key-partitioned input vs DuckDB",
+            f"{t_owned:.3f} s",
+            f"{t_duck:.3f} s",
+            t_duck / t_owned,
+            "(extra)",
+        ),
+        _row(
+            f"{label}, 2 threads vs pandas groupby.agg",
+            f"{t_two:.3f} s",
+            f"{t_pandas:.3f} s",
+            t_pandas / t_two,
+            ">= 3x",
+        ),
+        _row(
+            f"{label}, 2 threads vs pure-Python dict ({prefix // 1000}K-row prefix)",
+            f"{two_rate / 1e6:.1f} M rows/s",
+            f"{py_rate / 1e6:.2f} M rows/s",
+            two_rate / py_rate,
+            ">= 100x",
+        ),
+        _row(
+            f"{label}, 2 threads vs 1 thread",
+            f"{t_two:.3f} s",
+            f"{t_one:.3f} s",
+            t_one / t_two,
+            ">= 1.7x",
+        ),
+        _row(
+            f"{label}, 2 threads vs 1 thread, key-partitioned input",
+            f"{t_owned:.3f} s",
+            f"{t_owned_one:.3f} s",
+            t_owned_one / t_owned,
+            ">= 1.7x",
+        ),
     ]
 
 
@@ -179,14 +214,18 @@ def bench_publish_many(quick: bool) -> list[dict[str, Any]]:
     for pid in range(threads):
         keys = [f"group-{pid}-{i}".encode() for i in range(per_thread)]
         partials = [i.to_bytes(8, "little") * 2 for i in range(per_thread)]
-        work.append([(keys[s : s + batch], partials[s : s + batch]) for s in range(0, per_thread, batch)])
+        work.append(
+            [(keys[s : s + batch], partials[s : s + batch]) for s in range(0, per_thread, batch)]
+        )
 
     def ours() -> ss.AggregateStore:
         store = ss.AggregateStore(threads)
-        _run_threads([
-            lambda pid=pid: [store.publish_many(pid, k, p) for k, p in work[pid]]
-            for pid in range(threads)
-        ])
+        _run_threads(
+            [
+                lambda pid=pid: [store.publish_many(pid, k, p) for k, p in work[pid]]
+                for pid in range(threads)
+            ]
+        )
         return store
 
     def baseline() -> dict[tuple[bytes, int], bytes]:
@@ -196,7 +235,7 @@ def bench_publish_many(quick: bool) -> list[dict[str, Any]]:
         def publish(pid: int) -> None:
             for k, p in work[pid]:
                 with lock:
-                    for key, partial in zip(k, p):
+                    for key, partial in zip(k, p, strict=True):
                         table[(key, pid)] = partial
 
         _run_threads([lambda pid=pid: publish(pid) for pid in range(threads)])
@@ -206,9 +245,13 @@ def bench_publish_many(quick: bool) -> list[dict[str, Any]]:
     t_base = _median_time(baseline, repeats)
     total = threads * per_thread
     return [
-        _row(f"publish_many, 2 threads x {per_thread // 1000}K entries (batches of {batch})",
-             f"{total / t_ours / 1e6:.2f} M/s", f"{total / t_base / 1e6:.2f} M/s (dict+Lock)",
-             t_base / t_ours, ">= 5x"),
+        _row(
+            f"publish_many, 2 threads x {per_thread // 1000}K entries (batches of {batch})",
+            f"{total / t_ours / 1e6:.2f} M/s",
+            f"{total / t_base / 1e6:.2f} M/s (dict+Lock)",
+            t_base / t_ours,
+            ">= 5x",
+        ),
     ]
 
 
@@ -241,13 +284,18 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
     )
     here = str(Path(__file__).resolve().parent)
     src = str(Path(__file__).resolve().parents[1] / "python")
-    out = subprocess.run([sys.executable, "-c", code, here, src], check=True,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code, here, src], check=True, capture_output=True, text=True
+    ).stdout.split()
     accounted, measured = float(out[0]), float(out[1])
     return [
-        _row(f"memory per group at {groups // 1000}K groups, 2 partitions (accounted / RSS)",
-             f"{accounted:.0f} B", f"{measured:.0f} B RSS", accounted / measured if measured else 0.0,
-             "reported"),
+        _row(
+            f"memory per group at {groups // 1000}K groups, 2 partitions (accounted / RSS)",
+            f"{accounted:.0f} B",
+            f"{measured:.0f} B RSS",
+            accounted / measured if measured else 0.0,
+            "reported",
+        ),
     ]
 
 
@@ -262,10 +310,14 @@ def main() -> None:
     args = parser.parse_args()
     rows = run(args.quick)
     widths = [max(len(str(r[c])) for r in rows) for c in ("operation", "streamstate", "baseline")]
-    print(f"{'operation':<{widths[0]}}  {'streamstate':>{widths[1]}}  {'baseline':>{widths[2]}}  ratio  target")
+    print(
+        f"{'operation':<{widths[0]}}  {'streamstate':>{widths[1]}}  {'baseline':>{widths[2]}}  ratio  target"
+    )
     for r in rows:
-        print(f"{r['operation']:<{widths[0]}}  {r['streamstate']:>{widths[1]}}  "
-              f"{r['baseline']:>{widths[2]}}  {r['ratio']:5.2f}  {r['target']}")
+        print(
+            f"{r['operation']:<{widths[0]}}  {r['streamstate']:>{widths[1]}}  "
+            f"{r['baseline']:>{widths[2]}}  {r['ratio']:5.2f}  {r['target']}"
+        )
 
 
 if __name__ == "__main__":

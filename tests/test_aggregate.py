@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import threading
@@ -177,7 +178,9 @@ def _entry(group: bytes, pid: int, partial: bytes) -> tuple[bytes, bytes]:
             lambda good: _forge(1, [_opaque_header(2), _entry(b"g", 5, b"x")]), id="partition"
         ),
         pytest.param(
-            lambda good: _forge(1, [_opaque_header(2), _entry(b"g", 0, b"x"), _entry(b"g", 0, b"y")]),
+            lambda good: _forge(
+                1, [_opaque_header(2), _entry(b"g", 0, b"x"), _entry(b"g", 0, b"y")]
+            ),
             id="duplicate",
         ),
         pytest.param(lambda good: _forge(1, [_entry(b"g", 0, b"x")]), id="no-header"),
@@ -232,8 +235,13 @@ def test_snapshot_round_trip_property(entries: dict[tuple[bytes, int], bytes]) -
         assert restored.collect_partials(group) == expected
 
 
-def _snapshot_until_distinct(take, workers: list[threading.Thread], stop: threading.Event,
-                             wanted: int, budget_s: float = 20.0) -> list[bytes]:  # type: ignore[no-untyped-def]
+def _snapshot_until_distinct(
+    take,
+    workers: list[threading.Thread],
+    stop: threading.Event,
+    wanted: int,
+    budget_s: float = 20.0,
+) -> list[bytes]:  # type: ignore[no-untyped-def]
     """Snapshots while the workers run, until `wanted` different snapshots were seen."""
     snapshots: list[bytes] = []
     distinct: set[bytes] = set()
@@ -259,7 +267,7 @@ def test_threads_publish_many_while_snapshotting() -> None:
     store = ss.AggregateStore(threads)
     stop = threading.Event()
     done = [0] * threads
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def publisher(pid: int) -> None:
         try:
@@ -267,7 +275,7 @@ def test_threads_publish_many_while_snapshotting() -> None:
             while not stop.is_set():
                 store.publish_many(pid, keys, [str(done[pid]).encode()] * width)
                 done[pid] += 1
-        except BaseException as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - asserted empty by the main thread
             errors.append(exc)
 
     workers = [threading.Thread(target=publisher, args=(pid,)) for pid in range(threads)]
@@ -280,7 +288,9 @@ def test_threads_publish_many_while_snapshotting() -> None:
         view.restore(snap)
         for pid in range(threads):
             versions = {view.get_partial(f"t{pid}k{i}".encode(), pid) for i in range(width)}
-            assert len(versions) == 1, f"torn publish_many in a snapshot: {sorted(versions, key=str)}"
+            assert len(versions) == 1, (
+                f"torn publish_many in a snapshot: {sorted(versions, key=str)}"
+            )
 
     serial = ss.AggregateStore(threads)
     for pid in range(threads):
@@ -313,7 +323,9 @@ def test_threads_publish_and_remove_group_stay_consistent() -> None:
     # Whatever the interleaving, groups(), len() and collect_partials() agree.
     partials = store.collect_partials(b"shared")
     assert len(store) == 4 + len(partials)
-    assert store.groups() == sorted([b"shared"] * bool(partials) + [f"own{p}".encode() for p in range(4)])
+    assert store.groups() == sorted(
+        [b"shared"] * bool(partials) + [f"own{p}".encode() for p in range(4)]
+    )
     for pid in range(4):
         assert store.get_partial(f"own{pid}".encode(), pid) == b"199"
 
@@ -484,7 +496,9 @@ def test_results_columns_and_pandas_match_groupby() -> None:
     keys = rng.integers(0, 300, 20_000)
     values = rng.normal(5.0, 3.0, 20_000)
     store = ss.NumericAggregateStore(3)
-    for pid, (k, v) in enumerate(zip(np.array_split(keys, 3), np.array_split(values, 3))):
+    for pid, (k, v) in enumerate(
+        zip(np.array_split(keys, 3), np.array_split(values, 3), strict=True)
+    ):
         with store.partition(pid) as part:
             part.fold(k, v)
     cols = store.results()
@@ -571,42 +585,86 @@ _MOMENTS = struct.pack("<Q6d", 1, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0)
         pytest.param(lambda good: ss.AggregateStore(3).snapshot(), id="wrong-kind"),
         pytest.param(lambda good: ss.NumericAggregateStore(3, "bytes").snapshot(), id="key-type"),
         pytest.param(
-            lambda good: _forge(2, [_numeric_header(3, 0), (b"local" + struct.pack("<I", 3),
-                                                            struct.pack("<Iq", 1, 5) + _MOMENTS)]),
+            lambda good: _forge(
+                2,
+                [
+                    _numeric_header(3, 0),
+                    (b"local" + struct.pack("<I", 3), struct.pack("<Iq", 1, 5) + _MOMENTS),
+                ],
+            ),
             id="local-partition",
         ),
         pytest.param(
-            lambda good: _forge(2, [_numeric_header(3, 0), (b"local" + struct.pack("<I", 0),
-                                                            struct.pack("<Iq", 2, 5) + _MOMENTS
-                                                            + struct.pack("<q", 5) + _MOMENTS)]),
+            lambda good: _forge(
+                2,
+                [
+                    _numeric_header(3, 0),
+                    (
+                        b"local" + struct.pack("<I", 0),
+                        struct.pack("<Iq", 2, 5) + _MOMENTS + struct.pack("<q", 5) + _MOMENTS,
+                    ),
+                ],
+            ),
             id="local-duplicate",
         ),
         pytest.param(
-            lambda good: _forge(2, [_numeric_header(3, 0), (b"shared", struct.pack("<IqII", 1, 5, 1, 4)
-                                                            + _MOMENTS)]),
+            lambda good: _forge(
+                2, [_numeric_header(3, 0), (b"shared", struct.pack("<IqII", 1, 5, 1, 4) + _MOMENTS)]
+            ),
             id="shared-partition",
         ),
         pytest.param(
-            lambda good: _forge(2, [_numeric_header(3, 0), (b"shared", struct.pack("<IqI", 2, 5, 1)
-                                                            + struct.pack("<I", 0) + _MOMENTS
-                                                            + struct.pack("<qII", 5, 1, 0) + _MOMENTS)]),
+            lambda good: _forge(
+                2,
+                [
+                    _numeric_header(3, 0),
+                    (
+                        b"shared",
+                        struct.pack("<IqI", 2, 5, 1)
+                        + struct.pack("<I", 0)
+                        + _MOMENTS
+                        + struct.pack("<qII", 5, 1, 0)
+                        + _MOMENTS,
+                    ),
+                ],
+            ),
             id="shared-duplicate",
         ),
         pytest.param(
-            lambda good: _forge(2, [_numeric_header(3, 0), (b"shared", struct.pack("<IqII", 1, 5, 2, 1)
-                                                            + _MOMENTS + struct.pack("<I", 1) + _MOMENTS)]),
+            lambda good: _forge(
+                2,
+                [
+                    _numeric_header(3, 0),
+                    (
+                        b"shared",
+                        struct.pack("<IqII", 1, 5, 2, 1)
+                        + _MOMENTS
+                        + struct.pack("<I", 1)
+                        + _MOMENTS,
+                    ),
+                ],
+            ),
             id="shared-order",
         ),
         pytest.param(
-            lambda good: _forge(2, [_numeric_header(3, 0), (b"shared", struct.pack("<I", 2**32 - 1))]),
+            lambda good: _forge(
+                2, [_numeric_header(3, 0), (b"shared", struct.pack("<I", 2**32 - 1))]
+            ),
             id="giant-count",
         ),
         pytest.param(
-            lambda good: _forge(2, [_numeric_header(3, 0), (b"local" + struct.pack("<I", 0),
-                                                            struct.pack("<Iq", 1, 5) + _MOMENTS + b"x")]),
+            lambda good: _forge(
+                2,
+                [
+                    _numeric_header(3, 0),
+                    (b"local" + struct.pack("<I", 0), struct.pack("<Iq", 1, 5) + _MOMENTS + b"x"),
+                ],
+            ),
             id="trailing",
         ),
-        pytest.param(lambda good: _forge(2, [_numeric_header(3, 0), (b"other", b"")]), id="unknown"),
+        pytest.param(
+            lambda good: _forge(2, [_numeric_header(3, 0), (b"other", b"")]), id="unknown"
+        ),
     ],
 )
 def test_numeric_restore_rejects_bad_snapshots(make_bad) -> None:  # type: ignore[no-untyped-def]
@@ -649,7 +707,7 @@ def _stats(partial: bytes) -> tuple[int, float, float, float, float, float, floa
 
 def _assert_stats_close(a: tuple, b: tuple, rel: float = 1e-9) -> None:  # type: ignore[type-arg]
     assert a[0] == b[0]
-    for x, y in zip(a[1:], b[1:]):
+    for x, y in zip(a[1:], b[1:], strict=True):
         if math.isnan(x) or math.isnan(y):
             assert math.isnan(x) and math.isnan(y)
         else:
@@ -695,7 +753,7 @@ def test_fold_by_any_split_equals_numpy_groupby(
     keys, values, owners, cuts = data
     store = ss.NumericAggregateStore(4)
     bounds = [0, *cuts, len(keys)]
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         for pid in range(4):
             rows = np.nonzero(owners[lo:hi] == pid)[0] + lo
             store.partition(pid).fold(keys[rows], values[rows])
@@ -739,7 +797,7 @@ def test_threads_fold_and_publish_while_snapshotting() -> None:
     store = ss.NumericAggregateStore(threads)
     stop = threading.Event()
     done = [0] * threads
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def worker(pid: int) -> None:
         try:
@@ -749,7 +807,7 @@ def test_threads_fold_and_publish_while_snapshotting() -> None:
                 part.fold(keys, values)
                 part.publish()
                 done[pid] += 1
-        except BaseException as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - asserted empty by the main thread
             errors.append(exc)
 
     workers = [threading.Thread(target=worker, args=(pid,)) for pid in range(threads)]
