@@ -361,6 +361,8 @@ def test_fold_publish_result() -> None:
     single = store.result(2)
     assert single is not None and single.count == 1 and math.isnan(single.var)
     assert store.result(99) is None
+    assert store.result(2**80) is None  # beyond int64: cannot be a key
+    assert store.result(-(2**63)) is None
     assert len(store) == 2
     assert len(p0) == 2 and len(p1) == 1
     assert repr(p0) == "PartitionAggregator(partition_id=0, keys=2, pending=0)"

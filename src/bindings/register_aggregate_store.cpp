@@ -216,7 +216,13 @@ py::object result_tuple(const NumericStoreHandle& handle, const py::handle& key)
       throw py::type_error("key must be an int for key_type='int64', not " +
                            py::str(py::type::handle_of(key).attr("__name__")).cast<std::string>());
     }
-    m = std::get<0>(handle.store)->result(py::cast<std::int64_t>(key));
+    const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(key.ptr()));
+    if (!index) throw py::error_already_set();
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (value == -1 && PyErr_Occurred() != nullptr) throw py::error_already_set();
+    if (overflow != 0) return py::none();  // outside int64: no such key can exist
+    m = std::get<0>(handle.store)->result(static_cast<std::int64_t>(value));
   }
   if (!m) return py::none();
   return stats_tuple(*m);

@@ -82,19 +82,25 @@ NumericAggregateStore<K>::NumericAggregateStore(std::uint32_t num_partitions, Na
 }
 
 template <class K>
-typename NumericAggregateStore<K>::Partition& NumericAggregateStore<K>::partition(
-    std::uint32_t partition_id) {
+void NumericAggregateStore<K>::check_partition(std::uint32_t partition_id) const {
   if (partition_id >= partitions_.size()) {
     throw InvalidArgument("partition_id " + std::to_string(partition_id) + " out of range [0, " +
                           std::to_string(partitions_.size()) + ")");
   }
+}
+
+template <class K>
+typename NumericAggregateStore<K>::Partition& NumericAggregateStore<K>::partition(
+    std::uint32_t partition_id) {
+  check_partition(partition_id);
   return *partitions_[partition_id];
 }
 
 template <class K>
 const typename NumericAggregateStore<K>::Partition& NumericAggregateStore<K>::partition(
     std::uint32_t partition_id) const {
-  return const_cast<NumericAggregateStore*>(this)->partition(partition_id);
+  check_partition(partition_id);
+  return *partitions_[partition_id];
 }
 
 template <class K>

@@ -130,6 +130,7 @@ class NumericAggregateStore {
     PartitionAggregator<K> local;
   };
 
+  void check_partition(std::uint32_t partition_id) const;
   Partition& partition(std::uint32_t partition_id);
   const Partition& partition(std::uint32_t partition_id) const;
   // Grows the map's bucket array before a publish that would overflow it (see publish).

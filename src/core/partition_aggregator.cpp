@@ -1,5 +1,6 @@
 #include "core/partition_aggregator.h"
 
+#include <bit>
 #include <cmath>
 #include <string>
 
@@ -33,7 +34,7 @@ bool any_nan(const double* values, std::size_t n) noexcept {
 template <class K>
 std::size_t PartitionAggregator<K>::pending() const noexcept {
   std::size_t n = table_.size() - watermark_;
-  for (const std::uint64_t w : changed_) n += static_cast<std::size_t>(__builtin_popcountll(w));
+  for (const std::uint64_t w : changed_) n += static_cast<std::size_t>(std::popcount(w));
   return n;
 }
 

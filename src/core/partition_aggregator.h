@@ -3,6 +3,7 @@
 // which keys changed so a publish pushes only those.
 #pragma once
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -109,7 +110,7 @@ class PartitionAggregator {
     out.reserve(out.size() + pending());
     for (std::size_t w = 0; w < changed_.size(); ++w) {
       for (std::uint64_t bits = changed_[w]; bits != 0; bits &= bits - 1) {
-        out.push_back(w * 64 + static_cast<std::uint64_t>(__builtin_ctzll(bits)));
+        out.push_back(w * 64 + static_cast<std::uint64_t>(std::countr_zero(bits)));
       }
     }
     for (std::size_t i = watermark_; i < table_.size(); ++i) out.push_back(i);
