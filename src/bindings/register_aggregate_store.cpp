@@ -228,14 +228,39 @@ py::object result_tuple(const NumericStoreHandle& handle, const py::handle& key)
   return stats_tuple(*m);
 }
 
+// A numpy array that takes ownership of a C++ buffer (freed when the array is collected).
+template <class T>
+py::array_t<T> adopt(std::unique_ptr<T[]> data, std::size_t n) {
+  const py::capsule owner(data.get(), [](void* p) { delete[] static_cast<T*>(p); });
+  T* raw = data.release();  // the capsule owns it from here on
+  return py::array_t<T>(static_cast<py::ssize_t>(n), raw, owner);
+}
+
+// The same {"key", "count", "sum", "min", "max", "mean", "var", "std"} dict as
+// stats_columns() (the shape streamstate.stats.STAT_COLUMNS describes), built from
+// columns the core already finished, without copying them.
+py::dict adopt_columns(py::object keys, StatColumns&& c) {
+  const std::size_t n = c.size;
+  py::dict out;
+  out["key"] = std::move(keys);
+  out["count"] = adopt(std::move(c.count), n);
+  out["sum"] = adopt(std::move(c.sum), n);
+  out["min"] = adopt(std::move(c.min), n);
+  out["max"] = adopt(std::move(c.max), n);
+  out["mean"] = adopt(std::move(c.mean), n);
+  out["var"] = adopt(std::move(c.var), n);
+  out["std"] = adopt(std::move(c.std), n);
+  return out;
+}
+
 py::dict results_columns(const NumericStoreHandle& handle) {
-  std::vector<Moments> stats;
+  StatColumns columns;
   if (handle.is_bytes()) {
     BytesKeys::KeyColumn keys;
     {
       // Copies out under the store's lock; Python objects are built after it is released.
       const py::gil_scoped_release release;
-      std::get<1>(handle.store)->results(keys, stats);
+      std::get<1>(handle.store)->result_columns(keys, columns);
     }
     py::list column(static_cast<py::ssize_t>(keys.size()));
     std::size_t begin = 0;
@@ -244,18 +269,18 @@ py::dict results_columns(const NumericStoreHandle& handle) {
       column[static_cast<py::ssize_t>(i)] = py::bytes(keys.bytes.data() + begin, end - begin);
       begin = end;
     }
-    return stats_columns(std::move(column), stats);
+    return adopt_columns(std::move(column), std::move(columns));
   }
   Int64Keys::KeyColumn keys;
   {
     const py::gil_scoped_release release;  // pure C++ copy-out under the store's lock
-    std::get<0>(handle.store)->results(keys, stats);
+    std::get<0>(handle.store)->result_columns(keys, columns);
   }
-  py::array_t<std::int64_t> column(static_cast<py::ssize_t>(keys.size()));
+  auto key_data = std::make_unique_for_overwrite<std::int64_t[]>(keys.size());
   if (!keys.keys.empty()) {
-    std::memcpy(column.mutable_data(), keys.keys.data(), keys.keys.size() * sizeof(std::int64_t));
+    std::memcpy(key_data.get(), keys.keys.data(), keys.keys.size() * sizeof(std::int64_t));
   }
-  return stats_columns(std::move(column), stats);
+  return adopt_columns(adopt(std::move(key_data), keys.size()), std::move(columns));
 }
 
 struct PartitionHandle {

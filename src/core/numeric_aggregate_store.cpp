@@ -6,7 +6,7 @@
 #include <type_traits>
 #include <utility>
 
-#include <oneapi/tbb/enumerable_thread_specific.h>
+#include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 
 #include "core/byte_io.h"
@@ -156,7 +156,7 @@ void NumericAggregateStore<K>::reserve_for(Partition& p) {
 
 // Publishing walks the changed entries in the order of the shared map's buckets (a radix
 // sort of bucket index, entry index): bucket heads are then read sequentially, a first
-// publish allocates nodes in bucket order, and every later publish and results() pass
+// publish allocates nodes in bucket order, and every later publish and result_columns()
 // finds them in that order too. With a random order each insert costs several dependent
 // cache misses; this turns most of them into streaming reads. The bucket array is grown
 // beforehand so the order stays valid during the inserts.
@@ -205,28 +205,27 @@ std::optional<Moments> NumericAggregateStore<K>::result(View key) const {
 }
 
 template <class K>
-void NumericAggregateStore<K>::results(KeyColumn& keys, std::vector<Moments>& stats) const {
+void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatColumns& columns) const {
   const ExclusiveEpoch epoch(epoch_);
-  // Readers run alone here, so the merge uses every core: TBB splits the map's buckets
-  // into ranges, each worker fills its own columns, and they are concatenated.
-  struct Part {
-    KeyColumn keys;
-    std::vector<Moments> stats;
-  };
-  tbb::enumerable_thread_specific<Part> parts;
-  const auto merge_range = [&](const typename SharedMap::const_range_type& r) {
-    Part& part = parts.local();
-    for (auto it = r.begin(); it != r.end(); ++it) {
-      part.keys.push_back(K::view_of(it->first));
-      part.stats.push_back(merged(it->second));
-    }
-  };
-  tbb::parallel_for(std::as_const(shared_).range(4096), merge_range);
-  keys.reserve(shared_.size());
-  stats.reserve(shared_.size());
-  for (const Part& part : parts) {
-    keys.append(part.keys);
-    stats.insert(stats.end(), part.stats.begin(), part.stats.end());
+  // One serial walk collects the nodes (in bucket order, which publish made the memory
+  // order too); the merge and the column writes then run in parallel by index, straight
+  // into the output buffers.
+  std::vector<const typename SharedMap::value_type*> items;
+  items.reserve(shared_.size());
+  for (const auto& item : shared_) items.push_back(&item);
+  const std::size_t n = items.size();
+  columns.allocate(n);
+  if constexpr (std::is_same_v<K, Int64Keys>) keys.keys.resize(n);
+  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, 16384),
+                    [&](const tbb::blocked_range<std::size_t>& r) {
+                      for (std::size_t i = r.begin(); i != r.end(); ++i) {
+                        columns.set(i, merged(items[i]->second));
+                        if constexpr (std::is_same_v<K, Int64Keys>) keys.keys[i] = items[i]->first;
+                      }
+                    });
+  if constexpr (!std::is_same_v<K, Int64Keys>) {
+    keys.reserve(n);
+    for (const auto* item : items) keys.push_back(K::view_of(item->first));
   }
 }
 

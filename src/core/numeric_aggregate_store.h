@@ -3,17 +3,18 @@
 // and readers merge the per-partition partials of a key on demand.
 //
 // The shared map is keyed by group key and holds a short list of (partition, Moments)
-// slots sorted by partition: a merged read of one key is one lookup, and results() is one
-// pass over the map, instead of num_partitions lookups per key.
+// slots sorted by partition: a merged read of one key is one lookup, and result_columns()
+// is one pass over the map, instead of num_partitions lookups per key.
 //
 // Locking (always in this order, never while waiting for the GIL):
 //   epoch_ (store-wide EpochLock): shared for publish and point reads, exclusive for
-//     snapshot / restore / results (which iterate the map);
+//     snapshot / restore / result_columns (which iterate the map);
 //   each partition's mutex: held by fold and publish of that partition, and by snapshot /
 //     restore for all partitions. Uncontended in a normal pipeline (one thread per
 //     partition), it makes concurrent misuse of one partition safe instead of a data race.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -30,6 +31,30 @@
 #include "core/stats.h"
 
 namespace streamstate {
+
+// count / sum / min / max / mean / var (ddof=1) / std per key, as separate arrays.
+struct StatColumns {
+  std::size_t size = 0;
+  std::unique_ptr<std::uint64_t[]> count;
+  std::unique_ptr<double[]> sum, min, max, mean, var, std;
+
+  void allocate(std::size_t n) {
+    size = n;
+    count = std::make_unique_for_overwrite<std::uint64_t[]>(n);
+    for (auto* column : {&sum, &min, &max, &mean, &var, &std}) {
+      *column = std::make_unique_for_overwrite<double[]>(n);
+    }
+  }
+  void set(std::size_t i, const Moments& m) noexcept {
+    count[i] = m.count;
+    sum[i] = m.sum;
+    min[i] = m.min;
+    max[i] = m.max;
+    mean[i] = m.mean();
+    var[i] = m.var();
+    std[i] = std::sqrt(var[i]);
+  }
+};
 
 template <class K>
 class NumericAggregateStore {
@@ -55,8 +80,10 @@ class NumericAggregateStore {
   // The key's partials merged in ascending partition order; nullopt if nobody published it.
   [[nodiscard]] std::optional<Moments> result(View key) const;
 
-  // Every published key with its merged partial, in no particular order.
-  void results(KeyColumn& keys, std::vector<Moments>& stats) const;
+  // Every published key and its merged statistics, in no particular order, as finished
+  // columns (what Python receives) written straight into buffers the caller can hand over
+  // without copying. Readers run alone here, so the merge uses every core.
+  void result_columns(KeyColumn& keys, StatColumns& columns) const;
 
   // Published keys.
   [[nodiscard]] std::size_t size() const noexcept { return shared_.size(); }

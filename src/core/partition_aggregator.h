@@ -17,7 +17,8 @@
 namespace streamstate {
 
 // Key flavours of the numeric store. `View` is what a fold receives and what lookups take;
-// `Key` is the owned form the shared map stores; `KeyColumn` is how results() hands keys out.
+// `Key` is the owned form the shared map stores; `KeyColumn` is how result_columns() hands
+// keys out.
 struct Int64Keys {
   using Key = std::int64_t;
   using View = std::int64_t;
@@ -26,9 +27,6 @@ struct Int64Keys {
     std::vector<std::int64_t> keys;
     void reserve(std::size_t n) { keys.reserve(n); }
     void push_back(View k) { keys.push_back(k); }
-    void append(const KeyColumn& other) {
-      keys.insert(keys.end(), other.keys.begin(), other.keys.end());
-    }
     [[nodiscard]] std::size_t size() const noexcept { return keys.size(); }
   };
   static constexpr std::uint8_t kTag = 0;
@@ -56,11 +54,6 @@ struct BytesKeys {
     void push_back(View k) {
       bytes.append(k);
       ends.push_back(bytes.size());
-    }
-    void append(const KeyColumn& other) {
-      const std::size_t base = bytes.size();
-      bytes.append(other.bytes);
-      for (const std::size_t end : other.ends) ends.push_back(base + end);
     }
     [[nodiscard]] std::size_t size() const noexcept { return ends.size(); }
   };

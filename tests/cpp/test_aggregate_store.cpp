@@ -149,7 +149,7 @@ void test_opaque_store() {
 
 void test_opaque_store_threads_and_snapshots() {
   constexpr int kThreads = 4;
-  constexpr int kBatches = 300;
+  constexpr int kBatches = 1000;
   constexpr int kWidth = 40;
   streamstate::AggregateStore store(kThreads);
   std::atomic<int> running{kThreads};
@@ -169,7 +169,7 @@ void test_opaque_store_threads_and_snapshots() {
   }
   int torn = 0;
   int taken = 0;
-  while (running.load() > 0) {
+  do {  // at least once, however fast the publishers were
     streamstate::AggregateStore view(kThreads);
     view.restore(store.snapshot());
     ++taken;
@@ -181,7 +181,7 @@ void test_opaque_store_threads_and_snapshots() {
         }
       }
     }
-  }
+  } while (running.load() > 0);
   for (auto& w : workers) w.join();
   CHECK(torn == 0);
   CHECK(taken > 0);
@@ -227,9 +227,14 @@ void test_numeric_store() {
   CHECK(r.has_value() && std::fabs(r->var() - 4.0) < 1e-12);
 
   streamstate::Int64Keys::KeyColumn column;
-  std::vector<Moments> stats;
-  store.results(column, stats);
-  CHECK(column.size() == 2 && stats.size() == 2);
+  streamstate::StatColumns stats;
+  store.result_columns(column, stats);
+  CHECK(column.size() == 2 && stats.size == 2);
+  for (std::size_t i = 0; i < stats.size; ++i) {
+    const auto expected = store.result(column.keys[i]);
+    CHECK(expected && stats.count[i] == expected->count && stats.sum[i] == expected->sum &&
+          stats.mean[i] == expected->mean());
+  }
 
   // Unpublished local state survives a snapshot.
   store.fold(1, more.data(), more_values.data(), 1);
@@ -279,20 +284,20 @@ void test_numeric_store_threads() {
       --running;
     });
   }
-  while (running.load() > 0) {
+  do {
     Store view(kThreads, streamstate::NanPolicy::kSkip);
     view.restore(store.snapshot());
     streamstate::Int64Keys::KeyColumn column;
-    std::vector<Moments> stats;
-    view.results(column, stats);
+    streamstate::StatColumns stats;
+    view.result_columns(column, stats);
     // Each partition's publish is whole: all its keys share one count.
     std::uint64_t counts[kThreads] = {};
-    for (std::size_t i = 0; i < stats.size(); ++i) {
+    for (std::size_t i = 0; i < stats.size; ++i) {
       const auto owner = static_cast<std::size_t>(column.keys[i] / 1000);
-      if (counts[owner] == 0) counts[owner] = stats[i].count;
-      CHECK(counts[owner] == stats[i].count);
+      if (counts[owner] == 0) counts[owner] = stats.count[i];
+      CHECK(counts[owner] == stats.count[i]);
     }
-  }
+  } while (running.load() > 0);
   for (auto& w : workers) w.join();
   CHECK(store.size() == kThreads * 500);
   CHECK(store.result(1234)->count == 100);
