@@ -804,7 +804,7 @@ def test_threads_fold_and_publish_while_snapshotting() -> None:
     Each snapshot must restore, hold whole publishes only, and the final results must equal
     a serial run of the same batches."""
     threads = 4
-    work = {pid: _numeric_worker_batches(pid, 400) for pid in range(threads)}
+    work = {pid: _numeric_worker_batches(pid, 50) for pid in range(threads)}
     store = ss.NumericAggregateStore(threads)
     stop = threading.Event()
     done = [0] * threads
@@ -813,8 +813,8 @@ def test_threads_fold_and_publish_while_snapshotting() -> None:
     def worker(pid: int) -> None:
         try:
             part = store.partition(pid)
-            while not stop.is_set() and done[pid] < len(work[pid]):
-                keys, values = work[pid][done[pid]]
+            while not stop.is_set():  # cycles through its batches until told to stop
+                keys, values = work[pid][done[pid] % len(work[pid])]
                 part.fold(keys, values)
                 part.publish()
                 done[pid] += 1
@@ -841,8 +841,8 @@ def test_threads_fold_and_publish_while_snapshotting() -> None:
 
     serial = ss.NumericAggregateStore(threads)
     for pid in range(threads):
-        for keys, values in work[pid][: done[pid]]:
-            serial.partition(pid).fold(keys, values)
+        for batch in range(done[pid]):
+            serial.partition(pid).fold(*work[pid][batch % len(work[pid])])
         serial.partition(pid).publish()
     a = store.to_pandas().sort_index()
     b = serial.to_pandas().sort_index()
