@@ -7,6 +7,7 @@ import math
 import struct
 import threading
 import time
+from typing import Any
 from fractions import Fraction
 
 import numpy as np
@@ -513,6 +514,38 @@ def test_results_columns_and_pandas_match_groupby() -> None:
     np.testing.assert_array_equal(frame["count"].to_numpy(), expected["count"].to_numpy())
     for column in ("sum", "min", "max", "mean", "var", "std"):
         np.testing.assert_allclose(frame[column], expected[column], rtol=1e-9)
+
+
+@pytest.mark.parametrize("key_type", ["int64", "bytes"])
+def test_big_batches_take_the_shard_scatter_path(key_type: str) -> None:
+    """Past ~400K keys a partition folds big batches shard by shard; the results must be
+    the same as row by row (checked against pandas), NaN rows skipped on that path too."""
+    rng = np.random.default_rng(5)
+    n = 1_200_000 if key_type == "int64" else 1_000_000
+    keys = rng.integers(0, 500_000, n)
+    values = rng.normal(100.0, 10.0, n)
+    values[rng.integers(0, n, 1000)] = np.nan
+    batch_keys: Any = keys if key_type == "int64" else [f"k{k}" for k in keys.tolist()]
+    store = ss.NumericAggregateStore(2, key_type=key_type)  # type: ignore[arg-type]
+    first, second = store.partition(0), store.partition(1)
+    cut = n * 4 // 5
+    first.fold(batch_keys[:cut], values[:cut])  # switches to scattering part way through
+    assert len(first) > 393_216  # so the next big batch is scattered from its first row
+    first.fold(batch_keys[cut:], values[cut:])
+    for lo in range(0, n, 250_000):
+        second.fold(batch_keys[lo : lo + 250_000], values[lo : lo + 250_000])
+    first.publish()
+    second.publish()
+    got = store.to_pandas()
+    if key_type == "bytes":
+        got.index = [int(k[1:]) for k in got.index]
+    got = got.sort_index()
+    kept = ~np.isnan(values)  # nan_policy="skip": NaN rows never create or touch a key
+    doubled = _groupby(np.tile(keys[kept], 2), np.tile(values[kept], 2))
+    np.testing.assert_array_equal(got.index.to_numpy(), doubled.index.to_numpy())
+    np.testing.assert_array_equal(got["count"].to_numpy(), doubled["count"].to_numpy())
+    for column in ("sum", "min", "max", "mean", "var"):
+        np.testing.assert_allclose(got[column], doubled[column], rtol=1e-9)
 
 
 def test_empty_results() -> None:

@@ -166,18 +166,20 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
   reserve_for(p);
   const SharedEpoch epoch(epoch_);
   const std::lock_guard<std::mutex> lock(p.mutex);
-  std::vector<std::uint64_t> order;
+  std::vector<std::uint64_t> order;  // (bucket << 32) | Ref
   p.local.collect_changes(order);
-  const auto& table = p.local.table();
+  const auto& local = p.local;
   const std::uint64_t buckets = shared_.bucket_count();
   const std::uint64_t mask = (buckets - 1) & 0xffffffffULL;
-  for (std::uint64_t& o : order) o |= (table.hash_at(static_cast<std::size_t>(o)) & mask) << 32;
+  for (std::uint64_t& o : order) {
+    o |= (local.hash_at(static_cast<Ref>(o)) & mask) << 32;
+  }
   sort_by_high_word(order, static_cast<unsigned>(std::bit_width(mask)));
   // Partitions publishing at the same time would otherwise walk the same buckets in
   // lockstep (same order, same keys) and fight over every bucket and node lock and cache
   // line; each starts instead at its own fraction of the bucket order and wraps around.
   const std::size_t n = order.size();
-  // n < 2^32 (entry indices are 32-bit) and partition_id < 2^16: no overflow.
+  // n < 2^32 (Refs are 32-bit) and partition_id < 2^16: no overflow.
   const std::size_t start = static_cast<std::size_t>(
       static_cast<std::uint64_t>(n) * partition_id / num_partitions());
   constexpr std::size_t kAhead = 8;
@@ -186,11 +188,11 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
     if (j >= n) j -= n;
     std::size_t ahead = j + kAhead;
     if (ahead >= n) ahead -= n;
-    if (kAhead < n) table.prefetch_index(static_cast<std::size_t>(order[ahead] & 0xffffffffULL));
-    const auto i = static_cast<std::size_t>(order[j] & 0xffffffffULL);
+    if (kAhead < n) local.prefetch(static_cast<Ref>(order[ahead]));
+    const auto ref = static_cast<Ref>(order[j]);
     typename SharedMap::accessor entry;
-    shared_.insert(entry, table.key_at(i));
-    entry->second.put(partition_id, table.value_at(i));
+    shared_.insert(entry, local.key_at(ref));
+    entry->second.put(partition_id, local.value_at(ref));
   }
   p.local.forget_changes();
   return order.size();
@@ -287,22 +289,24 @@ std::string NumericAggregateStore<K>::snapshot() const {
     writer.add(kSharedKey, chunk);
   }
 
-  // Local tables in insertion order: restoring rebuilds them in the same order, so a
-  // restored store snapshots to the same bytes.
+  // Local tables shard by shard, each in insertion order: restoring rebuilds them in the
+  // same order, so a restored store snapshots to the same bytes.
   std::string key;
   for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
-    const auto& table = partitions_[pid]->local.table();
     key.assign(kLocalPrefix);
     put_u32(key, pid);
-    for (std::size_t start = 0; start < table.size(); start += kChunkEntries) {
-      const std::size_t end = std::min(table.size(), start + kChunkEntries);
-      chunk.clear();
-      put_u32(chunk, static_cast<std::uint32_t>(end - start));
-      for (std::size_t i = start; i < end; ++i) {
-        K::encode(chunk, table.key_at(i));
-        table.value_at(i).encode(chunk);
+    for (std::size_t s = 0; s < Local::kShards; ++s) {
+      const auto& table = partitions_[pid]->local.shard(s);
+      for (std::size_t start = 0; start < table.size(); start += kChunkEntries) {
+        const std::size_t end = std::min(table.size(), start + kChunkEntries);
+        chunk.clear();
+        put_u32(chunk, static_cast<std::uint32_t>(end - start));
+        for (std::size_t i = start; i < end; ++i) {
+          K::encode(chunk, table.key_at(i));
+          table.value_at(i).encode(chunk);
+        }
+        writer.add(key, chunk);
       }
-      writer.add(key, chunk);
     }
   }
   return std::move(writer).finish();
@@ -328,7 +332,8 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
 
   const std::uint32_t np = num_partitions();
   SharedMap fresh_shared;
-  std::vector<typename K::Table> fresh_local(np);
+  std::vector<std::vector<typename K::Table>> fresh_local(np);
+  for (auto& shards : fresh_local) shards.resize(Local::kShards);
   constexpr std::size_t kMinShared = 8 + 4 + 4 + Moments::kEncodedSize;  // int64 key lower bound
   constexpr std::size_t kMinLocal = 4 + Moments::kEncodedSize;
   while (reader.next(record)) {
@@ -363,12 +368,14 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
         corrupt("partition id " + std::to_string(pid) + " >= num_partitions " +
                 std::to_string(np));
       }
-      auto& table = fresh_local[pid];
+      auto& shards = fresh_local[pid];
       const std::uint32_t n = chunk_count(in, kMinLocal);
-      table.reserve(table.size() + n);
       for (std::uint32_t i = 0; i < n; ++i) {
         const View key = K::decode(in);
-        const auto [idx, inserted] = table.emplace(key);
+        const std::uint64_t hash = K::hash(key);
+        auto& table = shards[Local::shard_of(hash)];
+        if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
+        const auto [idx, inserted] = table.emplace(key, hash);
         if (!inserted) corrupt("duplicate local entry in partition " + std::to_string(pid));
         table.value_at(idx) = Moments::decode(in);
       }

@@ -152,9 +152,11 @@ class NumericAggregateStore {
   };
   using SharedMap = tbb::concurrent_hash_map<typename K::Key, Slots, KeyHash>;
 
+  using Local = PartitionAggregator<K>;
+  using Ref = typename Local::Ref;
   struct Partition {
     mutable std::mutex mutex;
-    PartitionAggregator<K> local;
+    Local local;
   };
 
   void check_partition(std::uint32_t partition_id) const;

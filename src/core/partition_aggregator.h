@@ -87,62 +87,96 @@ inline void add_number(Moments& m, double x) noexcept {
 // True when any of the n values is NaN (one vectorisable pass, cheap next to the fold).
 [[nodiscard]] bool any_nan(const double* values, std::size_t n) noexcept;
 
+// A partition's keys live in kShards flat tables chosen by the top bits of the key hash.
+// Small batches go row by row (prefetching ahead). Big batches into big tables are first
+// scattered by shard (one streaming pass), then folded shard by shard: each shard's table
+// then stays in the core's cache while its rows go in, instead of every row missing
+// memory twice. Measured at 1M keys: ~1.6x faster on one thread, and it keeps scaling on
+// two threads where the row-by-row loop is bound by the core's outstanding-miss capacity.
 template <class K>
 class PartitionAggregator {
  public:
   using View = typename K::View;
   using Table = typename K::Table;
 
+  static constexpr unsigned kShardBits = 7;
+  static constexpr std::size_t kShards = std::size_t{1} << kShardBits;
+  // A Ref names an entry as (shard << kIndexBits) | index: 32 bits, so publish can sort
+  // (bucket, Ref) pairs packed in one 64-bit word.
+  using Ref = std::uint32_t;
+  static constexpr unsigned kIndexBits = 32 - kShardBits;
+  static constexpr std::size_t kMaxPerShard = (std::size_t{1} << kIndexBits) - 1;
+
+  [[nodiscard]] static std::size_t shard_of(std::uint64_t hash) noexcept {
+    return static_cast<std::size_t>(hash >> (64 - kShardBits));
+  }
+
+  PartitionAggregator() : shards_(kShards) {}
+
   // Folds n rows. With NanPolicy::kRaise a NaN anywhere in the batch throws InvalidArgument
   // before any row is folded; kSkip ignores NaN rows entirely (the key is not created);
   // kPropagate folds them (the key's sum/mean/min/max/var become NaN).
   void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy);
 
-  // Appends the indices (into table()) of entries changed since the last forget_changes().
-  void collect_changes(std::vector<std::uint64_t>& out) const {
-    out.reserve(out.size() + pending());
-    for (std::size_t w = 0; w < changed_.size(); ++w) {
-      for (std::uint64_t bits = changed_[w]; bits != 0; bits &= bits - 1) {
-        out.push_back(w * 64 + static_cast<std::uint64_t>(std::countr_zero(bits)));
-      }
-    }
-    for (std::size_t i = watermark_; i < table_.size(); ++i) out.push_back(i);
-  }
+  // Appends the Refs of entries changed since the last forget_changes().
+  void collect_changes(std::vector<std::uint64_t>& out) const;
 
   // Marks everything as published. Call only once the changes are safely pushed:
   // publishing the same partial twice is harmless, losing one is not.
-  void forget_changes() {
-    watermark_ = table_.size();
-    changed_.assign((watermark_ + 63) / 64, 0);
-  }
+  void forget_changes();
 
   // Entries changed since the last forget_changes (new keys plus updated ones).
   [[nodiscard]] std::size_t pending() const noexcept;
-  [[nodiscard]] std::size_t size() const noexcept { return table_.size(); }
-  [[nodiscard]] std::size_t memory_bytes() const noexcept {
-    return table_.memory_bytes() + changed_.capacity() * sizeof(std::uint64_t);
-  }
-  [[nodiscard]] const Table& table() const noexcept { return table_; }
-  [[nodiscard]] View key_at(std::size_t i) const noexcept { return table_.key_at(i); }
+  [[nodiscard]] std::size_t size() const noexcept;
+  [[nodiscard]] std::size_t memory_bytes() const noexcept;
 
-  // Replaces the contents (restore); every entry counts as changed, so the next publish
-  // re-pushes them all, which is idempotent.
-  void replace(Table&& table) noexcept {
-    table_ = std::move(table);
-    changed_.clear();
-    watermark_ = 0;
+  [[nodiscard]] const Table& shard(std::size_t s) const noexcept { return shards_[s].table; }
+  [[nodiscard]] View key_at(Ref r) const noexcept { return table_of(r).key_at(index_of(r)); }
+  [[nodiscard]] const Moments& value_at(Ref r) const noexcept {
+    return table_of(r).value_at(index_of(r));
   }
+  [[nodiscard]] std::uint64_t hash_at(Ref r) const noexcept {
+    return table_of(r).hash_at(index_of(r));
+  }
+  void prefetch(Ref r) const noexcept { table_of(r).prefetch_index(index_of(r)); }
+
+  // Replaces the contents (restore) with kShards tables whose keys each hash to their
+  // shard. Every entry counts as changed, so the next publish re-pushes them all, which is
+  // idempotent.
+  void replace(std::vector<Table>&& tables) noexcept;
 
  private:
+  struct Shard {
+    Table table;
+    // Entries [0, watermark) existed at the last publish; a set bit marks one changed
+    // since. Entries from watermark on are new and implicitly changed.
+    std::vector<std::uint64_t> changed;
+    std::size_t watermark = 0;
+
+    void mark(std::size_t idx) noexcept {
+      if (idx < watermark) changed[idx >> 6] |= std::uint64_t{1} << (idx & 63);
+    }
+  };
+  // A scattered row of the big-batch path.
+  struct Row {
+    View key;
+    double value;
+  };
+
+  [[nodiscard]] static std::size_t index_of(Ref r) noexcept { return r & kMaxPerShard; }
+  [[nodiscard]] const Table& table_of(Ref r) const noexcept {
+    return shards_[r >> kIndexBits].table;
+  }
+  // Inserts or finds the key in its shard; enforces the per-shard entry limit.
+  std::size_t emplace_in(Shard& shard, View key, std::uint64_t hash);
+
   template <bool kSkipNan>
-  void fold_numbers(const View* keys, const double* values, std::size_t n);
+  void fold_rows(const View* keys, const double* values, std::size_t n);
+  template <bool kSkipNan>
+  void fold_scattered(const View* keys, const double* values, std::size_t n);
   void fold_with_nan(const View* keys, const double* values, std::size_t n);
 
-  Table table_;
-  // Entries [0, watermark_) existed at the last publish; a set bit marks one changed since.
-  // Entries from watermark_ on are new and implicitly changed.
-  std::vector<std::uint64_t> changed_;
-  std::size_t watermark_ = 0;
+  std::vector<Shard> shards_;
 };
 
 extern template class PartitionAggregator<Int64Keys>;

@@ -266,6 +266,41 @@ void test_numeric_store() {
   CHECK(restored.result(1)->count == 4);
 }
 
+void test_numeric_store_big_batches() {
+  // Enough keys that later batches are folded shard by shard (scatter path).
+  using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
+  Store store(1, streamstate::NanPolicy::kSkip);
+  std::mt19937_64 rng(3);
+  std::vector<std::int64_t> keys(600000);
+  std::vector<double> values(keys.size());
+  std::unordered_map<std::int64_t, std::pair<std::uint64_t, double>> reference;
+  for (int round = 0; round < 3; ++round) {
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      keys[i] = static_cast<std::int64_t>(rng() % 450000);
+      values[i] = (i % 1000 == 7) ? std::nan("") : static_cast<double>(rng() % 1000);
+      if (!std::isnan(values[i])) {
+        auto& r = reference[keys[i]];
+        ++r.first;
+        r.second += values[i];
+      }
+    }
+    store.fold(0, keys.data(), values.data(), keys.size());
+  }
+  CHECK(store.partition_size(0) == reference.size());
+  store.publish(0);
+  CHECK(store.size() == reference.size());
+  std::size_t wrong = 0;
+  for (const auto& [key, r] : reference) {
+    const auto m = store.result(key);
+    if (!m || m->count != r.first || m->sum != r.second) ++wrong;
+  }
+  CHECK(wrong == 0);
+  const std::string snap = store.snapshot();
+  Store restored(1, streamstate::NanPolicy::kSkip);
+  restored.restore(snap);
+  CHECK(restored.snapshot() == snap);
+}
+
 void test_numeric_store_threads() {
   using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
   constexpr std::uint32_t kThreads = 4;
@@ -312,6 +347,7 @@ int main() {
   test_opaque_store_threads_and_snapshots();
   test_moments_merge_precision();
   test_numeric_store();
+  test_numeric_store_big_batches();
   test_numeric_store_threads();
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
