@@ -29,6 +29,7 @@ from . import codec
 from .codec import crc32c, lz4_compress, lz4_decompress, sha256_hex
 
 # -- aggregate store (issue 3) --
+from .aggregate import AggregateStore, NumericAggregateStore, PartitionAggregator
 
 # -- keyed state (issue 4) --
 from . import serde

@@ -1,0 +1,148 @@
+// The cross-partition store of opaque partial aggregates: each partition publishes a
+// serialized partial under (group_key, partition_id); readers collect and merge them.
+//
+// Concurrency model. The entries live in a oneTBB concurrent_hash_map, so publishers on
+// different threads only contend on the element they touch. TBB's map cannot be iterated
+// safely while others insert, and a checkpoint must see each publish_many call whole, so a
+// store-wide EpochLock separates the two kinds of operation: publish / publish_many /
+// remove_group / point reads hold it shared (they run in parallel with each other), while
+// snapshot / restore / groups hold it exclusively (they see a quiescent map). A
+// publish_many that would grow the map by a lot first pre-sizes it (TBB's rehash()
+// must also run alone), which spares the inserts TBB's bucket-by-bucket splitting.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <shared_mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <oneapi/tbb/concurrent_hash_map.h>
+
+#include "core/flat_table.h"
+
+namespace streamstate {
+
+// A shared/exclusive lock that prefers the exclusive side: glibc's rwlock lets a steady
+// stream of readers (publishers) starve a writer (snapshot) forever, so an exclusive locker
+// first takes `gate_` and holds it, and every new shared locker passes through `gate_`.
+// Shared lockers pay one uncontended mutex round trip per call (per batch, not per row).
+class EpochLock {
+ public:
+  void lock_shared() {
+    { const std::lock_guard<std::mutex> pass(gate_); }
+    rw_.lock_shared();
+  }
+  void unlock_shared() noexcept { rw_.unlock_shared(); }
+  void lock() {
+    gate_.lock();
+    rw_.lock();
+  }
+  void unlock() noexcept {
+    rw_.unlock();
+    gate_.unlock();
+  }
+
+ private:
+  std::mutex gate_;
+  std::shared_mutex rw_;
+};
+
+using SharedEpoch = std::shared_lock<EpochLock>;
+using ExclusiveEpoch = std::unique_lock<EpochLock>;
+
+class AggregateStore {
+ public:
+  // Throws InvalidArgument unless 1 <= num_partitions <= 65536.
+  explicit AggregateStore(std::uint32_t num_partitions);
+
+  [[nodiscard]] std::uint32_t num_partitions() const noexcept { return num_partitions_; }
+  // (group, partition) entries across the store.
+  [[nodiscard]] std::size_t size() const noexcept { return entries_.size(); }
+  [[nodiscard]] bool empty() const noexcept { return entries_.empty(); }
+
+  // Overwrites the partition's previous partial for the group. InvalidArgument for a
+  // partition id out of range.
+  void publish(std::string_view group_key, std::uint32_t partition_id, std::string_view partial);
+
+  // All pairs in one call, atomic with respect to snapshot(). Checks everything (partition
+  // id, equal lengths) before publishing anything. A key repeated in one call: last wins.
+  void publish_many(std::uint32_t partition_id, std::span<const std::string_view> group_keys,
+                    std::span<const std::string_view> partials);
+
+  [[nodiscard]] std::optional<std::string> get_partial(std::string_view group_key,
+                                                       std::uint32_t partition_id) const;
+
+  // (partition id, partial) for every partition that published the group, ascending id.
+  // One point lookup per partition id.
+  [[nodiscard]] std::vector<std::pair<std::uint32_t, std::string>> collect_partials(
+      std::string_view group_key) const;
+
+  // Drops every partition's partial for the group; returns how many were dropped.
+  std::size_t remove_group(std::string_view group_key);
+
+  // Every group with at least one partial, sorted bytewise (one pass over the entries).
+  [[nodiscard]] std::vector<std::string> groups() const;
+
+  // A record-codec container (kind kAggregateStore), entries sorted by (group, partition).
+  [[nodiscard]] std::string snapshot() const;
+
+  // Replaces the whole contents with a snapshot's. Validates everything into a fresh map
+  // first; on any problem throws CorruptDataError and the store is unchanged.
+  void restore(std::string_view data);
+
+  // An estimate of the heap held (keys, partials, map nodes and buckets).
+  [[nodiscard]] std::size_t memory_bytes() const;
+
+  // Owned and borrowed forms of a (group, partition) key; the map looks up by the view.
+  struct EntryKeyView {
+    std::string_view group;
+    std::uint32_t partition = 0;
+  };
+  struct EntryKey {
+    std::string group;
+    std::uint32_t partition = 0;
+    explicit EntryKey(const EntryKeyView& v) : group(v.group), partition(v.partition) {}
+  };
+
+ private:
+  // Hashes and compares owned keys and views alike, so lookups never allocate.
+  struct EntryHash {
+    using is_transparent = void;
+    [[nodiscard]] static std::size_t hash_of(std::string_view group, std::uint32_t partition) {
+      return static_cast<std::size_t>(mix64(hash_bytes(group) + partition));
+    }
+    [[nodiscard]] std::size_t hash(const EntryKey& k) const { return hash_of(k.group, k.partition); }
+    [[nodiscard]] std::size_t hash(const EntryKeyView& k) const {
+      return hash_of(k.group, k.partition);
+    }
+    template <class A, class B>
+    [[nodiscard]] bool equal(const A& a, const B& b) const {
+      return a.partition == b.partition && std::string_view(a.group) == std::string_view(b.group);
+    }
+  };
+  // Keyed by (group, partition) and nothing else: publishing is the hot path, so each
+  // publish is exactly one map operation. A secondary group -> partitions index was tried
+  // and dropped: it doubled the cost of every first publish of a key (a second node, key
+  // copy and id list) to speed up collect_partials / groups, which are occasional reads
+  // and already cheap enough as num_partitions point lookups / one sorted pass.
+  using EntryMap = tbb::concurrent_hash_map<EntryKey, std::string, EntryHash>;
+
+  void check_partition(std::uint32_t partition_id) const;
+  // Pre-sizes the bucket array for `more` new entries if it would otherwise grow.
+  void reserve_for(std::size_t more);
+  // Publishes one pair; the caller holds the epoch lock shared.
+  void publish_locked(std::string_view group_key, std::uint32_t partition_id,
+                      std::string_view partial);
+
+  std::uint32_t num_partitions_;
+  mutable EpochLock epoch_;
+  mutable EntryMap entries_;
+};
+
+}  // namespace streamstate

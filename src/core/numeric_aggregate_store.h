@@ -1,0 +1,178 @@
+// Typed numeric partials merged across partitions in C++: each partition folds locally
+// (PartitionAggregator), publishes its changed Moments into one oneTBB concurrent_hash_map,
+// and readers merge the per-partition partials of a key on demand.
+//
+// The shared map is keyed by group key and holds a short list of (partition, Moments)
+// slots sorted by partition: a merged read of one key is one lookup, and result_columns()
+// is one pass over the map, instead of num_partitions lookups per key.
+//
+// Locking (always in this order, never while waiting for the GIL):
+//   epoch_ (store-wide EpochLock): shared for publish and point reads, exclusive for
+//     snapshot / restore / result_columns (which iterate the map);
+//   each partition's mutex: held by fold and publish of that partition, and by snapshot /
+//     restore for all partitions. Uncontended in a normal pipeline (one thread per
+//     partition), it makes concurrent misuse of one partition safe instead of a data race.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <oneapi/tbb/concurrent_hash_map.h>
+
+#include "core/aggregate_store.h"
+#include "core/partition_aggregator.h"
+#include "core/stats.h"
+
+namespace streamstate {
+
+// count / sum / min / max / mean / var (ddof=1) / std per key, as separate arrays.
+struct StatColumns {
+  std::size_t size = 0;
+  std::unique_ptr<std::uint64_t[]> count;
+  std::unique_ptr<double[]> sum, min, max, mean, var, std;
+
+  void allocate(std::size_t n) {
+    size = n;
+    count = std::make_unique_for_overwrite<std::uint64_t[]>(n);
+    for (auto* column : {&sum, &min, &max, &mean, &var, &std}) {
+      *column = std::make_unique_for_overwrite<double[]>(n);
+    }
+  }
+  void set(std::size_t i, const Moments& m) noexcept {
+    count[i] = m.count;
+    sum[i] = m.sum;
+    min[i] = m.min;
+    max[i] = m.max;
+    mean[i] = m.mean();
+    var[i] = m.var();
+    std[i] = std::sqrt(var[i]);
+  }
+};
+
+template <class K>
+class NumericAggregateStore {
+ public:
+  using View = typename K::View;
+  using KeyColumn = typename K::KeyColumn;
+
+  // Throws InvalidArgument unless 1 <= num_partitions <= 65536 (each has its own table).
+  NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy);
+
+  [[nodiscard]] std::uint32_t num_partitions() const noexcept {
+    return static_cast<std::uint32_t>(partitions_.size());
+  }
+  [[nodiscard]] NanPolicy nan_policy() const noexcept { return policy_; }
+
+  // Single writer per partition by design; concurrent calls on one partition serialise.
+  void fold(std::uint32_t partition_id, const View* keys, const double* values, std::size_t n);
+
+  // Pushes the partition's changed partials into the shared map, atomically with respect
+  // to snapshot(). Returns how many partials were pushed.
+  std::size_t publish(std::uint32_t partition_id);
+
+  // The key's partials merged in ascending partition order; nullopt if nobody published it.
+  [[nodiscard]] std::optional<Moments> result(View key) const;
+
+  // Every published key and its merged statistics, in no particular order, as finished
+  // columns (what Python receives) written straight into buffers the caller can hand over
+  // without copying. Readers run alone here, so the merge uses every core.
+  void result_columns(KeyColumn& keys, StatColumns& columns) const;
+
+  // Published keys.
+  [[nodiscard]] std::size_t size() const noexcept { return shared_.size(); }
+  [[nodiscard]] std::size_t partition_size(std::uint32_t partition_id) const;
+  [[nodiscard]] std::size_t partition_pending(std::uint32_t partition_id) const;
+  [[nodiscard]] std::size_t partition_memory_bytes(std::uint32_t partition_id) const;
+
+  // Shared map and every partition's local state (kind kNumericAggregateStore).
+  [[nodiscard]] std::string snapshot() const;
+  // Validates everything into fresh structures, then swaps them in; CorruptDataError on
+  // any problem and the store is unchanged.
+  void restore(std::string_view data);
+
+  // Heap held by the partitions' tables plus an estimate for the shared map's nodes.
+  [[nodiscard]] std::size_t memory_bytes() const;
+
+ private:
+  struct Slot {
+    std::uint32_t partition;
+    Moments partial;
+  };
+
+  // A key's partials, sorted by partition, at most one per partition. The first kInline
+  // live inside the map node itself, so with a few partitions publishing costs no
+  // allocation beyond TBB's node and a merged read touches one node.
+  class Slots {
+   public:
+    static constexpr std::uint32_t kInline = 2;
+    Slots() = default;
+    Slots(const Slots&) = delete;
+    Slots& operator=(const Slots&) = delete;
+    Slots(Slots&&) = delete;
+    Slots& operator=(Slots&&) = delete;
+    ~Slots() = default;
+
+    [[nodiscard]] const Slot* begin() const noexcept { return data(); }
+    [[nodiscard]] const Slot* end() const noexcept { return data() + size_; }
+    [[nodiscard]] std::uint32_t size() const noexcept { return size_; }
+    [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+    [[nodiscard]] std::size_t heap_bytes() const noexcept {
+      return heap_ ? capacity_ * sizeof(Slot) : 0;
+    }
+    // Inserts or overwrites the partition's partial.
+    void put(std::uint32_t partition, const Moments& m);
+
+   private:
+    [[nodiscard]] Slot* data() noexcept { return heap_ ? heap_.get() : inline_; }
+    [[nodiscard]] const Slot* data() const noexcept { return heap_ ? heap_.get() : inline_; }
+
+    std::uint32_t size_ = 0;
+    std::uint32_t capacity_ = kInline;
+    Slot inline_[kInline];
+    std::unique_ptr<Slot[]> heap_;
+  };
+
+  struct KeyHash {
+    using is_transparent = void;
+    template <class A>
+    [[nodiscard]] std::size_t hash(const A& k) const {
+      return static_cast<std::size_t>(K::hash(View(k)));
+    }
+    template <class A, class B>
+    [[nodiscard]] bool equal(const A& a, const B& b) const {
+      return View(a) == View(b);
+    }
+  };
+  using SharedMap = tbb::concurrent_hash_map<typename K::Key, Slots, KeyHash>;
+
+  using Local = PartitionAggregator<K>;
+  using Ref = typename Local::Ref;
+  struct Partition {
+    mutable std::mutex mutex;
+    Local local;
+  };
+
+  void check_partition(std::uint32_t partition_id) const;
+  Partition& partition(std::uint32_t partition_id);
+  const Partition& partition(std::uint32_t partition_id) const;
+  // Grows the map's bucket array before a publish that would overflow it (see publish).
+  void reserve_for(Partition& p);
+  static Moments merged(const Slots& slots) noexcept;
+
+  NanPolicy policy_;
+  std::vector<std::unique_ptr<Partition>> partitions_;
+  mutable EpochLock epoch_;
+  mutable SharedMap shared_;
+};
+
+extern template class NumericAggregateStore<Int64Keys>;
+extern template class NumericAggregateStore<BytesKeys>;
+
+}  // namespace streamstate

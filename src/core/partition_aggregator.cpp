@@ -1,0 +1,277 @@
+#include "core/partition_aggregator.h"
+
+#include <bit>
+#include <cmath>
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "core/errors.h"
+
+namespace streamstate {
+namespace {
+
+// Rows looked ahead: the slot of row i + kAhead is prefetched, and the entry of row
+// i + kAhead / 2 (whose slot should be cached by then). At ~1M keys every lookup would
+// otherwise be two dependent cache misses; this keeps ~16 of them in flight.
+constexpr std::size_t kAhead = 16;
+constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead, reused
+static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
+
+// Uninitialised, huge-page-advised scratch memory for the scatter passes (every element
+// is written before it is read, so zero-filling it would be wasted work).
+template <class T>
+class Scratch {
+ public:
+  explicit Scratch(std::size_t n) : n_(n), data_(flat_detail::HugePageAllocator<T>().allocate(n)) {}
+  ~Scratch() { flat_detail::HugePageAllocator<T>().deallocate(data_, n_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch(Scratch&&) = delete;
+  Scratch& operator=(Scratch&&) = delete;
+  [[nodiscard]] T* data() noexcept { return data_; }
+  T& operator[](std::size_t i) noexcept { return data_[i]; }
+
+ private:
+  std::size_t n_;
+  T* data_;
+};
+
+}  // namespace
+
+bool any_nan(const double* values, std::size_t n) noexcept {
+  // Branch-free OR of "x != x" over blocks so the compiler can vectorise it, with an
+  // early exit per block.
+  constexpr std::size_t kBlock = 256;
+  for (std::size_t start = 0; start < n; start += kBlock) {
+    const std::size_t end = start + kBlock < n ? start + kBlock : n;
+    int found = 0;
+    for (std::size_t i = start; i < end; ++i) found |= (values[i] != values[i]) ? 1 : 0;
+    if (found != 0) return true;
+  }
+  return false;
+}
+
+// Shard-at-a-time folding pays off once the table outgrows the core's cache; below that
+// the extra scatter pass costs more than it saves (measured crossover ~350-500K keys).
+constexpr std::size_t kScatterMinKeys = std::size_t{3} << 17;
+// Rows scattered at once: bounds the scratch memory (17 bytes a row for int64 keys, 25
+// for bytes: ~70 / 100 MB) while keeping enough rows per shard for its table to be reused
+// from cache (at 1M keys: 2M-row chunks fold 10M rows in ~0.37 s, 4M in ~0.34 s, 8M in
+// ~0.30 s on the development machine).
+constexpr std::size_t kScatterMaxRows = std::size_t{1} << 22;
+// Row-by-row slices between checks of the table size, so one big batch that grows the
+// table switches to scattering part way through.
+constexpr std::size_t kRowSlice = std::size_t{1} << 16;
+
+template <class K>
+std::size_t PartitionAggregator<K>::pending() const noexcept {
+  std::size_t n = 0;
+  for (const Shard& sh : shards_) {
+    n += sh.table.size() - sh.watermark;
+    for (const std::uint64_t w : sh.changed) n += static_cast<std::size_t>(std::popcount(w));
+  }
+  return n;
+}
+
+template <class K>
+std::size_t PartitionAggregator<K>::size() const noexcept {
+  std::size_t n = 0;
+  for (const Shard& sh : shards_) n += sh.table.size();
+  return n;
+}
+
+template <class K>
+std::size_t PartitionAggregator<K>::memory_bytes() const noexcept {
+  std::size_t n = shards_.capacity() * sizeof(Shard);
+  for (const Shard& sh : shards_) {
+    n += sh.table.memory_bytes() - sizeof(sh.table) + sh.changed.capacity() * sizeof(std::uint64_t);
+  }
+  return n;
+}
+
+template <class K>
+void PartitionAggregator<K>::collect_changes(std::vector<std::uint64_t>& out) const {
+  out.reserve(out.size() + pending());
+  for (std::size_t s = 0; s < kShards; ++s) {
+    const Shard& sh = shards_[s];
+    const std::uint64_t base = static_cast<std::uint64_t>(s) << kIndexBits;
+    for (std::size_t w = 0; w < sh.changed.size(); ++w) {
+      for (std::uint64_t bits = sh.changed[w]; bits != 0; bits &= bits - 1) {
+        out.push_back(base | (w * 64 + static_cast<std::uint64_t>(std::countr_zero(bits))));
+      }
+    }
+    for (std::size_t i = sh.watermark; i < sh.table.size(); ++i) out.push_back(base | i);
+  }
+}
+
+template <class K>
+void PartitionAggregator<K>::forget_changes() {
+  for (Shard& sh : shards_) {
+    sh.watermark = sh.table.size();
+    sh.changed.assign((sh.watermark + 63) / 64, 0);
+  }
+}
+
+template <class K>
+void PartitionAggregator<K>::replace(std::vector<Table>&& tables) noexcept {
+  for (std::size_t s = 0; s < kShards; ++s) {
+    shards_[s].table = std::move(tables[s]);
+    shards_[s].changed.clear();
+    shards_[s].watermark = 0;
+  }
+}
+
+template <class K>
+std::size_t PartitionAggregator<K>::emplace_in(Shard& shard, View key, std::uint64_t hash) {
+  if (shard.table.size() >= kMaxPerShard) [[unlikely]] {
+    const std::size_t found = shard.table.find_index(key, hash);
+    if (found == Table::npos) {
+      throw std::length_error("partition aggregator: too many keys in one partition");
+    }
+    return found;
+  }
+  return shard.table.emplace(key, hash).first;
+}
+
+template <class K>
+void PartitionAggregator<K>::fold(const View* keys, const double* values, std::size_t n,
+                                  NanPolicy policy) {
+  if (n == 0) return;
+  const bool has_nan = any_nan(values, n);
+  if (has_nan) {
+    if (policy == NanPolicy::kRaise) {
+      for (std::size_t i = 0; i < n; ++i) {
+        if (std::isnan(values[i])) {
+          throw InvalidArgument("NaN value at row " + std::to_string(i) +
+                                " (nan_policy='raise'); nothing from this batch was folded");
+        }
+      }
+    }
+    if (policy == NanPolicy::kPropagate) {
+      fold_with_nan(keys, values, n);
+      return;
+    }
+  }
+  std::size_t done = 0;
+  while (done < n) {
+    const std::size_t left = n - done;
+    if (size() >= kScatterMinKeys && left >= kRowSlice) {
+      const std::size_t chunk = left < kScatterMaxRows ? left : kScatterMaxRows;
+      if (has_nan) {
+        fold_scattered<true>(keys + done, values + done, chunk);
+      } else {
+        fold_scattered<false>(keys + done, values + done, chunk);
+      }
+      done += chunk;
+    } else {
+      const std::size_t chunk = left < kRowSlice ? left : kRowSlice;
+      if (has_nan) {
+        fold_rows<true>(keys + done, values + done, chunk);
+      } else {
+        fold_rows<false>(keys + done, values + done, chunk);
+      }
+      done += chunk;
+    }
+  }
+}
+
+template <class K>
+template <bool kSkipNan>
+void PartitionAggregator<K>::fold_rows(const View* keys, const double* values, std::size_t n) {
+  std::uint64_t ring[kRing];
+  const std::size_t warm = n < kAhead ? n : kAhead;
+  for (std::size_t j = 0; j < warm; ++j) {
+    ring[j] = K::hash(keys[j]);
+    shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      const std::uint64_t h = K::hash(keys[i + kAhead]);
+      ring[(i + kAhead) & (kRing - 1)] = h;
+      shards_[shard_of(h)].table.prefetch_slot(h);
+    }
+    if (i + kAhead / 2 < n) {
+      const std::uint64_t h = ring[(i + kAhead / 2) & (kRing - 1)];
+      shards_[shard_of(h)].table.prefetch_entry(h);
+    }
+    const double x = values[i];
+    if constexpr (kSkipNan) {
+      if (std::isnan(x)) continue;
+    }
+    const std::uint64_t h = ring[i & (kRing - 1)];
+    Shard& sh = shards_[shard_of(h)];
+    const std::size_t idx = emplace_in(sh, keys[i], h);
+    add_number(sh.table.value_at(idx), x);
+    sh.mark(idx);
+  }
+}
+
+template <class K>
+template <bool kSkipNan>
+void PartitionAggregator<K>::fold_scattered(const View* keys, const double* values,
+                                            std::size_t n) {
+  // Pass 1: each row's shard (one byte a row) and the shard sizes.
+  Scratch<std::uint8_t> shard_ids(n);
+  std::size_t start[kShards + 1] = {};
+  for (std::size_t i = 0; i < n; ++i) {
+    if constexpr (kSkipNan) {
+      if (std::isnan(values[i])) continue;
+    }
+    const auto s = static_cast<std::uint8_t>(shard_of(K::hash(keys[i])));
+    shard_ids[i] = s;
+    ++start[s + 1];
+  }
+  for (std::size_t s = 0; s < kShards; ++s) start[s + 1] += start[s];
+  // Pass 2: scatter the rows into one contiguous run per shard (streaming writes).
+  Scratch<Row> rows(start[kShards]);
+  std::size_t at[kShards];
+  std::copy(start, start + kShards, at);
+  for (std::size_t i = 0; i < n; ++i) {
+    if constexpr (kSkipNan) {
+      if (std::isnan(values[i])) continue;
+    }
+    rows[at[shard_ids[i]]++] = Row{keys[i], values[i]};
+  }
+  // Pass 3: fold shard by shard; each shard's table is reused from cache.
+  constexpr std::size_t kNear = 8;
+  for (std::size_t s = 0; s < kShards; ++s) {
+    Shard& sh = shards_[s];
+    const Row* run = rows.data() + start[s];
+    const std::size_t m = start[s + 1] - start[s];
+    std::uint64_t ring[kRing];
+    const std::size_t warm = m < kNear ? m : kNear;
+    for (std::size_t j = 0; j < warm; ++j) {
+      ring[j] = K::hash(run[j].key);
+      sh.table.prefetch_slot(ring[j]);
+    }
+    for (std::size_t j = 0; j < m; ++j) {
+      if (j + kNear < m) {
+        const std::uint64_t h = K::hash(run[j + kNear].key);
+        ring[(j + kNear) & (kRing - 1)] = h;
+        sh.table.prefetch_slot(h);
+      }
+      const std::size_t idx = emplace_in(sh, run[j].key, ring[j & (kRing - 1)]);
+      add_number(sh.table.value_at(idx), run[j].value);
+      sh.mark(idx);
+    }
+  }
+}
+
+template <class K>
+void PartitionAggregator<K>::fold_with_nan(const View* keys, const double* values,
+                                           std::size_t n) {
+  // Only batches that contain NaN under kPropagate come here: correctness first.
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t h = K::hash(keys[i]);
+    Shard& sh = shards_[shard_of(h)];
+    const std::size_t idx = emplace_in(sh, keys[i], h);
+    sh.table.value_at(idx).add(values[i]);
+    sh.mark(idx);
+  }
+}
+
+template class PartitionAggregator<Int64Keys>;
+template class PartitionAggregator<BytesKeys>;
+
+}  // namespace streamstate

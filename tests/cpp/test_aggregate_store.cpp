@@ -1,0 +1,358 @@
+// C++ unit tests for the flat tables, the opaque aggregate store and the numeric store
+// (run by CI under ASan/UBSan as well).
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "core/aggregate_store.h"
+#include "core/errors.h"
+#include "core/flat_table.h"
+#include "core/numeric_aggregate_store.h"
+#include "core/partition_aggregator.h"
+#include "core/record_codec.h"
+#include "core/stats.h"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond)                                                      \
+  do {                                                                   \
+    if (!(cond)) {                                                       \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                        \
+    }                                                                    \
+  } while (0)
+
+template <class F>
+bool throws_corrupt(F&& f) {
+  try {
+    f();
+  } catch (const streamstate::CorruptDataError&) {
+    return true;
+  }
+  return false;
+}
+
+using streamstate::Moments;
+
+// Built by appending: GCC 12 at -O3 reports a false -Wrestrict for "lit" + std::to_string().
+std::string name(const char* prefix, long a, const char* middle = nullptr, long b = 0) {
+  std::string out(prefix);
+  out += std::to_string(a);
+  if (middle != nullptr) {
+    out += middle;
+    out += std::to_string(b);
+  }
+  return out;
+}
+
+void test_int64_flat_table() {
+  streamstate::Int64FlatTable<Moments> table;
+  std::unordered_map<std::int64_t, std::uint64_t> reference;
+  std::mt19937_64 rng(42);
+  for (int i = 0; i < 300000; ++i) {
+    const auto key = static_cast<std::int64_t>(rng() % 70000) - 35000;
+    table.find_or_insert(key).add(static_cast<double>(i));
+    ++reference[key];
+  }
+  CHECK(table.size() == reference.size());
+  for (const auto& [key, count] : reference) {
+    const Moments* m = table.find(key);
+    CHECK(m != nullptr && m->count == count);
+  }
+  CHECK(table.find(1LL << 60) == nullptr);
+  // Iteration visits every entry once, in insertion order, with stable indices.
+  std::size_t seen = 0;
+  for (const auto& entry : table) {
+    CHECK(table.find_index(entry.key) == seen);
+    ++seen;
+  }
+  CHECK(seen == table.size());
+  const std::size_t held = table.memory_bytes();
+  CHECK(held >= table.size() * (sizeof(std::int64_t) + sizeof(Moments)));
+  table.clear();
+  CHECK(table.empty() && table.find(reference.begin()->first) == nullptr);
+  CHECK(table.memory_bytes() == held);  // clear keeps the memory for reuse
+  table.release();
+  CHECK(table.memory_bytes() < 1024);
+  table.reserve(1000);
+  const std::size_t reserved = table.memory_bytes();
+  for (int i = 0; i < 1000; ++i) table.find_or_insert(i * 7919);
+  CHECK(table.memory_bytes() == reserved);  // no growth within the reservation
+  const auto [index, inserted] = table.emplace(7919);
+  CHECK(!inserted && index == 1);
+}
+
+void test_bytes_flat_table() {
+  streamstate::BytesFlatTable<Moments> table;
+  for (int i = 0; i < 50000; ++i) {
+    table.find_or_insert(name("key-", i % 9973)).add(1.0);
+  }
+  table.find_or_insert(std::string_view{}).add(2.0);
+  table.find_or_insert(std::string("a\0b", 3)).add(3.0);
+  CHECK(table.size() == 9973 + 2);
+  CHECK(table.find("key-12")->count == 6);
+  CHECK(table.find(std::string_view{}) != nullptr);
+  CHECK(table.find(std::string("a\0b", 3))->sum == 3.0);
+  CHECK(table.find(std::string("a\0c", 3)) == nullptr);
+  CHECK(table.key_at(table.find_index("key-77")) == "key-77");
+  CHECK(table.hash_at(table.find_index("key-77")) == streamstate::hash_bytes("key-77"));
+  CHECK(streamstate::hash_bytes("a") != streamstate::hash_bytes(std::string("a\0", 2)));
+}
+
+void test_opaque_store() {
+  streamstate::AggregateStore store(3);
+  store.publish("g", 2, "p2");
+  store.publish("g", 0, "p0");
+  store.publish("h", 1, "x");
+  store.publish("g", 0, "p0b");
+  CHECK(store.size() == 3);
+  const auto partials = store.collect_partials("g");
+  CHECK(partials.size() == 2 && partials[0].first == 0 && partials[0].second == "p0b" &&
+        partials[1].first == 2);
+  CHECK(store.groups() == (std::vector<std::string>{"g", "h"}));
+  bool rejected = false;
+  try {
+    store.publish("g", 3, "bad");
+  } catch (const streamstate::InvalidArgument&) {
+    rejected = true;
+  }
+  CHECK(rejected);
+
+  const std::string snap = store.snapshot();
+  streamstate::AggregateStore copy(3);
+  copy.publish("old", 0, "v");
+  copy.restore(snap);
+  CHECK(copy.snapshot() == snap && !copy.get_partial("old", 0).has_value());
+
+  // A failed restore leaves everything as it was.
+  std::string flipped = snap;
+  flipped[flipped.size() / 2] ^= 0x40;
+  CHECK(throws_corrupt([&] { copy.restore(flipped); }));
+  streamstate::AggregateStore small(2);
+  small.publish("keep", 1, "me");
+  const std::string before = small.snapshot();
+  CHECK(throws_corrupt([&] { small.restore(snap); }));  // partition id 2 >= 2
+  CHECK(small.snapshot() == before);
+
+  CHECK(store.remove_group("g") == 2);
+  CHECK(store.size() == 1 && store.groups() == std::vector<std::string>{"h"});
+  CHECK(store.memory_bytes() > 0);
+}
+
+void test_opaque_store_threads_and_snapshots() {
+  constexpr int kThreads = 4;
+  constexpr int kBatches = 1000;
+  constexpr int kWidth = 40;
+  streamstate::AggregateStore store(kThreads);
+  std::atomic<int> running{kThreads};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < kThreads; ++t) {
+    workers.emplace_back([&store, &running, t] {
+      std::vector<std::string> keys;
+      for (int i = 0; i < kWidth; ++i) keys.push_back(name("t", t, "k", i));
+      const std::vector<std::string_view> key_views(keys.begin(), keys.end());
+      for (int b = 0; b < kBatches; ++b) {
+        const std::string value = std::to_string(b);
+        const std::vector<std::string_view> values(kWidth, value);
+        store.publish_many(static_cast<std::uint32_t>(t), key_views, values);
+      }
+      --running;
+    });
+  }
+  int torn = 0;
+  int taken = 0;
+  do {  // at least once, however fast the publishers were
+    streamstate::AggregateStore view(kThreads);
+    view.restore(store.snapshot());
+    ++taken;
+    for (int t = 0; t < kThreads; ++t) {
+      const auto first = view.get_partial(name("t", t, "k", 0), static_cast<std::uint32_t>(t));
+      for (int i = 1; i < kWidth; ++i) {
+        if (view.get_partial(name("t", t, "k", i), static_cast<std::uint32_t>(t)) != first) {
+          ++torn;
+        }
+      }
+    }
+  } while (running.load() > 0);
+  for (auto& w : workers) w.join();
+  CHECK(torn == 0);
+  CHECK(taken > 0);
+  CHECK(store.size() == static_cast<std::size_t>(kThreads * kWidth));
+}
+
+void test_moments_merge_precision() {
+  // 1e9 + small noise split over partials: the merged variance matches a two-pass one.
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> noise(0.0, 1e-3);
+  std::vector<double> values(3000);
+  for (double& v : values) v = 1e9 + noise(rng);
+  Moments parts[3];
+  for (std::size_t i = 0; i < values.size(); ++i) parts[i % 3].add(values[i]);
+  Moments merged = parts[2];
+  merged.merge(parts[0]);
+  merged.merge(parts[1]);
+  double mean = 0.0;
+  for (const double v : values) mean += v;
+  mean /= static_cast<double>(values.size());
+  double m2 = 0.0;
+  for (const double v : values) m2 += (v - mean) * (v - mean);
+  const double two_pass = m2 / static_cast<double>(values.size() - 1);
+  CHECK(std::fabs(merged.var() - two_pass) <= 1e-6 * two_pass);
+  CHECK(merged.count == values.size());
+}
+
+void test_numeric_store() {
+  using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
+  Store store(2, streamstate::NanPolicy::kSkip);
+  const std::vector<std::int64_t> keys = {1, 2, 1, 3};
+  const std::vector<double> values = {1.0, 2.0, 3.0, std::nan("")};
+  store.fold(0, keys.data(), values.data(), keys.size());
+  CHECK(!store.result(1).has_value());
+  CHECK(store.publish(0) == 2);  // key 3 only saw NaN: skipped, never created
+  CHECK(store.publish(0) == 0);
+  const std::vector<std::int64_t> more = {1};
+  const std::vector<double> more_values = {5.0};
+  store.fold(1, more.data(), more_values.data(), 1);
+  store.publish(1);
+  const auto r = store.result(1);
+  CHECK(r.has_value() && r->count == 3 && r->sum == 9.0 && r->min == 1.0 && r->max == 5.0);
+  CHECK(r.has_value() && std::fabs(r->var() - 4.0) < 1e-12);
+
+  streamstate::Int64Keys::KeyColumn column;
+  streamstate::StatColumns stats;
+  store.result_columns(column, stats);
+  CHECK(column.size() == 2 && stats.size == 2);
+  for (std::size_t i = 0; i < stats.size; ++i) {
+    const auto expected = store.result(column.keys[i]);
+    CHECK(expected && stats.count[i] == expected->count && stats.sum[i] == expected->sum &&
+          stats.mean[i] == expected->mean());
+  }
+
+  // Unpublished local state survives a snapshot.
+  store.fold(1, more.data(), more_values.data(), 1);
+  const std::string snap = store.snapshot();
+  Store restored(2, streamstate::NanPolicy::kSkip);
+  restored.restore(snap);
+  CHECK(restored.snapshot() == snap);
+  CHECK(restored.partition_pending(1) == 1 && restored.partition_size(0) == 2);
+  restored.publish(1);
+  CHECK(restored.result(1)->count == 4);
+
+  // Raise policy: nothing folded from a batch with NaN.
+  Store strict(1, streamstate::NanPolicy::kRaise);
+  bool raised = false;
+  try {
+    strict.fold(0, keys.data(), values.data(), keys.size());
+  } catch (const streamstate::InvalidArgument&) {
+    raised = true;
+  }
+  CHECK(raised && strict.partition_size(0) == 0);
+
+  // Foreign or damaged snapshots are refused and change nothing.
+  streamstate::NumericAggregateStore<streamstate::BytesKeys> bytes_store(2,
+                                                                         streamstate::NanPolicy::kSkip);
+  CHECK(throws_corrupt([&] { bytes_store.restore(snap); }));
+  std::string damaged = snap;
+  damaged[damaged.size() - 9] ^= 1;
+  CHECK(throws_corrupt([&] { restored.restore(damaged); }));
+  CHECK(restored.result(1)->count == 4);
+}
+
+void test_numeric_store_big_batches() {
+  // Enough keys that later batches are folded shard by shard (scatter path).
+  using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
+  Store store(1, streamstate::NanPolicy::kSkip);
+  std::mt19937_64 rng(3);
+  std::vector<std::int64_t> keys(600000);
+  std::vector<double> values(keys.size());
+  std::unordered_map<std::int64_t, std::pair<std::uint64_t, double>> reference;
+  for (int round = 0; round < 3; ++round) {
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      keys[i] = static_cast<std::int64_t>(rng() % 450000);
+      values[i] = (i % 1000 == 7) ? std::nan("") : static_cast<double>(rng() % 1000);
+      if (!std::isnan(values[i])) {
+        auto& r = reference[keys[i]];
+        ++r.first;
+        r.second += values[i];
+      }
+    }
+    store.fold(0, keys.data(), values.data(), keys.size());
+  }
+  CHECK(store.partition_size(0) == reference.size());
+  store.publish(0);
+  CHECK(store.size() == reference.size());
+  std::size_t wrong = 0;
+  for (const auto& [key, r] : reference) {
+    const auto m = store.result(key);
+    if (!m || m->count != r.first || m->sum != r.second) ++wrong;
+  }
+  CHECK(wrong == 0);
+  const std::string snap = store.snapshot();
+  Store restored(1, streamstate::NanPolicy::kSkip);
+  restored.restore(snap);
+  CHECK(restored.snapshot() == snap);
+}
+
+void test_numeric_store_threads() {
+  using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
+  constexpr std::uint32_t kThreads = 4;
+  Store store(kThreads, streamstate::NanPolicy::kSkip);
+  std::vector<std::thread> workers;
+  std::atomic<int> running{kThreads};
+  for (std::uint32_t t = 0; t < kThreads; ++t) {
+    workers.emplace_back([&store, &running, t] {
+      std::vector<std::int64_t> keys(500);
+      std::vector<double> values(500, 1.0);
+      for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = static_cast<std::int64_t>(t * 1000 + i);
+      for (int b = 0; b < 100; ++b) {
+        store.fold(t, keys.data(), values.data(), keys.size());
+        store.publish(t);
+      }
+      --running;
+    });
+  }
+  do {
+    Store view(kThreads, streamstate::NanPolicy::kSkip);
+    view.restore(store.snapshot());
+    streamstate::Int64Keys::KeyColumn column;
+    streamstate::StatColumns stats;
+    view.result_columns(column, stats);
+    // Each partition's publish is whole: all its keys share one count.
+    std::uint64_t counts[kThreads] = {};
+    for (std::size_t i = 0; i < stats.size; ++i) {
+      const auto owner = static_cast<std::size_t>(column.keys[i] / 1000);
+      if (counts[owner] == 0) counts[owner] = stats.count[i];
+      CHECK(counts[owner] == stats.count[i]);
+    }
+  } while (running.load() > 0);
+  for (auto& w : workers) w.join();
+  CHECK(store.size() == kThreads * 500);
+  CHECK(store.result(1234)->count == 100);
+}
+
+}  // namespace
+
+int main() {
+  test_int64_flat_table();
+  test_bytes_flat_table();
+  test_opaque_store();
+  test_opaque_store_threads_and_snapshots();
+  test_moments_merge_precision();
+  test_numeric_store();
+  test_numeric_store_big_batches();
+  test_numeric_store_threads();
+  if (failures != 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::puts("test_aggregate_store: all checks passed");
+  return 0;
+}
