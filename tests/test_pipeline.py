@@ -20,7 +20,7 @@ def _expected(keys: np.ndarray, values: np.ndarray) -> pd.DataFrame:
 
 
 def _assert_matches(results: dict[str, np.ndarray], expected: pd.DataFrame) -> None:
-    keys = [k.decode() if isinstance(k, bytes) else k for k in results["key"].tolist()]
+    keys = [k.decode() if isinstance(k, bytes) else k for k in list(results["key"])]
     ours = pd.DataFrame(
         {c: results[c] for c in ("count", "sum", "min", "max", "mean", "var")}, index=keys
     ).sort_index()

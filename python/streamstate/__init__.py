@@ -16,7 +16,7 @@ from .errors import (
 )
 
 try:
-    from . import _core
+    from . import _core  # noqa: F401  (imported first to fail early with a helpful message)
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "streamstate's compiled core (streamstate._core) could not be imported: "
@@ -25,14 +25,27 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "development `pip install -e .`."
     ) from exc
 
-from . import codec
-from .codec import crc32c, lz4_compress, lz4_decompress, sha256_hex
-
-# -- aggregate store (issue 3) --
+from . import codec, serde
 from .aggregate import AggregateStore, NumericAggregateStore, PartitionAggregator
-
-# -- keyed state (issue 4) --
-from . import serde
+from .batcher import BatchMetrics, CheckpointBatcher, decode_batch, encode_batch
+from .checkpoint import (
+    ObjectStoreCheckpointer,
+    RecoveredCheckpoint,
+    apply_record_delta,
+    encode_delta,
+    verify_integrity,
+)
+from .codec import crc32c, lz4_compress, lz4_decompress, sha256_hex
+from .manifest import (
+    CheckpointId,
+    CheckpointManifest,
+    CheckpointPaths,
+    OperatorSnapshotEntry,
+    PartitionSnapshotEntry,
+)
+from .pipeline import ArraySource, Pipeline, PipelineRun
+from .retry import RetryPolicy
+from .spill import SpillingAggregator
 from .state import (
     AggregatingState,
     InMemoryStateBackend,
@@ -42,45 +55,52 @@ from .state import (
     StateBackend,
     StatePartitionKey,
 )
-
-# -- spilling aggregator (issue 5) --
-from .spill import SpillingAggregator
-
-# -- checkpoint batcher (issue 6) --
-from .batcher import BatchMetrics, CheckpointBatcher, decode_batch, encode_batch
-
-# -- object-store checkpointer (issue 7) --
-from .checkpoint import (
-    ObjectStoreCheckpointer,
-    RecoveredCheckpoint,
-    apply_record_delta,
-    encode_delta,
-    verify_integrity,
-)
-from .manifest import (
-    CheckpointId,
-    CheckpointManifest,
-    CheckpointPaths,
-    OperatorSnapshotEntry,
-    PartitionSnapshotEntry,
-)
-from .retry import RetryPolicy
-
-# -- pipeline (issue 8) --
+from .stats import Stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregateStore",
+    "AggregatingState",
+    "ArraySource",
+    "BatchMetrics",
+    "CheckpointBatcher",
     "CheckpointError",
+    "CheckpointId",
+    "CheckpointManifest",
+    "CheckpointPaths",
     "CorruptDataError",
+    "InMemoryStateBackend",
     "IntegrityError",
+    "KeyedStateStore",
+    "ListState",
+    "MapState",
     "NoValidCheckpointError",
+    "NumericAggregateStore",
+    "ObjectStoreCheckpointer",
+    "OperatorSnapshotEntry",
+    "PartitionAggregator",
+    "PartitionSnapshotEntry",
+    "Pipeline",
+    "PipelineRun",
+    "RecoveredCheckpoint",
+    "RetryPolicy",
     "SpillError",
+    "SpillingAggregator",
+    "StateBackend",
+    "StatePartitionKey",
+    "Stats",
     "StreamStateError",
     "__version__",
+    "apply_record_delta",
     "codec",
     "crc32c",
+    "decode_batch",
+    "encode_batch",
+    "encode_delta",
     "lz4_compress",
     "lz4_decompress",
+    "serde",
     "sha256_hex",
+    "verify_integrity",
 ]

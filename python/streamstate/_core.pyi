@@ -28,10 +28,11 @@ def decode_records(data: BytesLike) -> tuple[int, list[tuple[bytes, bytes]]]: ..
 from collections.abc import Sequence as _Sequence
 from types import TracebackType as _TracebackType
 from typing import Any as _Any
+from typing import TypeAlias
 
 from numpy.typing import ArrayLike as _ArrayLike
 
-_StatsTuple = tuple[int, float, float, float, float, float, float]
+_StatsTuple: TypeAlias = tuple[int, float, float, float, float, float, float]
 
 class AggregateStore:
     def __init__(self, num_partitions: int) -> None: ...

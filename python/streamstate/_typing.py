@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import TypeAlias
 
 # Anything exposing a C-contiguous buffer: bytes, bytearray, memoryview, numpy arrays.
-BytesLike = Union[bytes, bytearray, memoryview]
+BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 __all__ = ["BytesLike"]

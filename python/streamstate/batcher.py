@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import obstore
 from obstore.exceptions import AlreadyExistsError
@@ -32,6 +32,9 @@ from ._typing import BytesLike
 from .errors import CheckpointError, CorruptDataError
 from .storage import StoreLike, describe_store, resolve_store
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = [
     "BatchMetrics",
     "CheckpointBatcher",
@@ -41,8 +44,6 @@ __all__ = [
 
 #: The largest body one batch can hold: LZ4's block limit (the format's own is 4 GiB).
 MAX_BATCH_BODY = 0x7E000000
-
-_Batcher = TypeVar("_Batcher", bound="CheckpointBatcher")
 
 # Conditional creates that lose a race are retried under the next free name this many times.
 _MAX_NAME_ATTEMPTS = 64
@@ -406,7 +407,7 @@ class CheckpointBatcher:
         """True after :meth:`close`."""
         return self._closed
 
-    def __enter__(self: _Batcher) -> _Batcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,9 @@ from .batcher import decode_batch, encode_batch
 from .checkpoint import ObjectStoreCheckpointer
 from .errors import StreamStateError
 from .storage import StoreLike, default_store_path
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "ArraySource",
@@ -210,7 +213,7 @@ class _PartitionWorker:
         self._aggregators = aggregators
         # Bounded, so a fast reader cannot queue the whole source in memory.
         self.inbox: queue.Queue[Any] = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self._thread = threading.Thread(
             target=self._loop, name=f"streamstate-partition-{partition}", daemon=True
         )
@@ -226,7 +229,7 @@ class _PartitionWorker:
                     if self.error is None:
                         for aggregator in self._aggregators.values():
                             aggregator.publish()
-                except BaseException as exc:  # surfaced by the coordinator
+                except Exception as exc:  # surfaced by the coordinator
                     self.error = exc
                 item.arrive()
                 continue
@@ -236,7 +239,7 @@ class _PartitionWorker:
             try:
                 for metric, aggregator in self._aggregators.items():
                     aggregator.fold(keys, values[metric])
-            except BaseException as exc:
+            except Exception as exc:  # surfaced by the coordinator at the next barrier
                 self.error = exc
 
     def stop(self) -> None:
@@ -467,7 +470,7 @@ class Pipeline:
         """Drop the in-memory state (checkpoints stay in the store)."""
         self._stores = None
 
-    def __enter__(self) -> Pipeline:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
