@@ -21,6 +21,6 @@ def test_quickstart_notebook_executes(tmp_path: Path) -> None:
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(images) >= 4  # throughput, checkpoints, spill memory and files
+    assert len(images) >= 3  # throughput, checkpoint size and duration, spill memory and files
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "verified: exactly-once" in text
