@@ -135,16 +135,11 @@ __attribute__((target("sse4.2"))) inline std::uint64_t three_way(std::uint64_t c
   return crc0;
 }
 
-__attribute__((target("sse4.2"))) std::uint32_t hardware_raw(std::uint32_t crc,
-                                                             const unsigned char* p,
-                                                             std::size_t n) noexcept {
+// One stream of 8-byte words, then the last few bytes: short inputs, and the tail of the
+// three-way path, which would gain nothing from splitting what is left.
+__attribute__((target("sse4.2"))) inline std::uint32_t hardware_single_raw(
+    std::uint32_t crc, const unsigned char* p, std::size_t n) noexcept {
   std::uint64_t c = crc;
-  while (n && (reinterpret_cast<std::uintptr_t>(p) & 7u)) {
-    c = _mm_crc32_u8(static_cast<std::uint32_t>(c), *p++);
-    --n;
-  }
-  c = three_way<kLongStream>(c, p, n, kShiftLong);
-  c = three_way<kShortStream>(c, p, n, kShiftShort);
   while (n >= 8) {
     std::uint64_t w;
     std::memcpy(&w, p, 8);
@@ -156,19 +151,18 @@ __attribute__((target("sse4.2"))) std::uint32_t hardware_raw(std::uint32_t crc,
   return static_cast<std::uint32_t>(c);
 }
 
-__attribute__((target("sse4.2"))) std::uint32_t hardware_single_raw(std::uint32_t crc,
-                                                                    const unsigned char* p,
-                                                                    std::size_t n) noexcept {
+__attribute__((target("sse4.2"))) std::uint32_t hardware_raw(std::uint32_t crc,
+                                                             const unsigned char* p,
+                                                             std::size_t n) noexcept {
   std::uint64_t c = crc;
-  while (n >= 8) {
-    std::uint64_t w;
-    std::memcpy(&w, p, 8);
-    c = _mm_crc32_u64(c, w);
-    p += 8;
-    n -= 8;
+  while (n && (reinterpret_cast<std::uintptr_t>(p) & 7u)) {
+    c = _mm_crc32_u8(static_cast<std::uint32_t>(c), *p++);
+    --n;
   }
-  while (n--) c = _mm_crc32_u8(static_cast<std::uint32_t>(c), *p++);
-  return static_cast<std::uint32_t>(c);
+  c = three_way<kLongStream>(c, p, n, kShiftLong);
+  c = three_way<kShortStream>(c, p, n, kShiftShort);
+  // _mm_crc32_u64 leaves the upper half zero, so the narrowing loses nothing.
+  return hardware_single_raw(static_cast<std::uint32_t>(c), p, n);
 }
 
 bool detect_hardware() noexcept { return __builtin_cpu_supports("sse4.2") != 0; }
