@@ -40,6 +40,32 @@ inline void store_u32(char* dst, std::uint32_t v) noexcept {
   for (int i = 0; i < 4; ++i) dst[i] = static_cast<char>((v >> (8 * i)) & 0xff);
 }
 
+// Keys and values are mostly a few bytes long, where a call to memcpy costs more than the
+// copy; two overlapping word moves cover 1..16 bytes without a loop or a call.
+inline void copy_bytes(char* dst, const char* src, std::size_t n) noexcept {
+  if (n > 16) {
+    std::memcpy(dst, src, n);
+  } else if (n >= 8) {
+    std::uint64_t head;
+    std::uint64_t tail;
+    std::memcpy(&head, src, 8);
+    std::memcpy(&tail, src + n - 8, 8);
+    std::memcpy(dst, &head, 8);
+    std::memcpy(dst + n - 8, &tail, 8);
+  } else if (n >= 4) {
+    std::uint32_t head;
+    std::uint32_t tail;
+    std::memcpy(&head, src, 4);
+    std::memcpy(&tail, src + n - 4, 4);
+    std::memcpy(dst, &head, 4);
+    std::memcpy(dst + n - 4, &tail, 4);
+  } else if (n > 0) {
+    dst[0] = src[0];
+    dst[n / 2] = src[n / 2];
+    dst[n - 1] = src[n - 1];
+  }
+}
+
 [[nodiscard]] inline std::uint16_t load_u16(const char* p) noexcept {
   const auto* u = reinterpret_cast<const unsigned char*>(p);
   return static_cast<std::uint16_t>(u[0] | (u[1] << 8));

@@ -8,12 +8,16 @@
 // from a state-backend checkpoint fails loudly instead of producing nonsense.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include "core/byte_io.h"
 
 namespace streamstate {
 
@@ -48,9 +52,81 @@ class RecordWriter {
   std::size_t count_ = 0;
 };
 
+// Builds a container straight into caller memory (e.g. a Python bytes object of a size
+// worked out beforehand), so a large snapshot is written once with no intermediate copy.
+// Each record is either added whole with add_encoded(), or opened with begin() and its
+// value then written with raw()/u32()/u64(); the caller writes exactly the value size it
+// announced. The capacity check guards the caller's buffer: a caller whose size
+// computation was wrong gets std::logic_error, never an overrun.
+class RecordBufferWriter {
+ public:
+  RecordBufferWriter(char* out, std::size_t capacity, RecordKind kind);
+
+  // A record whose bytes, lengths included, are already laid out as the container stores
+  // them ([u32 key length][key][u32 value length][value]).
+  void add_encoded(std::string_view record) {
+    count_up();
+    raw(record);
+  }
+  // Opens a record: writes the key and the value length; the value bytes follow.
+  // Throws InvalidArgument for a key or value over 4 GiB.
+  void begin(std::string_view key, std::size_t value_size);
+  void raw(std::string_view bytes) {
+    ensure(bytes.size());
+    copy_bytes(out_ + pos_, bytes.data(), bytes.size());
+    pos_ += bytes.size();
+  }
+  void u32(std::uint32_t v) {
+    ensure(4);
+    store_u32(out_ + pos_, v);
+    pos_ += 4;
+  }
+  void u64(std::uint64_t v) {
+    u32(static_cast<std::uint32_t>(v));
+    u32(static_cast<std::uint32_t>(v >> 32));
+  }
+
+  [[nodiscard]] std::size_t count() const noexcept { return count_; }
+  // Seals the container (patches the count, appends the CRC); returns its size in bytes.
+  std::size_t finish();
+
+ private:
+  void ensure(std::size_t n) const {
+    if (n > capacity_ - pos_) overflow();
+  }
+  void count_up() {
+    if (count_ == std::numeric_limits<std::uint32_t>::max()) too_many();
+    ++count_;
+  }
+  [[noreturn]] static void overflow();
+  [[noreturn]] static void too_many();
+
+  char* out_;
+  std::size_t capacity_;
+  std::size_t pos_ = 0;
+  std::uint32_t count_ = 0;
+};
+
 struct RecordView {
   std::string_view key;
   std::string_view value;
+};
+
+// The fixed-size header every reader checks first, and the checks on it, so both readers
+// reject a bad container with the same words.
+struct RecordHeader {
+  std::uint16_t kind = 0;
+  std::size_t count = 0;
+  std::string_view body;  // the records, between header and trailer
+
+  // Checks the length (at least a header and a trailer), the magic and the version, and
+  // reads the fields; throws CorruptDataError saying what is wrong.
+  [[nodiscard]] static RecordHeader parse(std::string_view data);
+  // Throws CorruptDataError unless the container was written by `expected`.
+  void expect_kind(RecordKind expected) const;
+  // Each entry takes at least 8 bytes, so an impossible count fails before any work;
+  // throws CorruptDataError.
+  void check_count() const;
 };
 
 // Validates the whole container on construction (magic, version, CRC, every length, no
@@ -60,19 +136,70 @@ class RecordReader {
  public:
   explicit RecordReader(std::string_view data);
 
-  [[nodiscard]] std::uint16_t kind() const noexcept { return kind_; }
-  [[nodiscard]] std::size_t count() const noexcept { return count_; }
+  [[nodiscard]] std::uint16_t kind() const noexcept { return header_.kind; }
+  [[nodiscard]] std::size_t count() const noexcept { return header_.count; }
   // Throws CorruptDataError unless the container was written by `expected`.
-  void expect_kind(RecordKind expected) const;
+  void expect_kind(RecordKind expected) const { header_.expect_kind(expected); }
 
   // Fills `out` with the next record; false after the last one.
   bool next(RecordView& out) noexcept;
 
  private:
-  std::string_view body_;  // the records, between header and trailer
-  std::size_t pos_ = 0;
+  RecordHeader header_;
+  std::size_t pos_ = 0;  // into header_.body
+};
+
+// Reads a container in one pass, for restores of large snapshots. The checks are
+// RecordReader's (magic, version, kind, every length, no trailing bytes, CRC32C), but the
+// checksum runs a block ahead of the record walk instead of over the whole buffer first,
+// so each byte comes from memory once rather than three times. Records are handed out
+// before the checksum is confirmed: a caller may only build private state from them, and
+// must call finish() (which throws CorruptDataError on a mismatch) before publishing
+// anything. Views point into the caller's buffer, which must outlive the reader.
+class SinglePassRecordReader {
+ public:
+  // Checks the header (including that `expected` wrote it); throws CorruptDataError.
+  SinglePassRecordReader(std::string_view data, RecordKind expected);
+
+  [[nodiscard]] std::size_t count() const noexcept { return count_; }
+
+  // The next record; false after the last. Throws CorruptDataError on a length that runs
+  // past the end.
+  bool next(RecordView& out) {
+    if (index_ == count_) return false;
+    ++index_;
+    const std::size_t key_len = load_u32(take(4));
+    out.key = std::string_view(take(key_len), key_len);
+    const std::size_t value_len = load_u32(take(4));
+    out.value = std::string_view(take(value_len), value_len);
+    return true;
+  }
+
+  // Confirms that every record was read, that nothing follows the last one and that the
+  // checksum matches; throws CorruptDataError.
+  void finish();
+
+ private:
+  static constexpr std::size_t kBlock = std::size_t{64} << 10;
+
+  const char* take(std::size_t n) {
+    if (n > end_ - pos_) truncated(n);
+    // Keep the checksum a block ahead, so the walk reads bytes the CRC just brought in.
+    if (pos_ + n + kBlock / 2 > crc_done_) checksum_through(std::min(end_, pos_ + n + kBlock));
+    const char* out = data_.data() + pos_;
+    pos_ += n;
+    return out;
+  }
+  [[noreturn]] void truncated(std::size_t needed) const;
+  void checksum_through(std::size_t end) noexcept;
+
+  std::string_view data_;
   std::size_t count_ = 0;
-  std::uint16_t kind_ = 0;
+  std::size_t index_ = 0;
+  std::size_t pos_ = 0;
+  std::size_t end_ = 0;  // where the trailer starts
+  std::size_t crc_done_ = 0;
+  std::uint32_t crc_ = 0;
 };
 
 [[nodiscard]] std::string encode_records(std::uint16_t kind,

@@ -48,32 +48,6 @@ constexpr std::size_t kRadixSortMin = 1024;
 constexpr std::size_t kHugePage = std::size_t{2} << 20;
 constexpr std::size_t kMinChunk = std::size_t{64} << 10;
 
-// Keys and values are mostly a few bytes long, where a call to memcpy costs more than the
-// copy; two overlapping word moves cover 1..16 bytes without a loop or a call.
-void copy_bytes(char* dst, const char* src, std::size_t n) noexcept {
-  if (n > 16) {
-    std::memcpy(dst, src, n);
-  } else if (n >= 8) {
-    std::uint64_t head;
-    std::uint64_t tail;
-    std::memcpy(&head, src, 8);
-    std::memcpy(&tail, src + n - 8, 8);
-    std::memcpy(dst, &head, 8);
-    std::memcpy(dst + n - 8, &tail, 8);
-  } else if (n >= 4) {
-    std::uint32_t head;
-    std::uint32_t tail;
-    std::memcpy(&head, src, 4);
-    std::memcpy(&tail, src + n - 4, 4);
-    std::memcpy(dst, &head, 4);
-    std::memcpy(dst + n - 4, &tail, 4);
-  } else if (n > 0) {
-    dst[0] = src[0];
-    dst[n / 2] = src[n / 2];
-    dst[n - 1] = src[n - 1];
-  }
-}
-
 [[nodiscard]] bool starts_with(std::string_view s, std::string_view prefix) noexcept {
   return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
 }
@@ -502,159 +476,6 @@ void sort_ids_by_key(std::vector<std::uint32_t>& ids, KeyOf&& key_of) {
   for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = items[i].id;
 }
 
-// A bounds-checked writer of the record container straight into caller memory, so the
-// checkpoint is built in its final buffer (a Python bytes object) with no intermediate copy.
-class ContainerWriter {
- public:
-  ContainerWriter(char* out, std::size_t capacity, RecordKind kind)
-      : out_(out), capacity_(capacity) {
-    raw(std::string_view(kRecordMagic, sizeof kRecordMagic));
-    const auto version = kRecordFormatVersion;
-    const auto kind_tag = static_cast<std::uint16_t>(kind);
-    const char tags[4] = {static_cast<char>(version & 0xff), static_cast<char>(version >> 8),
-                          static_cast<char>(kind_tag & 0xff), static_cast<char>(kind_tag >> 8)};
-    raw(std::string_view(tags, 4));
-    u32(0);  // record count, patched by finish()
-  }
-  // A record whose bytes (lengths included) are already laid out, as entries are.
-  void record(std::string_view bytes) {
-    raw(bytes);
-    ++count_;
-  }
-  void begin_record(std::string_view key, std::size_t value_size) {
-    u32(static_cast<std::uint32_t>(key.size()));
-    raw(key);
-    u32(static_cast<std::uint32_t>(value_size));
-    ++count_;
-  }
-  void raw(std::string_view bytes) {
-    ensure(bytes.size());
-    copy_bytes(out_ + pos_, bytes.data(), bytes.size());
-    pos_ += bytes.size();
-  }
-  void u32(std::uint32_t v) {
-    ensure(4);
-    store_u32(out_ + pos_, v);
-    pos_ += 4;
-  }
-  void u64(std::uint64_t v) {
-    u32(static_cast<std::uint32_t>(v));
-    u32(static_cast<std::uint32_t>(v >> 32));
-  }
-
-  std::size_t finish() {
-    store_u32(out_ + 8, count_);
-    const std::uint32_t crc = crc32c(std::string_view(out_, pos_));
-    u32(crc32c_mask(crc));
-    return pos_;
-  }
-
- private:
-  void ensure(std::size_t n) const {
-    // The size was computed under the same read lock, so this cannot fire; it guards the
-    // caller's buffer should that reasoning ever break.
-    if (n > capacity_ - pos_) throw std::logic_error("state backend: checkpoint outgrew its size");
-  }
-  char* out_;
-  std::size_t capacity_;
-  std::size_t pos_ = 0;
-  std::uint32_t count_ = 0;
-};
-
-// Reads a record container in one pass. The checks are RecordReader's (magic, version, kind,
-// every length, no trailing bytes, CRC32C), but the checksum runs a block ahead of the record
-// walk instead of over the whole buffer first, so each byte comes from memory once rather
-// than three times. Records are handed out before the checksum is confirmed: a caller may
-// only build private state from them, and must call finish() (which throws
-// CorruptDataError on a mismatch) before publishing anything.
-class SnapshotWalker {
- public:
-  SnapshotWalker(std::string_view data, RecordKind kind) : data_(data) {
-    if (data.size() < kRecordHeaderSize + kRecordTrailerSize) {
-      throw CorruptDataError("record codec: truncated: " + std::to_string(data.size()) +
-                             " bytes is shorter than the 16-byte minimum");
-    }
-    if (std::memcmp(data.data(), kRecordMagic, sizeof kRecordMagic) != 0) {
-      throw CorruptDataError("record codec: bad magic (not a streamstate snapshot)");
-    }
-    const std::uint16_t version = load_u16(data.data() + 4);
-    if (version != kRecordFormatVersion) {
-      throw CorruptDataError("record codec: unsupported version " + std::to_string(version));
-    }
-    const std::uint16_t found = load_u16(data.data() + 6);
-    if (found != static_cast<std::uint16_t>(kind)) {
-      throw CorruptDataError("record codec: snapshot kind " + std::to_string(found) +
-                             " where kind " + std::to_string(static_cast<std::uint16_t>(kind)) +
-                             " was expected (written by another component)");
-    }
-    count_ = load_u32(data.data() + 8);
-    end_ = data.size() - kRecordTrailerSize;
-    pos_ = kRecordHeaderSize;
-    if (count_ > (end_ - pos_) / kRecordEntryOverhead) {
-      throw CorruptDataError("record codec: entry count " + std::to_string(count_) +
-                             " cannot fit in " + std::to_string(end_ - pos_) + " bytes");
-    }
-  }
-
-  [[nodiscard]] std::size_t count() const noexcept { return count_; }
-
-  // The next record; false after the last. Throws CorruptDataError on a length that runs
-  // past the end.
-  bool next(RecordView& out) {
-    if (index_ == count_) return false;
-    ++index_;
-    const std::size_t key_len = load_u32(take(4));
-    out.key = std::string_view(take(key_len), key_len);
-    const std::size_t value_len = load_u32(take(4));
-    out.value = std::string_view(take(value_len), value_len);
-    return true;
-  }
-
-  // Confirms that nothing follows the last record and that the checksum matches.
-  void finish() {
-    if (index_ != count_ || pos_ != end_) {
-      throw CorruptDataError("record codec: " + std::to_string(end_ - pos_) +
-                             " unexpected bytes after the last entry");
-    }
-    checksum_through(end_);
-    const std::uint32_t stored = crc32c_unmask(load_u32(data_.data() + end_));
-    if (stored != crc_) {
-      throw CorruptDataError("record codec: checksum mismatch (CRC32C stored " +
-                             std::to_string(stored) + ", computed " + std::to_string(crc_) + ")");
-    }
-  }
-
- private:
-  static constexpr std::size_t kBlock = std::size_t{64} << 10;
-
-  const char* take(std::size_t n) {
-    if (n > end_ - pos_) {
-      throw CorruptDataError("record codec: truncated at byte " + std::to_string(pos_) +
-                             " (needed " + std::to_string(n) + " bytes, " +
-                             std::to_string(end_ - pos_) + " left)");
-    }
-    // Keep the checksum a block ahead, so the walk reads bytes the CRC just brought in.
-    if (pos_ + n + kBlock / 2 > crc_done_) checksum_through(std::min(end_, pos_ + n + kBlock));
-    const char* out = data_.data() + pos_;
-    pos_ += n;
-    return out;
-  }
-
-  void checksum_through(std::size_t end) noexcept {
-    if (end <= crc_done_) return;
-    crc_ = crc32c(data_.substr(crc_done_, end - crc_done_), crc_);
-    crc_done_ = end;
-  }
-
-  std::string_view data_;
-  std::size_t count_ = 0;
-  std::size_t index_ = 0;
-  std::size_t pos_ = 0;
-  std::size_t end_ = 0;
-  std::size_t crc_done_ = 0;
-  std::uint32_t crc_ = 0;
-};
-
 void check_now(double now) {
   if (!std::isfinite(now)) throw InvalidArgument("state backend: `now` must be a finite timestamp");
 }
@@ -1069,12 +890,12 @@ class InMemoryStateBackend::Table {
 
   std::size_t write_checkpoint(char* out, std::size_t capacity, std::uint64_t checkpoint_id,
                                double now) const {
-    ContainerWriter writer(out, capacity, RecordKind::kStateBackend);
-    writer.begin_record(kHeaderKey, kHeaderValueSize);
+    RecordBufferWriter writer(out, capacity, RecordKind::kStateBackend);
+    writer.begin(kHeaderKey, kHeaderValueSize);
     writer.u64(checkpoint_id);
     writer.u32(kLayoutVersion);
     for_each_in_order({}, [&](std::uint32_t id) {
-      if (visible(id, now)) writer.record(entry(id));
+      if (visible(id, now)) writer.add_encoded(entry(id));
     });
     return writer.finish();
   }
@@ -1085,9 +906,9 @@ class InMemoryStateBackend::Table {
   static std::unique_ptr<Table> from_snapshot(std::string_view snapshot, std::size_t delta_limit,
                                               std::shared_ptr<const void> keep_alive,
                                               std::uint64_t* checkpoint_id) {
-    SnapshotWalker walker(snapshot, RecordKind::kStateBackend);
+    SinglePassRecordReader reader(snapshot, RecordKind::kStateBackend);
     RecordView record;
-    if (!walker.next(record)) throw CorruptDataError("state backend snapshot: no header record");
+    if (!reader.next(record)) throw CorruptDataError("state backend snapshot: no header record");
     if (record.key != kHeaderKey || record.value.size() != kHeaderValueSize) {
       throw CorruptDataError("state backend snapshot: malformed header record");
     }
@@ -1100,7 +921,7 @@ class InMemoryStateBackend::Table {
     // Each record is already an entry. The hash index is left for the first point
     // operation: a restore followed by a checkpoint or range scans never needs it.
     auto table = std::make_unique<Table>(delta_limit);
-    table->slots_.reserve(walker.count() - 1);
+    table->slots_.reserve(reader.count() - 1);
     table->index_ready_ = false;
     const char* base = snapshot.data();
     if (keep_alive) {
@@ -1112,7 +933,7 @@ class InMemoryStateBackend::Table {
       base = copy;
     }
     std::string_view previous;
-    for (std::size_t n = 0; walker.next(record); ++n) {
+    for (std::size_t n = 0; reader.next(record); ++n) {
       if (n > 0 && !(previous < record.key)) {
         throw CorruptDataError("state backend snapshot: keys out of order or repeated at entry " +
                                std::to_string(n));
@@ -1144,7 +965,7 @@ class InMemoryStateBackend::Table {
                                    value_len});
       table->count_in(record.key.size(), value_len, expiring);
     }
-    walker.finish();  // nothing above is visible to anyone until this passes
+    reader.finish();  // nothing above is visible to anyone until this passes
     table->run_ = table->slots_.size();
     if (checkpoint_id != nullptr) *checkpoint_id = id;
     return table;
