@@ -18,29 +18,13 @@
 #include "core/record_codec.h"
 #include "core/stats.h"
 
+#include "check.h"
+
 namespace {
 
-int failures = 0;
-
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
-
-template <class F>
-bool throws_corrupt(F&& f) {
-  try {
-    f();
-  } catch (const streamstate::CorruptDataError&) {
-    return true;
-  }
-  return false;
-}
-
 using streamstate::Moments;
+using streamstate::test::check_summary;
+using streamstate::test::throws_corrupt;
 
 // Built by appending: GCC 12 at -O3 reports a false -Wrestrict for "lit" + std::to_string().
 std::string name(const char* prefix, long a, const char* middle = nullptr, long b = 0) {
@@ -349,10 +333,5 @@ int main() {
   test_numeric_store();
   test_numeric_store_big_batches();
   test_numeric_store_threads();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::puts("test_aggregate_store: all checks passed");
-  return 0;
+  return check_summary("test_aggregate_store");
 }

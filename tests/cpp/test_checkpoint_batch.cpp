@@ -16,20 +16,12 @@
 #include "core/checkpoint_batch.h"
 #include "core/errors.h"
 
+#include "check.h"
+
 using namespace streamstate;
+using streamstate::test::check_summary;
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__,     \
-                   __LINE__, #cond);                                  \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
 
 std::string from_hex(std::string_view hex) {
   std::string out;
@@ -391,10 +383,5 @@ int main() {
   test_encode_refusals();
   test_copy_data_to();
   test_utf8();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::puts("test_checkpoint_batch: all checks passed");
-  return 0;
+  return check_summary("test_checkpoint_batch");
 }

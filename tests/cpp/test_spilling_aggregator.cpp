@@ -22,19 +22,12 @@
 #include "core/spilling_aggregator.h"
 #include "core/stats.h"
 
+#include "check.h"
+
 using namespace streamstate;
+using streamstate::test::check_summary;
 
 namespace {
-
-int failures = 0;
-
-void check(bool ok, const char* what, int line) {
-  if (!ok) {
-    std::fprintf(stderr, "FAILED line %d: %s\n", line, what);
-    ++failures;
-  }
-}
-#define CHECK(cond) check((cond), #cond, __LINE__)
 
 std::uint64_t bits(double v) {
   std::uint64_t b;
@@ -377,10 +370,5 @@ int main() {
   test_growable_buffer();
   const bool empty = ::rmdir(dir.c_str()) == 0;  // fails if any spill file was left behind
   CHECK(empty);
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::puts("test_spilling_aggregator: ok");
-  return 0;
+  return check_summary("test_spilling_aggregator");
 }

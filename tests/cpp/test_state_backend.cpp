@@ -16,24 +16,19 @@
 #include "core/record_codec.h"
 #include "core/state_backend.h"
 
+#include "check.h"
+
 using streamstate::CorruptDataError;
 using streamstate::InMemoryStateBackend;
 using streamstate::kNeverExpires;
 using streamstate::RecordKind;
 using streamstate::RecordWriter;
 using streamstate::StateBackendOptions;
+using streamstate::test::check_failures;
+using streamstate::test::check_summary;
+using streamstate::test::throws_corrupt;
 
 namespace {
-
-int g_failures = 0;
-
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                      \
-    }                                                                    \
-  } while (0)
 
 constexpr double kNow = 1000.0;
 
@@ -62,16 +57,6 @@ StateBackendOptions small(std::size_t delta_limit) {
   StateBackendOptions options;
   options.delta_limit = delta_limit;
   return options;
-}
-
-template <typename Fn>
-bool throws_corrupt(Fn&& fn) {
-  try {
-    fn();
-  } catch (const CorruptDataError&) {
-    return true;
-  }
-  return false;
 }
 
 // ---- the reference design's behaviours ---------------------------------------------------
@@ -370,7 +355,7 @@ void test_random_operations_against_model() {
         }
       }
       CHECK(b->size() == model.size());
-      if (g_failures > 0) {
+      if (check_failures() > 0) {
         std::fprintf(stderr, "  (seed %llu, step %d)\n", static_cast<unsigned long long>(seed), step);
         return;
       }
@@ -500,10 +485,5 @@ int main() {
   test_bulk_load_then_point_and_ordered_reads();
   test_restore_in_place_never_writes_the_snapshot();
   test_concurrent_compare_and_set_increments();
-  if (g_failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", g_failures);
-    return 1;
-  }
-  std::puts("test_state_backend: all checks passed");
-  return 0;
+  return check_summary("test_state_backend");
 }
