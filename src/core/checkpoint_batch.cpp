@@ -1,9 +1,8 @@
 #include "core/checkpoint_batch.h"
+#include "core/parallel.h"
 
 #include <lz4.h>
 #include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
-#include <tbb/parallel_invoke.h>
 #include <tbb/task_arena.h>
 
 #include <algorithm>
@@ -165,7 +164,7 @@ std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size
   if (body_size < kParallelCopyMin || tbb::this_task_arena::max_concurrency() == 1) {
     render_body(entries, offsets, 0, body_size, body.data());
   } else {
-    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, body_size, kParallelCopyGrain),
+    streamstate::parallel_for(tbb::blocked_range<std::size_t>(0, body_size, kParallelCopyGrain),
                       [&](const tbb::blocked_range<std::size_t>& r) {
                         render_body(entries, offsets, r.begin(), r.end(), body.data() + r.begin());
                       });
@@ -218,7 +217,7 @@ void DecodedBatch::copy_data_to(std::span<char* const> destinations) const {
     copy_range(0, total);
     return;
   }
-  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, total, kParallelCopyGrain),
+  streamstate::parallel_for(tbb::blocked_range<std::size_t>(0, total, kParallelCopyGrain),
                     [&](const tbb::blocked_range<std::size_t>& r) {
                       copy_range(r.begin(), r.end());
                     });
@@ -302,7 +301,7 @@ DecodedBatch decode_batch(std::string_view raw) {
   };
   if (checked && compressed.size() >= kParallelCrcMin &&
       tbb::this_task_arena::max_concurrency() > 1) {
-    tbb::parallel_invoke([&] { actual_crc = crc32c(compressed); }, decompress);
+    streamstate::parallel_invoke([&] { actual_crc = crc32c(compressed); }, decompress);
   } else {
     if (checked) actual_crc = crc32c(compressed);
     throw_if_crc_mismatch(actual_crc);

@@ -1,4 +1,5 @@
 #include "core/numeric_aggregate_store.h"
+#include "core/parallel.h"
 
 #include <algorithm>
 #include <bit>
@@ -7,7 +8,6 @@
 #include <utility>
 
 #include <oneapi/tbb/blocked_range.h>
-#include <oneapi/tbb/parallel_for.h>
 
 #include "core/byte_io.h"
 #include "core/errors.h"
@@ -218,7 +218,7 @@ void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatColumns& colu
   const std::size_t n = items.size();
   columns.allocate(n);
   if constexpr (std::is_same_v<K, Int64Keys>) keys.keys.resize(n);
-  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, 16384),
+  streamstate::parallel_for(tbb::blocked_range<std::size_t>(0, n, 16384),
                     [&](const tbb::blocked_range<std::size_t>& r) {
                       for (std::size_t i = r.begin(); i != r.end(); ++i) {
                         columns.set(i, merged(items[i]->second));

@@ -1,4 +1,5 @@
 #include "core/spilling_aggregator.h"
+#include "core/parallel.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -11,7 +12,6 @@
 #include <utility>
 
 #include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
 #include <tbb/partitioner.h>
 #include <tbb/task_arena.h>
 
@@ -727,7 +727,7 @@ void SpillingAggregator<Key>::accumulate_batch(const Key* keys, const double* va
     if (lanes == 1 || n * lanes < kParallelThreshold) {
       for (unsigned l = 0; l < lanes; ++l) impl.fold_lane(l, keys, values, n);
     } else {
-      tbb::parallel_for(
+      streamstate::parallel_for(
           tbb::blocked_range<unsigned>(0, lanes, 1),
           [&](const tbb::blocked_range<unsigned>& r) {
             for (unsigned l = r.begin(); l != r.end(); ++l) impl.fold_lane(l, keys, values, n);
@@ -749,7 +749,7 @@ std::vector<StatsColumns> SpillingAggregator<Key>::drain() {
   for (const auto& lane : impl.lanes) impl.frozen_groups += lane->top->groups();
   std::vector<StatsColumns> out(impl.lanes.size());
   try {
-    tbb::parallel_for(
+    streamstate::parallel_for(
         tbb::blocked_range<std::size_t>(0, impl.lanes.size(), 1),
         [&](const tbb::blocked_range<std::size_t>& r) {
           for (std::size_t l = r.begin(); l != r.end(); ++l) impl.lanes[l]->top->drain(out[l]);
