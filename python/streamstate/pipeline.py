@@ -354,12 +354,14 @@ class Pipeline:
         stores = self._ensure_stores(None)
         start = time.perf_counter()
         packed = encode_batch([(metric, stores[metric].snapshot()) for metric in self.values])
-        self._epoch += 1
+        # The epoch advances only once the commit has landed, so a failed commit can be
+        # retried under the same epoch.
         self.checkpointer.commit(
-            self._epoch,
+            self._epoch + 1,
             [(_STATE_OPERATOR, 0, False, packed)],
             source_offsets={self.source.name: self._offset},
         )
+        self._epoch += 1
         if self.keep_checkpoints > 0:
             self.checkpointer.prune(keep_last=self.keep_checkpoints)
         return CheckpointStats(self._epoch, self._offset, len(packed), time.perf_counter() - start)
