@@ -6,6 +6,7 @@ the same process and run, because this machine is shared and absolute times drif
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -14,16 +15,22 @@ from typing import Any
 Row = dict[str, Any]
 
 
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one ``fn()`` call. A collection runs first and whatever ``fn`` returns
+    is freed after the clock stops, so neither side of a comparison pays for garbage."""
+    gc.collect()
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    del result
+    return elapsed
+
+
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    """Median of :func:`timed` over ``repeats`` runs after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn) for _ in range(repeats))
 
 
 def interleaved_medians(

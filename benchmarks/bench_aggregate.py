@@ -21,44 +21,22 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import median_seconds, row  # noqa: E402
+
 try:
     import streamstate as ss
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import streamstate as ss
-
-
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of fn(); whatever fn returns is freed outside the timed region,
-    for streamstate and baselines alike."""
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        del result
-    return statistics.median(times)
-
-
-def _row(operation: str, ours: str, base: str, ratio: float, target: str) -> dict[str, Any]:
-    return {
-        "operation": operation,
-        "streamstate": ours,
-        "baseline": base,
-        "ratio": ratio,
-        "target": target,
-    }
 
 
 def _run_threads(targets: list[Callable[[], object]]) -> None:
@@ -134,28 +112,29 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
     assert np.array_equal(check["key"][order], expected.index.to_numpy())
     assert np.allclose(check["var"][order], expected["var"].to_numpy(), equal_nan=True)
 
-    t_two = _median_time(lambda: streamstate_fold(halves), repeats)
-    t_one = _median_time(lambda: streamstate_fold([(keys, values)]), repeats)
-    t_owned = _median_time(lambda: streamstate_fold(owned), repeats)
+    t_two = median_seconds(lambda: streamstate_fold(halves), repeats, warmup=0)
+    t_one = median_seconds(lambda: streamstate_fold([(keys, values)]), repeats, warmup=0)
+    t_owned = median_seconds(lambda: streamstate_fold(owned), repeats, warmup=0)
     owned_one = [(np.concatenate([o[0] for o in owned]), np.concatenate([o[1] for o in owned]))]
-    t_owned_one = _median_time(lambda: streamstate_fold(owned_one), repeats)
+    t_owned_one = median_seconds(lambda: streamstate_fold(owned_one), repeats, warmup=0)
 
     con = duckdb.connect()
     con.execute("SET threads TO 2")
     con.register("t", frame)
     query = "SELECT k, count(*), sum(v), min(v), max(v), avg(v), var_samp(v) FROM t GROUP BY k"
     con.execute(query).fetchnumpy()  # warm-up (plans and scans once)
-    t_duck = _median_time(lambda: con.execute(query).fetchnumpy(), repeats)
+    t_duck = median_seconds(lambda: con.execute(query).fetchnumpy(), repeats, warmup=0)
 
-    t_pandas = _median_time(
+    t_pandas = median_seconds(
         lambda: frame.groupby("k")["v"].agg(["count", "sum", "min", "max", "mean", "var"]),
         repeats,
+        warmup=0,
     )
 
     # Pure Python is ~1000x slower: time it on a prefix and compare throughput (rows/s).
     prefix = min(rows_n, 1_000_000 if not quick else 200_000)
     k_list, v_list = keys[:prefix].tolist(), values[:prefix].tolist()
-    t_py = _median_time(lambda: python_dict_fold(k_list, v_list), 1)
+    t_py = median_seconds(lambda: python_dict_fold(k_list, v_list), 1, warmup=0)
     py_rate = prefix / t_py
     two_rate = rows_n / t_two
 
@@ -164,54 +143,54 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
     # ~2x faster on 2 threads; on a busy machine it shows what to expect of the rows above.
     small = [(k % 1000, v) for k, v in halves]
     small_one = [(keys % 1000, values)]
-    t_small_two = _median_time(lambda: streamstate_fold(small), repeats)
-    t_small_one = _median_time(lambda: streamstate_fold(small_one), repeats)
+    t_small_two = median_seconds(lambda: streamstate_fold(small), repeats, warmup=0)
+    t_small_one = median_seconds(lambda: streamstate_fold(small_one), repeats, warmup=0)
 
     label = f"fold {rows_n // 1_000_000 or rows_n / 1e6}M rows/{keys_n // 1000}K keys e2e"
     return [
-        _row(
+        row(
             f"{label}, 2 threads vs DuckDB (2 threads)",
             f"{t_two:.3f} s",
             f"{t_duck:.3f} s",
             t_duck / t_two,
             ">= 1.0x",
         ),
-        _row(
+        row(
             f"{label}, 2 threads, key-partitioned input vs DuckDB",
             f"{t_owned:.3f} s",
             f"{t_duck:.3f} s",
             t_duck / t_owned,
             "(extra)",
         ),
-        _row(
+        row(
             f"{label}, 2 threads vs pandas groupby.agg",
             f"{t_two:.3f} s",
             f"{t_pandas:.3f} s",
             t_pandas / t_two,
             ">= 3x",
         ),
-        _row(
+        row(
             f"{label}, 2 threads vs pure-Python dict ({prefix // 1000}K-row prefix)",
             f"{two_rate / 1e6:.1f} M rows/s",
             f"{py_rate / 1e6:.2f} M rows/s",
             two_rate / py_rate,
             ">= 100x",
         ),
-        _row(
+        row(
             f"{label}, 2 threads vs 1 thread",
             f"{t_two:.3f} s",
             f"{t_one:.3f} s",
             t_one / t_two,
             ">= 1.7x",
         ),
-        _row(
+        row(
             f"{label}, 2 threads vs 1 thread, key-partitioned input",
             f"{t_owned:.3f} s",
             f"{t_owned_one:.3f} s",
             t_owned_one / t_owned,
             ">= 1.7x",
         ),
-        _row(
+        row(
             "control: same rows, 1K keys (cache-resident), 2 threads vs 1 thread",
             f"{t_small_two:.3f} s",
             f"{t_small_one:.3f} s",
@@ -256,11 +235,11 @@ def bench_publish_many(quick: bool) -> list[dict[str, Any]]:
         _run_threads([lambda pid=pid: publish(pid) for pid in range(threads)])
         return table
 
-    t_ours = _median_time(ours, repeats)
-    t_base = _median_time(baseline, repeats)
+    t_ours = median_seconds(ours, repeats, warmup=0)
+    t_base = median_seconds(baseline, repeats, warmup=0)
     total = threads * per_thread
     return [
-        _row(
+        row(
             f"publish_many, 2 threads x {per_thread // 1000}K entries (batches of {batch})",
             f"{total / t_ours / 1e6:.2f} M/s",
             f"{total / t_base / 1e6:.2f} M/s (dict+Lock)",
@@ -304,7 +283,7 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
     ).stdout.split()
     accounted, measured = float(out[0]), float(out[1])
     return [
-        _row(
+        row(
             f"memory per group at {groups // 1000}K groups, 2 partitions (accounted / RSS)",
             f"{accounted:.0f} B",
             f"{measured:.0f} B RSS",

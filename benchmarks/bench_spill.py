@@ -29,9 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import row  # noqa: E402
 
 MiB = 1 << 20
 FULL_ROWS = 20_000_000
@@ -179,16 +182,6 @@ def measure_all(rows: int, repeats: int) -> dict[tuple[str, int | None], dict[st
     }
 
 
-def _row(operation: str, ours: str, theirs: str, ratio: float, target: str) -> dict[str, Any]:
-    return {
-        "operation": operation,
-        "streamstate": ours,
-        "baseline": theirs,
-        "ratio": round(ratio, 2),
-        "target": target,
-    }
-
-
 def run(quick: bool = False, rows: int | None = None, repeats: int | None = None) -> list[dict]:
     """Measure every figure of the issue; returns table rows (see module docstring)."""
     rows = rows or (QUICK_ROWS if quick else FULL_ROWS)
@@ -206,35 +199,35 @@ def run(quick: bool = False, rows: int | None = None, repeats: int | None = None
         return f"{m['peak_growth'] / MiB:.0f} MiB"
 
     return [
-        _row(
+        row(
             f"group-by in memory vs DuckDB threads=2 ({label})",
             secs(ss_mem),
             secs(duck_mem),
             duck_mem["seconds"] / ss_mem["seconds"],
             ">= 1.0x",
         ),
-        _row(
+        row(
             "group-by mem_limit 64 MiB vs DuckDB memory_limit=64MB",
             secs(ss_lim),
             secs(duck_lim),
             duck_lim["seconds"] / ss_lim["seconds"],
             ">= 1.0x",
         ),
-        _row(
+        row(
             "  peak RSS growth of those runs (incl. result)",
             rss(ss_lim),
             rss(duck_lim),
             duck_lim["peak_growth"] / ss_lim["peak_growth"],
             "report",
         ),
-        _row(
+        row(
             "  peak RSS growth, in memory (incl. result)",
             rss(ss_mem),
             rss(duck_mem),
             duck_mem["peak_growth"] / ss_mem["peak_growth"],
             "report",
         ),
-        _row(
+        row(
             "group-by in memory vs pandas groupby().agg",
             secs(ss_mem),
             secs(pandas),

@@ -14,27 +14,20 @@ ordered read).
 from __future__ import annotations
 
 import argparse
-import gc
 import pickle
 import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from streamstate import InMemoryStateBackend
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import timed  # noqa: E402
+
+from streamstate import InMemoryStateBackend  # noqa: E402
 
 Row = dict[str, Any]
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - start
-    del result  # freed outside the timed region, on both sides
-    return elapsed
 
 
 def _pair(
@@ -47,8 +40,8 @@ def _pair(
     a: list[float] = []
     b: list[float] = []
     for _ in range(repeats):
-        a.append(_timed(ours()))
-        b.append(_timed(theirs()))
+        a.append(timed(ours()))
+        b.append(timed(theirs()))
     return statistics.median(a), statistics.median(b)
 
 
