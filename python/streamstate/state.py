@@ -244,14 +244,38 @@ class _StateHandle:
         return f"{self._partition!r}, name={self._name!r}{ttl}"
 
 
-class KeyedStateStore(_StateHandle, Generic[K, V]):
+class _KeyValueHandle(_StateHandle, Generic[K, V]):
+    """A state whose entries are (serialised key -> serialised value) under its prefix."""
+
+    __slots__ = ("_key_serde", "_value_serde")
+
+    def __init__(
+        self,
+        partition: StatePartitionKey,
+        backend: StateBackend,
+        kind: bytes,
+        name: str,
+        key_serde: Serde[K],
+        value_serde: Serde[V],
+        ttl: float | None,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(partition, backend, kind, name, ttl, clock)
+        self._key_serde = key_serde
+        self._value_serde = value_serde
+
+    def _key(self, key: K) -> bytes:
+        return self._prefix + self._key_serde.encode(key)
+
+
+class KeyedStateStore(_KeyValueHandle[K, V]):
     """Typed key -> value state in one partition's namespace.
 
     ``update(key, fn)`` is an atomic read-modify-write against every other thread and every
     other store on the same backend.
     """
 
-    __slots__ = ("_key_serde", "_value_serde")
+    __slots__ = ()
 
     def __init__(
         self,
@@ -264,12 +288,7 @@ class KeyedStateStore(_StateHandle, Generic[K, V]):
         ttl: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(partition, backend, b"v", name, ttl, clock)
-        self._key_serde = key_serde
-        self._value_serde = value_serde
-
-    def _key(self, key: K) -> bytes:
-        return self._prefix + self._key_serde.encode(key)
+        super().__init__(partition, backend, b"v", name, key_serde, value_serde, ttl, clock)
 
     def get(self, key: K) -> V | None:
         """The value under ``key``, or None if absent or expired."""
@@ -390,11 +409,11 @@ class ListState(_StateHandle, Generic[T]):
         return f"ListState({self._describe()}, serde={self._serde!r})"
 
 
-class MapState(_StateHandle, Generic[K, V]):
+class MapState(_KeyValueHandle[K, V]):
     """A map in one partition's namespace; each entry is its own backend key, so ``get`` and
     ``put`` stay O(1) and ``items`` is one range scan, ordered by encoded key."""
 
-    __slots__ = ("_key_serde", "_value_serde")
+    __slots__ = ()
 
     def __init__(
         self,
@@ -407,12 +426,7 @@ class MapState(_StateHandle, Generic[K, V]):
         ttl: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(partition, backend, b"m", name, ttl, clock)
-        self._key_serde = key_serde
-        self._value_serde = value_serde
-
-    def _key(self, key: K) -> bytes:
-        return self._prefix + self._key_serde.encode(key)
+        super().__init__(partition, backend, b"m", name, key_serde, value_serde, ttl, clock)
 
     def put(self, key: K, value: V) -> None:
         """Store ``value`` under ``key``."""
