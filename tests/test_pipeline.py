@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from obstore.store import LocalStore, MemoryStore
 
-from streamstate.pipeline import ArraySource, Pipeline, route_partitions
+from streamstate.pipeline import ArraySource, Pipeline
 
 
 def _expected(keys: np.ndarray, values: np.ndarray) -> pd.DataFrame:
@@ -39,27 +39,6 @@ def _data(rows: int, groups: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     keys = rng.integers(0, groups, rows, dtype=np.int64)
     values = np.round(rng.normal(50, 20, rows), 2)
     return keys, values
-
-
-def test_route_partitions_is_stable_and_in_range() -> None:
-    keys = np.arange(10_000, dtype=np.int64)
-    parts = route_partitions(keys, 4)
-    assert parts.min() == 0 and parts.max() == 3
-    # Every partition gets a fair share (a broken mixer would pile keys into one).
-    assert np.bincount(parts, minlength=4).min() > 2000
-    np.testing.assert_array_equal(parts, route_partitions(keys.copy(), 4))
-    # A key routes the same whether it arrives alone or in a batch.
-    assert all(route_partitions(keys[i : i + 1], 4)[0] == parts[i] for i in range(0, 10_000, 997))
-
-
-def test_route_partitions_for_strings_ignores_padding_width() -> None:
-    short = np.array([b"a", b"bb"], dtype="S2")
-    wide = np.array([b"a", b"bb"], dtype="S9")
-    np.testing.assert_array_equal(route_partitions(short, 7), route_partitions(wide, 7))
-    as_str = np.array(["a", "bb"], dtype=object)
-    np.testing.assert_array_equal(route_partitions(as_str, 7), route_partitions(short, 7))
-    with pytest.raises(ValueError):
-        route_partitions(short, 0)
 
 
 def test_run_matches_a_pandas_group_by(tmp_path: Path) -> None:
@@ -145,8 +124,8 @@ def test_exactly_once_for_any_shape(
     store = MemoryStore()
     total_batches = -(-12_000 // batch_size)
     crash_after = max(1, int(total_batches * crash_fraction))
-    kwargs = dict(key="k", values=["v"], partitions=partitions, store=store,
-                  checkpoint_every=checkpoint_every, batch_size=batch_size)
+    kwargs = {"key": "k", "values": ["v"], "partitions": partitions, "store": store,
+              "checkpoint_every": checkpoint_every, "batch_size": batch_size}
     Pipeline(source, **kwargs).run(max_batches=crash_after)  # type: ignore[arg-type]
     survivor = Pipeline(source, **kwargs)  # type: ignore[arg-type]
     survivor.run()

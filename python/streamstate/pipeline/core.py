@@ -1,155 +1,31 @@
-"""A small partition-parallel pipeline: routing, partition threads, checkpoints, recovery.
-
-A user's pipeline is a few lines::
-
-    from streamstate.pipeline import ArraySource, Pipeline
-
-    source = ArraySource("events", {"user": users, "amount": amounts})
-    with Pipeline(source, key="user", values=["amount"], partitions=2,
-                  store="file:///var/lib/myjob", checkpoint_every=20) as pipe:
-        pipe.run()                      # resumes from the last checkpoint, if any
-        totals = pipe.results("amount")  # columnar numpy arrays per key
-
-Each micro-batch is routed by a hash of its keys to one thread per partition; the threads fold
-into :class:`~streamstate.NumericAggregateStore` partition aggregators in C++ with the GIL
-released, so partitions really run in parallel. Every ``checkpoint_every`` batches the
-coordinator quiesces the partitions at a barrier, snapshots every store, packs the snapshots
-into one LCB1 batch and commits it with the source offset through an
-:class:`~streamstate.ObjectStoreCheckpointer` (upload, manifest, ``_latest``). A pipeline that
-starts over a store holding checkpoints restores the state and replays the source from the
-checkpointed offset: events after the last checkpoint are folded again, into state that has
-not seen them, so every event counts exactly once.
-"""
+"""The Pipeline: the coordinator that reads, routes, checkpoints and recovers."""
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from .aggregate import NumericAggregateStore, PartitionAggregator
-from .batcher import decode_batch, encode_batch
-from .checkpoint import ObjectStoreCheckpointer
-from .errors import StreamStateError
-from .storage import StoreLike, default_store_path
+from ..aggregate import NumericAggregateStore
+from ..batcher import decode_batch, encode_batch
+from ..checkpoint import ObjectStoreCheckpointer
+from ..errors import StreamStateError
+from ..storage import StoreLike, default_store_path
+from .routing import route_partitions
+from .sources import Batch, Source
+from .workers import PartitionWorker, quiesce
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = [
-    "ArraySource",
-    "Batch",
-    "CheckpointStats",
-    "Pipeline",
-    "PipelineRun",
-    "Source",
-    "route_partitions",
-]
+__all__ = ["CheckpointStats", "Pipeline", "PipelineRun"]
 
 # The operator name under which the pipeline's packed state is checkpointed.
 _STATE_OPERATOR = "aggregates"
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One micro-batch read from a source: columns of equal length and the offsets around it."""
-
-    columns: Mapping[str, npt.NDArray[Any]]
-    offset: int
-    next_offset: int
-
-    def __len__(self) -> int:
-        return self.next_offset - self.offset
-
-
-class Source(Protocol):
-    """A replayable source: reading at an offset always returns the same events."""
-
-    @property
-    def name(self) -> str:
-        """Stable name; the checkpoint records this source's offset under it."""
-        ...
-
-    def read(self, offset: int, max_rows: int) -> Batch | None:
-        """Up to ``max_rows`` events starting at ``offset``, or None at the end."""
-        ...
-
-
-class ArraySource:
-    """A source over in-memory columns (numpy arrays, or anything ``np.asarray`` accepts);
-    the offset is the row number."""
-
-    def __init__(self, name: str, columns: Mapping[str, Any]) -> None:
-        self._name = name
-        self._columns = {k: np.asarray(v) for k, v in columns.items()}
-        lengths = {len(v) for v in self._columns.values()}
-        if len(lengths) > 1:
-            raise ValueError(f"columns have different lengths: {sorted(lengths)}")
-        self._rows = lengths.pop() if lengths else 0
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def __len__(self) -> int:
-        return self._rows
-
-    def read(self, offset: int, max_rows: int) -> Batch | None:
-        if offset >= self._rows:
-            return None
-        end = min(self._rows, offset + max_rows)
-        return Batch({k: v[offset:end] for k, v in self._columns.items()}, offset, end)
-
-    def __repr__(self) -> str:
-        return f"ArraySource({self._name!r}, rows={self._rows}, columns={list(self._columns)})"
-
-
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-
-
-def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    # splitmix64's finaliser: every input bit affects every output bit.
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def route_partitions(keys: npt.ArrayLike, partitions: int) -> npt.NDArray[np.intp]:
-    """The partition of every key: a stable hash, the same in every process and run.
-
-    Integer keys are mixed with splitmix64; strings and bytes are hashed with FNV-1a over
-    their UTF-8 bytes. Vectorised in numpy, so routing a batch costs no Python loop.
-    """
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1, got {partitions}")
-    arr = np.asarray(keys)
-    if arr.dtype.kind in "iu":
-        hashed = _mix64(arr.astype(np.int64).view(np.uint64))
-    else:
-        if arr.dtype.kind == "O" or arr.dtype.kind == "U":
-            arr = np.char.encode(arr.astype(str), "utf-8")
-        if arr.dtype.kind != "S":
-            raise TypeError(f"cannot route keys of dtype {arr.dtype}")
-        width = arr.dtype.itemsize
-        matrix = np.ascontiguousarray(arr).view(np.uint8).reshape(len(arr), width)
-        hashed = np.full(len(arr), _FNV_OFFSET, dtype=np.uint64)
-        # Trailing NUL padding from the fixed-width dtype is hashed too; it is the same for
-        # equal keys in any batch only if widths match, so stop at each key's own length.
-        lengths = np.char.str_len(arr)
-        for col in range(width):
-            live = lengths > col
-            hashed = np.where(live, (hashed ^ matrix[:, col]) * _FNV_PRIME, hashed)
-        hashed = _mix64(hashed)
-    return (hashed % np.uint64(partitions)).astype(np.intp)
 
 
 @dataclass(frozen=True)
@@ -183,68 +59,6 @@ class PipelineRun:
     @property
     def checkpoint_bytes(self) -> int:
         return sum(c.bytes for c in self.checkpoints)
-
-
-class _Barrier:
-    """Sent down every partition queue: each worker publishes, then arrives."""
-
-    def __init__(self, parties: int) -> None:
-        self._remaining = parties
-        self._done = threading.Condition()
-
-    def arrive(self) -> None:
-        with self._done:
-            self._remaining -= 1
-            self._done.notify_all()
-
-    def wait(self) -> None:
-        with self._done:
-            self._done.wait_for(lambda: self._remaining == 0)
-
-
-_STOP = object()
-
-
-class _PartitionWorker:
-    """One thread per partition, the single writer of its partition aggregators."""
-
-    def __init__(self, partition: int, aggregators: Mapping[str, PartitionAggregator]) -> None:
-        self.partition = partition
-        self._aggregators = aggregators
-        # Bounded, so a fast reader cannot queue the whole source in memory.
-        self.inbox: queue.Queue[Any] = queue.Queue(maxsize=8)
-        self.error: Exception | None = None
-        self._thread = threading.Thread(
-            target=self._loop, name=f"streamstate-partition-{partition}", daemon=True
-        )
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.inbox.get()
-            if item is _STOP:
-                return
-            if isinstance(item, _Barrier):
-                try:
-                    if self.error is None:
-                        for aggregator in self._aggregators.values():
-                            aggregator.publish()
-                except Exception as exc:  # surfaced by the coordinator
-                    self.error = exc
-                item.arrive()
-                continue
-            if self.error is not None:
-                continue  # drain without folding after a failure; the run will raise
-            keys, values = item
-            try:
-                for metric, aggregator in self._aggregators.items():
-                    aggregator.fold(keys, values[metric])
-            except Exception as exc:  # surfaced by the coordinator at the next barrier
-                self.error = exc
-
-    def stop(self) -> None:
-        self.inbox.put(_STOP)
-        self._thread.join()
 
 
 class Pipeline:
@@ -386,7 +200,7 @@ class Pipeline:
             recovery_seconds=self._recovery_seconds,
         )
         started = time.perf_counter()
-        workers: list[_PartitionWorker] | None = None
+        workers: list[PartitionWorker] | None = None
         try:
             while max_batches is None or report.batches < max_batches:
                 batch = self.source.read(self._offset, self.batch_size)
@@ -397,7 +211,7 @@ class Pipeline:
                 stores = self._ensure_stores(keys)
                 if workers is None:
                     workers = [
-                        _PartitionWorker(p, {m: s.partition(p) for m, s in stores.items()})
+                        PartitionWorker(p, {m: s.partition(p) for m, s in stores.items()})
                         for p in range(self.partitions)
                     ]
                 self._dispatch(workers, keys, batch)
@@ -407,10 +221,10 @@ class Pipeline:
                 if on_batch is not None:
                     on_batch(batch)
                 if report.batches % self.checkpoint_every == 0:
-                    self._quiesce(workers)
+                    quiesce(workers)
                     report.checkpoints.append(self.checkpoint())
             if workers is not None:
-                self._quiesce(workers)
+                quiesce(workers)
                 if report.finished and report.batches % self.checkpoint_every != 0:
                     report.checkpoints.append(self.checkpoint())
         finally:
@@ -422,7 +236,7 @@ class Pipeline:
         return report
 
     def _dispatch(
-        self, workers: Sequence[_PartitionWorker], keys: npt.NDArray[Any], batch: Batch
+        self, workers: Sequence[PartitionWorker], keys: npt.NDArray[Any], batch: Batch
     ) -> None:
         parts = route_partitions(keys, self.partitions)
         order = np.argsort(parts, kind="stable")
@@ -431,19 +245,7 @@ class Pipeline:
         for p, worker in enumerate(workers):
             rows = order[bounds[p] : bounds[p + 1]]
             if len(rows):
-                worker.inbox.put((keys[rows], {m: v[rows] for m, v in values.items()}))
-
-    @staticmethod
-    def _quiesce(workers: Sequence[_PartitionWorker]) -> None:
-        barrier = _Barrier(len(workers))
-        for worker in workers:
-            worker.inbox.put(barrier)
-        barrier.wait()
-        for worker in workers:
-            if worker.error is not None:
-                raise StreamStateError(
-                    f"partition {worker.partition} failed: {worker.error}"
-                ) from worker.error
+                worker.fold(keys[rows], {m: v[rows] for m, v in values.items()})
 
     # -- results -------------------------------------------------------------------------
 
