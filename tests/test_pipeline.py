@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from obstore.store import LocalStore, MemoryStore
 
-from streamstate.pipeline import ArraySource, Pipeline
+from streamstate import SourceError, StreamStateError
+from streamstate.pipeline import ArraySource, Batch, Pipeline, Source
 
 
 def _expected(keys: np.ndarray, values: np.ndarray) -> pd.DataFrame:
@@ -141,3 +145,149 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         ArraySource("s", {"k": np.arange(3), "v": np.ones(4)})
     assert "ArraySource('s', rows=3" in repr(source)
+
+
+# -- defects found by attacking the pipeline (issue 14) ----------------------------------
+
+
+class PoisonOnce:
+    """Wraps a source; the first read at ``offset`` returns ``poison(batch)`` instead."""
+
+    def __init__(self, inner: Source, offset: int, poison: Callable[[Batch], Batch]) -> None:
+        self.inner = inner
+        self.offset = offset
+        self.poison = poison
+        self.poisoned = False
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def read(self, offset: int, max_rows: int) -> Batch | None:
+        batch = self.inner.read(offset, max_rows)
+        if batch is not None and offset == self.offset and not self.poisoned:
+            self.poisoned = True
+            return self.poison(batch)
+        return batch
+
+
+def _with_column(batch: Batch, name: str, column: np.ndarray) -> Batch:
+    return Batch({**batch.columns, name: column}, batch.offset, batch.next_offset)
+
+
+def _counts(results: dict[str, np.ndarray]) -> dict[Any, int]:
+    return {k: int(c) for k, c in zip(results["key"].tolist(), results["count"], strict=True)}
+
+
+def test_nan_policy_reaches_the_stores_and_is_validated() -> None:
+    source = ArraySource("events", {"k": np.array([1, 1, 2, 2]),
+                                    "v": np.array([1.0, np.nan, 2.0, 3.0])})
+    with Pipeline(source, key="k", values=["v"], store=MemoryStore(),
+                  nan_policy="propagate") as pipe:
+        pipe.run()
+        results = pipe.results("v")
+        means = dict(zip(results["key"].tolist(), results["mean"].tolist(), strict=True))
+        assert np.isnan(means[1]) and means[2] == 2.5
+    with Pipeline(source, key="k", values=["v"], store=MemoryStore(),
+                  nan_policy="raise") as pipe, pytest.raises(StreamStateError, match="NaN"):
+        pipe.run()
+    with Pipeline(source, key="k", values=["v"], store=MemoryStore()) as pipe:
+        pipe.run()  # "skip", the default
+        assert _counts(pipe.results("v")) == {1: 1, 2: 2}
+    with pytest.raises(ValueError, match="nan_policy"):
+        Pipeline(source, key="k", values=["v"], store=MemoryStore(),
+                 nan_policy="bogus")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("failure", ["worker", "source", "callback"])
+def test_a_failed_run_discards_its_state_and_the_next_run_resumes_from_the_checkpoint(
+    failure: str,
+) -> None:
+    keys = np.arange(100, dtype=np.int64) % 7
+    inner = ArraySource("events", {"k": keys, "v": np.ones(100)})
+
+    def nan_value(batch: Batch) -> Batch:  # a partition thread raises while folding
+        bad = np.array(batch.columns["v"], dtype=np.float64)
+        bad[0] = np.nan
+        return _with_column(batch, "v", bad)
+
+    def float_keys(batch: Batch) -> Batch:  # keys that cannot be int64 keys
+        return _with_column(batch, "k", np.asarray(batch.columns["k"], dtype=np.float64))
+
+    calls = []
+
+    def callback(batch: Batch) -> None:  # the caller's own code raises mid-run
+        calls.append(batch.offset)
+        if len(calls) == 5:
+            raise RuntimeError("on_batch failed")
+
+    poison = {"worker": nan_value, "source": float_keys}.get(failure, lambda b: b)
+    source = PoisonOnce(inner, 40, poison)
+    pipe = Pipeline(source, key="k", values=["v"], partitions=2, store=MemoryStore(),
+                    checkpoint_every=3, batch_size=10,
+                    nan_policy="raise" if failure == "worker" else "skip")
+    with pytest.raises((StreamStateError, RuntimeError)):
+        pipe.run(on_batch=callback if failure == "callback" else None)
+    report = pipe.run()
+    assert report.recovered_epoch == 1 and report.start_offset == 30
+    assert report.finished and report.events == 70
+    assert _counts(pipe.results("v")) == {k: int((keys == k).sum()) for k in range(7)}
+
+
+def test_a_second_concurrent_run_raises_instead_of_double_counting() -> None:
+    source = ArraySource("events", {"k": np.arange(100) % 5, "v": np.ones(100)})
+    pipe = Pipeline(source, key="k", values=["v"], store=MemoryStore(), batch_size=10)
+    started, release = threading.Event(), threading.Event()
+    runner: list[threading.Thread] = []
+
+    def hold(_batch: Batch) -> None:
+        if threading.current_thread() is runner[0]:
+            started.set()
+            release.wait(10)
+
+    runner.append(threading.Thread(target=pipe.run, kwargs={"on_batch": hold}))
+    runner[0].start()
+    try:
+        assert started.wait(10)
+        with pytest.raises(StreamStateError, match="already running"):
+            pipe.run()
+        with pytest.raises(StreamStateError, match="already running"):
+            pipe.checkpoint()
+    finally:
+        release.set()
+        runner[0].join(10)
+    assert int(pipe.results("v")["count"].sum()) == 100
+    assert pipe.run().events == 0  # a later run in turn is fine
+
+
+def test_a_closed_pipeline_refuses_to_hand_out_empty_results() -> None:
+    source = ArraySource("events", {"k": np.arange(10), "v": np.ones(10)})
+    with Pipeline(source, key="k", values=["v"], store=MemoryStore()) as pipe:
+        pipe.run()
+        assert int(pipe.results("v")["count"].sum()) == 10
+    for call in (lambda: pipe.results("v"), lambda: pipe.to_pandas("v"), pipe.run,
+                 pipe.checkpoint):
+        with pytest.raises(StreamStateError, match="closed"):
+            call()
+    assert "closed" in repr(pipe)
+
+
+def test_values_may_be_one_column_name_and_missing_columns_are_named() -> None:
+    source = ArraySource("payments", {"user": np.arange(6) % 2, "amount": np.arange(6.0)})
+    with Pipeline(source, key="user", values="amount", store=MemoryStore()) as pipe:
+        pipe.run()
+        assert _counts(pipe.results("amount")) == {0: 3, 1: 3}
+        assert pipe.values == ["amount"]
+    with pytest.raises(SourceError, match=r"'amnt'.*\['amount', 'user'\]"):
+        Pipeline(source, key="user", values=["amnt"], store=MemoryStore())
+    with pytest.raises(SourceError, match=r"'usr'.*\['amount', 'user'\]"):
+        Pipeline(source, key="usr", values=["amount"], store=MemoryStore())
+    # A source that cannot list its columns up front is checked on its first batch.
+    opaque = PoisonOnce(source, -1, lambda b: b)
+    pipe = Pipeline(opaque, key="user", values=["amnt"], store=MemoryStore())
+    with pytest.raises(SourceError, match=r"no column 'amnt'.*\['amount', 'user'\]"):
+        pipe.run()
+    with pytest.raises(TypeError, match="str"):
+        Pipeline(source, key="user", values=[1], store=MemoryStore())  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="twice"):
+        Pipeline(source, key="user", values=["amount", "amount"], store=MemoryStore())

@@ -9,8 +9,10 @@ from __future__ import annotations
 from .errors import (
     CheckpointError,
     CorruptDataError,
+    IncompatibleCheckpointError,
     IntegrityError,
     NoValidCheckpointError,
+    SourceError,
     SpillError,
     StreamStateError,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "CheckpointPaths",
     "CorruptDataError",
     "InMemoryStateBackend",
+    "IncompatibleCheckpointError",
     "IntegrityError",
     "KeyedStateStore",
     "ListState",
@@ -85,6 +88,7 @@ __all__ = [
     "PipelineRun",
     "RecoveredCheckpoint",
     "RetryPolicy",
+    "SourceError",
     "SpillError",
     "SpillingAggregator",
     "StateBackend",

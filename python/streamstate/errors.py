@@ -5,8 +5,10 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "CorruptDataError",
+    "IncompatibleCheckpointError",
     "IntegrityError",
     "NoValidCheckpointError",
+    "SourceError",
     "SpillError",
     "StreamStateError",
 ]
@@ -43,6 +45,27 @@ class SpillError(StreamStateError, OSError):
 
 class CheckpointError(StreamStateError):
     """A checkpoint operation that failed permanently (after any retries)."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint a pipeline must not resume from: written by a job with another
+    definition, or by something other than a pipeline. Raised before any state is restored.
+
+    ``differences`` lists one line per differing field of the job fingerprint (empty when
+    the checkpoint's shape, not its definition, is what does not fit).
+    """
+
+    def __init__(self, message: str, differences: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+    def __reduce__(self) -> tuple[type[IncompatibleCheckpointError], tuple[str, tuple[str, ...]]]:
+        return (type(self), (str(self), self.differences))
+
+
+class SourceError(StreamStateError, ValueError):
+    """A source that broke its contract: a batch whose offsets disagree with its rows, that
+    does not start where the previous one ended, or that lacks a column the job needs."""
 
 
 class NoValidCheckpointError(CheckpointError):

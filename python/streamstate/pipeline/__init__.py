@@ -24,6 +24,7 @@ not seen them, so every event counts exactly once.
 from __future__ import annotations
 
 from .core import CheckpointStats, Pipeline, PipelineRun
+from .fingerprint import JobFingerprint, JobRecord
 from .routing import route_partitions
 from .sources import ArraySource, Batch, Source
 from .workers import PartitionBarrier, PartitionWorker
@@ -32,6 +33,8 @@ __all__ = [
     "ArraySource",
     "Batch",
     "CheckpointStats",
+    "JobFingerprint",
+    "JobRecord",
     "PartitionBarrier",
     "PartitionWorker",
     "Pipeline",

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from ..aggregate import NumericAggregateStore
+from ..aggregate import KeyType, NanPolicy, NumericAggregateStore
 from ..batcher import decode_batch, encode_batch
-from ..checkpoint import ObjectStoreCheckpointer
-from ..errors import StreamStateError
-from ..storage import StoreLike, default_store_path
+from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_integrity
+from ..errors import (
+    CheckpointError,
+    CorruptDataError,
+    IncompatibleCheckpointError,
+    SourceError,
+    StreamStateError,
+)
+from ..manifest import CheckpointPaths
+from ..storage import StoreLike, describe_store
+from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
 from .routing import route_partitions
-from .sources import Batch, Source
+from .sources import Batch, Source, check_batch, check_columns
 from .workers import PartitionWorker, quiesce
 
 if TYPE_CHECKING:
@@ -24,13 +34,19 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointStats", "Pipeline", "PipelineRun"]
 
-# The operator name under which the pipeline's packed state is checkpointed.
+# The operator under which the pipeline's packed state is checkpointed.
 _STATE_OPERATOR = "aggregates"
+_KEY_TYPES = ("int64", "bytes")
+_NAN_POLICIES = ("skip", "propagate", "raise")
+_MAX_PARTITIONS = 65536  # NumericAggregateStore's limit
+# An idle source is polled again after 1 ms, then 2, 4, ... up to ``max_idle_sleep``.
+_FIRST_IDLE_SLEEP = 0.001
 
 
 @dataclass(frozen=True)
 class CheckpointStats:
-    """What one checkpoint cost."""
+    """What one checkpoint cost: its epoch, the source offset it covers, the bytes
+    uploaded (state and job record) and the seconds the commit took."""
 
     epoch: int
     offset: int
@@ -40,7 +56,12 @@ class CheckpointStats:
 
 @dataclass
 class PipelineRun:
-    """What one call of :meth:`Pipeline.run` did."""
+    """What one call of :meth:`Pipeline.run` did.
+
+    ``batches`` counts the batches that held events; ``empty_batches`` the polls of an
+    idle source that returned none, and ``idle_seconds`` the time spent backing off after
+    them. ``finished`` is True when the source reported its end.
+    """
 
     events: int = 0
     batches: int = 0
@@ -51,14 +72,56 @@ class PipelineRun:
     recovered_epoch: int | None = None
     recovery_seconds: float = 0.0
     checkpoints: list[CheckpointStats] = field(default_factory=list)
+    empty_batches: int = 0
+    idle_seconds: float = 0.0
 
     @property
     def events_per_second(self) -> float:
+        """Events folded per second of the run (0 for an instant run)."""
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def checkpoint_bytes(self) -> int:
+        """Bytes uploaded by all of the run's checkpoints."""
         return sum(c.bytes for c in self.checkpoints)
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _value_columns(values: str | Sequence[str]) -> list[str]:
+    columns = [values] if isinstance(values, str) else list(values)
+    for column in columns:
+        if not isinstance(column, str):
+            raise TypeError(f"values must be column names (str), got {type(column).__name__}")
+    if not columns:
+        raise ValueError("values must name at least one column to aggregate")
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise ValueError(f"values names {repeated} twice")
+    return columns
+
+
+def _key_type_of(keys: npt.NDArray[Any]) -> KeyType | None:
+    """The store key type for keys of this dtype, or None if they cannot be keys."""
+    if keys.dtype.kind in "iu":
+        return "int64"
+    if keys.dtype.kind in "SUO":
+        return "bytes"
+    return None
 
 
 class Pipeline:
@@ -67,14 +130,29 @@ class Pipeline:
 
     Args:
         source: where events come from (replayable: see :class:`Source`).
-        key: the column to group by (int64 or strings/bytes).
-        values: the float columns to aggregate; each gets count/sum/min/max/mean/var/std.
-        partitions: number of partition threads.
-        store: an obstore store or URL for checkpoints (default: a local directory).
-        checkpoint_every: commit a checkpoint after this many batches.
+        key: the column to group by (integers, or str/bytes).
+        values: the float column(s) to aggregate (one name or several); each gets
+            count/sum/min/max/mean/var/std.
+        partitions: number of partition threads. It may change between runs of a job.
+        store: an obstore store, URL or directory for checkpoints. Default: a directory of
+            this job's own under ``streamstate.storage.default_store_path()``, named after
+            its fingerprint, so jobs given no store never share one.
+        checkpoint_every: commit a checkpoint after this many batches holding events.
         batch_size: rows per micro-batch.
-        keep_checkpoints: older checkpoints are pruned beyond this many.
-        nan_policy: what folding does with NaN values ("skip", "propagate", "raise").
+        keep_checkpoints: older checkpoints are pruned beyond this many (0 keeps all).
+        key_type: ``"int64"`` or ``"bytes"``; default: inferred from the keys.
+        nan_policy: what folding does with NaN values: ``"skip"`` them, ``"propagate"``
+            them into the key's statistics, or ``"raise"`` (the run fails).
+        checkpoint_prefix: where in the store the checkpoints live.
+        max_idle_sleep: the longest pause, in seconds, between polls of a source that has
+            nothing new (the pause doubles from 1 ms up to this).
+
+    Every checkpoint records the job's fingerprint (source name, key, values, key type,
+    NaN policy); resuming from a checkpoint of another definition, or from one a pipeline
+    did not write, raises :class:`~streamstate.IncompatibleCheckpointError` before any
+    state is restored. After a failed :meth:`run` the in-memory state is discarded, and the
+    next run resumes from the last committed checkpoint. One call runs at a time: a
+    concurrent :meth:`run`, :meth:`checkpoint` or :meth:`recover` raises.
     """
 
     def __init__(
@@ -82,103 +160,338 @@ class Pipeline:
         source: Source,
         *,
         key: str,
-        values: Sequence[str],
+        values: str | Sequence[str],
         partitions: int = 2,
         store: StoreLike | None = None,
         checkpoint_every: int = 10,
         batch_size: int = 16_384,
         keep_checkpoints: int = 3,
-        key_type: Literal["int64", "bytes"] | None = None,
-        nan_policy: Literal["skip", "propagate", "raise"] = "skip",
+        key_type: KeyType | None = None,
+        nan_policy: NanPolicy = "skip",
+        checkpoint_prefix: str = "checkpoints/",
+        max_idle_sleep: float = 0.1,
     ) -> None:
-        if partitions < 1:
-            raise ValueError(f"partitions must be >= 1, got {partitions}")
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not values:
-            raise ValueError("values must name at least one column to aggregate")
-        self.source = source
-        self.key = key
-        self.values = list(values)
-        self.partitions = partitions
-        self.checkpoint_every = checkpoint_every
-        self.batch_size = batch_size
-        self.keep_checkpoints = keep_checkpoints
-        self._key_type = key_type
-        self._nan_policy = nan_policy
-        self.checkpointer = ObjectStoreCheckpointer(
-            store if store is not None else default_store_path() / "pipeline"
+        self._partitions = _positive_int("partitions", partitions)
+        if self._partitions > _MAX_PARTITIONS:
+            raise ValueError(f"partitions must be <= {_MAX_PARTITIONS}, got {partitions}")
+        self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.keep_checkpoints = _positive_int("keep_checkpoints", keep_checkpoints, minimum=0)
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"key must be a column name (a non-empty str), got {key!r}")
+        self._values = _value_columns(values)
+        if key_type is not None:
+            _choice("key_type", key_type, _KEY_TYPES)
+        self._given_key_type = key_type
+        self._nan_policy = cast("NanPolicy", _choice("nan_policy", nan_policy, _NAN_POLICIES))
+        if isinstance(max_idle_sleep, bool) or not isinstance(max_idle_sleep, (int, float)):
+            raise TypeError(f"max_idle_sleep must be a number, got {type(max_idle_sleep)}")
+        if not max_idle_sleep >= 0:
+            raise ValueError(f"max_idle_sleep must be >= 0, got {max_idle_sleep}")
+        self.max_idle_sleep = float(max_idle_sleep)
+        name = source.name
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"the source's name must be a non-empty str, got {name!r}")
+        self._source = source
+        self._key = key
+        columns = getattr(source, "column_names", None)
+        if columns is not None:
+            check_columns([key, *self._values], columns, f"source {name!r}")
+        self._fingerprint = JobFingerprint.of(
+            name, key, self._values, self._given_key_type, self._nan_policy
         )
+        self.checkpointer = ObjectStoreCheckpointer(
+            store if store is not None else self._fingerprint.default_location(),
+            CheckpointPaths(checkpoint_prefix),
+        )
+        # Held by run(), checkpoint() and recover(): one of them at a time, never nested.
+        self._busy = threading.Lock()
+        self._closed = False
+        self._discard_state()
+
+    # -- definition ----------------------------------------------------------------------
+
+    @property
+    def source(self) -> Source:
+        """Where the events come from."""
+        return self._source
+
+    @property
+    def key(self) -> str:
+        """The column events are grouped by."""
+        return self._key
+
+    @property
+    def values(self) -> list[str]:
+        """The columns aggregated per key."""
+        return list(self._values)
+
+    @property
+    def partitions(self) -> int:
+        """The number of partition threads."""
+        return self._partitions
+
+    @property
+    def nan_policy(self) -> NanPolicy:
+        """What folding does with NaN values."""
+        return self._nan_policy
+
+    @property
+    def key_type(self) -> KeyType | None:
+        """The store key type: given, recovered, or inferred from the first keys (None
+        until then)."""
+        return self._key_type
+
+    @property
+    def fingerprint(self) -> JobFingerprint:
+        """The job's definition as recorded in its checkpoints."""
+        return JobFingerprint.of(
+            self._source.name, self._key, self._values, self._key_type, self._nan_policy
+        )
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _discard_state(self) -> None:
+        """Forget everything in memory; the next run recovers from the store."""
         self._stores: dict[str, NumericAggregateStore] | None = None
+        self._store_partitions = self._partitions
+        self._key_type: KeyType | None = self._given_key_type
         self._offset = 0
         self._epoch = 0
         self._recovered = False
         self._recovered_epoch: int | None = None
         self._recovery_seconds = 0.0
 
-    # -- state ---------------------------------------------------------------------------
+    @contextmanager
+    def _exclusive(self, call: str) -> Iterator[None]:
+        if not self._busy.acquire(blocking=False):
+            raise StreamStateError(
+                f"{call}: this Pipeline is already running (run() in another thread, or a "
+                "call from inside on_batch); a Pipeline runs one call at a time"
+            )
+        try:
+            self._check_open(call)
+            yield
+        finally:
+            self._busy.release()
 
-    def _ensure_stores(self, sample_keys: npt.NDArray[Any] | None) -> dict[str, NumericAggregateStore]:
+    def _check_open(self, call: str) -> None:
+        if self._closed:
+            raise StreamStateError(
+                f"{call}: this Pipeline is closed and its in-memory state is gone; create a "
+                "new Pipeline on the same store to resume from its checkpoints"
+            )
+
+    def _new_stores(self, key_type: KeyType, partitions: int) -> dict[str, NumericAggregateStore]:
+        return {
+            metric: NumericAggregateStore(partitions, key_type, self._nan_policy)
+            for metric in self._values
+        }
+
+    def _stores_for(self, keys: npt.NDArray[Any] | None) -> dict[str, NumericAggregateStore]:
+        """The stores, created on first use with the key type the keys call for."""
         if self._stores is None:
             key_type = self._key_type
+            if key_type is None and keys is None:
+                keys = self._peek_keys(self._offset)
             if key_type is None:
-                kind = sample_keys.dtype.kind if sample_keys is not None else "i"
-                key_type = "int64" if kind in "iu" else "bytes"
-                self._key_type = key_type
-            self._stores = {
-                metric: NumericAggregateStore(self.partitions, key_type=key_type)
-                for metric in self.values
-            }
+                key_type = "int64" if keys is None else self._inferred_key_type(keys)
+            self._key_type = key_type
+            self._stores = self._new_stores(key_type, self._store_partitions)
         return self._stores
 
+    def _inferred_key_type(self, keys: npt.NDArray[Any]) -> KeyType:
+        key_type = _key_type_of(keys)
+        if key_type is None:
+            raise SourceError(
+                f"source {self._source.name!r}: key column {self._key!r} holds {keys.dtype} "
+                "values; keys must be integers, str or bytes"
+            )
+        return key_type
+
+    def _peek_keys(self, offset: int) -> npt.NDArray[Any] | None:
+        """The key column of one row at ``offset``, or None if the source has none there."""
+        batch = self._source.read(offset, 1)
+        if batch is None or len(batch.columns.get(self._key, ())) == 0:
+            return None
+        return np.asarray(batch.columns[self._key])
+
     def recover(self) -> int:
-        """Restore the newest valid checkpoint (once); return the offset to resume from."""
+        """Restore the newest valid checkpoint (once); return the offset to resume from.
+
+        Raises :class:`~streamstate.IncompatibleCheckpointError`, before any state is
+        restored, when that checkpoint was written by a job of another definition or by
+        something other than a pipeline.
+        """
+        with self._exclusive("recover()"):
+            return self._recover()
+
+    def _recover(self) -> int:
         if self._recovered:
             return self._offset
         start = time.perf_counter()
+        self._precheck()
         recovered = self.checkpointer.recover()
         if recovered is not None:
-            packed = recovered.state[_STATE_OPERATOR][0]
-            blobs = dict(decode_batch(packed))
-            missing = set(self.values) - set(blobs)
-            if missing:
-                raise StreamStateError(
-                    f"checkpoint {recovered.manifest.checkpoint_id} has no state for "
-                    f"{sorted(missing)}; it was written by a pipeline with other values"
-                )
-            # The key type comes from the source's first event, as on a fresh start.
-            first = self.source.read(0, 1)
-            self._stores = None
-            stores = self._ensure_stores(
-                np.asarray(first.columns[self.key]) if first is not None else None
-            )
-            for metric in self.values:
-                stores[metric].restore(blobs[metric])
-            self._offset = int(recovered.source_offsets[self.source.name])
-            self._epoch = recovered.manifest.epoch
-            self._recovered_epoch = recovered.manifest.epoch
+            self._restore(recovered)
         self._recovered = True
         self._recovery_seconds = time.perf_counter() - start
         return self._offset
 
+    def _precheck(self) -> None:
+        """Refuse a foreign newest checkpoint from its manifest and small job record alone,
+        before any of its state is downloaded. Damage is left to recovery, which falls back
+        to an older checkpoint (and :meth:`_restore` checks whichever it chose)."""
+        try:
+            ids = self.checkpointer.list_checkpoints()
+            if not ids:
+                return
+            manifest = self.checkpointer.load_manifest(ids[-1])
+            job = manifest.operators.get(FINGERPRINT_OPERATOR)
+            record = None
+            if job is not None and len(job.partitions) == 1:
+                entry = job.partitions[0]
+                record = self.checkpointer.load_artifact(entry.path)
+                verify_integrity(entry.path, record, entry.sha256)
+        except (CheckpointError, CorruptDataError, FileNotFoundError):
+            return
+        partitions = {
+            operator: [p.partition_id for p in entry.partitions]
+            for operator, entry in manifest.operators.items()
+        }
+        where = str(manifest.checkpoint_id)
+        self._check_checkpoint(where, partitions, manifest.source_offsets, record)
+
+    def _check_checkpoint(
+        self,
+        where: str,
+        partitions: Mapping[str, Collection[int]],
+        offsets: Mapping[str, Any],
+        record: bytes | None,
+    ) -> tuple[JobRecord | None, int]:
+        """Check that checkpoint ``where`` (its partition ids per operator, its source
+        offsets and its job record) is this job's; return the parsed record and offset."""
+        operators = set(partitions)
+        known = {_STATE_OPERATOR, FINGERPRINT_OPERATOR}
+        if _STATE_OPERATOR not in operators or operators - known:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} holds operators {sorted(operators)}; a pipeline's "
+                f"checkpoint holds {_STATE_OPERATOR!r} and {FINGERPRINT_OPERATOR!r}, so this "
+                "one was written by something else"
+            )
+        for operator, ids in partitions.items():
+            if list(ids) != [0]:  # refused rather than silently dropping partitions
+                raise IncompatibleCheckpointError(
+                    f"checkpoint {where} holds {len(ids)} partitions under operator "
+                    f"{operator!r} (ids {sorted(ids)}); a pipeline writes exactly one "
+                    "(partition 0), so it was written by something else"
+                )
+        job: JobRecord | None = None
+        if FINGERPRINT_OPERATOR in operators:
+            job = JobRecord.decode(record if record is not None else b"", where)
+            self._fingerprint.check_compatible(job.fingerprint, where)
+        # else: written before checkpoints carried a fingerprint; the state's shape decides.
+        name = self._source.name
+        if set(offsets) != {name}:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} records offsets for sources {sorted(offsets)}, not "
+                f"(only) for this job's source {name!r}"
+            )
+        offset = offsets[name]
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where}: the offset of source {name!r} is {offset!r}, not an "
+                "int >= 0"
+            )
+        return job, offset
+
+    def _restore(self, recovered: RecoveredCheckpoint) -> None:
+        """Check that ``recovered`` is this job's, then adopt its state (all or nothing)."""
+        where = str(recovered.checkpoint_id)
+        record, offset = self._check_checkpoint(
+            where,
+            recovered.state,
+            recovered.source_offsets,
+            recovered.state.get(FINGERPRINT_OPERATOR, {}).get(0),
+        )
+        try:
+            entries = decode_batch(recovered.state[_STATE_OPERATOR][0])
+        except CorruptDataError as exc:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where}: its {_STATE_OPERATOR!r} artifact is not a pipeline's "
+                f"packed store snapshots ({exc})"
+            ) from exc
+        blobs = dict(entries)
+        if len(blobs) != len(entries) or set(blobs) != set(self._values):
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} holds state for {sorted(n for n, _ in entries)}; this "
+                f"job aggregates {sorted(self._values)}"
+            )
+        recorded_type = None if record is None else record.fingerprint.get("key_type")
+        key_type = self._given_key_type
+        if key_type is None:
+            keys = self._peek_keys(offset)
+            inferred = None if keys is None else self._inferred_key_type(keys)
+            if inferred is not None and recorded_type not in (None, inferred):
+                difference = (
+                    f"key_type: checkpoint has {recorded_type!r}, this job has {inferred!r}"
+                )
+                raise IncompatibleCheckpointError(
+                    f"checkpoint {where} was written by a different job ({difference}, "
+                    f"inferred from the keys at offset {offset})",
+                    (difference,),
+                )
+            key_type = inferred or recorded_type or "int64"
+        store_partitions = self._partitions
+        if record is not None:  # fewer partitions now: keep the old ones' published partials
+            store_partitions = max(store_partitions, record.store_partitions)
+        stores = self._new_stores(key_type, store_partitions)
+        for metric, store in stores.items():
+            try:
+                store.restore(blobs[metric])
+            except CorruptDataError as exc:
+                raise IncompatibleCheckpointError(
+                    f"checkpoint {where}: the state of {metric!r} does not restore into a "
+                    f"{key_type} store of {store_partitions} partition(s): {exc}"
+                ) from exc
+        self._stores = stores
+        self._key_type = key_type
+        self._store_partitions = store_partitions
+        self._offset = offset
+        self._epoch = recovered.epoch
+        self._recovered_epoch = recovered.epoch
+
     def checkpoint(self) -> CheckpointStats:
-        """Commit the current state and source offset now (the partitions must be idle)."""
-        stores = self._ensure_stores(None)
+        """Commit the current state and source offset now (recovering first if needed).
+
+        Like a failed run, a failed commit discards the in-memory state: the next run
+        resumes from the last committed checkpoint.
+        """
+        with self._exclusive("checkpoint()"):
+            try:
+                self._recover()
+                return self._checkpoint()
+            except BaseException:
+                self._discard_state()
+                raise
+
+    def _checkpoint(self) -> CheckpointStats:
+        stores = self._stores_for(None)
         start = time.perf_counter()
-        packed = encode_batch([(metric, stores[metric].snapshot()) for metric in self.values])
+        packed = encode_batch([(metric, stores[metric].snapshot()) for metric in self._values])
+        record = JobRecord.encode(self.fingerprint, self._store_partitions)
         # The epoch advances only once the commit has landed, so a failed commit can be
         # retried under the same epoch.
         self.checkpointer.commit(
             self._epoch + 1,
-            [(_STATE_OPERATOR, 0, False, packed)],
-            source_offsets={self.source.name: self._offset},
+            [(_STATE_OPERATOR, 0, False, packed), (FINGERPRINT_OPERATOR, 0, False, record)],
+            source_offsets={self._source.name: self._offset},
         )
         self._epoch += 1
         if self.keep_checkpoints > 0:
             self.checkpointer.prune(keep_last=self.keep_checkpoints)
-        return CheckpointStats(self._epoch, self._offset, len(packed), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return CheckpointStats(self._epoch, self._offset, len(packed) + len(record), seconds)
 
     # -- running -------------------------------------------------------------------------
 
@@ -189,44 +502,77 @@ class Pipeline:
     ) -> PipelineRun:
         """Process the source from the recovered offset to its end (or ``max_batches``).
 
-        A run that reaches the end commits a final checkpoint. A run cut short by
-        ``max_batches`` does not, which is how the demo simulates a crash: whatever was
-        folded after the last checkpoint is lost with the process and replayed by the next.
+        ``max_batches`` bounds the reads that returned a batch, empty ones included, so a
+        run over an idle unbounded source ends too. ``on_batch`` is called with every batch
+        that held events, after it was handed to the partitions.
+
+        A run that reaches the end commits a final checkpoint if anything changed since the
+        last one. A run cut short by ``max_batches`` does not, which is how the demo
+        simulates a crash: whatever was folded after the last checkpoint is lost with the
+        process and replayed by the next. A run that fails discards the in-memory state, so
+        the next run resumes from the last committed checkpoint.
         """
-        self.recover()
+        if max_batches is not None:
+            _positive_int("max_batches", max_batches, minimum=0)
+        with self._exclusive("run()"):
+            try:
+                return self._run(max_batches, on_batch)
+            except BaseException:
+                self._discard_state()
+                raise
+
+    def _run(
+        self, max_batches: int | None, on_batch: Callable[[Batch], None] | None
+    ) -> PipelineRun:
+        self._recover()
         report = PipelineRun(
             start_offset=self._offset,
             recovered_epoch=self._recovered_epoch,
             recovery_seconds=self._recovery_seconds,
         )
         started = time.perf_counter()
+        required = [self._key, *self._values]
         workers: list[PartitionWorker] | None = None
+        since_checkpoint = 0
+        idle_sleep = 0.0
         try:
-            while max_batches is None or report.batches < max_batches:
-                batch = self.source.read(self._offset, self.batch_size)
+            while max_batches is None or report.batches + report.empty_batches < max_batches:
+                batch = self._source.read(self._offset, self.batch_size)
                 if batch is None:
                     report.finished = True
                     break
-                keys = np.asarray(batch.columns[self.key])
-                stores = self._ensure_stores(keys)
+                next_offset = check_batch(batch, self._source.name, self._offset, required)
+                if next_offset == self._offset:
+                    report.empty_batches += 1
+                    idle_sleep = min(self.max_idle_sleep, 2 * idle_sleep or _FIRST_IDLE_SLEEP)
+                    slept = time.perf_counter()
+                    time.sleep(idle_sleep)
+                    report.idle_seconds += time.perf_counter() - slept
+                    continue
+                idle_sleep = 0.0
+                keys = np.asarray(batch.columns[self._key])
+                stores = self._stores_for(keys)
+                self._check_keys(keys)
                 if workers is None:
                     workers = [
                         PartitionWorker(p, {m: s.partition(p) for m, s in stores.items()})
-                        for p in range(self.partitions)
+                        for p in range(self._partitions)
                     ]
                 self._dispatch(workers, keys, batch)
-                self._offset = batch.next_offset
+                report.events += next_offset - self._offset
                 report.batches += 1
-                report.events += len(batch)
+                self._offset = next_offset
+                since_checkpoint += 1
                 if on_batch is not None:
                     on_batch(batch)
-                if report.batches % self.checkpoint_every == 0:
+                if since_checkpoint >= self.checkpoint_every:
                     quiesce(workers)
-                    report.checkpoints.append(self.checkpoint())
+                    report.checkpoints.append(self._checkpoint())
+                    since_checkpoint = 0
             if workers is not None:
                 quiesce(workers)
-                if report.finished and report.batches % self.checkpoint_every != 0:
-                    report.checkpoints.append(self.checkpoint())
+                if report.finished and since_checkpoint:
+                    report.checkpoints.append(self._checkpoint())
         finally:
             if workers is not None:
                 for worker in workers:
@@ -235,13 +581,29 @@ class Pipeline:
         report.seconds = time.perf_counter() - started
         return report
 
+    def _check_keys(self, keys: npt.NDArray[Any]) -> None:
+        if _key_type_of(keys) != self._key_type:
+            raise SourceError(
+                f"source {self._source.name!r}: the batch at offset {self._offset} has "
+                f"{keys.dtype} keys in column {self._key!r}, but this job's keys are "
+                f"{self._key_type}"
+            )
+
     def _dispatch(
         self, workers: Sequence[PartitionWorker], keys: npt.NDArray[Any], batch: Batch
     ) -> None:
-        parts = route_partitions(keys, self.partitions)
+        values = {}
+        for metric in self._values:
+            try:
+                values[metric] = np.asarray(batch.columns[metric], dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise SourceError(
+                    f"source {self._source.name!r}: column {metric!r} of the batch at offset "
+                    f"{self._offset} is not numeric: {exc}"
+                ) from exc
+        parts = route_partitions(keys, self._partitions)
         order = np.argsort(parts, kind="stable")
-        bounds = np.searchsorted(parts[order], np.arange(self.partitions + 1))
-        values = {m: np.asarray(batch.columns[m], dtype=np.float64) for m in self.values}
+        bounds = np.searchsorted(parts[order], np.arange(self._partitions + 1))
         for p, worker in enumerate(workers):
             rows = order[bounds[p] : bounds[p + 1]]
             if len(rows):
@@ -259,20 +621,34 @@ class Pipeline:
         """The epoch of the last checkpoint committed or recovered."""
         return self._epoch
 
+    def _store(self, metric: str, call: str) -> NumericAggregateStore:
+        self._check_open(call)
+        if metric not in self._values:
+            raise KeyError(f"{metric!r} is not one of the aggregated values {self._values}")
+        if self._stores is None:  # nothing folded yet; do not fix the key type by asking
+            return NumericAggregateStore(1, key_type=self._key_type or "int64")
+        return self._stores[metric]
+
     def results(self, metric: str) -> dict[str, npt.NDArray[Any]]:
-        """Per-key statistics of ``metric`` merged across partitions (columnar)."""
-        stores = self._ensure_stores(None)
-        if metric not in stores:
-            raise KeyError(f"{metric!r} is not one of the aggregated values {self.values}")
-        return stores[metric].results()
+        """Per-key statistics of ``metric`` merged across partitions (columnar).
+
+        Raises :class:`~streamstate.StreamStateError` after :meth:`close`.
+        """
+        return self._store(metric, "results()").results()
 
     def to_pandas(self, metric: str) -> Any:
         """``results(metric)`` as a pandas DataFrame indexed by key."""
-        return self._ensure_stores(None)[metric].to_pandas()
+        return self._store(metric, "to_pandas()").to_pandas()
 
     def close(self) -> None:
-        """Drop the in-memory state (checkpoints stay in the store)."""
-        self._stores = None
+        """Drop the in-memory state (checkpoints stay in the store). Later calls raise."""
+        if not self._busy.acquire(blocking=False):
+            raise StreamStateError("close(): run() is in progress; close after it returns")
+        try:
+            self._closed = True
+            self._stores = None
+        finally:
+            self._busy.release()
 
     def __enter__(self) -> Self:
         return self
@@ -281,7 +657,9 @@ class Pipeline:
         self.close()
 
     def __repr__(self) -> str:
+        state = ", closed" if self._closed else ""
         return (
-            f"Pipeline(source={self.source.name!r}, key={self.key!r}, values={self.values}, "
-            f"partitions={self.partitions}, offset={self._offset}, epoch={self._epoch})"
+            f"Pipeline(source={self._source.name!r}, key={self._key!r}, values={self._values}, "
+            f"partitions={self._partitions}, offset={self._offset}, epoch={self._epoch}, "
+            f"store={describe_store(self.checkpointer.store)}{state})"
         )

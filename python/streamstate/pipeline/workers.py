@@ -73,7 +73,7 @@ class PartitionWorker:
                     if self.error is None:
                         for aggregator in self._aggregators.values():
                             aggregator.publish()
-                except Exception as exc:  # noqa: BLE001 - any failure is surfaced by the coordinator
+                except Exception as exc:  # noqa: BLE001 - surfaced by the coordinator
                     self.error = exc
                 item.arrive()
                 continue

@@ -1,0 +1,206 @@
+"""What a pipeline resumes from: its own default location, its job fingerprint, and
+checkpoints written by anything else (refused clearly, never half-read)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import obstore
+import pytest
+from obstore.store import MemoryStore
+
+from streamstate import (
+    IncompatibleCheckpointError,
+    NumericAggregateStore,
+    ObjectStoreCheckpointer,
+    encode_batch,
+)
+from streamstate.pipeline import ArraySource, Batch, Pipeline
+
+
+class CountingSource:
+    """An ArraySource that counts how often it is read."""
+
+    def __init__(self, inner: ArraySource) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def read(self, offset: int, max_rows: int) -> Batch | None:
+        self.reads += 1
+        return self.inner.read(offset, max_rows)
+
+
+def _events(rows: int = 100, name: str = "events") -> ArraySource:
+    rng = np.random.default_rng(rows)
+    return ArraySource(name, {"k": rng.integers(0, 9, rows), "j": rng.integers(0, 3, rows),
+                              "v": rng.normal(0, 1, rows), "w": rng.normal(0, 1, rows)})
+
+
+def _objects(store: Any) -> dict[str, bytes]:
+    paths = [meta["path"] for meta in obstore.list(store).collect()]
+    return {p: bytes(obstore.get(store, p).bytes()) for p in paths}
+
+
+def _counts(pipe: Pipeline, metric: str = "v") -> dict[int, int]:
+    results = pipe.results(metric)
+    return {int(k): int(c) for k, c in zip(results["key"], results["count"], strict=True)}
+
+
+def test_jobs_without_a_store_each_get_their_own_default_location(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMSTATE_HOME", str(tmp_path))
+    source = _events()
+    with Pipeline(source, key="k", values=["v"]) as first:
+        assert first.run().events == 100
+    # Same source, another key: a different job, which must not resume the first one.
+    with Pipeline(source, key="j", values=["v"]) as other:
+        report = other.run()
+        assert report.recovered_epoch is None and report.events == 100
+        assert sum(_counts(other).values()) == 100 and len(_counts(other)) <= 3
+    # The first job's definition again finds its own checkpoints (partitions do not matter).
+    with Pipeline(source, key="k", values=["v"], partitions=3) as again:
+        report = again.run()
+        assert report.recovered_epoch == 1 and report.events == 0
+        assert sum(_counts(again).values()) == 100
+    locations = sorted(p.name for p in (tmp_path / "pipelines").iterdir())
+    assert len(locations) == 2 and all(name.startswith("events-") for name in locations)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"key": "j"}, "key"),
+        ({"values": ["w"]}, "values"),
+        ({"values": ["v", "w"]}, "values"),
+        ({"key_type": "bytes"}, "key_type"),
+        ({"nan_policy": "propagate"}, "nan_policy"),
+        ({"source": "renamed"}, "source"),
+    ],
+)
+def test_resuming_with_another_definition_is_refused_before_anything_is_touched(
+    change: dict[str, Any], field: str
+) -> None:
+    store = MemoryStore()
+    definition: dict[str, Any] = {"key": "k", "values": ["v"], "store": store, "batch_size": 30}
+    Pipeline(_events(), **definition).run()
+    before = _objects(store)
+    inner = _events(name=change.pop("source", "events"))
+    source = CountingSource(inner)
+    pipe = Pipeline(source, **{**definition, **change})
+    with pytest.raises(IncompatibleCheckpointError, match=field) as info:
+        pipe.run()
+    assert any(line.startswith(field) for line in info.value.differences)
+    assert source.reads == 0  # refused before the source was read
+    assert _objects(store) == before  # and before anything was written
+    assert pipe.offset == 0 and pipe.epoch == 0
+
+
+def test_an_inferred_key_type_that_differs_from_the_checkpoint_is_refused() -> None:
+    store = MemoryStore()
+    Pipeline(_events(), key="k", values=["v"], store=store).run()
+    before = _objects(store)
+    keys = np.array([b"a", b"b"] * 100)  # read at the resume offset, 100
+    as_bytes = ArraySource("events", {"k": keys, "v": np.ones(200)})
+    with pytest.raises(IncompatibleCheckpointError, match="key_type"):
+        Pipeline(as_bytes, key="k", values=["v"], store=store).run()
+    assert _objects(store) == before
+
+
+@pytest.mark.parametrize(("before", "after"), [(3, 2), (2, 4), (4, 1)])
+def test_changing_the_partition_count_resumes_exactly(before: int, after: int) -> None:
+    source = _events(5_000)
+    store = MemoryStore()
+    common: dict[str, Any] = {"key": "k", "values": ["v"], "store": store, "batch_size": 500,
+                              "checkpoint_every": 3}
+    Pipeline(source, partitions=before, **common).run(max_batches=7)
+    survivor = Pipeline(source, partitions=after, **common)
+    report = survivor.run()
+    assert report.recovered_epoch == 2 and report.start_offset == 3_000
+    keys = np.asarray(source.read(0, 5_000).columns["k"])  # type: ignore[union-attr]
+    assert _counts(survivor) == {int(k): int((keys == k).sum()) for k in np.unique(keys)}
+
+
+def _foreign_commit(store: Any, snapshots: list[tuple[str, int, bool, bytes]],
+                    offsets: dict[str, Any]) -> None:
+    ObjectStoreCheckpointer(store).commit(1, snapshots, source_offsets=offsets)
+
+
+def _packed(keys: np.ndarray, values: np.ndarray) -> bytes:
+    state = NumericAggregateStore(1)
+    aggregator = state.partition(0)
+    aggregator.fold(keys, values)
+    aggregator.publish()
+    return encode_batch([("v", state.snapshot())])
+
+
+@pytest.mark.parametrize(
+    ("snapshots", "offsets", "message"),
+    [
+        ([("agg", 0, False, b"opaque")], {"events": 10}, "operators"),
+        ([("aggregates", 0, False, b"not an LCB1 batch")], {"events": 10}, "aggregates"),
+        ([("aggregates", 0, False, _packed(np.arange(3), np.ones(3))),
+          ("aggregates", 1, False, _packed(np.arange(3, 6), np.ones(3)))],
+         {"events": 10}, "2 partitions"),
+        ([("aggregates", 0, False, _packed(np.arange(3), np.ones(3)))], {"other": 10},
+         "'other'"),
+        ([("aggregates", 0, False, _packed(np.arange(3), np.ones(3)))], {"events": "ten"},
+         "offset"),
+        ([("aggregates", 0, False, encode_batch([("v", b"x"), ("w", b"y")]))],
+         {"events": 10}, "'w'"),
+        ([("aggregates", 0, False, _packed(np.arange(3), np.ones(3))),
+          ("job", 0, False, b"{not json")], {"events": 10}, "job"),
+    ],
+)
+def test_checkpoints_written_by_something_else_are_refused_clearly(
+    snapshots: list[tuple[str, int, bool, bytes]], offsets: dict[str, Any], message: str
+) -> None:
+    store = MemoryStore()
+    _foreign_commit(store, snapshots, offsets)
+    before = _objects(store)
+    pipe = Pipeline(_events(), key="k", values=["v"], store=store)
+    with pytest.raises(IncompatibleCheckpointError, match=message):
+        pipe.run()
+    assert _objects(store) == before
+    assert pipe.offset == 0
+
+
+def test_a_checkpoint_without_a_fingerprint_in_the_pipeline_layout_is_resumed() -> None:
+    # What pipelines wrote before checkpoints carried a job fingerprint.
+    source = _events(100)
+    keys = np.asarray(source.read(0, 100).columns["k"])  # type: ignore[union-attr]
+    values = np.asarray(source.read(0, 100).columns["v"])  # type: ignore[union-attr]
+    store = MemoryStore()
+    _foreign_commit(store, [("aggregates", 0, False, _packed(keys[:40], values[:40]))],
+                    {"events": 40})
+    with Pipeline(source, key="k", values=["v"], store=store) as pipe:
+        report = pipe.run()
+        assert report.recovered_epoch == 1 and report.start_offset == 40
+        assert _counts(pipe) == {int(k): int((keys == k).sum()) for k in np.unique(keys)}
+    # ... and its next checkpoint records the fingerprint.
+    recovered = ObjectStoreCheckpointer(store).recover()
+    assert recovered is not None
+    job = json.loads(recovered.state["job"][0])["job"]
+    assert job["source"] == "events" and job["key"] == "k" and job["values"] == ["v"]
+    assert job["key_type"] == "int64" and job["nan_policy"] == "skip"
+
+
+def test_a_foreign_job_is_refused_from_its_job_record_before_its_state_is_downloaded() -> None:
+    store = MemoryStore()
+    Pipeline(_events(), key="k", values=["v"], store=store).run()
+    # Without its state artifact, the checkpoint could not even be recovered ...
+    for path in _objects(store):
+        if "/aggregates/" in path:
+            obstore.delete(store, path)
+    # ... yet another job is told what differs, not that the checkpoint is damaged.
+    with pytest.raises(IncompatibleCheckpointError) as info:
+        Pipeline(_events(), key="j", values=["v"], nan_policy="raise", store=store).run()
+    assert [line.split(":")[0] for line in info.value.differences] == ["key", "nan_policy"]
+    assert "key: checkpoint has 'k', this job has 'j'" in str(info.value)
