@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -13,18 +13,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ..aggregate import KeyType, NanPolicy, NumericAggregateStore
-from ..batcher import decode_batch, encode_batch
-from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_integrity
-from ..errors import (
-    CheckpointError,
-    CorruptDataError,
-    IncompatibleCheckpointError,
-    SourceError,
-    StreamStateError,
-)
+from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint
+from ..errors import CorruptDataError, IncompatibleCheckpointError, SourceError, StreamStateError
 from ..manifest import CheckpointPaths
 from ..storage import StoreLike, describe_store
-from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
+from .fingerprint import JobFingerprint, JobRecord
+from .layout import check_newest, pack_state, unpack_state
 from .routing import route_partitions
 from .sources import Batch, Source, check_batch, check_columns
 from .workers import PartitionWorker, quiesce
@@ -34,8 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointStats", "Pipeline", "PipelineRun"]
 
-# The operator under which the pipeline's packed state is checkpointed.
-_STATE_OPERATOR = "aggregates"
 _KEY_TYPES = ("int64", "bytes")
 _NAN_POLICIES = ("skip", "propagate", "raise")
 _MAX_PARTITIONS = 65536  # NumericAggregateStore's limit
@@ -330,7 +322,7 @@ class Pipeline:
         if self._recovered:
             return self._offset
         start = time.perf_counter()
-        self._precheck()
+        check_newest(self.checkpointer, self._fingerprint)
         recovered = self.checkpointer.recover()
         if recovered is not None:
             self._restore(recovered)
@@ -338,95 +330,10 @@ class Pipeline:
         self._recovery_seconds = time.perf_counter() - start
         return self._offset
 
-    def _precheck(self) -> None:
-        """Refuse a foreign newest checkpoint from its manifest and small job record alone,
-        before any of its state is downloaded. Damage is left to recovery, which falls back
-        to an older checkpoint (and :meth:`_restore` checks whichever it chose)."""
-        try:
-            ids = self.checkpointer.list_checkpoints()
-            if not ids:
-                return
-            manifest = self.checkpointer.load_manifest(ids[-1])
-            job = manifest.operators.get(FINGERPRINT_OPERATOR)
-            record = None
-            if job is not None and len(job.partitions) == 1:
-                entry = job.partitions[0]
-                record = self.checkpointer.load_artifact(entry.path)
-                verify_integrity(entry.path, record, entry.sha256)
-        except (CheckpointError, CorruptDataError, FileNotFoundError):
-            return
-        partitions = {
-            operator: [p.partition_id for p in entry.partitions]
-            for operator, entry in manifest.operators.items()
-        }
-        where = str(manifest.checkpoint_id)
-        self._check_checkpoint(where, partitions, manifest.source_offsets, record)
-
-    def _check_checkpoint(
-        self,
-        where: str,
-        partitions: Mapping[str, Collection[int]],
-        offsets: Mapping[str, Any],
-        record: bytes | None,
-    ) -> tuple[JobRecord | None, int]:
-        """Check that checkpoint ``where`` (its partition ids per operator, its source
-        offsets and its job record) is this job's; return the parsed record and offset."""
-        operators = set(partitions)
-        known = {_STATE_OPERATOR, FINGERPRINT_OPERATOR}
-        if _STATE_OPERATOR not in operators or operators - known:
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where} holds operators {sorted(operators)}; a pipeline's "
-                f"checkpoint holds {_STATE_OPERATOR!r} and {FINGERPRINT_OPERATOR!r}, so this "
-                "one was written by something else"
-            )
-        for operator, ids in partitions.items():
-            if list(ids) != [0]:  # refused rather than silently dropping partitions
-                raise IncompatibleCheckpointError(
-                    f"checkpoint {where} holds {len(ids)} partitions under operator "
-                    f"{operator!r} (ids {sorted(ids)}); a pipeline writes exactly one "
-                    "(partition 0), so it was written by something else"
-                )
-        job: JobRecord | None = None
-        if FINGERPRINT_OPERATOR in operators:
-            job = JobRecord.decode(record if record is not None else b"", where)
-            self._fingerprint.check_compatible(job.fingerprint, where)
-        # else: written before checkpoints carried a fingerprint; the state's shape decides.
-        name = self._source.name
-        if set(offsets) != {name}:
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where} records offsets for sources {sorted(offsets)}, not "
-                f"(only) for this job's source {name!r}"
-            )
-        offset = offsets[name]
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where}: the offset of source {name!r} is {offset!r}, not an "
-                "int >= 0"
-            )
-        return job, offset
-
     def _restore(self, recovered: RecoveredCheckpoint) -> None:
         """Check that ``recovered`` is this job's, then adopt its state (all or nothing)."""
         where = str(recovered.checkpoint_id)
-        record, offset = self._check_checkpoint(
-            where,
-            recovered.state,
-            recovered.source_offsets,
-            recovered.state.get(FINGERPRINT_OPERATOR, {}).get(0),
-        )
-        try:
-            entries = decode_batch(recovered.state[_STATE_OPERATOR][0])
-        except CorruptDataError as exc:
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where}: its {_STATE_OPERATOR!r} artifact is not a pipeline's "
-                f"packed store snapshots ({exc})"
-            ) from exc
-        blobs = dict(entries)
-        if len(blobs) != len(entries) or set(blobs) != set(self._values):
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where} holds state for {sorted(n for n, _ in entries)}; this "
-                f"job aggregates {sorted(self._values)}"
-            )
+        record, offset, snapshots = unpack_state(recovered, self._fingerprint)
         recorded_type = None if record is None else record.fingerprint.get("key_type")
         key_type = self._given_key_type
         if key_type is None:
@@ -448,7 +355,7 @@ class Pipeline:
         stores = self._new_stores(key_type, store_partitions)
         for metric, store in stores.items():
             try:
-                store.restore(blobs[metric])
+                store.restore(snapshots[metric])
             except CorruptDataError as exc:
                 raise IncompatibleCheckpointError(
                     f"checkpoint {where}: the state of {metric!r} does not restore into a "
@@ -478,20 +385,21 @@ class Pipeline:
     def _checkpoint(self) -> CheckpointStats:
         stores = self._stores_for(None)
         start = time.perf_counter()
-        packed = encode_batch([(metric, stores[metric].snapshot()) for metric in self._values])
-        record = JobRecord.encode(self.fingerprint, self._store_partitions)
+        items = pack_state(
+            [(metric, stores[metric].snapshot()) for metric in self._values],
+            JobRecord.encode(self.fingerprint, self._store_partitions),
+        )
         # The epoch advances only once the commit has landed, so a failed commit can be
         # retried under the same epoch.
         self.checkpointer.commit(
-            self._epoch + 1,
-            [(_STATE_OPERATOR, 0, False, packed), (FINGERPRINT_OPERATOR, 0, False, record)],
-            source_offsets={self._source.name: self._offset},
+            self._epoch + 1, items, source_offsets={self._source.name: self._offset}
         )
         self._epoch += 1
         if self.keep_checkpoints > 0:
             self.checkpointer.prune(keep_last=self.keep_checkpoints)
         seconds = time.perf_counter() - start
-        return CheckpointStats(self._epoch, self._offset, len(packed) + len(record), seconds)
+        size = sum(len(data) for *_, data in items)
+        return CheckpointStats(self._epoch, self._offset, size, seconds)
 
     # -- running -------------------------------------------------------------------------
 

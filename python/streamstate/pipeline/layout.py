@@ -1,0 +1,129 @@
+"""How a pipeline lays its state out in a checkpoint, and the checks before resuming one.
+
+A pipeline checkpoint holds exactly two artifacts, both as partition 0: under
+``"aggregates"`` one LCB1 batch packing every value column's store snapshot (named after
+the column), and under ``"job"`` the :class:`~streamstate.pipeline.JobRecord`. The source
+offsets hold one entry, the job's source. Anything else was written by something other
+than this job's pipeline and is refused with
+:class:`~streamstate.IncompatibleCheckpointError` rather than half-read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+from ..batcher import decode_batch, encode_batch
+from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_integrity
+from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError
+from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
+
+__all__ = ["STATE_OPERATOR", "check_layout", "check_newest", "pack_state", "unpack_state"]
+
+#: The operator under which a pipeline checkpoints its packed store snapshots.
+STATE_OPERATOR = "aggregates"
+
+
+def pack_state(
+    snapshots: Iterable[tuple[str, bytes]], record: bytes
+) -> list[tuple[str, int, bool, bytes]]:
+    """The items to commit for ``(value column, store snapshot)`` pairs and a job record."""
+    return [
+        (STATE_OPERATOR, 0, False, encode_batch(list(snapshots))),
+        (FINGERPRINT_OPERATOR, 0, False, record),
+    ]
+
+
+def check_layout(
+    fingerprint: JobFingerprint,
+    where: str,
+    partitions: Mapping[str, Collection[int]],
+    offsets: Mapping[str, Any],
+    record: bytes | None,
+) -> tuple[JobRecord | None, int]:
+    """Check that checkpoint ``where`` (its partition ids per operator, its source offsets
+    and its job record's bytes) belongs to the job ``fingerprint`` describes; return the
+    parsed record (None for a checkpoint written before records existed) and the offset."""
+    operators = set(partitions)
+    if STATE_OPERATOR not in operators or operators - {STATE_OPERATOR, FINGERPRINT_OPERATOR}:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} holds operators {sorted(operators)}; a pipeline's checkpoint "
+            f"holds {STATE_OPERATOR!r} and {FINGERPRINT_OPERATOR!r}, so this one was written "
+            "by something else"
+        )
+    for operator, ids in partitions.items():
+        if list(ids) != [0]:  # refused rather than silently dropping partitions
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} holds {len(ids)} partitions under operator {operator!r} "
+                f"(ids {sorted(ids)}); a pipeline writes exactly one (partition 0), so it was "
+                "written by something else"
+            )
+    job: JobRecord | None = None
+    if FINGERPRINT_OPERATOR in operators:
+        job = JobRecord.decode(record if record is not None else b"", where)
+        fingerprint.check_compatible(job.fingerprint, where)
+    # else: written before checkpoints carried a record; the state's shape decides.
+    name = fingerprint.source
+    if set(offsets) != {name}:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} records offsets for sources {sorted(offsets)}, not (only) "
+            f"for this job's source {name!r}"
+        )
+    offset = offsets[name]
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where}: the offset of source {name!r} is {offset!r}, not an int >= 0"
+        )
+    return job, offset
+
+
+def check_newest(checkpointer: ObjectStoreCheckpointer, fingerprint: JobFingerprint) -> None:
+    """Refuse a foreign newest checkpoint from its manifest and small job record alone,
+    before any of its state is downloaded. Damage is left to recovery, which falls back to
+    an older checkpoint (and :func:`unpack_state` checks whichever it chose)."""
+    try:
+        ids = checkpointer.list_checkpoints()
+        if not ids:
+            return
+        manifest = checkpointer.load_manifest(ids[-1])
+        job = manifest.operators.get(FINGERPRINT_OPERATOR)
+        record = None
+        if job is not None and len(job.partitions) == 1:
+            entry = job.partitions[0]
+            record = checkpointer.load_artifact(entry.path)
+            verify_integrity(entry.path, record, entry.sha256)
+    except (CheckpointError, CorruptDataError, FileNotFoundError):
+        return
+    partitions = {
+        operator: [p.partition_id for p in entry.partitions]
+        for operator, entry in manifest.operators.items()
+    }
+    where = str(manifest.checkpoint_id)
+    check_layout(fingerprint, where, partitions, manifest.source_offsets, record)
+
+
+def unpack_state(
+    recovered: RecoveredCheckpoint, fingerprint: JobFingerprint
+) -> tuple[JobRecord | None, int, dict[str, bytes]]:
+    """Check a recovered checkpoint's layout and definition; return its job record, the
+    source offset, and the store snapshot of every value column."""
+    where = str(recovered.checkpoint_id)
+    state = recovered.state
+    record_bytes = state.get(FINGERPRINT_OPERATOR, {}).get(0)
+    record, offset = check_layout(
+        fingerprint, where, state, recovered.source_offsets, record_bytes
+    )
+    try:
+        entries = decode_batch(state[STATE_OPERATOR][0])
+    except CorruptDataError as exc:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where}: its {STATE_OPERATOR!r} artifact is not a pipeline's packed "
+            f"store snapshots ({exc})"
+        ) from exc
+    snapshots = dict(entries)
+    if len(snapshots) != len(entries) or set(snapshots) != set(fingerprint.values):
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} holds state for {sorted(n for n, _ in entries)}; this job "
+            f"aggregates {sorted(fingerprint.values)}"
+        )
+    return record, offset, snapshots
