@@ -291,3 +291,37 @@ def test_values_may_be_one_column_name_and_missing_columns_are_named() -> None:
         Pipeline(source, key="user", values=[1], store=MemoryStore())  # type: ignore[list-item]
     with pytest.raises(ValueError, match="twice"):
         Pipeline(source, key="user", values=["amount", "amount"], store=MemoryStore())
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    before=st.integers(1, 4),
+    after=st.integers(1, 4),
+    batch_size=st.integers(200, 2_000),
+    checkpoint_every=st.integers(1, 4),
+    fail_fraction=st.floats(0.05, 0.95),
+)
+def test_exactly_once_across_failures_and_rescaling(
+    before: int, after: int, batch_size: int, checkpoint_every: int, fail_fraction: float
+) -> None:
+    keys, values = _data(8_000, 40, seed=before * 100 + after)
+    inner = ArraySource("events", {"k": keys, "v": values})
+    fail_at = int(8_000 * fail_fraction) // batch_size * batch_size
+
+    def nan_once(batch: Batch) -> Batch:
+        bad = np.array(batch.columns["v"], dtype=np.float64)
+        bad[-1] = np.nan
+        return _with_column(batch, "v", bad)
+
+    store = MemoryStore()
+    common: dict[str, Any] = {"key": "k", "values": "v", "store": store,
+                              "checkpoint_every": checkpoint_every, "batch_size": batch_size,
+                              "nan_policy": "raise"}
+    first = Pipeline(PoisonOnce(inner, fail_at, nan_once), partitions=before, **common)
+    with pytest.raises(StreamStateError, match="NaN"):
+        first.run()
+    first.run()  # the same object again, after its failure
+    _assert_matches(first.results("v"), _expected(keys, values))
+    rescaled = Pipeline(inner, partitions=after, **common)  # a new process, other partitions
+    assert rescaled.run().events == 0
+    _assert_matches(rescaled.results("v"), _expected(keys, values))

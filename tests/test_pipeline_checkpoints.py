@@ -18,7 +18,7 @@ from streamstate import (
     ObjectStoreCheckpointer,
     encode_batch,
 )
-from streamstate.pipeline import ArraySource, Batch, Pipeline
+from streamstate.pipeline import ArraySource, Batch, JobFingerprint, JobRecord, Pipeline
 
 
 class CountingSource:
@@ -157,6 +157,10 @@ def _packed(keys: np.ndarray, values: np.ndarray) -> bytes:
          {"events": 10}, "'w'"),
         ([("aggregates", 0, False, _packed(np.arange(3), np.ones(3))),
           ("job", 0, False, b"{not json")], {"events": 10}, "job"),
+        ([("aggregates", 0, False, _packed(np.arange(3), np.ones(3))),
+          ("job", 0, False, JobRecord.encode(
+              JobFingerprint.of("events", "k", ["v"], "float64", "skip"), 2))],
+         {"events": 10}, "key type 'float64'"),
     ],
 )
 def test_checkpoints_written_by_something_else_are_refused_clearly(

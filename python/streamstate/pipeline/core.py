@@ -335,6 +335,11 @@ class Pipeline:
         where = str(recovered.checkpoint_id)
         record, offset, snapshots = unpack_state(recovered, self._fingerprint)
         recorded_type = None if record is None else record.fingerprint.get("key_type")
+        if recorded_type is not None and recorded_type not in _KEY_TYPES:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} records key type {recorded_type!r}; this version of "
+                f"streamstate knows {', '.join(map(repr, _KEY_TYPES))}"
+            )
         key_type = self._given_key_type
         if key_type is None:
             keys = self._peek_keys(offset)
@@ -348,7 +353,7 @@ class Pipeline:
                     f"inferred from the keys at offset {offset})",
                     (difference,),
                 )
-            key_type = inferred or recorded_type or "int64"
+            key_type = inferred or cast("KeyType | None", recorded_type) or "int64"
         store_partitions = self._partitions
         if record is not None:  # fewer partitions now: keep the old ones' published partials
             store_partitions = max(store_partitions, record.store_partitions)
