@@ -12,6 +12,7 @@ from .errors import (
     IntegrityError,
     NoValidCheckpointError,
     SpillError,
+    StoreConfigurationError,
     StreamStateError,
 )
 
@@ -88,6 +89,7 @@ __all__ = [
     "SpillError",
     "SpillingAggregator",
     "StateBackend",
+    "StoreConfigurationError",
     "StatePartitionKey",
     "Stats",
     "StreamStateError",

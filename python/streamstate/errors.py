@@ -8,6 +8,7 @@ __all__ = [
     "IntegrityError",
     "NoValidCheckpointError",
     "SpillError",
+    "StoreConfigurationError",
     "StreamStateError",
 ]
 
@@ -39,6 +40,10 @@ class SpillError(StreamStateError, OSError):
     Constructed like OSError, ``SpillError(errno, message, path)``, so ``.errno`` and
     ``.filename`` name what failed.
     """
+
+
+class StoreConfigurationError(StreamStateError, ValueError):
+    """A store URL or store option that cannot name a usable object store."""
 
 
 class CheckpointError(StreamStateError):
