@@ -428,3 +428,106 @@ def test_verify_checkpoint(store: Any) -> None:
     overwrite(store, m1.operators["agg"].partitions[0].path, b"tampered")
     with pytest.raises(ss.CorruptDataError):
         ck.verify_checkpoint(m2.checkpoint_id)  # through the delta's parent
+
+
+# -- regressions: epochs, deltas, offsets, parents, bounds ----------------------------------
+
+
+def test_epochs_must_increase(store: Any) -> None:
+    ck = checkpointer(store)
+    m5 = ck.commit(5, [("agg", 0, False, b"five")])
+    before = all_paths(store)
+    for stale in (3, 5):
+        with pytest.raises(ss.CheckpointError, match=f"epoch {stale} does not advance"):
+            ck.commit(stale, [("agg", 0, False, b"stale")])
+    # A restarted writer (a fresh checkpointer on the same store) is held to it as well.
+    with pytest.raises(ss.CheckpointError, match="does not advance"):
+        checkpointer(store).commit(4, [("agg", 0, False, b"stale")])
+    assert all_paths(store) == before
+    r = ck.recover()
+    assert r is not None and r.epoch == 5 and r.checkpoint_id == m5.checkpoint_id
+    assert ck.commit(6, [("agg", 0, False, b"six")]).epoch == 6
+
+
+def test_after_a_fallback_epochs_resume_from_the_recovered_checkpoint(store: Any) -> None:
+    ck = checkpointer(store)
+    ck.commit(1, [("agg", 0, False, snapshot(0, 1))])
+    m2 = ck.commit(2, [("agg", 0, False, snapshot(0, 2))])
+    overwrite(store, m2.operators["agg"].partitions[0].path, b"damaged")
+    writer = checkpointer(store)
+    r = writer.recover()
+    assert r is not None and r.epoch == 1 and len(r.fallbacks) == 1
+    m3 = writer.commit(2, [("agg", 0, False, snapshot(0, 3))])  # epoch 2 again: 2 > 1
+    assert writer.recover().checkpoint_id == m3.checkpoint_id  # type: ignore[union-attr]
+
+
+def test_a_delta_over_opaque_bytes_is_refused_at_commit(store: Any) -> None:
+    ck = checkpointer(store)
+    m1 = ck.commit(1, [("agg", 0, False, snapshot(0, 1))])
+    before = all_paths(store)
+    not_deltas = [b"opaque", snapshot(0, 2), encode_delta([(b"k", b"v")])[:-1]]
+    for data in not_deltas:
+        with pytest.raises(ss.CorruptDataError, match="agg/partition-0: is_delta data"):
+            ck.commit(2, [("agg", 0, True, data)], parent=m1.checkpoint_id)
+    assert all_paths(store) == before
+    r = ck.recover()
+    assert r is not None and r.checkpoint_id == m1.checkpoint_id and r.fallbacks == ()
+
+
+def test_numpy_offsets_and_a_parent_given_as_a_string(store: Any) -> None:
+    ck = checkpointer(store)
+    offsets = {"src": np.int64(5), "parts": [np.int32(1), np.uint8(2)], "rate": np.float64(0.5)}
+    m1 = ck.commit(1, [("agg", 0, False, snapshot(0, 1))], offsets)
+    assert m1.source_offsets == {"src": 5, "parts": [1, 2], "rate": 0.5}
+    assert type(m1.source_offsets["src"]) is int
+    m2 = ck.commit(2, [("agg", 0, True, encode_delta([(b"k0", b"x")]))],
+                   parent=str(m1.checkpoint_id))  # fmt: skip
+    assert m2.parent_id == m1.checkpoint_id
+    r = ck.recover()
+    assert r is not None and r.source_offsets == {} and r.epoch == 2
+    assert ck.load_manifest(m1.checkpoint_id).source_offsets["src"] == 5
+    with pytest.raises(ValueError, match="not a checkpoint id"):
+        ck.commit(3, [("agg", 0, True, encode_delta([]))], parent="not-an-id")
+    with pytest.raises(TypeError, match="CheckpointId or its str form"):
+        ck.commit(3, [("agg", 0, True, encode_delta([]))], parent=42)  # type: ignore[arg-type]
+
+
+def test_recovery_is_bounded_by_max_size(store: Any) -> None:
+    ck = checkpointer(store)
+    small = ck.commit(1, [("agg", 0, False, b"s" * 100)])
+    big = ck.commit(2, [("agg", 0, False, b"b" * 5000), ("agg", 1, False, b"b" * 5000)])
+    r = ck.recover(max_size=1000)
+    assert r is not None and r.checkpoint_id == small.checkpoint_id
+    [(failed, reason)] = r.fallbacks
+    assert failed == str(big.checkpoint_id) and "10000 bytes, more than max_size 1000" in reason
+    with pytest.raises(ss.NoValidCheckpointError, match="max_size 50"):
+        ck.recover(max_size=50)
+    assert ck.recover(max_size=None).checkpoint_id == big.checkpoint_id  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="max_size"):
+        ck.recover(max_size=-1)
+    # A delta chain whose rebuilt state outgrows the bound fails the same way.
+    grow = ck.commit(3, [("agg", 0, True, encode_delta([(b"x", b"y" * 3000)]))],
+                     parent=small.checkpoint_id, validate_delta=None)  # fmt: skip
+    r3 = ck.recover(max_size=6000, apply_delta=lambda base, delta: base + delta * 2)
+    assert r3 is not None and r3.checkpoint_id != grow.checkpoint_id
+    assert "exceeds max_size 6000" in r3.fallbacks[0][1]
+
+
+def test_prune_skips_a_manifest_it_cannot_read(store: Any) -> None:
+    ck = checkpointer(store)
+    ms = [ck.commit(e, [("agg", 0, False, snapshot(0, e))]) for e in range(1, 4)]
+    junk = CheckpointId.now()
+    overwrite(store, ck.paths.manifest(junk), b'{"version":2,"manifest_sha256":"0","x":1e999}')
+    assert ck.prune(keep_last=1) == [ms[0].checkpoint_id, ms[1].checkpoint_id]
+    assert ck.list_checkpoints() == [ms[2].checkpoint_id, junk]
+    r = ck.recover()
+    assert r is not None and r.checkpoint_id == ms[2].checkpoint_id and len(r.fallbacks) == 1
+
+
+def test_commit_metadata_is_kept_in_the_manifest(store: Any) -> None:
+    ck = checkpointer(store)
+    m = ck.commit(1, [("agg", 0, False, b"x")], metadata={"partitions": np.int64(8)})
+    assert m.metadata == {"partitions": 8}
+    assert ck.load_manifest(m.checkpoint_id).metadata == {"partitions": 8}
+    plain = ck.commit(2, [("agg", 0, False, b"x")])
+    assert "metadata" not in read(store, ck.paths.manifest(plain.checkpoint_id)).decode()

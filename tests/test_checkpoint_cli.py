@@ -11,10 +11,8 @@ from typing import Any
 
 from checkpoint_support import checkpointer, snapshot
 
-from streamstate.checkpoint import (
-    ObjectStoreCheckpointer,
-    encode_delta,
-)
+from streamstate.checkpoint import ObjectStoreCheckpointer, encode_delta
+from streamstate.manifest import CheckpointId
 
 # -- the command line --------------------------------------------------------------------
 
@@ -86,3 +84,37 @@ def test_cli_against_s3(s3_server: Any) -> None:
                   "--allow-http", env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert str(m.checkpoint_id) in out.stdout
+
+
+def test_cli_bad_store_url_is_a_usage_error(tmp_path: Path) -> None:
+    for url in ("foo://bar", "s3://"):
+        out = run_cli("checkpoints", "list", url)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("streamstate: error: ") and url in out.stderr
+        assert "Traceback" not in out.stderr and "Debug source" not in out.stderr
+
+
+def test_cli_validate_reports_an_unparseable_manifest_as_damage(tmp_path: Path) -> None:
+    ck = ObjectStoreCheckpointer(tmp_path)
+    ck.commit(1, [("agg", 0, False, b"x")])
+    junk = CheckpointId.now()
+    target = tmp_path / ck.paths.manifest(junk)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b'{"version":2,"manifest_sha256":"0","x":1e999}')
+    out = run_cli("checkpoints", "validate", str(tmp_path))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"DAMAGED {junk}" in out.stdout and "1 problem(s)" in out.stdout
+    listing = run_cli("checkpoints", "list", str(tmp_path))
+    assert listing.returncode == 0 and "DAMAGED" in listing.stdout
+
+
+def test_cli_list_shows_the_partition_count(tmp_path: Path) -> None:
+    ck = ObjectStoreCheckpointer(tmp_path)
+    # Two operators over the same three partitions: three partitions, six artifacts.
+    ck.commit(1, [(op, p, False, b"x") for op in ("sum", "max") for p in range(3)])
+    # A pipeline packs all of its partitions into one artifact and records how many it has.
+    ck.commit(2, [("aggregates", 0, False, b"x")], metadata={"partitions": 8})
+    rows = run_cli("checkpoints", "list", str(tmp_path)).stdout.splitlines()
+    column = rows[0].index("PARTITIONS")  # the table's columns are aligned
+    assert rows[1][column:].split()[0] == "3"
+    assert rows[2][column:].split()[0] == "8"

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -296,3 +297,63 @@ def test_non_json_manifest_is_corrupt() -> None:
     for junk in (b"", b"\xff\xfe", b"[1,2]", b"NaN", b'{"version": 2}', b"{" * 100_000):
         with pytest.raises(ss.CorruptDataError):
             CheckpointManifest.from_json(junk)
+
+
+# -- every defect is CorruptDataError ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"version":2,"manifest_sha256":"0","x":1e999}',
+        b'{"version":2,"manifest_sha256":"0","x":-1e999}',
+        b'{"version":2,"manifest_sha256":"0","x":[1e400]}',
+        b'{"version":2,"manifest_sha256":"0","x":' + b"9" * 5000 + b"}",
+        b'{"version":2,"manifest_sha256":"0","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+)
+def test_manifest_defects_that_json_accepts_are_corrupt(text: bytes) -> None:
+    with pytest.raises(ss.CorruptDataError):
+        CheckpointManifest.from_json(text)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                  max_size=4),
+    max_leaves=10,
+)  # fmt: skip
+
+
+@given(
+    valid=st.booleans(),
+    key=st.sampled_from([*json.loads(sample_manifest().to_json()), "x"]),
+    value=json_values.map(json.dumps) | st.sampled_from(["1e999", "-1e999", "1" * 5000]),
+)
+def test_from_json_returns_a_manifest_or_raises_corrupt_data_error(
+    valid: bool, key: str, value: str
+) -> None:
+    """Any field replaced by any JSON value (also ones Python's json reads but canonical JSON
+    cannot hold) parses or fails as CorruptDataError, never with another exception."""
+    obj = json.loads(sample_manifest().to_json()) if valid else {}
+    obj[key] = "@@"
+    text = json.dumps(obj).replace('"@@"', value)
+    try:
+        parsed = CheckpointManifest.from_json(text)
+    except ss.CorruptDataError:
+        return
+    assert isinstance(parsed, CheckpointManifest)
+
+
+def test_numpy_scalars_in_offsets_and_metadata_become_json() -> None:
+    cid = CheckpointId.now()
+    m = CheckpointManifest.build(
+        cid, 1, [], source_offsets={"s": {"p": np.int64(3)}, "t": (np.float32(0.25),)},
+        metadata={"partitions": np.uint16(4)},
+    )  # fmt: skip
+    assert m.source_offsets == {"s": {"p": 3}, "t": (0.25,)}
+    assert m.metadata == {"partitions": 4}
+    back = CheckpointManifest.from_json(m.to_json())
+    assert back.metadata == {"partitions": 4} and back.source_offsets["s"] == {"p": 3}
+    assert back.partition_ids == frozenset()

@@ -264,3 +264,23 @@ def test_local_filesystem_errors_are_classified(tmp_path: Path) -> None:
     assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
     assert not is_transient(obs_errors.AlreadyExistsError("exists"))
     assert not is_transient(ValueError("bad"))
+
+
+def test_configuration_errors_are_permanent() -> None:
+    # Plain http:// without allow_http: obstore cannot even build its client.
+    http = S3Store("bucket", endpoint="http://127.0.0.1:9", region="us-east-1",
+                   access_key_id="k", secret_access_key="s")  # fmt: skip
+    with pytest.raises(obs_errors.GenericError) as info:
+        obstore.get(http, "x")
+    assert "builder error" in str(info.value) and not is_transient(info.value)
+    ck = ObjectStoreCheckpointer(http, retry=RetryPolicy(max_attempts=10, max_elapsed=30))
+    start = time.monotonic()
+    with pytest.raises(ss.CheckpointError) as failed:
+        ck.list_checkpoints()
+    assert "attempt" not in str(failed.value) and "Debug source" not in str(failed.value)
+    assert time.monotonic() - start < 1.0
+    loop = obs_errors.GenericError(
+        "Generic LocalFileSystem error: Unable to walk dir: File system loop found: /s/a/loop "
+        "points to an ancestor /s"
+    )
+    assert not is_transient(loop)

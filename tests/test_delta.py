@@ -7,12 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import streamstate as ss
-from streamstate.checkpoint import (
+from streamstate.codec import decode_records, encode_records
+from streamstate.delta import (
     DELTA_KIND,
     apply_record_delta,
     encode_delta,
+    validate_record_delta,
 )
-from streamstate.codec import decode_records, encode_records
 
 # -- the delta format --------------------------------------------------------------------
 
@@ -63,3 +64,31 @@ def test_record_delta_rejects_malformed_input() -> None:
         apply_record_delta(base, encode_records(DELTA_KIND, [(b"a", b"\x07x")]))
     with pytest.raises(ss.CorruptDataError):
         apply_record_delta(base, delta[:-1])
+
+
+def test_validate_record_delta_accepts_exactly_what_apply_can_apply() -> None:
+    good = encode_delta([(b"a", b"1"), (b"b", None)])
+    validate_record_delta(good)
+    validate_record_delta(encode_delta([]))
+    bad = {
+        b"opaque": "record codec",
+        encode_records(0, [(b"a", b"\x011")]): "kind",
+        encode_records(DELTA_KIND, [(b"a", b"\x07x")]): "tag",
+        encode_records(DELTA_KIND, [(b"a", b"")]): "tag",
+        encode_records(DELTA_KIND, [(b"a", b"\x00extra")]): "tag",
+        good[:-1]: "truncated|CRC|checksum",
+    }
+    base = encode_records(0, [(b"a", b"0")])
+    for data, reason in bad.items():
+        with pytest.raises(ss.CorruptDataError, match=reason):
+            validate_record_delta(data)
+        with pytest.raises(ss.CorruptDataError):
+            apply_record_delta(base, data)
+
+
+def test_the_delta_names_live_in_streamstate_delta_and_stay_importable_from_checkpoint() -> None:
+    from streamstate import checkpoint, delta
+
+    for name in ("DELTA_KIND", "DeltaFunction", "apply_record_delta", "encode_delta"):
+        assert getattr(checkpoint, name) is getattr(delta, name)
+    assert ss.encode_delta is delta.encode_delta and DELTA_KIND == 0xDE17
