@@ -46,6 +46,7 @@ from .delta import (
     DeltaValidator,
     apply_record_delta,
     encode_delta,
+    require_delta,
     validate_record_delta,
 )
 from .errors import (
@@ -54,6 +55,7 @@ from .errors import (
     NoValidCheckpointError,
     StreamStateError,
 )
+from .layout import SnapshotItem, place_snapshots, shape_snapshots
 from .manifest import (
     CheckpointId,
     CheckpointManifest,
@@ -98,8 +100,6 @@ __all__ = [
 T = TypeVar("T")
 U = TypeVar("U")
 
-#: ``(operator, partition, is_delta, data)``: one partition artifact to upload.
-SnapshotItem = tuple[str, int, bool, BytesLike]
 # The newest committed checkpoint is not known yet (see ObjectStoreCheckpointer._newest).
 _UNKNOWN = object()
 
@@ -180,7 +180,7 @@ class ObjectStoreCheckpointer:
         # ``fresh``: the id was minted by this very commit, so nothing can exist under it and
         # a plain put is as safe as a conditional create. It is also faster: obstore writes
         # a conditional put in one piece from a private copy, a plain one in parallel chunks.
-        items = self._validate_snapshots(checkpoint_id, snapshots)
+        items = place_snapshots(self.paths, checkpoint_id, snapshots)
         written: list[str] = []
 
         def upload(
@@ -221,7 +221,7 @@ class ObjectStoreCheckpointer:
 
     def load_artifact(self, path: str) -> bytes:
         """Read one artifact's bytes (unverified; see :func:`verify_integrity`)."""
-        return bytes(self._get(path).data)
+        return bytes(self._io.get(path).data)
 
     # -- manifests and the latest pointer ------------------------------------------------
 
@@ -232,7 +232,7 @@ class ObjectStoreCheckpointer:
         :class:`~streamstate.CheckpointError`. Re-saving byte-identical content succeeds,
         which makes a retried request whose first attempt landed harmless.
         """
-        self._check_paths(manifest)
+        manifest.check_paths(self.paths)
         data = manifest.to_json().encode("ascii")
         self._create(self.paths.manifest(manifest.checkpoint_id), data)
 
@@ -244,7 +244,7 @@ class ObjectStoreCheckpointer:
         """
         path = self.paths.manifest(checkpoint_id)
         try:
-            raw = self._get(path).data
+            raw = self._io.get(path).data
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no manifest (checkpoint not committed)") from None
         try:
@@ -254,7 +254,7 @@ class ObjectStoreCheckpointer:
         if manifest.checkpoint_id != checkpoint_id:
             raise CorruptDataError(f"{path}: manifest names checkpoint {manifest.checkpoint_id}")
         try:
-            self._check_paths(manifest)
+            manifest.check_paths(self.paths)
         except ValueError as exc:
             raise CorruptDataError(f"{path}: {exc}") from None
         return manifest
@@ -400,7 +400,7 @@ class ObjectStoreCheckpointer:
             raise TypeError(
                 f"parent must be a CheckpointId or its str form, got {type(parent).__name__}"
             )
-        deltas = [(op, p, data) for op, p, is_delta, data in self._shape(items) if is_delta]
+        deltas = [(op, p, data) for op, p, is_delta, data in shape_snapshots(items) if is_delta]
         if deltas:
             if parent is None:
                 raise ValueError("delta snapshots need a parent checkpoint")
@@ -412,7 +412,7 @@ class ObjectStoreCheckpointer:
                         f"parent {parent} has no {op}/partition-{p} to apply a delta to"
                     )
                 if validate_delta is not None:
-                    self._check_delta(op, p, data, validate_delta)
+                    require_delta(f"{op}/partition-{p}", data, validate_delta)
         newest = self._newest_committed()
         if newest is not None and epoch <= newest[1]:
             raise CheckpointError(
@@ -454,17 +454,6 @@ class ObjectStoreCheckpointer:
                 f"checkpoint {checkpoint_id} is committed but _latest was not moved: {exc}"
             ) from exc
         return manifest
-
-    @staticmethod
-    def _check_delta(op: str, partition: int, data: BytesLike, validate: DeltaValidator) -> None:
-        try:
-            validate(data)
-        except (StreamStateError, ValueError, TypeError) as exc:
-            raise CorruptDataError(
-                f"{op}/partition-{partition}: is_delta data is not a delta recovery can apply "
-                f"({exc}); write it with encode_delta, or pass validate_delta for another "
-                "format"
-            ) from exc
 
     def _newest_committed(self) -> tuple[CheckpointId, int] | None:
         """``(id, epoch)`` of the newest checkpoint whose manifest reads, cached."""
@@ -598,16 +587,13 @@ class ObjectStoreCheckpointer:
 
     def _fetch_verified(self, entry: PartitionSnapshotEntry) -> bytes:
         try:
-            data = self._get(entry.path).data
+            data = self._io.get(entry.path).data
         except FileNotFoundError:
             raise CheckpointError(f"{entry.path}: artifact is missing") from None
         check_artifact(entry, data)
         return bytes(data)
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _get(self, path: str) -> StoredObject:
-        return self._io.get(path)
 
     def _create(self, path: str, data: BytesLike) -> None:
         """Create ``path`` holding ``data``; never overwrite different content."""
@@ -619,46 +605,3 @@ class ObjectStoreCheckpointer:
 
     def _parallel(self, fn: Callable[[T], U], items: Sequence[T]) -> list[U]:
         return parallel_map(fn, items, self.max_concurrent_uploads)
-
-    def _check_paths(self, manifest: CheckpointManifest) -> None:
-        for op, entry in manifest.operators.items():
-            for part in entry.partitions:
-                expected = self.paths.artifact(
-                    manifest.checkpoint_id, op, part.partition_id, part.is_delta
-                )
-                if part.path != expected:
-                    raise ValueError(f"artifact path {part.path!r} should be {expected!r}")
-
-    @staticmethod
-    def _shape(items: Sequence[SnapshotItem]) -> list[tuple[str, int, bool, BytesLike]]:
-        shaped = []
-        for item in items:
-            if not isinstance(item, tuple) or len(item) != 4:
-                raise ValueError("each snapshot must be (operator, partition, is_delta, data)")
-            operator, partition, is_delta, data = item
-            if not isinstance(is_delta, bool):
-                raise TypeError(f"is_delta must be a bool, got {type(is_delta).__name__}")
-            shaped.append((operator, partition, is_delta, data))
-        return shaped
-
-    def _validate_snapshots(
-        self, checkpoint_id: CheckpointId, snapshots: Iterable[SnapshotItem]
-    ) -> list[tuple[str, int, bool, memoryview, str]]:
-        if not isinstance(checkpoint_id, CheckpointId):
-            raise TypeError(f"expected a CheckpointId, got {type(checkpoint_id).__name__}")
-        items = []
-        seen: set[tuple[str, int]] = set()
-        for operator, partition, is_delta, data in self._shape(list(snapshots)):
-            path = self.paths.artifact(checkpoint_id, operator, partition, is_delta)
-            if (operator, partition) in seen:
-                raise ValueError(f"{operator}/partition-{partition} appears twice")
-            seen.add((operator, partition))
-            try:
-                view = memoryview(data).cast("B")
-            except TypeError:
-                raise TypeError(
-                    f"{operator}/partition-{partition}: data must be bytes-like, "
-                    f"got {type(data).__name__}"
-                ) from None
-            items.append((operator, partition, is_delta, view, path))
-        return items

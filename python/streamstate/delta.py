@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 from ._typing import BytesLike
 from .codec import RecordKind, decode_records, encode_records
-from .errors import CorruptDataError
+from .errors import CorruptDataError, StreamStateError
 
 __all__ = [
     "DELTA_KIND",
@@ -22,6 +22,7 @@ __all__ = [
     "DeltaValidator",
     "apply_record_delta",
     "encode_delta",
+    "require_delta",
     "validate_record_delta",
 ]
 
@@ -61,6 +62,18 @@ def validate_record_delta(delta: BytesLike) -> None:
     """Raise :class:`~streamstate.CorruptDataError` unless ``delta`` is a well-formed
     :func:`encode_delta` delta (the default ``apply_delta`` can apply it)."""
     _changes(delta, "validate_record_delta")
+
+
+def require_delta(where: str, data: BytesLike, validate: DeltaValidator) -> None:
+    """Run ``validate(data)`` for the delta artifact ``where`` (e.g. ``"agg/partition-0"``);
+    any failure becomes a :class:`~streamstate.CorruptDataError` saying how to fix it."""
+    try:
+        validate(data)
+    except (StreamStateError, ValueError, TypeError) as exc:
+        raise CorruptDataError(
+            f"{where}: is_delta data is not a delta recovery can apply ({exc}); write it "
+            "with encode_delta, or pass validate_delta for another format"
+        ) from exc
 
 
 def apply_record_delta(base: bytes, delta: bytes) -> bytes:

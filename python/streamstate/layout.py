@@ -11,11 +11,24 @@ A checkpoint is a directory of immutable objects under a base prefix::
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ._typing import BytesLike
 from .ids import CheckpointId
 
-__all__ = ["MAX_PARTITION", "CheckpointPaths", "validate_name", "validate_partition"]
+__all__ = [
+    "MAX_PARTITION",
+    "CheckpointPaths",
+    "SnapshotItem",
+    "place_snapshots",
+    "shape_snapshots",
+    "validate_name",
+    "validate_partition",
+]
+
+#: ``(operator, partition, is_delta, data)``: one partition artifact to upload.
+SnapshotItem = tuple[str, int, bool, BytesLike]
 
 _MAX_NAME_BYTES = 255
 #: The largest partition id (partition ids are u32).
@@ -137,3 +150,40 @@ def _as_id(value: object) -> CheckpointId:
     if not isinstance(value, CheckpointId):
         raise TypeError(f"expected a CheckpointId, got {type(value).__name__}")
     return value
+
+
+def shape_snapshots(items: Sequence[SnapshotItem]) -> list[SnapshotItem]:
+    """Check that each item is an ``(operator, partition, is_delta: bool, data)`` tuple."""
+    shaped = []
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 4:
+            raise ValueError("each snapshot must be (operator, partition, is_delta, data)")
+        operator, partition, is_delta, data = item
+        if not isinstance(is_delta, bool):
+            raise TypeError(f"is_delta must be a bool, got {type(is_delta).__name__}")
+        shaped.append((operator, partition, is_delta, data))
+    return shaped
+
+
+def place_snapshots(
+    paths: CheckpointPaths, checkpoint_id: CheckpointId, snapshots: Iterable[SnapshotItem]
+) -> list[tuple[str, int, bool, memoryview, str]]:
+    """``(operator, partition, is_delta, bytes view, path)`` for each snapshot item of one
+    checkpoint, after checking names, types, and that no partition appears twice."""
+    _as_id(checkpoint_id)
+    items = []
+    seen: set[tuple[str, int]] = set()
+    for operator, partition, is_delta, data in shape_snapshots(list(snapshots)):
+        path = paths.artifact(checkpoint_id, operator, partition, is_delta)
+        if (operator, partition) in seen:
+            raise ValueError(f"{operator}/partition-{partition} appears twice")
+        seen.add((operator, partition))
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:
+            raise TypeError(
+                f"{operator}/partition-{partition}: data must be bytes-like, "
+                f"got {type(data).__name__}"
+            ) from None
+        items.append((operator, partition, is_delta, view, path))
+    return items

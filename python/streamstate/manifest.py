@@ -178,6 +178,14 @@ class CheckpointManifest:
         """The distinct partition ids across all operators."""
         return frozenset(p.partition_id for op in self.operators.values() for p in op.partitions)
 
+    def check_paths(self, paths: CheckpointPaths) -> None:
+        """Raise ``ValueError`` unless every artifact sits where ``paths`` puts it."""
+        for op, entry in self.operators.items():
+            for part in entry.partitions:
+                expected = paths.artifact(self.checkpoint_id, op, part.partition_id, part.is_delta)
+                if part.path != expected:
+                    raise ValueError(f"artifact path {part.path!r} should be {expected!r}")
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object form, without the integrity field."""
         for source in self.source_offsets:
