@@ -25,6 +25,7 @@ def lz4_decompress(data: BytesLike, max_size: int = 1073741824) -> bytes: ...
 class RecordKind(enum.IntEnum):
     """Which component wrote a snapshot container (its kind tag)."""
 
+    __pybind11_native_enum__: Any  # pybind11's link to the C++ enum (a capsule)
     USER = 0
     AGGREGATE_STORE = 1
     NUMERIC_AGGREGATE_STORE = 2
