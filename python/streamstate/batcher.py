@@ -90,8 +90,8 @@ class BatchMetrics:
     bytes_before_compression: int = 0
     #: Bytes of the objects written (header included).
     bytes_after_compression: int = 0
-    #: PUT requests issued, including failed ones and conditional creates that found the
-    #: name taken.
+    #: PUT requests issued, including failed and retried ones and conditional creates that
+    #: found the name taken.
     put_count: int = 0
 
     @property
