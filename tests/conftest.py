@@ -17,6 +17,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+# --import-mode=importlib puts no test directory on sys.path; the checkpoint tests share
+# helpers in checkpoint_support.py, so make this directory importable.
+sys.path.insert(0, str(Path(__file__).parent))
+
 # CI machines are small and shared: no deadlines, a moderate number of examples.
 settings.register_profile(
     "ci", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
@@ -127,3 +131,18 @@ def s3_server() -> Iterator[S3Server]:
 def s3_store(s3_server: S3Server) -> Any:
     """An obstore ``S3Store`` on a fresh bucket of the session's moto server."""
     return s3_server.store(s3_server.create_bucket())
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """An obstore store of each backend in turn: a store-facing test runs once per backend
+    (a LocalStore under tmp_path, a MemoryStore, an S3Store on the moto server)."""
+    from obstore.store import MemoryStore
+
+    from streamstate.storage import resolve_store
+
+    if request.param == "local":
+        return resolve_store(tmp_path / "store")
+    if request.param == "memory":
+        return MemoryStore()
+    return request.getfixturevalue("s3_store")

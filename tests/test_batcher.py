@@ -8,6 +8,7 @@ checksum; none of that touches streamstate's encoder.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import mmap
 import os
 import random
@@ -34,6 +35,8 @@ from streamstate import (
     decode_batch,
     encode_batch,
 )
+from streamstate.retry import RetryPolicy
+from streamstate.storage import CheckpointStorage
 
 # -- an independent implementation of the format (the reference's encode, in Python) ------
 
@@ -725,3 +728,115 @@ def test_close_waits_for_pending_flushes() -> None:
 def test_public_names() -> None:
     for name in ["CheckpointBatcher", "BatchMetrics", "encode_batch", "decode_batch"]:
         assert getattr(streamstate, name) is getattr(streamstate.batcher, name)
+
+
+# -- bounds on what decoding may produce ---------------------------------------------------
+
+
+def zero_bomb(zeros: int, key: str = "z") -> bytes:
+    """A valid v2 batch of one entry holding ``zeros`` zero bytes, ~zeros/255 bytes long,
+    written from the LZ4 spec: the entry header and one zero as literals, then a single
+    offset-1 match repeating the zero, then the five literals LZ4 requires at the end."""
+    k = key.encode()
+    head = struct.pack("<I", len(k)) + k + struct.pack("<I", zeros)
+    literals = head + b"\x00"
+    match = zeros - 6  # 1 literal zero + the match + 5 final literal zeros
+    rest = match - 4 - 15
+    block = (
+        bytes([(len(literals) << 4) | 15]) + literals + struct.pack("<H", 1)
+        + b"\xff" * (rest // 255) + bytes([rest % 255])
+        + bytes([5 << 4]) + b"\x00" * 5
+    )  # fmt: skip
+    assert len(literals) < 15
+    size = len(head) + zeros
+    compressed = struct.pack("<I", size) + block
+    header = b"LCB1" + struct.pack("<IIII", 2, 1, size, google_crc32c.value(compressed))
+    return header + compressed
+
+
+def test_the_zero_bomb_is_a_real_batch() -> None:
+    raw = zero_bomb(100_000)
+    assert len(raw) < 1_000
+    assert decode_batch(raw) == [("z", bytes(100_000))]
+    assert ref_decode(raw) == (2, [("z", bytes(100_000))])
+
+
+def test_decode_batch_refuses_bodies_over_max_size_before_allocating() -> None:
+    raw = zero_bomb(1 << 20)
+    body = 4 + 1 + 4 + (1 << 20)
+    assert decode_batch(raw, max_size=body) == [("z", bytes(1 << 20))]
+    with pytest.raises(CorruptDataError, match=f"exceeds max_size {body - 1}"):
+        decode_batch(raw, max_size=body - 1)
+    assert len(decode_batch(raw, max_size=None)[0][1]) == 1 << 20
+    with pytest.raises(ValueError, match="max_size"):
+        decode_batch(raw, max_size=-1)
+    with pytest.raises(TypeError, match="int or None"):
+        decode_batch(raw, max_size="big")  # type: ignore[arg-type]
+
+
+def test_a_4_mib_batch_cannot_expand_to_a_gib_by_default() -> None:
+    raw = zero_bomb(1 << 30)  # a real batch: 1 GiB of zeros in ~4 MiB
+    assert len(raw) < 5 << 20
+    start = time.perf_counter()
+    with pytest.raises(CorruptDataError, match="exceeds max_size 1073741824"):
+        decode_batch(raw)
+    assert time.perf_counter() - start < 5.0  # refused up front, nothing decompressed
+
+
+def test_read_epoch_bounds_the_total_across_batches() -> None:
+    store = MemoryStore()
+    with CheckpointBatcher(store) as batcher:
+        for i in range(3):
+            batcher.add(f"k{i}", bytes(1000))
+            batcher.flush(1)
+        per_batch = 2 + 1000 + 8
+        assert len(batcher.read_epoch(1, max_size=3 * per_batch)) == 3
+        with pytest.raises(CorruptDataError, match="batch-000001-2.lz4.*exceeds max_size"):
+            batcher.read_epoch(1, max_size=3 * per_batch - 1)
+        assert len(batcher.read_epoch(1, max_size=None)) == 3
+        with pytest.raises(ValueError, match="max_size"):
+            batcher.read_epoch(1, max_size=-5)
+
+
+# -- one persistence path: the checkpointer's storage adapter and retry policy -------------
+
+
+class FlakyStorage(CheckpointStorage):
+    """Fails the first ``failures`` PUTs with a transient error (after they landed, for the
+    odd ones: the response was "lost")."""
+
+    def __init__(self, store: object, failures: int) -> None:
+        super().__init__(store)  # type: ignore[arg-type]
+        self.failures = failures
+        self.puts = 0
+
+    def put(self, path: str, data: object, *, mode: object = "overwrite") -> object:
+        self.puts += 1
+        if self.puts <= self.failures and self.puts % 2 == 0:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        result = super().put(path, data, mode=mode)  # type: ignore[arg-type]
+        if self.puts <= self.failures:
+            raise TimeoutError("operation timed out")
+        return result
+
+
+def test_batcher_writes_through_the_storage_adapter_with_retries() -> None:
+    storage = FlakyStorage(MemoryStore(), failures=2)
+    fast = RetryPolicy(initial_backoff=0.001, max_backoff=0.002)
+    with CheckpointBatcher(storage, retry=fast) as batcher:
+        assert batcher.store is storage.store
+        batcher.add("k", b"v")
+        # PUT 1 lands but times out, 2 is reset, 3 finds PUT 1's bytes: success, same name.
+        assert batcher.flush(1) == "checkpoints/batch-000001.lz4"
+        assert batcher.metrics.put_count == 3
+        batcher.add("k2", b"v2")
+        assert batcher.flush(1) == "checkpoints/batch-000001-1.lz4"
+        assert batcher.read_epoch(1) == [("k", b"v"), ("k2", b"v2")]
+    # Without retries the first transient fault fails the flush and keeps the entries.
+    with CheckpointBatcher(FlakyStorage(MemoryStore(), failures=1),
+                           retry=RetryPolicy(max_attempts=1)) as batcher:  # fmt: skip
+        batcher.add("k", b"v")
+        with pytest.raises(CheckpointError, match="PUT checkpoints/batch-000001.lz4 failed"):
+            batcher.flush(1)
+        assert len(batcher) == 1
+        assert batcher.flush(1) == "checkpoints/batch-000001.lz4"

@@ -104,3 +104,20 @@ def test_bad_arguments() -> None:
         encode_records(0, [(b"only-one",)])  # type: ignore[list-item]
     with pytest.raises(TypeError):
         encode_records(0, [("str", b"v")])  # type: ignore[list-item]
+
+
+def test_record_kind_is_the_one_defined_in_the_core() -> None:
+    import enum
+
+    from streamstate import _core
+
+    assert RecordKind is _core.RecordKind and issubclass(RecordKind, enum.IntEnum)
+    assert {k.name: int(k) for k in RecordKind} == {
+        "USER": 0, "AGGREGATE_STORE": 1, "NUMERIC_AGGREGATE_STORE": 2, "STATE_BACKEND": 3,
+        "SPILL_RUN": 4, "DELTA": 0xDE17,
+    }  # fmt: skip
+    # What the C++ components write carries these tags.
+    assert decode_records(streamstate.NumericAggregateStore(1).snapshot())[0] == (
+        RecordKind.NUMERIC_AGGREGATE_STORE
+    )
+    assert decode_records(streamstate.encode_delta([]))[0] == RecordKind.DELTA

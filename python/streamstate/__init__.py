@@ -14,6 +14,7 @@ from .errors import (
     NoValidCheckpointError,
     SourceError,
     SpillError,
+    StoreConfigurationError,
     StreamStateError,
 )
 
@@ -92,6 +93,7 @@ __all__ = [
     "SpillError",
     "SpillingAggregator",
     "StateBackend",
+    "StoreConfigurationError",
     "StatePartitionKey",
     "Stats",
     "StreamStateError",

@@ -1,5 +1,6 @@
 """Type stubs for streamstate's compiled core. Use the public names in ``streamstate``."""
 
+import enum
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,17 @@ def lz4_compress(data: BytesLike) -> bytes: ...
 def lz4_decompress(data: BytesLike, max_size: int = 1073741824) -> bytes: ...
 
 # -- record codec --
+class RecordKind(enum.IntEnum):
+    """Which component wrote a snapshot container (its kind tag)."""
+
+    __pybind11_native_enum__: Any  # pybind11's link to the C++ enum (a capsule)
+    USER = 0
+    AGGREGATE_STORE = 1
+    NUMERIC_AGGREGATE_STORE = 2
+    STATE_BACKEND = 3
+    SPILL_RUN = 4
+    DELTA = 0xDE17
+
 def encode_records(kind: int, records: Iterable[tuple[BytesLike, BytesLike]]) -> bytes: ...
 def decode_records(data: BytesLike) -> tuple[int, list[tuple[bytes, bytes]]]: ...
 
@@ -165,4 +177,4 @@ class SpillingAggregatorCore:
 
 # -- checkpoint batcher (issue 6) --
 def encode_batch(entries: Iterable[tuple[str, BytesLike]]) -> bytes: ...
-def decode_batch(raw: BytesLike) -> list[tuple[str, bytes]]: ...
+def decode_batch(raw: BytesLike, max_size: int | None = 1073741824) -> list[tuple[str, bytes]]: ...

@@ -21,21 +21,21 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import obstore
-from obstore.exceptions import AlreadyExistsError
 from obstore.store import ObjectStore
 
 from . import _core
 from ._typing import BytesLike
 from .errors import CheckpointError, CorruptDataError
-from .storage import StoreLike, describe_store, resolve_store
+from .retry import RetryPolicy
+from .storage import CheckpointStorage, RetryingStorage, StoreLike, describe_store
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "DEFAULT_MAX_DECODED_SIZE",
     "BatchMetrics",
     "CheckpointBatcher",
     "decode_batch",
@@ -44,6 +44,9 @@ __all__ = [
 
 #: The largest body one batch can hold: LZ4's block limit (the format's own is 4 GiB).
 MAX_BATCH_BODY = 0x7E000000
+#: The default bound on what decoding may produce (1 GiB, as for ``lz4_decompress``): a small
+#: input claiming more is refused before anything is allocated for it.
+DEFAULT_MAX_DECODED_SIZE = 1 << 30
 
 # Conditional creates that lose a race are retried under the next free name this many times.
 _MAX_NAME_ATTEMPTS = 64
@@ -59,16 +62,20 @@ def encode_batch(entries: Iterable[tuple[str, BytesLike]]) -> bytes:
     return _core.encode_batch(entries)
 
 
-def decode_batch(raw: BytesLike) -> list[tuple[str, bytes]]:
+def decode_batch(
+    raw: BytesLike, max_size: int | None = DEFAULT_MAX_DECODED_SIZE
+) -> list[tuple[str, bytes]]:
     """Decode an ``LCB1`` batch (version 1 or 2) into ``[(key, data), ...]``.
 
     Stricter than the reference reader: a bad magic, an unknown version, a CRC32C mismatch, a
     size or count the input cannot hold, a malformed LZ4 block, an entry count that does not
     match the body, trailing bytes or a key that is not UTF-8 all raise
     :class:`~streamstate.CorruptDataError`, and no input allocates more than LZ4's maximum
-    expansion of its own size.
+    expansion of its own size. A body (keys, data and 8 bytes per entry) over ``max_size``
+    bytes is refused the same way before decompressing; ``None`` leaves only the format's
+    limit.
     """
-    return _core.decode_batch(raw)
+    return _core.decode_batch(raw, max_size)
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,8 @@ class BatchMetrics:
     bytes_before_compression: int = 0
     #: Bytes of the objects written (header included).
     bytes_after_compression: int = 0
-    #: PUT requests issued, including failed ones and conditional creates that found the
-    #: name taken.
+    #: PUT requests issued, including failed and retried ones and conditional creates that
+    #: found the name taken.
     put_count: int = 0
 
     @property
@@ -110,8 +117,11 @@ class _Flush:
 class CheckpointBatcher:
     """Collects state blobs and writes each checkpoint cycle as one compressed object.
 
-    ``store`` is an obstore store or a URL (``file:///...``, ``memory://``, ``s3://...``; see
-    :func:`streamstate.storage.resolve_store`). Batches go to
+    ``store`` is an obstore store, a URL (``file:///...``, ``memory://``, ``s3://...``; see
+    :func:`streamstate.storage.resolve_store`) or a
+    :class:`~streamstate.storage.CheckpointStorage`: the batcher writes through the same
+    storage adapter as the checkpointer, and transient failures are retried by ``retry``
+    (a :class:`~streamstate.RetryPolicy`). Batches go to
     ``{prefix}checkpoints/batch-{epoch:06}.lz4``; a later flush in the same epoch writes
     ``batch-{epoch:06}-1.lz4``, ``-2`` and so on. Names are claimed with conditional creates,
     so no flush ever overwrites another, not even one from a different batcher.
@@ -125,7 +135,13 @@ class CheckpointBatcher:
     Use it as a context manager, or call :meth:`close`, to wait for pending flushes.
     """
 
-    def __init__(self, store: StoreLike, prefix: str = "", flush_threshold: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        store: StoreLike | CheckpointStorage,
+        prefix: str = "",
+        flush_threshold: int = 8 << 20,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         if prefix.startswith("/"):
@@ -134,7 +150,8 @@ class CheckpointBatcher:
             raise TypeError("flush_threshold must be an int")
         if flush_threshold <= 0:
             raise ValueError(f"flush_threshold must be positive, got {flush_threshold}")
-        self._store: ObjectStore = resolve_store(store)
+        storage = store if isinstance(store, CheckpointStorage) else CheckpointStorage(store)
+        self._io = RetryingStorage(storage, retry if retry is not None else RetryPolicy())
         self._prefix = prefix
         self._flush_threshold = flush_threshold
         self._lock = threading.Lock()
@@ -206,7 +223,7 @@ class CheckpointBatcher:
     @property
     def store(self) -> ObjectStore:
         """The obstore store batches are written to."""
-        return self._store
+        return self._io.storage.store
 
     @property
     def prefix(self) -> str:
@@ -327,16 +344,15 @@ class CheckpointBatcher:
         suffix = self._next_suffix.get(epoch, 0)
         for _ in range(_MAX_NAME_ATTEMPTS):
             path = self.batch_path(epoch, suffix)
-            self._count_put()
             try:
-                obstore.put(self._store, path, payload, mode="create")
-            except AlreadyExistsError:
+                created = self._io.create(path, payload, on_attempt=self._count_put)
+            except CheckpointError as exc:
+                raise CheckpointError(f"PUT {path} failed: {exc}") from exc
+            if not created:
                 # Someone (an earlier run, another batcher) has it: jump past every taken name.
                 taken = [n for n, _ in self._list_epoch(epoch)]
                 suffix = max(suffix + 1, max(taken, default=-1) + 1)
                 continue
-            except Exception as exc:
-                raise CheckpointError(f"PUT {path} failed: {exc}") from exc
             self._next_suffix = {epoch: suffix + 1}  # only the current epoch is worth keeping
             return path
         raise CheckpointError(
@@ -355,12 +371,11 @@ class CheckpointBatcher:
         stem = self.batch_path(epoch)[: -len(".lz4")]
         pattern = re.compile(re.escape(stem) + r"(?:-([1-9][0-9]*))?\.lz4")
         directory = stem.rpartition("/")[0]
-        listing: Any = obstore.list_with_delimiter(self._store, prefix=directory)
         found = []
-        for meta in listing["objects"]:
-            match = pattern.fullmatch(str(meta["path"]))
+        for path in self._io.list_directory(directory):
+            match = pattern.fullmatch(path)
             if match is not None:
-                found.append((int(match.group(1) or 0), str(meta["path"])))
+                found.append((int(match.group(1) or 0), path))
         return sorted(found)
 
     def batch_paths(self, epoch: int) -> list[str]:
@@ -368,20 +383,33 @@ class CheckpointBatcher:
         write order."""
         return [path for _, path in self._list_epoch(epoch)]
 
-    def read_epoch(self, epoch: int) -> list[tuple[str, bytes]]:
+    def read_epoch(
+        self, epoch: int, max_size: int | None = DEFAULT_MAX_DECODED_SIZE
+    ) -> list[tuple[str, bytes]]:
         """All entries written for ``epoch``, batch after batch, in the order they were added.
 
         Waits for this batcher's pending flushes first. Raises
-        :class:`~streamstate.CorruptDataError` (naming the object) if a batch is damaged.
+        :class:`~streamstate.CorruptDataError` (naming the object) if a batch is damaged, or
+        if the batches together would decode to more than ``max_size`` bytes (counted as
+        :func:`decode_batch` counts; ``None`` for no bound), before decoding the one that
+        would cross it.
         """
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0
+        ):
+            raise ValueError(f"max_size must be an int >= 0 or None, got {max_size!r}")
         self.wait()
         entries: list[tuple[str, bytes]] = []
+        decoded = 0
         for path in self.batch_paths(epoch):
-            raw = memoryview(obstore.get(self._store, path).bytes())  # no copy
+            raw = self._io.get(path).data  # a view of obstore's buffer, no copy
+            budget = None if max_size is None else max_size - decoded
             try:
-                entries.extend(_core.decode_batch(raw))
+                batch = _core.decode_batch(raw, budget)
             except CorruptDataError as exc:
                 raise CorruptDataError(f"{path}: {exc}") from exc
+            decoded += sum(len(key.encode("utf-8")) + len(data) + 8 for key, data in batch)
+            entries.extend(batch)
         return entries
 
     # -- lifetime -------------------------------------------------------------------------
@@ -423,7 +451,7 @@ class CheckpointBatcher:
                     f"{len(self._pending)} flushes pending"
                 )
         return (
-            f"CheckpointBatcher({describe_store(self._store)}, prefix={self._prefix!r}, "
+            f"CheckpointBatcher({describe_store(self.store)}, prefix={self._prefix!r}, "
             f"flush_threshold={self._flush_threshold}: {state})"
         )
 

@@ -121,7 +121,7 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
             continue
         parent = "-" if m.parent_id is None else str(m.parent_id)[:13] + "..."
         deltas = sum(p.is_delta for op in m.operators.values() for p in op.partitions)
-        parts = f"{m.partition_count}" + (f" ({deltas} delta)" if deltas else "")
+        parts = f"{_partitions(m)}" + (f" ({deltas} delta)" if deltas else "")
         size = _size(m.total_size_bytes)
         rows.append((str(cid), str(m.epoch), _when(m.timestamp_ms), size, parts, parent, mark))
     _print_table(rows)
@@ -174,6 +174,15 @@ def _checkpoints_validate(args: argparse.Namespace) -> int:
     verdict = "damage found" if damaged else "all verified"
     print(f"{len(ids)} checkpoint(s), {damaged} problem(s): {verdict}")
     return EXIT_DAMAGED if damaged else EXIT_OK
+
+
+def _partitions(manifest: CheckpointManifest) -> int:
+    """The job's partition count: what its writer recorded (a pipeline packs all of its
+    partitions into one artifact), else the distinct partition ids it holds."""
+    recorded = manifest.metadata.get("partitions")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+        return recorded
+    return len(manifest.partition_ids)
 
 
 def _local_path(url: str) -> Path | None:

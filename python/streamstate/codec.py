@@ -4,18 +4,21 @@ Layout (all integers little-endian)::
 
     "SSRC" | u16 version | u16 kind | u32 count | count x (u32 len, key, u32 len, value) | u32 CRC
 
-The trailing CRC32C (LevelDB-masked) covers every byte before it. Decoding validates the
+The trailing CRC32C (LevelDB-masked) covers every byte before it. :class:`RecordKind` names
+the kinds in use (it is the C++ enum itself, read from ``_core``); the delta format written
+in this container lives beside it, in :mod:`streamstate.delta`. Decoding validates the
 whole container before returning anything and raises :class:`~streamstate.CorruptDataError`
 with the reason (bad magic, unsupported version, checksum mismatch, truncated at ...).
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 
 from . import _core
-from ._core import crc32c, lz4_compress, lz4_decompress, sha256_hex
+
+# RecordKind is defined once, in C++ (src/core/record_codec.h), and exported as an IntEnum.
+from ._core import RecordKind, crc32c, lz4_compress, lz4_decompress, sha256_hex
 from ._typing import BytesLike
 
 __all__ = [
@@ -27,16 +30,6 @@ __all__ = [
     "lz4_decompress",
     "sha256_hex",
 ]
-
-
-class RecordKind(enum.IntEnum):
-    """Which component wrote a snapshot container (its ``kind`` tag)."""
-
-    USER = 0
-    AGGREGATE_STORE = 1
-    NUMERIC_AGGREGATE_STORE = 2
-    STATE_BACKEND = 3
-    SPILL_RUN = 4
 
 
 def encode_records(kind: int, records: Iterable[tuple[BytesLike, BytesLike]]) -> bytes:

@@ -10,6 +10,7 @@ __all__ = [
     "NoValidCheckpointError",
     "SourceError",
     "SpillError",
+    "StoreConfigurationError",
     "StreamStateError",
 ]
 
@@ -41,6 +42,10 @@ class SpillError(StreamStateError, OSError):
     Constructed like OSError, ``SpillError(errno, message, path)``, so ``.errno`` and
     ``.filename`` name what failed.
     """
+
+
+class StoreConfigurationError(StreamStateError, ValueError):
+    """A store URL or store option that cannot name a usable object store."""
 
 
 class CheckpointError(StreamStateError):

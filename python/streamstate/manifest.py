@@ -1,34 +1,26 @@
-"""What a checkpoint is made of: its id, where its objects live, and its manifest.
+"""The commit record of a checkpoint: its manifest, and the validators that read one.
 
-A checkpoint is a directory of immutable objects under a base prefix::
-
-    checkpoints/_latest                                     newest committed id (a hint)
-    checkpoints/{id}/manifest.json                          the commit record
-    checkpoints/{id}/operators/{op}/partition-{p}.snap      a full partition snapshot
-    checkpoints/{id}/operators/{op}/partition-{p}.delta     changes since the parent's state
-    checkpoints/{id}/offsets/{source}.json                  reserved for exported offsets
-
-Ids are UUID v7 (time-ordered), so sorting ids sorts checkpoints by creation time. The
-manifest is canonical JSON carrying its own SHA-256 (``manifest_sha256``) over every other
-field, so any change to what it says is detected, and each artifact's SHA-256 and size.
+The manifest is canonical JSON carrying its own SHA-256 (``manifest_sha256``) over every
+other field, so any change to what it says is detected, and each artifact's SHA-256 and
+size. Ids live in :mod:`streamstate.ids`, the path layout in :mod:`streamstate.layout`
+(both re-exported here, where they used to live).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import threading
+import math
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import total_ordering
 from typing import Any
-from uuid import UUID
+
+import numpy as np
 
 from ._core import sha256_hex
 from .errors import CorruptDataError
+from .ids import CheckpointId
+from .layout import MAX_PARTITION, CheckpointPaths, validate_name
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -42,242 +34,6 @@ __all__ = [
 
 #: The manifest format this module writes and reads.
 MANIFEST_VERSION = 2
-
-_MAX_NAME_BYTES = 255
-_MAX_PARTITION = 0xFFFF_FFFF
-
-# -- ids ---------------------------------------------------------------------------------
-
-# UUID v7 layout (RFC 9562): 48-bit Unix ms | 4-bit version | 12 bits | 2-bit variant | 62 bits.
-# The 74 bits after the timestamp hold a per-process monotonic sequence seeded at random on
-# every new millisecond, so ids minted in one millisecond still order by creation.
-_SEQ_BITS = 74
-_SEQ_MAX = (1 << _SEQ_BITS) - 1
-_id_lock = threading.Lock()
-_id_last = 0  # the last id minted by this process, as a 128-bit int
-
-
-def _split(value: int) -> tuple[int, int]:
-    ms = value >> 80
-    seq = (((value >> 64) & 0xFFF) << 62) | (value & ((1 << 62) - 1))
-    return ms, seq
-
-
-def _compose(ms: int, seq: int) -> int:
-    return (ms << 80) | (0x7 << 76) | ((seq >> 62) << 64) | (0b10 << 62) | (seq & ((1 << 62) - 1))
-
-
-def _fresh_seq() -> int:
-    # Top bit clear: leaves 2**73 increments before the millisecond has to be borrowed.
-    return secrets.randbits(_SEQ_BITS - 1)
-
-
-@total_ordering
-class CheckpointId:
-    """A checkpoint's identity: a UUID v7, ordered by creation time.
-
-    ``str(id)`` is the hyphenated lowercase form used in object paths; comparison and
-    hashing follow the 128-bit value (millisecond timestamp first).
-    """
-
-    __slots__ = ("_uuid",)
-
-    def __init__(self, value: UUID) -> None:
-        if not isinstance(value, UUID):
-            raise TypeError(f"CheckpointId needs a uuid.UUID, got {type(value).__name__}")
-        if value.version != 7 or value.variant != uuid.RFC_4122:
-            raise ValueError(f"checkpoint ids are RFC 9562 UUID v7, got {value}")
-        self._uuid = value
-
-    @classmethod
-    def now(cls, after: CheckpointId | None = None) -> CheckpointId:
-        """Mint a new id, greater than every id this process minted before and than
-        ``after`` (so a clock that stepped backwards cannot produce an older id)."""
-        global _id_last
-        now_ms = time.time_ns() // 1_000_000
-        with _id_lock:
-            floor = max(_id_last, after._uuid.int if after is not None else 0)
-            floor_ms, floor_seq = _split(floor)
-            if now_ms > floor_ms:
-                ms, seq = now_ms, _fresh_seq()
-            elif floor_seq < _SEQ_MAX:
-                ms, seq = floor_ms, floor_seq + 1
-            else:
-                ms, seq = floor_ms + 1, _fresh_seq()
-            _id_last = _compose(ms, seq)
-            return cls(uuid.UUID(int=_id_last))
-
-    @classmethod
-    def from_uuid(cls, value: UUID) -> CheckpointId:
-        """Wrap an existing UUID v7."""
-        return cls(value)
-
-    @classmethod
-    def parse(cls, text: str) -> CheckpointId:
-        """Parse the hyphenated form; anything else raises ``ValueError``."""
-        if not isinstance(text, str) or len(text) != 36:
-            raise ValueError(f"not a checkpoint id: {text!r}")
-        try:
-            value = uuid.UUID(text)
-        except ValueError:
-            raise ValueError(f"not a checkpoint id: {text!r}") from None
-        if str(value) != text:  # only the canonical lowercase spelling names an object
-            raise ValueError(f"not a canonical checkpoint id: {text!r}")
-        return cls(value)
-
-    @property
-    def uuid(self) -> UUID:
-        """The underlying UUID."""
-        return self._uuid
-
-    @property
-    def timestamp_ms(self) -> int:
-        """Creation time in Unix milliseconds."""
-        return self._uuid.int >> 80
-
-    def __str__(self) -> str:
-        return str(self._uuid)
-
-    def __repr__(self) -> str:
-        return f"CheckpointId('{self._uuid}')"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CheckpointId):
-            return NotImplemented
-        return self._uuid == other._uuid
-
-    def __lt__(self, other: CheckpointId) -> bool:
-        if not isinstance(other, CheckpointId):
-            return NotImplemented
-        return self._uuid.int < other._uuid.int
-
-    def __hash__(self) -> int:
-        return hash(self._uuid)
-
-    def __reduce__(self) -> tuple[type[CheckpointId], tuple[UUID]]:
-        return (type(self), (self._uuid,))
-
-
-# -- paths -------------------------------------------------------------------------------
-
-
-def validate_name(kind: str, name: object) -> str:
-    """Check that an operator or source name is one safe path segment.
-
-    Raises ``ValueError`` for anything that could leave its directory or confuse a store:
-    non-strings, empty names, ``.`` and ``..``, ``/`` or ``\\``, control characters, and
-    names over 255 UTF-8 bytes.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"{kind} name must be a str, got {type(name).__name__}")
-    if name in ("", ".", ".."):
-        raise ValueError(f"{kind} name {name!r} is not a valid path segment")
-    bad = [c for c in name if c in "/\\" or ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0]
-    if bad:
-        raise ValueError(f"{kind} name {name!r} contains {bad[0]!r}")
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{kind} name {name!r} is not valid Unicode") from None
-    if len(encoded) > _MAX_NAME_BYTES:
-        raise ValueError(f"{kind} name is longer than {_MAX_NAME_BYTES} bytes")
-    return name
-
-
-def _validate_partition(partition: object) -> int:
-    if isinstance(partition, bool) or not isinstance(partition, int):
-        raise TypeError(f"partition must be an int, got {type(partition).__name__}")
-    if not 0 <= partition <= _MAX_PARTITION:
-        raise ValueError(f"partition must be in [0, 2**32), got {partition}")
-    return partition
-
-
-@dataclass(frozen=True)
-class CheckpointPaths:
-    """Where each object of a checkpoint lives, relative to the store root.
-
-    ``base_prefix`` is normalised to end with ``/`` (or be empty for the store root); every
-    path has a ``/`` between the checkpoint id and what is inside it, so a checkpoint's
-    directory prefix covers exactly its own objects.
-    """
-
-    base_prefix: str = "checkpoints/"
-
-    def __post_init__(self) -> None:
-        prefix = self.base_prefix
-        if not isinstance(prefix, str):
-            raise TypeError("base_prefix must be a str")
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        for segment in prefix.split("/")[:-1]:
-            validate_name("base_prefix segment", segment)
-        object.__setattr__(self, "base_prefix", prefix)
-
-    def latest_pointer(self) -> str:
-        """The ``_latest`` pointer object."""
-        return f"{self.base_prefix}_latest"
-
-    def checkpoint_dir(self, checkpoint_id: CheckpointId) -> str:
-        """The directory prefix holding every object of one checkpoint (ends with ``/``)."""
-        return f"{self.base_prefix}{_as_id(checkpoint_id)}/"
-
-    def manifest(self, checkpoint_id: CheckpointId) -> str:
-        """The manifest object of one checkpoint."""
-        return f"{self.checkpoint_dir(checkpoint_id)}manifest.json"
-
-    def snapshot(self, checkpoint_id: CheckpointId, operator: str, partition: int) -> str:
-        """A full partition snapshot."""
-        return self._artifact(checkpoint_id, operator, partition, "snap")
-
-    def delta(self, checkpoint_id: CheckpointId, operator: str, partition: int) -> str:
-        """A partition delta (changes since the parent checkpoint's state)."""
-        return self._artifact(checkpoint_id, operator, partition, "delta")
-
-    def artifact(
-        self, checkpoint_id: CheckpointId, operator: str, partition: int, is_delta: bool
-    ) -> str:
-        """:meth:`delta` or :meth:`snapshot`, by ``is_delta``."""
-        return self._artifact(checkpoint_id, operator, partition, "delta" if is_delta else "snap")
-
-    def offsets(self, checkpoint_id: CheckpointId, source: str) -> str:
-        """The slot for one source's offsets exported as JSON (the manifest holds them too)."""
-        validate_name("source", source)
-        return f"{self.checkpoint_dir(checkpoint_id)}offsets/{source}.json"
-
-    def id_of(self, path: str) -> CheckpointId | None:
-        """The checkpoint id whose directory contains ``path``, or None for other objects."""
-        if not path.startswith(self.base_prefix):
-            return None
-        head, sep, _ = path[len(self.base_prefix) :].partition("/")
-        if not sep:
-            return None
-        try:
-            return CheckpointId.parse(head)
-        except ValueError:
-            return None
-
-    def is_manifest(self, path: str) -> bool:
-        """Whether ``path`` is some checkpoint's manifest."""
-        cid = self.id_of(path)
-        return cid is not None and path == self.manifest(cid)
-
-    def _artifact(
-        self, checkpoint_id: CheckpointId, operator: str, partition: int, ext: str
-    ) -> str:
-        validate_name("operator", operator)
-        _validate_partition(partition)
-        return (
-            f"{self.checkpoint_dir(checkpoint_id)}operators/{operator}/partition-{partition}.{ext}"
-        )
-
-
-def _as_id(value: object) -> CheckpointId:
-    if not isinstance(value, CheckpointId):
-        raise TypeError(f"expected a CheckpointId, got {type(value).__name__}")
-    return value
-
-
-# -- manifest ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -305,7 +61,7 @@ class PartitionSnapshotEntry:
         """Validate and build from the JSON object form (unknown fields ignored)."""
         o = _object(obj, where)
         entry = cls(
-            partition_id=_int(o, "partition_id", where, maximum=_MAX_PARTITION),
+            partition_id=_int(o, "partition_id", where, maximum=MAX_PARTITION),
             is_delta=_field(o, "is_delta", bool, where),
             path=_field(o, "path", str, where),
             size_bytes=_int(o, "size_bytes", where),
@@ -364,6 +120,9 @@ class CheckpointManifest:
 
     ``source_offsets`` maps source names to any JSON value; ``extra`` keeps fields written
     by a newer streamstate that this version does not know (tolerated, preserved).
+    ``metadata`` is what the writer says about the job (a JSON object, e.g.
+    ``{"partitions": 4}``); it is written only when not empty, so older readers keep it in
+    their ``extra``.
     """
 
     checkpoint_id: CheckpointId
@@ -375,6 +134,7 @@ class CheckpointManifest:
     watermark: int | None = None
     total_size_bytes: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -387,6 +147,7 @@ class CheckpointManifest:
         parent_id: CheckpointId | None = None,
         watermark: int | None = None,
         timestamp_ms: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> CheckpointManifest:
         """Assemble a manifest from uploaded ``(operator, entry)`` pairs, computing totals."""
         grouped: dict[str, list[PartitionSnapshotEntry]] = {}
@@ -398,10 +159,11 @@ class CheckpointManifest:
             epoch=epoch,
             timestamp_ms=time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms,
             operators=operators,
-            source_offsets=dict(source_offsets or {}),
+            source_offsets={k: plain_json(v) for k, v in (source_offsets or {}).items()},
             parent_id=parent_id,
             watermark=watermark,
             total_size_bytes=sum(op.total_bytes for op in operators.values()),
+            metadata=plain_json(dict(metadata or {})),
         )
         manifest.to_json()  # validates offsets are JSON and every field is in range
         return manifest
@@ -410,6 +172,19 @@ class CheckpointManifest:
     def partition_count(self) -> int:
         """Number of partition artifacts across all operators."""
         return sum(len(op.partitions) for op in self.operators.values())
+
+    @property
+    def partition_ids(self) -> frozenset[int]:
+        """The distinct partition ids across all operators."""
+        return frozenset(p.partition_id for op in self.operators.values() for p in op.partitions)
+
+    def check_paths(self, paths: CheckpointPaths) -> None:
+        """Raise ``ValueError`` unless every artifact sits where ``paths`` puts it."""
+        for op, entry in self.operators.items():
+            for part in entry.partitions:
+                expected = paths.artifact(self.checkpoint_id, op, part.partition_id, part.is_delta)
+                if part.path != expected:
+                    raise ValueError(f"artifact path {part.path!r} should be {expected!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object form, without the integrity field."""
@@ -427,6 +202,12 @@ class CheckpointManifest:
             watermark=self.watermark,
             total_size_bytes=self.total_size_bytes,
         )
+        if self.metadata:
+            if not isinstance(self.metadata, Mapping) or not all(
+                isinstance(key, str) for key in self.metadata
+            ):
+                raise ValueError("metadata must be a mapping with str keys")
+            body["metadata"] = dict(self.metadata)
         return body
 
     def to_json(self) -> str:
@@ -451,13 +232,26 @@ class CheckpointManifest:
 
         Unknown fields are tolerated (kept in ``extra``); missing or mistyped required
         fields, an unsupported version, inconsistent totals, and any change to the content
-        covered by ``manifest_sha256`` are rejected.
+        covered by ``manifest_sha256`` are rejected. Every defect is a
+        :class:`CorruptDataError`, never another exception.
         """
         try:
             raw = bytes(text) if not isinstance(text, str) else text.encode("utf-8")
-            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            obj = json.loads(
+                raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+            )
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CorruptDataError(f"manifest is not valid JSON: {exc}") from None
+        try:
+            return cls._from_object(obj)
+        except CorruptDataError:
+            raise
+        except (TypeError, ValueError, RecursionError) as exc:
+            # A defect no validator names (and so a gap in them): still corrupt, not a crash.
+            raise CorruptDataError(f"manifest: {exc}") from None
+
+    @classmethod
+    def _from_object(cls, obj: object) -> CheckpointManifest:
         o = _object(obj, "manifest")
         version = _int(o, "version", "manifest")
         if version != MANIFEST_VERSION:
@@ -479,6 +273,7 @@ class CheckpointManifest:
             _checked_name("source", source)
         parent_raw = _optional(o, "parent_id", str, "manifest")
         watermark = _optional(o, "watermark", int, "manifest")
+        metadata = _optional(o, "metadata", dict, "manifest")
         manifest = cls(
             checkpoint_id=_checked_id(_field(o, "checkpoint_id", str, "manifest"), "checkpoint_id"),
             epoch=_int(o, "epoch", "manifest"),
@@ -489,6 +284,7 @@ class CheckpointManifest:
             watermark=watermark,
             total_size_bytes=_int(o, "total_size_bytes", "manifest"),
             extra={k: v for k, v in body.items() if k not in _KNOWN_FIELDS},
+            metadata=metadata or {},
         )
         if manifest.total_size_bytes != sum(e.total_bytes for e in operators.values()):
             raise CorruptDataError("manifest: total_size_bytes disagrees with its operators")
@@ -515,6 +311,7 @@ _KNOWN_FIELDS = frozenset(
         "parent_id",
         "watermark",
         "total_size_bytes",
+        "metadata",
     }
 )
 
@@ -527,6 +324,27 @@ def _canonical(obj: object) -> str:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf, which canonical JSON cannot hold
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` with numpy scalars (``np.int64(5)``) turned into Python ones, recursively
+    through dicts, lists and tuples, so offsets taken from numpy arrays serialise."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_json(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_json(v) for v in value)
+    return value
 
 
 def _object(obj: object, where: str) -> dict[str, Any]:
@@ -569,14 +387,3 @@ def _checked_id(text: str, key: str) -> CheckpointId:
         return CheckpointId.parse(text)
     except ValueError as exc:
         raise CorruptDataError(f"manifest: {key}: {exc}") from None
-
-
-# Fork safety: a child process must not continue the parent's sequence verbatim.
-if hasattr(os, "register_at_fork"):
-
-    def _reset_after_fork() -> None:
-        global _id_last, _id_lock
-        _id_last = 0
-        _id_lock = threading.Lock()  # another thread may have held it at fork time
-
-    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -8,8 +8,9 @@ obstore reports failures as ``obstore.exceptions.*`` and built-in exceptions. HT
 * transient: HTTP 5xx, 408 and 429 (throttling), timeouts, connection errors and resets,
   interrupted or busy system calls, and unclassifiable ``GenericError``\\ s;
 * permanent: other HTTP 4xx, permission and authentication failures, invalid paths,
-  unsupported operations, configuration errors, and file-system errors such as ``ENOSPC``
-  or ``ENOTDIR``.
+  unsupported operations, configuration errors (including an HTTP client that cannot be
+  built, obstore's "builder error"), directory loops, and file-system errors such as
+  ``ENOSPC`` or ``ENOTDIR``.
 
 Not-found, already-exists and precondition failures are answers, not faults: callers name
 them in ``passthrough`` and handle them.
@@ -29,7 +30,7 @@ from obstore import exceptions as obs_errors
 
 from .errors import CheckpointError
 
-__all__ = ["RetryPolicy", "is_transient"]
+__all__ = ["RetryPolicy", "is_transient", "summary"]
 
 T = TypeVar("T")
 
@@ -46,8 +47,17 @@ _NETWORK_HINTS = (
     "throttl",
     "temporarily",
 )
-# A GenericError wrapping an invalid path or unsupported request will never succeed.
-_INVALID_HINTS = ("invalidpath", "invalid path", "not supported", "not implemented")
+# A GenericError wrapping an invalid path, an unsupported request, a client that cannot be
+# built from its configuration (e.g. plain http:// without allow_http: "builder error") or a
+# directory loop will never succeed.
+_INVALID_HINTS = (
+    "invalidpath",
+    "invalid path",
+    "not supported",
+    "not implemented",
+    "builder error",
+    "file system loop",
+)
 _TRANSIENT_ERRNOS = frozenset(
     {
         errno.EAGAIN,
@@ -185,7 +195,11 @@ class RetryPolicy:
             attempt += 1
 
 
+def summary(exc: BaseException) -> str:
+    """``exc``'s message without the multi-line ``Debug source:`` dump obstore appends."""
+    return str(exc).split("\n\nDebug source:", 1)[0].strip()
+
+
 def _describe(exc: BaseException) -> str:
-    # obstore messages end with a multi-line "Debug source:" dump; keep the summary line.
-    first = str(exc).split("\n\nDebug source:", 1)[0].strip()
+    first = summary(exc)
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

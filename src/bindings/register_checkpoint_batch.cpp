@@ -19,6 +19,20 @@ std::string_view utf8_of(py::handle text) {
   return {data, static_cast<std::size_t>(size)};
 }
 
+// A non-negative int bound, or None for "no bound but the format's own".
+std::size_t size_limit_of(const py::object& value, const char* what) {
+  if (value.is_none()) return kBatchMaxBody;
+  if (PyBool_Check(value.ptr()) || !PyLong_Check(value.ptr())) {
+    throw py::type_error(std::string(what) + " must be an int or None, got " +
+                         Py_TYPE(value.ptr())->tp_name);
+  }
+  int overflow = 0;
+  const long long limit = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+  if (overflow > 0) return kBatchMaxBody;  // beyond any body the format can hold
+  if (overflow < 0 || limit < 0) throw py::value_error(std::string(what) + " must be >= 0");
+  return static_cast<std::size_t>(limit);
+}
+
 py::bytes encode_batch_py(const py::iterable& entries) {
   // Pin every key and buffer first (needs the GIL): the strong references keep them alive
   // even if the caller's list is mutated while the GIL is released below.
@@ -70,13 +84,14 @@ py::bytes encode_batch_py(const py::iterable& entries) {
                          });
 }
 
-py::list decode_batch_py(const py::object& raw) {
+py::list decode_batch_py(const py::object& raw, const py::object& max_size) {
+  const std::size_t max_body_size = size_limit_of(max_size, "decode_batch: max_size");
   const BufferView buffer(raw);
   std::optional<DecodedBatch> batch;
   {
     // Pure C++ over the pinned input buffer: validation, CRC and decompression.
     const MaybeReleaseGil release(buffer.size());
-    batch.emplace(decode_batch(buffer.view()));
+    batch.emplace(decode_batch(buffer.view(), max_body_size));
   }
   const std::vector<BatchEntryView>& entries = batch->entries();
   py::list out(static_cast<py::ssize_t>(entries.size()));
@@ -113,7 +128,9 @@ void register_checkpoint_batch(py::module_& m) {
         "Encode (key: str, data: bytes-like) pairs as one LCB1 version-2 batch "
         "(LZ4-compressed, CRC32C-checked).");
   m.def("decode_batch", &decode_batch_py, py::arg("raw"),
-        "Validate and decode an LCB1 batch (version 1 or 2) into [(key, data), ...].");
+        py::arg("max_size") = py::int_(kDefaultMaxDecompressedSize),
+        "Validate and decode an LCB1 batch (version 1 or 2) into [(key, data), ...]; a body "
+        "over max_size bytes (None: no bound but the format's) is refused before allocating.");
 }
 
 }  // namespace streamstate::bindings

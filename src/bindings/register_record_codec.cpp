@@ -1,4 +1,6 @@
 #include "bindings/prelude.h"
+
+#include <pybind11/native_enum.h>
 #include "core/errors.h"
 #include "core/record_codec.h"
 
@@ -9,6 +11,16 @@
 namespace streamstate::bindings {
 
 void register_record_codec(py::module_& m) {
+  // The one definition of the kinds: Python's streamstate.codec.RecordKind is this enum.
+  py::native_enum<RecordKind>(m, "RecordKind", "enum.IntEnum",
+                              "Which component wrote a snapshot container (its kind tag).")
+      .value("USER", RecordKind::kUser, "free for callers of encode_records")
+      .value("AGGREGATE_STORE", RecordKind::kAggregateStore)
+      .value("NUMERIC_AGGREGATE_STORE", RecordKind::kNumericAggregateStore)
+      .value("STATE_BACKEND", RecordKind::kStateBackend)
+      .value("SPILL_RUN", RecordKind::kSpillRun)
+      .value("DELTA", RecordKind::kDelta, "an incremental checkpoint (streamstate.delta)")
+      .finalize();
   m.def(
       "encode_records",
       [](std::uint16_t kind, const py::iterable& records) {

@@ -223,7 +223,7 @@ void DecodedBatch::copy_data_to(std::span<char* const> destinations) const {
                     });
 }
 
-DecodedBatch decode_batch(std::string_view raw) {
+DecodedBatch decode_batch(std::string_view raw, std::size_t max_body_size) {
   if (raw.size() < 8) {
     throw CorruptDataError("batch too short for header: " + std::to_string(raw.size()) +
                            " bytes");
@@ -270,6 +270,10 @@ DecodedBatch decode_batch(std::string_view raw) {
       throw CorruptDataError("batch header claims " + std::to_string(declared_size) +
                              " uncompressed bytes but the compressed body claims " +
                              std::to_string(prefix_size));
+    }
+    if (declared_size > max_body_size) {
+      throw CorruptDataError("batch body of " + std::to_string(declared_size) +
+                             " bytes exceeds max_size " + std::to_string(max_body_size));
     }
     try {
       // Refuses a size above the LZ4 limit or beyond LZ4's best ratio for this input.

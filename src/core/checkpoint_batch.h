@@ -19,6 +19,8 @@
 #include <string_view>
 #include <vector>
 
+#include "core/lz4_block.h"
+
 namespace streamstate {
 
 inline constexpr char kBatchMagic[4] = {'L', 'C', 'B', '1'};
@@ -75,7 +77,7 @@ class DecodedBatch {
   void copy_data_to(std::span<char* const> destinations) const;
 
  private:
-  friend DecodedBatch decode_batch(std::string_view raw);
+  friend DecodedBatch decode_batch(std::string_view raw, std::size_t max_body_size);
 
   std::unique_ptr<char[]> body_;
   std::size_t body_capacity_ = 0;
@@ -90,8 +92,11 @@ class DecodedBatch {
 // the body's size prefix, a size or entry count larger than the input can hold (checked
 // before allocating: at most LZ4's ~255x expansion of the input), a malformed LZ4 block, a
 // truncated entry, a key that is not valid UTF-8, an entry count that does not match the
-// body, or bytes left over after the last entry.
-[[nodiscard]] DecodedBatch decode_batch(std::string_view raw);
+// body, or bytes left over after the last entry. A body larger than `max_body_size` (the
+// total decoded size: keys, data and their length fields) is refused the same way, before
+// anything is allocated for it.
+[[nodiscard]] DecodedBatch decode_batch(
+    std::string_view raw, std::size_t max_body_size = kDefaultMaxDecompressedSize);
 
 // True when `text` is well-formed UTF-8 (no overlong forms, surrogates or code points above
 // U+10FFFF): exactly what Python's strict UTF-8 codec accepts.

@@ -27,6 +27,7 @@ enum class RecordKind : std::uint16_t {
   kNumericAggregateStore = 2,  // typed numeric partials
   kStateBackend = 3,           // keyed state backend checkpoint
   kSpillRun = 4,               // spilling aggregator
+  kDelta = 0xDE17,             // an incremental checkpoint: ordered changes to a parent state
 };
 
 inline constexpr char kRecordMagic[4] = {'S', 'S', 'R', 'C'};

@@ -175,6 +175,22 @@ void test_empty_batch() {
   CHECK(same(decode_batch(encode_batch(views_of(empties))), empties));
 }
 
+void test_max_body_size_is_refused_before_decoding() {
+  const std::vector<Entry> entries = {{"k", std::string(1000, 'x')}};
+  const std::string raw = encode_batch(views_of(entries));
+  const std::size_t body = 8 + 1 + 1000;
+  CHECK(same(decode_batch(raw, body), entries));
+  CHECK(contains(corrupt_message([&] { (void)decode_batch(raw, body - 1); }),
+                 "exceeds max_size 1008"));
+  // A small, valid batch that expands a lot is refused by its claimed size alone.
+  const std::vector<Entry> zeros = {{"z", std::string(std::size_t{4} << 20, '\0')}};
+  const std::string bomb = encode_batch(views_of(zeros));
+  CHECK(bomb.size() < (std::size_t{64} << 10));
+  CHECK(contains(corrupt_message([&] { (void)decode_batch(bomb, std::size_t{1} << 20); }),
+                 "exceeds max_size 1048576"));
+  CHECK(decode_batch(bomb).body_size() == 8 + 1 + (std::size_t{4} << 20));
+}
+
 void test_header_errors() {
   CHECK(contains(corrupt_message([] { (void)decode_batch("LCB"); }), "too short"));
   CHECK(contains(corrupt_message([] { (void)decode_batch(""); }), "too short"));
@@ -376,6 +392,7 @@ int main() {
   test_known_answers();
   test_round_trips();
   test_empty_batch();
+  test_max_body_size_is_refused_before_decoding();
   test_header_errors();
   test_body_errors();
   test_every_mutation_of_v2_is_detected();
