@@ -11,6 +11,11 @@ are deleted after :meth:`~SpillingAggregator.drain`, on :meth:`~SpillingAggregat
 or exit from ``with``, when the aggregator is garbage-collected, and at interpreter exit.
 A process killed mid-spill leaves its private directory behind; the next aggregator
 created in the same place removes directories whose owner is no longer running.
+
+Nobody else can redirect the spill files: a parent directory that another user owns, or
+that group or others can write without the sticky bit, is refused with a
+:class:`~streamstate.SpillError`; the private directory is created atomically with mode
+0700; spill files are opened without following symlinks, and created exclusively.
 """
 
 from __future__ import annotations
