@@ -11,14 +11,22 @@ are deleted after :meth:`~SpillingAggregator.drain`, on :meth:`~SpillingAggregat
 or exit from ``with``, when the aggregator is garbage-collected, and at interpreter exit.
 A process killed mid-spill leaves its private directory behind; the next aggregator
 created in the same place removes directories whose owner is no longer running.
+
+Nobody else can redirect the spill files: a parent directory that another user owns, or
+that group or others can write without the sticky bit, is refused with a
+:class:`~streamstate.SpillError`; the private directory is created atomically with mode
+0700; spill files are opened without following symlinks, and created exclusively.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import operator
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import weakref
 from pathlib import Path
@@ -76,15 +84,45 @@ def _default_parent() -> Path:
     return Path(tempfile.gettempdir()) / f"streamstate-spill-{uid}"
 
 
+def _check_parent(parent: Path, *, default: bool) -> None:
+    """Refuse a parent another user could use to swap or redirect the spill directory.
+
+    Whoever can write to the parent (without the sticky bit) can rename the private
+    directory away and put a symlink in its place; its owner can do so even with the
+    sticky bit. So the parent must be a directory owned by this user (or root, as the
+    system temp dir is), and writable by group or others only with the sticky bit. The
+    default per-user parent must be a real directory (not a symlink) owned by this user.
+    """
+    uid = os.geteuid()
+    st = os.lstat(parent) if default else os.stat(parent)
+    problem = ""
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid and (default or st.st_uid != 0):
+        problem = f"is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        problem = f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}, no sticky bit)"
+    if problem:
+        hint = "remove it" if default else "pass a spill_dir only this user can write to"
+        raise SpillError(
+            errno.EPERM,
+            f"refusing to spill under '{parent}': it {problem}, so another user could "
+            f"redirect the spill files; {hint}",
+            str(parent),
+        )
+
+
 def _process_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (Linux), which tells a reused PID apart."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            raw = f.read()
     except OSError:
         return None
     # Fields after the parenthesised command name; starttime is field 22 overall.
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    fields = raw[raw.rfind(b")") + 2 :].split()
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -124,21 +162,38 @@ def cleanup_stale_spill_dirs(parent: str | os.PathLike[str] | None = None) -> li
         entries = list(root.iterdir())
     except OSError:
         return removed
+    uid = os.geteuid()
     for entry in entries:
-        marker = entry / _MARKER
-        if not entry.name.startswith(_DIR_PREFIX) or not marker.is_file():
+        if not entry.name.startswith(_DIR_PREFIX):
             continue
-        if not _owner_alive(marker):
+        try:
+            # Without following symlinks: only this user's own directories, each with a
+            # marker that is a regular file, never something another user placed here.
+            st, marker = os.lstat(entry), os.lstat(entry / _MARKER)
+        except OSError:
+            continue
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and stat.S_ISREG(marker.st_mode)):
+            continue
+        if not _owner_alive(entry / _MARKER):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
 
 
 def _make_private_dir(parent: Path) -> Path:
+    default = parent == _default_parent()
     try:
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if default:
+            with contextlib.suppress(FileExistsError):
+                parent.mkdir(mode=0o700)
+        else:
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_parent(parent, default=default)
         cleanup_stale_spill_dirs(parent)
+        # mkdtemp: a fresh name, created atomically with mode 0700 (never an existing one).
         path = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=parent))
+    except SpillError:
+        raise
     except OSError as exc:
         raise SpillError(
             exc.errno or 0,
@@ -147,10 +202,16 @@ def _make_private_dir(parent: Path) -> Path:
         ) from exc
     try:
         start = _process_start_time(os.getpid())
-        (path / _MARKER).write_text(
-            f"pid={os.getpid()}\nstart={'' if start is None else start}\n"
-            f"host={socket.gethostname()}\n"
+        marker = os.open(
+            path / _MARKER,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
         )
+        with os.fdopen(marker, "w") as f:
+            f.write(
+                f"pid={os.getpid()}\nstart={'' if start is None else start}\n"
+                f"host={socket.gethostname()}\n"
+            )
     except OSError as exc:
         shutil.rmtree(path, ignore_errors=True)
         raise SpillError(

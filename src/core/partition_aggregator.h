@@ -71,17 +71,17 @@ struct BytesKeys {
   [[nodiscard]] static bool less(View a, View b) noexcept { return a < b; }
 };
 
-// Adds a value known not to be NaN: the same result as Moments::add, minus the NaN tests
-// (a NaN already in min/max stays, because every comparison with it is false).
+// Adds a value known not to be NaN: Moments::add minus its NaN test. The min and max it
+// computes anyway tell whether the value and the partial are ordinary (finite, below
+// Moments::kHuge), which keeps the common case to two extra comparisons.
 inline void add_number(Moments& m, double x) noexcept {
-  if (m.count == 0) m.shift = x;
-  const double d = x - m.shift;
-  ++m.count;
-  m.sum += x;
-  m.dsum += d;
-  m.dsq += d * d;
-  m.min = x < m.min ? x : m.min;
-  m.max = x > m.max ? x : m.max;
+  const double lo = x < m.min ? x : m.min;
+  const double hi = x > m.max ? x : m.max;
+  if (lo > -Moments::kHuge && hi < Moments::kHuge) [[likely]] {
+    m.add_ordinary(x, lo, hi);
+  } else {
+    m.add_extreme(x);
+  }
 }
 
 // True when any of the n values is NaN (one vectorisable pass, cheap next to the fold).

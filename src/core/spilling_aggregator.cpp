@@ -510,7 +510,8 @@ class Level {
     }
     std::uint64_t bytes = 0;
     {
-      SpillRunWriter writer(p.file, Traits::kType, lane_.write_buf, lane_.block_bytes);
+      SpillRunWriter writer(p.file, Traits::kType, lane_.write_buf, lane_.block_bytes,
+                            p.file_bytes);
       for (const Entry& e : p.table) writer.add(Traits::key_of(p.table, e), e.value);
       bytes = writer.finish();
     }
