@@ -1,3 +1,4 @@
+#include "bindings/buffers.h"
 #include "bindings/prelude.h"
 #include "core/checkpoint_batch.h"
 #include "core/errors.h"
@@ -71,7 +72,8 @@ py::bytes encode_batch_py(const py::iterable& entries) {
 }
 
 py::list decode_batch_py(const py::object& raw) {
-  const BufferView buffer(raw);
+  // Decoded without the GIL: a copy (or immutable bytes) no other thread can change.
+  const ImmutableInput buffer(raw);
   std::optional<DecodedBatch> batch;
   {
     // Pure C++ over the pinned input buffer: validation, CRC and decompression.
