@@ -55,10 +55,10 @@ std::uint64_t checkpoint_id_from(const py::handle& value) {
 
 // Scratch memory for pinning the items of batch calls, reused per thread: a million-key batch
 // would otherwise fault in tens of fresh megabytes on every call. Measured against taking
-// the items through the plain PinnedByteStrings (a private tuple and fresh vectors per call),
-// medians of 11 interleaved runs, 1M 16-byte keys: put_many 1.25x, get_many 1.08x,
-// delete_many 1.11x, get_many of 1k keys 1.16x faster (python /tmp A/B, see the commit). A
-// caller that finds every set busy (a nested call from a finalizer) gets its own. Buffers for
+// the items through the plain PinnedByteStrings of buffers.h (a private tuple and fresh
+// vectors per call), bench_state.py's data (1M 16-byte keys, 8-byte values), medians of 11
+// interleaved runs: put_many 1.25x, get_many 1.08x, delete_many 1.11x, get_many of 1k keys
+// 1.16x faster with the scratch. A caller that finds every set busy (a nested call from a finalizer) gets its own. Buffers for
 // more than 2^20 items are freed after use, so a thread keeps at most ~48 MiB of scratch.
 constexpr std::size_t kKeepScratchItems = std::size_t{1} << 20;
 
