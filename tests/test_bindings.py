@@ -73,7 +73,9 @@ DECODERS: dict[str, tuple[Callable[[], bytes], Callable[[bytearray], object]]] =
         lambda b: _core.InMemoryStateBackend().restore(b),
     ),
     "decode_records": (
-        lambda: encode_records(RecordKind.USER, [(b"k%d" % i, b"v" * (i % 90)) for i in range(3000)]),
+        lambda: encode_records(
+            RecordKind.USER, [(b"k%d" % i, b"v" * (i % 90)) for i in range(3000)]
+        ),
         _core.decode_records,
     ),
     "lz4_decompress": (lambda: _core.lz4_compress(bytes(range(256)) * 1024), _core.lz4_decompress),
