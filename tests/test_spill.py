@@ -840,3 +840,18 @@ def test_peak_rss_stays_within_the_limit(tmp_path: Path) -> None:
     assert peak_unlimited > 4 * limit
     assert acc_unlimited > limit + RSS_OVERHEAD_BYTES
     assert listdir(tmp_path) == []
+
+
+def test_bytes_keys_follow_the_stores_rules(tmp_path: Path) -> None:
+    # The same rule as NumericAggregateStore(key_type="bytes"): bytes, str and buffers of
+    # single bytes are keys; numbers (numpy integers included) are refused, not reinterpreted.
+    with SpillingAggregator(spill_dir=tmp_path, key_type="bytes") as agg:
+        agg.accumulate_batch([b"a", "a", bytearray(b"a"), memoryview(b"a")], [1.0, 2.0, 3.0, 4.0])
+        agg.accumulate(bytearray(b"a"), 5.0)  # type: ignore[arg-type]
+        for bad in (np.array([1, 2]), [np.int64(1), np.int64(2)]):
+            with pytest.raises(TypeError, match="index 0 must be bytes or str"):
+                agg.accumulate_batch(bad, [1.0, 2.0])
+        with pytest.raises(TypeError, match="key must be bytes or str"):
+            agg.accumulate(np.int64(1), 1.0)  # type: ignore[arg-type]
+        result = agg.drain()
+        assert result["key"] == [b"a"] and result["count"].tolist() == [5]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import operator
 import os
 import shutil
 import socket
@@ -32,8 +31,6 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
-
-import numpy as np
 
 from . import _core
 from .errors import SpillError
@@ -63,8 +60,6 @@ RSS_OVERHEAD_BYTES: int = 24 << 20
 
 _MARKER = ".streamstate-spill"
 _DIR_PREFIX = "streamstate-spill-"
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
 
 _DIAGNOSTICS = (
     "spill_count",
@@ -257,20 +252,12 @@ class SpillingAggregator:
         nan_policy: NanPolicyName = "skip",
         threads: int | None = None,
     ) -> None:
-        if key_type not in ("int64", "bytes"):
-            raise ValueError(f"key_type must be 'int64' or 'bytes', got {key_type!r}")
-        if nan_policy not in ("skip", "propagate", "raise"):
+        # key_type, nan_policy, the limit's type and range are checked by the core, in one
+        # place for every binding; only the Python-side spellings (None) are mapped here.
+        if mem_limit_bytes == 0 and not isinstance(mem_limit_bytes, bool):
             raise ValueError(
-                f"nan_policy must be 'skip', 'propagate' or 'raise', got {nan_policy!r}"
+                f"mem_limit_bytes must be at least {MIN_MEM_LIMIT_BYTES} (64 KiB) or None, got 0"
             )
-        if mem_limit_bytes is not None:
-            if isinstance(mem_limit_bytes, bool) or not isinstance(mem_limit_bytes, int):
-                raise TypeError("mem_limit_bytes must be an int or None")
-            if mem_limit_bytes < MIN_MEM_LIMIT_BYTES:
-                raise ValueError(
-                    f"mem_limit_bytes must be at least {MIN_MEM_LIMIT_BYTES} (64 KiB), "
-                    f"got {mem_limit_bytes}"
-                )
         if threads is not None and (isinstance(threads, bool) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self._mem_limit = mem_limit_bytes
@@ -292,17 +279,7 @@ class SpillingAggregator:
 
     def accumulate(self, key: int | bytes | str, value: float) -> None:
         """Fold one row. For batches use :meth:`accumulate_batch` (far faster)."""
-        if self._key_type == "int64":
-            if isinstance(key, (bytes, str)):
-                raise TypeError(f"key must be an int for key_type='int64', got {key!r}")
-            k = operator.index(key)
-            if not _INT64_MIN <= k <= _INT64_MAX:
-                raise OverflowError(f"key {k} does not fit in int64")
-            self._core.accumulate(k, float(value))
-        else:
-            if not isinstance(key, (bytes, str)):
-                raise TypeError(f"key must be bytes or str for key_type='bytes', got {key!r}")
-            self._core.accumulate(key, float(value))
+        self._core.accumulate(key, value)
 
     def accumulate_batch(self, keys: Any, values: Any) -> None:
         """Fold a batch: ``keys`` an int64 array-like (or a sequence of bytes / str for
@@ -313,22 +290,7 @@ class SpillingAggregator:
         is folded. An I/O error while spilling raises :class:`~streamstate.SpillError` and
         closes the aggregator (the batch may have been partly folded).
         """
-        vals = np.asarray(values, dtype=np.float64)
-        if vals.ndim != 1:
-            raise ValueError(f"values must be one-dimensional, got shape {vals.shape}")
-        if self._key_type == "int64":
-            ks = np.asarray(keys)
-            if ks.ndim != 1:
-                raise ValueError(f"keys must be one-dimensional, got shape {ks.shape}")
-            if ks.size and ks.dtype.kind not in "iu":
-                raise TypeError(f"keys must be integers for key_type='int64', got dtype {ks.dtype}")
-            if ks.dtype == np.uint64 and ks.size and int(ks.max()) > _INT64_MAX:
-                raise OverflowError("a uint64 key does not fit in int64")
-            self._core.accumulate_batch(ks, vals)
-        else:
-            if isinstance(keys, (bytes, str)):
-                raise TypeError("keys must be a sequence of bytes or str, not a single key")
-            self._core.accumulate_batch(keys, vals)
+        self._core.accumulate_batch(keys, values)
 
     # -- results ---------------------------------------------------------------------
 

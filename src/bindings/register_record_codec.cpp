@@ -1,3 +1,4 @@
+#include "bindings/buffers.h"
 #include "bindings/prelude.h"
 
 #include <pybind11/native_enum.h>
@@ -52,7 +53,8 @@ void register_record_codec(py::module_& m) {
   m.def(
       "decode_records",
       [](const py::object& data) {
-        const BufferView buffer(data);
+        // Decoded without the GIL: a copy (or immutable bytes) no other thread can change.
+        const ImmutableInput buffer(data);
         std::unique_ptr<RecordReader> reader;
         {
           const MaybeReleaseGil release(buffer.size());
