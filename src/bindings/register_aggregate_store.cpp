@@ -239,7 +239,7 @@ py::array_t<T> adopt(std::unique_ptr<T[]> data, std::size_t n) {
 // The same {"key", "count", "sum", "min", "max", "mean", "var", "std"} dict as
 // stats_columns() (the shape streamstate.stats.STAT_COLUMNS describes), built from
 // columns the core already finished, without copying them.
-py::dict adopt_columns(py::object keys, StatColumns&& c) {
+py::dict adopt_columns(py::object keys, StatArrays&& c) {
   const std::size_t n = c.size;
   py::dict out;
   out["key"] = std::move(keys);
@@ -254,7 +254,7 @@ py::dict adopt_columns(py::object keys, StatColumns&& c) {
 }
 
 py::dict results_columns(const NumericStoreHandle& handle) {
-  StatColumns columns;
+  StatArrays columns;
   if (handle.is_bytes()) {
     BytesKeys::KeyColumn keys;
     {

@@ -207,7 +207,7 @@ std::optional<Moments> NumericAggregateStore<K>::result(View key) const {
 }
 
 template <class K>
-void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatColumns& columns) const {
+void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatArrays& columns) const {
   const ExclusiveEpoch epoch(epoch_);
   // One serial walk collects the nodes (in bucket order, which publish made the memory
   // order too); the merge and the column writes then run in parallel by index, straight
@@ -332,7 +332,7 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
 
   const std::uint32_t np = num_partitions();
   SharedMap fresh_shared;
-  std::vector<std::vector<typename K::Table>> fresh_local(np);
+  std::vector<std::vector<typename Local::Table>> fresh_local(np);
   for (auto& shards : fresh_local) shards.resize(Local::kShards);
   constexpr std::size_t kMinShared = 8 + 4 + 4 + Moments::kEncodedSize;  // int64 key lower bound
   constexpr std::size_t kMinLocal = 4 + Moments::kEncodedSize;

@@ -11,8 +11,8 @@
 // Spilling. Tables grow by doubling while the lane's budget allows. The first time it does
 // not, the lane writes every partition to its spill file and re-reserves all partitions at
 // one equal size that fills the budget; from then on a partition that fills is written out
-// alone (a "run" of partials appended to its file) and reused, so every run is a full
-// table. Files hold partials, never raw rows: a key holding 90% of the rows is one record
+// alone (a "run", or spilled batch: its partials appended to its file) and reused, so
+// every run is a full table. Files hold partials, never raw rows: a key holding 90% of the rows is one record
 // per run.
 //
 // Draining. A lane's partitions that never spilled are emitted straight from memory. Each
@@ -138,8 +138,9 @@ class ChunkedBytes {
   ResultColumn<std::uint32_t> lengths_;
 };
 
-// Finished groups as columns (one per statistic), filled as partitions are drained.
-struct StatsColumns {
+// Finished groups (key and statistics) as growable columns, appended as partitions are
+// drained. (NumericAggregateStore fills preallocated StatArrays by index instead.)
+struct GroupColumns {
   ResultColumn<std::int64_t> int_keys;  // int64 aggregators
   ChunkedBytes bytes_keys;              // bytes aggregators
   ResultColumn<std::uint64_t> count;
@@ -201,7 +202,7 @@ class SpillingAggregator {
   // Merges everything (memory and spill files) into one result per key and deletes the
   // files. Terminal: afterwards accumulate/drain throw, diagnostics keep their values.
   // Returns one column set per lane, to be concatenated in order.
-  [[nodiscard]] std::vector<StatsColumns> drain();
+  [[nodiscard]] std::vector<GroupColumns> drain();
 
   // Frees memory and deletes spill files; idempotent, never throws.
   void close() noexcept;

@@ -211,7 +211,7 @@ void test_numeric_store() {
   CHECK(r.has_value() && std::fabs(r->var() - 4.0) < 1e-12);
 
   streamstate::Int64Keys::KeyColumn column;
-  streamstate::StatColumns stats;
+  streamstate::StatArrays stats;
   store.result_columns(column, stats);
   CHECK(column.size() == 2 && stats.size == 2);
   for (std::size_t i = 0; i < stats.size; ++i) {
@@ -307,7 +307,7 @@ void test_numeric_store_threads() {
     Store view(kThreads, streamstate::NanPolicy::kSkip);
     view.restore(store.snapshot());
     streamstate::Int64Keys::KeyColumn column;
-    streamstate::StatColumns stats;
+    streamstate::StatArrays stats;
     view.result_columns(column, stats);
     // Each partition's publish is whole: all its keys share one count.
     std::uint64_t counts[kThreads] = {};
