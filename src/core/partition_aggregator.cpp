@@ -134,24 +134,26 @@ void PartitionAggregator<K>::fold(const View* keys, const double* values, std::s
       return;
     }
   }
+  if (has_nan) {
+    fold_sliced<true>(keys, values, n);  // kSkip: NaN rows are left out
+  } else {
+    fold_sliced<false>(keys, values, n);
+  }
+}
+
+template <class K>
+template <bool kSkipNan>
+void PartitionAggregator<K>::fold_sliced(const View* keys, const double* values, std::size_t n) {
   std::size_t done = 0;
   while (done < n) {
     const std::size_t left = n - done;
     if (size() >= kScatterMinKeys && left >= kRowSlice) {
       const std::size_t chunk = left < kScatterMaxRows ? left : kScatterMaxRows;
-      if (has_nan) {
-        fold_scattered<true>(keys + done, values + done, chunk);
-      } else {
-        fold_scattered<false>(keys + done, values + done, chunk);
-      }
+      fold_scattered<kSkipNan>(keys + done, values + done, chunk);
       done += chunk;
     } else {
       const std::size_t chunk = left < kRowSlice ? left : kRowSlice;
-      if (has_nan) {
-        fold_rows<true>(keys + done, values + done, chunk);
-      } else {
-        fold_rows<false>(keys + done, values + done, chunk);
-      }
+      fold_rows<kSkipNan>(keys + done, values + done, chunk);
       done += chunk;
     }
   }

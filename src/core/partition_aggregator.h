@@ -115,6 +115,9 @@ class PartitionAggregator {
   // Inserts or finds the key in its shard; enforces the per-shard entry limit.
   std::size_t emplace_in(Shard& shard, View key, std::uint64_t hash);
 
+  // Row by row while the table is small, shard by shard once it is big.
+  template <bool kSkipNan>
+  void fold_sliced(const View* keys, const double* values, std::size_t n);
   template <bool kSkipNan>
   void fold_rows(const View* keys, const double* values, std::size_t n);
   template <bool kSkipNan>
