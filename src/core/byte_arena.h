@@ -31,11 +31,11 @@ class ByteArena {
 
   // Room for `n` contiguous bytes; strong guarantee.
   void reserve(std::size_t n) {
-    if (!chunks_.empty() && chunks_.back().capacity - chunks_.back().size >= n) return;
+    if (!chunks_.empty() && chunks_.back().data.size() - chunks_.back().size >= n) return;
     const std::size_t capacity = std::max({n, kMinArenaChunk, capacity_ / 2});
     HugePageBuffer<char> data(capacity);
     chunks_.reserve(chunks_.size() + 1);
-    chunks_.push_back(Chunk{std::move(data), 0, capacity});
+    chunks_.push_back(Chunk{std::move(data), 0});
     capacity_ += capacity;
   }
   // Requires reserve(n) beforehand: where to write the next n bytes.
@@ -72,8 +72,7 @@ class ByteArena {
  private:
   struct Chunk {
     HugePageBuffer<char> data;
-    std::size_t size;
-    std::size_t capacity;
+    std::size_t size;  // bytes taken from the front of data
   };
   std::vector<Chunk> chunks_;
   std::size_t capacity_ = 0;
