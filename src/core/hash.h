@@ -20,8 +20,16 @@ namespace streamstate {
 
 inline constexpr std::uint64_t kStableSeed = 0;
 
-// Random once per process (std::random_device; the clock and an address without one).
-[[nodiscard]] std::uint64_t process_seed() noexcept;
+namespace hash_detail {
+// std::random_device; the clock and an address where there is none.
+[[nodiscard]] std::uint64_t draw_process_seed() noexcept;
+}  // namespace hash_detail
+
+// Random, drawn once per process. Inline so a hot loop pays a guard check, not a call.
+[[nodiscard]] inline std::uint64_t process_seed() noexcept {
+  static const std::uint64_t seed = hash_detail::draw_process_seed();
+  return seed;
+}
 
 // An independent seed for the n-th use of one hash, e.g. the n-th level of a recursive
 // partitioning that must see fresh bits at every level (odd multiples of the golden ratio).
