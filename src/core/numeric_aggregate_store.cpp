@@ -232,24 +232,26 @@ void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatArrays& colum
 }
 
 template <class K>
-std::size_t NumericAggregateStore<K>::partition_size(std::uint32_t partition_id) const {
+template <class Read>
+auto NumericAggregateStore<K>::read_local(std::uint32_t partition_id, Read&& read) const {
   const Partition& p = partition(partition_id);
   const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.size();
+  return read(p.local);
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::partition_size(std::uint32_t partition_id) const {
+  return read_local(partition_id, [](const Local& local) { return local.size(); });
 }
 
 template <class K>
 std::size_t NumericAggregateStore<K>::partition_pending(std::uint32_t partition_id) const {
-  const Partition& p = partition(partition_id);
-  const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.pending();
+  return read_local(partition_id, [](const Local& local) { return local.pending(); });
 }
 
 template <class K>
 std::size_t NumericAggregateStore<K>::partition_memory_bytes(std::uint32_t partition_id) const {
-  const Partition& p = partition(partition_id);
-  const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.memory_bytes();
+  return read_local(partition_id, [](const Local& local) { return local.memory_bytes(); });
 }
 
 template <class K>

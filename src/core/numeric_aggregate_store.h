@@ -164,6 +164,9 @@ class NumericAggregateStore {
   void check_partition(std::uint32_t partition_id) const;
   Partition& partition(std::uint32_t partition_id);
   const Partition& partition(std::uint32_t partition_id) const;
+  // read(local) under the partition's mutex.
+  template <class Read>
+  auto read_local(std::uint32_t partition_id, Read&& read) const;
   // Grows the map's bucket array before a publish that would overflow it (see publish).
   void reserve_for(Partition& p);
   static Moments merged(const Slots& slots) noexcept;
