@@ -81,7 +81,7 @@ py::object result_tuple(const NumericStoreHandle& handle, py::handle key) {
 // The {"key", "count", "sum", "min", "max", "mean", "var", "std"} dict (the shape
 // streamstate.stats.STAT_COLUMNS describes), built from columns the core already finished,
 // without copying them.
-py::dict adopt_columns(py::object keys, StatColumns&& c) {
+py::dict adopt_columns(py::object keys, StatArrays&& c) {
   const std::size_t n = c.size;
   py::dict out;
   out["key"] = std::move(keys);
@@ -96,7 +96,7 @@ py::dict adopt_columns(py::object keys, StatColumns&& c) {
 }
 
 py::dict results_columns(const NumericStoreHandle& handle) {
-  StatColumns columns;
+  StatArrays columns;
   if (handle.is_bytes()) {
     BytesKeys::KeyColumn keys;
     {

@@ -37,7 +37,7 @@ struct MappedColumn {
 // the other lanes' values are copied) and hands that memory to a numpy array: no second
 // copy of the result ever exists.
 template <class T>
-py::array_t<T> to_array(std::vector<StatsColumns>& parts, ResultColumn<T> StatsColumns::*column) {
+py::array_t<T> to_array(std::vector<GroupColumns>& parts, ResultColumn<T> GroupColumns::*column) {
   ResultColumn<T>& first = parts.front().*column;
   {
     // Only core-owned buffers are touched.
@@ -57,25 +57,25 @@ py::array_t<T> to_array(std::vector<StatsColumns>& parts, ResultColumn<T> StatsC
                         data, owner);
 }
 
-py::dict columns_dict(py::object keys, std::vector<StatsColumns>& parts) {
+py::dict columns_dict(py::object keys, std::vector<GroupColumns>& parts) {
   // Same keys, order and dtypes as NumericAggregateStore.results(), but the columns are the
   // buffers the drain streamed into, so a large result exists once instead of first as
   // Moments and then again as columns.
   py::dict out;
   out["key"] = std::move(keys);
-  out["count"] = to_array(parts, &StatsColumns::count);
-  out["sum"] = to_array(parts, &StatsColumns::sum);
-  out["min"] = to_array(parts, &StatsColumns::min);
-  out["max"] = to_array(parts, &StatsColumns::max);
-  out["mean"] = to_array(parts, &StatsColumns::mean);
-  out["var"] = to_array(parts, &StatsColumns::var);
-  out["std"] = to_array(parts, &StatsColumns::std);
+  out["count"] = to_array(parts, &GroupColumns::count);
+  out["sum"] = to_array(parts, &GroupColumns::sum);
+  out["min"] = to_array(parts, &GroupColumns::min);
+  out["max"] = to_array(parts, &GroupColumns::max);
+  out["mean"] = to_array(parts, &GroupColumns::mean);
+  out["var"] = to_array(parts, &GroupColumns::var);
+  out["std"] = to_array(parts, &GroupColumns::std);
   return out;
 }
 
-[[nodiscard]] std::size_t total_rows(const std::vector<StatsColumns>& parts) {
+[[nodiscard]] std::size_t total_rows(const std::vector<GroupColumns>& parts) {
   std::size_t n = 0;
-  for (const StatsColumns& p : parts) n += p.size();
+  for (const GroupColumns& p : parts) n += p.size();
   return n;
 }
 
@@ -156,14 +156,14 @@ class SpillingAggregatorCore {
   }
 
   py::dict drain() {
-    std::vector<StatsColumns> parts;
+    std::vector<GroupColumns> parts;
     if (!impl_.is_bytes()) {
       {
         // Pure C++ (tables, spill files, TBB); no Python object is touched.
         const py::gil_scoped_release release;
         parts = impl_.int64().drain();
       }
-      py::array_t<std::int64_t> keys = to_array(parts, &StatsColumns::int_keys);
+      py::array_t<std::int64_t> keys = to_array(parts, &GroupColumns::int_keys);
       return columns_dict(std::move(keys), parts);
     }
     {
@@ -173,7 +173,7 @@ class SpillingAggregatorCore {
     const std::size_t total = total_rows(parts);
     py::list keys(static_cast<py::ssize_t>(total));
     py::ssize_t i = 0;
-    for (StatsColumns& p : parts) {
+    for (GroupColumns& p : parts) {
       p.bytes_keys.for_each([&](std::string_view k) {
         PyObject* b = PyBytes_FromStringAndSize(k.data(), static_cast<Py_ssize_t>(k.size()));
         if (b == nullptr) throw py::error_already_set();

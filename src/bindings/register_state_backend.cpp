@@ -295,15 +295,21 @@ the first point operation, and the new keys of a large ``put_many`` are sorted i
 ordered index by the next ordered read (``range_scan``, ``checkpoint``, ``delete_prefix``).
 ``len()`` and ``size_bytes()`` count expired entries until ``purge_expired`` frees them.
 )doc")
-      .def(py::init([](const py::object& delta_limit) {
+      .def(py::init([](const py::object& unsorted_tail_limit, const py::object& delta_limit) {
              StateBackendOptions options;
-             options.delta_limit = int_arg<std::size_t>(delta_limit, "delta_limit");
+             // delta_limit is the old name of unsorted_tail_limit, still accepted.
+             const py::object& limit = delta_limit.is_none() ? unsorted_tail_limit : delta_limit;
+             options.unsorted_tail_limit = int_arg<std::size_t>(
+                 limit, delta_limit.is_none() ? "unsorted_tail_limit" : "delta_limit");
              options.hooks.before_wait = &drop_gil_while_waiting;
              options.hooks.after_wait = &retake_gil_after_waiting;
              return std::make_unique<InMemoryStateBackend>(options);
            }),
-           py::kw_only(), py::arg("delta_limit") = StateBackendOptions{}.delta_limit,
-           "``delta_limit``: new keys held outside the sorted run before a merge (tuning).")
+           py::kw_only(),
+           py::arg("unsorted_tail_limit") = StateBackendOptions{}.unsorted_tail_limit,
+           py::arg("delta_limit") = py::none(),
+           "``unsorted_tail_limit``: new keys held outside the sorted run before a merge "
+           "(tuning); ``delta_limit`` is its old name, still accepted.")
       .def(
           "get",
           [](const InMemoryStateBackend& self, const py::object& key, const py::object& now) {

@@ -207,7 +207,7 @@ std::optional<Moments> NumericAggregateStore<K>::result(View key) const {
 }
 
 template <class K>
-void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatColumns& columns) const {
+void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatArrays& columns) const {
   const ExclusiveEpoch epoch(epoch_);
   // One serial walk collects the nodes (in bucket order, which publish made the memory
   // order too); the merge and the column writes then run in parallel by index, straight
@@ -232,24 +232,26 @@ void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatColumns& colu
 }
 
 template <class K>
-std::size_t NumericAggregateStore<K>::partition_size(std::uint32_t partition_id) const {
+template <class Read>
+auto NumericAggregateStore<K>::read_local(std::uint32_t partition_id, Read&& read) const {
   const Partition& p = partition(partition_id);
   const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.size();
+  return read(p.local);
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::partition_size(std::uint32_t partition_id) const {
+  return read_local(partition_id, [](const Local& local) { return local.size(); });
 }
 
 template <class K>
 std::size_t NumericAggregateStore<K>::partition_pending(std::uint32_t partition_id) const {
-  const Partition& p = partition(partition_id);
-  const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.pending();
+  return read_local(partition_id, [](const Local& local) { return local.pending(); });
 }
 
 template <class K>
 std::size_t NumericAggregateStore<K>::partition_memory_bytes(std::uint32_t partition_id) const {
-  const Partition& p = partition(partition_id);
-  const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.memory_bytes();
+  return read_local(partition_id, [](const Local& local) { return local.memory_bytes(); });
 }
 
 template <class K>
@@ -332,7 +334,7 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
 
   const std::uint32_t np = num_partitions();
   SharedMap fresh_shared;
-  std::vector<std::vector<typename K::Table>> fresh_local(np);
+  std::vector<std::vector<typename Local::Table>> fresh_local(np);
   for (auto& shards : fresh_local) shards.resize(Local::kShards);
   constexpr std::size_t kMinShared = 8 + 4 + 4 + Moments::kEncodedSize;  // int64 key lower bound
   constexpr std::size_t kMinLocal = 4 + Moments::kEncodedSize;

@@ -32,8 +32,10 @@
 
 namespace streamstate {
 
-// count / sum / min / max / mean / var (ddof=1) / std per key, as separate arrays.
-struct StatColumns {
+// count / sum / min / max / mean / var (ddof=1) / std per key: seven arrays allocated
+// once for a known number of keys and filled by index, in parallel. (The spilling
+// aggregator, which cannot know its count ahead, appends to GroupColumns instead.)
+struct StatArrays {
   std::size_t size = 0;
   std::unique_ptr<std::uint64_t[]> count;
   std::unique_ptr<double[]> sum, min, max, mean, var, std;
@@ -83,7 +85,7 @@ class NumericAggregateStore {
   // Every published key and its merged statistics, in no particular order, as finished
   // columns (what Python receives) written straight into buffers the caller can hand over
   // without copying. Readers run alone here, so the merge uses every core.
-  void result_columns(KeyColumn& keys, StatColumns& columns) const;
+  void result_columns(KeyColumn& keys, StatArrays& columns) const;
 
   // Published keys.
   [[nodiscard]] std::size_t size() const noexcept { return shared_.size(); }
@@ -162,6 +164,9 @@ class NumericAggregateStore {
   void check_partition(std::uint32_t partition_id) const;
   Partition& partition(std::uint32_t partition_id);
   const Partition& partition(std::uint32_t partition_id) const;
+  // read(local) under the partition's mutex.
+  template <class Read>
+  auto read_local(std::uint32_t partition_id, Read&& read) const;
   // Grows the map's bucket array before a publish that would overflow it (see publish).
   void reserve_for(Partition& p);
   static Moments merged(const Slots& slots) noexcept;

@@ -18,25 +18,6 @@ constexpr std::size_t kAhead = 16;
 constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead, reused
 static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
 
-// Uninitialised, huge-page-advised scratch memory for the scatter passes (every element
-// is written before it is read, so zero-filling it would be wasted work).
-template <class T>
-class Scratch {
- public:
-  explicit Scratch(std::size_t n) : n_(n), data_(flat_detail::HugePageAllocator<T>().allocate(n)) {}
-  ~Scratch() { flat_detail::HugePageAllocator<T>().deallocate(data_, n_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  Scratch(Scratch&&) = delete;
-  Scratch& operator=(Scratch&&) = delete;
-  [[nodiscard]] T* data() noexcept { return data_; }
-  T& operator[](std::size_t i) noexcept { return data_[i]; }
-
- private:
-  std::size_t n_;
-  T* data_;
-};
-
 }  // namespace
 
 bool any_nan(const double* values, std::size_t n) noexcept {
@@ -153,24 +134,26 @@ void PartitionAggregator<K>::fold(const View* keys, const double* values, std::s
       return;
     }
   }
+  if (has_nan) {
+    fold_sliced<true>(keys, values, n);  // kSkip: NaN rows are left out
+  } else {
+    fold_sliced<false>(keys, values, n);
+  }
+}
+
+template <class K>
+template <bool kSkipNan>
+void PartitionAggregator<K>::fold_sliced(const View* keys, const double* values, std::size_t n) {
   std::size_t done = 0;
   while (done < n) {
     const std::size_t left = n - done;
     if (size() >= kScatterMinKeys && left >= kRowSlice) {
       const std::size_t chunk = left < kScatterMaxRows ? left : kScatterMaxRows;
-      if (has_nan) {
-        fold_scattered<true>(keys + done, values + done, chunk);
-      } else {
-        fold_scattered<false>(keys + done, values + done, chunk);
-      }
+      fold_scattered<kSkipNan>(keys + done, values + done, chunk);
       done += chunk;
     } else {
       const std::size_t chunk = left < kRowSlice ? left : kRowSlice;
-      if (has_nan) {
-        fold_rows<true>(keys + done, values + done, chunk);
-      } else {
-        fold_rows<false>(keys + done, values + done, chunk);
-      }
+      fold_rows<kSkipNan>(keys + done, values + done, chunk);
       done += chunk;
     }
   }
@@ -212,7 +195,7 @@ template <bool kSkipNan>
 void PartitionAggregator<K>::fold_scattered(const View* keys, const double* values,
                                             std::size_t n) {
   // Pass 1: each row's shard (one byte a row) and the shard sizes.
-  Scratch<std::uint8_t> shard_ids(n);
+  HugePageBuffer<std::uint8_t> shard_ids(n);
   std::size_t start[kShards + 1] = {};
   for (std::size_t i = 0; i < n; ++i) {
     if constexpr (kSkipNan) {
@@ -224,7 +207,7 @@ void PartitionAggregator<K>::fold_scattered(const View* keys, const double* valu
   }
   for (std::size_t s = 0; s < kShards; ++s) start[s + 1] += start[s];
   // Pass 2: scatter the rows into one contiguous run per shard (streaming writes).
-  Scratch<Row> rows(start[kShards]);
+  HugePageBuffer<Row> rows(start[kShards]);
   std::size_t at[kShards];
   std::copy(start, start + kShards, at);
   for (std::size_t i = 0; i < n; ++i) {

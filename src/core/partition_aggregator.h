@@ -10,66 +10,11 @@
 #include <string_view>
 #include <vector>
 
-#include "core/byte_io.h"
 #include "core/flat_table.h"
+#include "core/key_traits.h"
 #include "core/stats.h"
 
 namespace streamstate {
-
-// Key flavours of the numeric store. `View` is what a fold receives and what lookups take;
-// `Key` is the owned form the shared map stores; `KeyColumn` is how result_columns() hands
-// keys out.
-struct Int64Keys {
-  using Key = std::int64_t;
-  using View = std::int64_t;
-  using Table = Int64FlatTable<Moments>;
-  struct KeyColumn {
-    std::vector<std::int64_t> keys;
-    void reserve(std::size_t n) { keys.reserve(n); }
-    void push_back(View k) { keys.push_back(k); }
-    [[nodiscard]] std::size_t size() const noexcept { return keys.size(); }
-  };
-  static constexpr std::uint8_t kTag = 0;
-  static constexpr std::string_view kName = "int64";
-
-  static void encode(std::string& out, View k) { put_u64(out, static_cast<std::uint64_t>(k)); }
-  [[nodiscard]] static View decode(ByteReader& in) { return static_cast<std::int64_t>(in.u64()); }
-  [[nodiscard]] static std::size_t encoded_size(View /*k*/) noexcept { return 8; }
-  [[nodiscard]] static View view_of(const Key& k) noexcept { return k; }
-  [[nodiscard]] static std::uint64_t hash(View k) noexcept {
-    return mix64(static_cast<std::uint64_t>(k));
-  }
-  [[nodiscard]] static bool less(View a, View b) noexcept { return a < b; }
-};
-
-struct BytesKeys {
-  using Key = std::string;
-  using View = std::string_view;
-  using Table = BytesFlatTable<Moments>;
-  // All keys back to back plus end offsets: one allocation instead of one per key.
-  struct KeyColumn {
-    std::string bytes;
-    std::vector<std::size_t> ends;
-    void reserve(std::size_t n) { ends.reserve(n); }
-    void push_back(View k) {
-      bytes.append(k);
-      ends.push_back(bytes.size());
-    }
-    [[nodiscard]] std::size_t size() const noexcept { return ends.size(); }
-  };
-  static constexpr std::uint8_t kTag = 1;
-  static constexpr std::string_view kName = "bytes";
-
-  static void encode(std::string& out, View k) {
-    put_u32(out, static_cast<std::uint32_t>(k.size()));
-    out.append(k);
-  }
-  [[nodiscard]] static View decode(ByteReader& in) { return in.take(in.u32()); }
-  [[nodiscard]] static std::size_t encoded_size(View k) noexcept { return 4 + k.size(); }
-  [[nodiscard]] static View view_of(const Key& k) noexcept { return k; }
-  [[nodiscard]] static std::uint64_t hash(View k) noexcept { return hash_bytes(k); }
-  [[nodiscard]] static bool less(View a, View b) noexcept { return a < b; }
-};
 
 // Adds a value known not to be NaN: Moments::add minus its NaN test. The min and max it
 // computes anyway tell whether the value and the partial are ordinary (finite, below
@@ -97,7 +42,7 @@ template <class K>
 class PartitionAggregator {
  public:
   using View = typename K::View;
-  using Table = typename K::Table;
+  using Table = FlatTable<K, Moments>;
 
   static constexpr unsigned kShardBits = 7;
   static constexpr std::size_t kShards = std::size_t{1} << kShardBits;
@@ -170,6 +115,9 @@ class PartitionAggregator {
   // Inserts or finds the key in its shard; enforces the per-shard entry limit.
   std::size_t emplace_in(Shard& shard, View key, std::uint64_t hash);
 
+  // Row by row while the table is small, shard by shard once it is big.
+  template <bool kSkipNan>
+  void fold_sliced(const View* keys, const double* values, std::size_t n);
   template <bool kSkipNan>
   void fold_rows(const View* keys, const double* values, std::size_t n);
   template <bool kSkipNan>

@@ -235,10 +235,10 @@ struct Expected {
 };
 
 template <class Agg, class Key>
-bool matches(std::vector<StatsColumns>& parts, const std::map<Key, Expected>& want) {
+bool matches(std::vector<GroupColumns>& parts, const std::map<Key, Expected>& want) {
   std::size_t total = 0;
   bool ok = true;
-  for (StatsColumns& p : parts) {
+  for (GroupColumns& p : parts) {
     total += p.size();
     std::vector<Key> keys;
     if constexpr (std::is_same_v<Key, std::int64_t>) {
