@@ -7,6 +7,8 @@ expected (never pybind's "incompatible function arguments"); every public name i
 
 from __future__ import annotations
 
+import enum
+
 import random
 import threading
 import time
@@ -26,7 +28,7 @@ def _pybind_classes() -> list[type]:
     return [
         value
         for value in vars(_core).values()
-        if isinstance(value, type) and not issubclass(value, BaseException)
+        if isinstance(value, type) and not issubclass(value, (BaseException, enum.Enum))
     ]
 
 
