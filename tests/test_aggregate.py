@@ -7,8 +7,8 @@ import math
 import struct
 import threading
 import time
-from typing import Any
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -145,8 +145,8 @@ def test_exactly_once_for_any_shape(
     store = MemoryStore()
     total_batches = -(-12_000 // batch_size)
     crash_after = max(1, int(total_batches * crash_fraction))
-    kwargs = dict(key="k", values=["v"], partitions=partitions, store=store,
-                  checkpoint_every=checkpoint_every, batch_size=batch_size)
+    kwargs = {"key": "k", "values": ["v"], "partitions": partitions, "store": store,
+              "checkpoint_every": checkpoint_every, "batch_size": batch_size}
     Pipeline(source, **kwargs).run(max_batches=crash_after)  # type: ignore[arg-type]
     survivor = Pipeline(source, **kwargs)  # type: ignore[arg-type]
     survivor.run()

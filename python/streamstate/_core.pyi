@@ -24,13 +24,14 @@ def lz4_decompress(data: BytesLike, max_size: int = 1073741824) -> bytes: ...
 def encode_records(kind: int, records: Iterable[tuple[BytesLike, BytesLike]]) -> bytes: ...
 def decode_records(data: BytesLike) -> tuple[int, list[tuple[bytes, bytes]]]: ...
 
-# -- aggregate store (issue 3) --
+# -- aggregate store --
 from collections.abc import Sequence as _Sequence
 from types import TracebackType as _TracebackType
 from typing import Any as _Any
 from typing import TypeAlias
 
 from numpy.typing import ArrayLike as _ArrayLike
+from typing_extensions import Self
 
 _StatsTuple: TypeAlias = tuple[int, float, float, float, float, float, float]
 
@@ -61,7 +62,7 @@ class PartitionAggregator:
     @property
     def pending(self) -> int: ...
     def memory_bytes(self) -> int: ...
-    def __enter__(self) -> PartitionAggregator: ...
+    def __enter__(self) -> Self: ...
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -91,7 +92,7 @@ def _moments_of(values: _ArrayLike) -> bytes: ...
 def _moments_merge(a: bytes, b: bytes) -> bytes: ...
 def _moments_stats(partial: bytes) -> _StatsTuple: ...
 
-# -- keyed state (issue 4) --
+# -- keyed state --
 class InMemoryStateBackend:
     """Ordered, thread-safe in-memory keyed state with optional per-entry expiry.
 
@@ -137,7 +138,7 @@ class InMemoryStateBackend:
     def __len__(self) -> int: ...
 
 
-# -- spilling aggregator (issue 5) --
+# -- spilling aggregator --
 SPILL_MIN_MEM_LIMIT: int
 
 class SpillingAggregatorCore:
@@ -163,6 +164,6 @@ class SpillingAggregatorCore:
     @property
     def key_type(self) -> str: ...
 
-# -- checkpoint batcher (issue 6) --
+# -- checkpoint batcher --
 def encode_batch(entries: Iterable[tuple[str, BytesLike]]) -> bytes: ...
 def decode_batch(raw: BytesLike) -> list[tuple[str, bytes]]: ...

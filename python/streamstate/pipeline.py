@@ -229,7 +229,7 @@ class _PartitionWorker:
                     if self.error is None:
                         for aggregator in self._aggregators.values():
                             aggregator.publish()
-                except Exception as exc:  # surfaced by the coordinator
+                except Exception as exc:  # noqa: BLE001  (surfaced by the coordinator)
                     self.error = exc
                 item.arrive()
                 continue
@@ -239,7 +239,7 @@ class _PartitionWorker:
             try:
                 for metric, aggregator in self._aggregators.items():
                     aggregator.fold(keys, values[metric])
-            except Exception as exc:  # surfaced by the coordinator at the next barrier
+            except Exception as exc:  # noqa: BLE001  (surfaced by the coordinator at the next barrier)
                 self.error = exc
 
     def stop(self) -> None:
