@@ -20,6 +20,7 @@ import streamstate as ss
 from streamstate import _core
 from streamstate.codec import RecordKind, decode_records, encode_records
 from streamstate.stats import Stats
+from streamstate.testing import assert_snapshot_roundtrip, run_operations, store_operations
 
 # ----------------------------------------------------------------------------------------
 # Opaque store: the reference design's behaviours
@@ -914,3 +915,10 @@ def test_memory_bytes_grows_with_keys() -> None:
     before = opaque.memory_bytes()
     opaque.publish_many(0, [str(i).encode() for i in range(1000)], [b"x" * 100] * 1000)
     assert opaque.memory_bytes() > before + 1000 * 100
+
+
+@given(st.data())
+def test_any_operation_sequence_leaves_a_store_that_round_trips(data: st.DataObject) -> None:
+    store = ss.NumericAggregateStore(3, data.draw(st.sampled_from(["int64", "bytes"])))
+    run_operations(store, data.draw(store_operations(store, extreme=True)))
+    assert_snapshot_roundtrip(store)

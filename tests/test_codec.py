@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import streamstate
 from streamstate import CorruptDataError
 from streamstate.codec import RecordKind, decode_records, encode_records
+from streamstate.testing import assert_corruption_detected, record_snapshots
 
 records_strategy = st.lists(st.tuples(st.binary(max_size=64), st.binary(max_size=256)), max_size=40)
 
@@ -104,3 +105,9 @@ def test_bad_arguments() -> None:
         encode_records(0, [(b"only-one",)])  # type: ignore[list-item]
     with pytest.raises(TypeError):
         encode_records(0, [("str", b"v")])  # type: ignore[list-item]
+
+
+@settings(max_examples=30)
+@given(record_snapshots(max_records=4, max_size=16))
+def test_any_container_detects_every_flip_and_truncation(blob: bytes) -> None:
+    assert_corruption_detected(decode_records, blob)
