@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar, cast
 
 import numpy as np
 
@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _core
-from .aggregate import AggregateStore, NumericAggregateStore
+from .aggregate import AggregateStore, KeyType, NumericAggregateStore
 from .batcher import encode_batch
 from .codec import encode_records
 from .errors import CorruptDataError
@@ -77,7 +77,6 @@ P = TypeVar("P")
 OperatorT = TypeVar("OperatorT")
 ModelT = TypeVar("ModelT")
 
-KeyType = Literal["int64", "bytes"]
 #: A batch's key column: an int64 array for ``"int64"`` keys, a list for ``"bytes"`` keys.
 KeyColumn: TypeAlias = "np.ndarray[Any, np.dtype[np.int64]] | list[bytes]"
 FloatColumn: TypeAlias = "np.ndarray[Any, np.dtype[np.float64]]"
