@@ -20,6 +20,7 @@ import streamstate as ss
 from streamstate import _core
 from streamstate.codec import RecordKind, decode_records, encode_records
 from streamstate.stats import Stats
+from streamstate.testing import assert_snapshot_roundtrip, run_operations, store_operations
 
 # ----------------------------------------------------------------------------------------
 # Opaque store: the reference design's behaviours
@@ -956,3 +957,10 @@ def test_opaque_store_refuses_numeric_keys_but_takes_any_buffer_as_partial() -> 
     assert store.is_empty()
     store.publish_many(0, [b"k"], [np.array([1.5])])  # type: ignore[list-item]
     assert store.get_partial(b"k", 0) == np.array([1.5]).tobytes()
+
+
+@given(st.data())
+def test_any_operation_sequence_leaves_a_store_that_round_trips(data: st.DataObject) -> None:
+    store = ss.NumericAggregateStore(3, data.draw(st.sampled_from(["int64", "bytes"])))
+    run_operations(store, data.draw(store_operations(store, extreme=True)))
+    assert_snapshot_roundtrip(store)

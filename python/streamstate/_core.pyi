@@ -152,6 +152,7 @@ class InMemoryStateBackend:
     def version(self) -> int: ...
     def __len__(self) -> int: ...
 
+
 # -- spilling aggregator --
 SPILL_MIN_MEM_LIMIT: int
 
