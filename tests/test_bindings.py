@@ -8,7 +8,6 @@ expected (never pybind's "incompatible function arguments"); every public name i
 from __future__ import annotations
 
 import enum
-
 import random
 import threading
 import time
