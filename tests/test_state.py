@@ -958,3 +958,35 @@ class BackendMachine(RuleBasedStateMachine):
 
 TestBackendMachine = BackendMachine.TestCase
 TestBackendMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+# ----------------------------------------------------------------------------------------
+# The key/value handles are one interface: the same operations under the same names
+
+
+@pytest.mark.parametrize("make", ["value", "map"])
+def test_value_and_map_state_share_one_interface(make: str) -> None:
+    backend = InMemoryStateBackend()
+    state: KeyedStateStore[str, int] | MapState[str, int]
+    if make == "value":
+        state = streamstate.ValueState(partition(), backend, Utf8(), Int64(), "s")
+        assert isinstance(state, KeyedStateStore)
+    else:
+        state = MapState(partition(), backend, "s", Utf8(), Int64())
+    state.put("a", 1)
+    state.put("b", 2)
+    assert state.update("a", lambda n: (n or 0) + 10) == 11
+    assert "a" in state and state.contains("b") and "zz" not in state
+    assert state.keys() == ["a", "b"] and state.values() == [11, 2]
+    assert state.remove("a") and not state.delete("a")  # delete: the old name of remove
+    assert state.items() == [("b", 2)]
+    state.clear()
+    assert state.items() == [] and state.get("b") is None
+
+
+def test_value_state_name_may_be_positional_or_keyword() -> None:
+    backend = InMemoryStateBackend()
+    positional = KeyedStateStore(partition(), backend, Utf8(), Int64(), "n")
+    keyword = KeyedStateStore(partition(), backend, Utf8(), Int64(), name="n")
+    positional.put("k", 5)
+    assert keyword.get("k") == 5 and positional.name == keyword.name == "n"

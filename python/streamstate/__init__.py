@@ -59,6 +59,7 @@ from .state import (
     MapState,
     StateBackend,
     StatePartitionKey,
+    ValueState,
 )
 from .stats import Stats
 
@@ -99,6 +100,7 @@ __all__ = [
     "Stats",
     "StoreConfigurationError",
     "StreamStateError",
+    "ValueState",
     "__version__",
     "apply_record_delta",
     "codec",

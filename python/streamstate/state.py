@@ -47,6 +47,7 @@ __all__ = [
     "MapState",
     "StateBackend",
     "StatePartitionKey",
+    "ValueState",
 ]
 
 K = TypeVar("K")
@@ -245,7 +246,9 @@ class _StateHandle:
 
 
 class _KeyValueHandle(_StateHandle, Generic[K, V]):
-    """A state whose entries are (serialised key -> serialised value) under its prefix."""
+    """A state whose entries are (serialised key -> serialised value) under its prefix: the
+    one implementation of the key/value operations :class:`KeyedStateStore` and :class:`MapState`
+    share (they differ only in their namespace tag and constructor)."""
 
     __slots__ = ("_key_serde", "_value_serde")
 
@@ -267,29 +270,6 @@ class _KeyValueHandle(_StateHandle, Generic[K, V]):
     def _key(self, key: K) -> bytes:
         return self._prefix + self._key_serde.encode(key)
 
-
-class KeyedStateStore(_KeyValueHandle[K, V]):
-    """Typed key -> value state in one partition's namespace.
-
-    ``update(key, fn)`` is an atomic read-modify-write against every other thread and every
-    other store on the same backend.
-    """
-
-    __slots__ = ()
-
-    def __init__(
-        self,
-        partition: StatePartitionKey,
-        backend: StateBackend,
-        key_serde: Serde[K],
-        value_serde: Serde[V],
-        *,
-        name: str = "",
-        ttl: float | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(partition, backend, b"v", name, key_serde, value_serde, ttl, clock)
-
     def get(self, key: K) -> V | None:
         """The value under ``key``, or None if absent or expired."""
         raw = self._backend.get(self._key(key), now=self._now())
@@ -301,14 +281,25 @@ class KeyedStateStore(_KeyValueHandle[K, V]):
         encoded = self._value_serde.encode(value)
         self._backend.put(skey, encoded, expires_at=self._expires_at(self._now()))
 
-    def delete(self, key: K) -> bool:
+    def remove(self, key: K) -> bool:
         """Remove ``key``; True if it was present."""
         return self._backend.delete(self._key(key), now=self._now())
+
+    #: Old name of :meth:`remove`, still accepted.
+    delete = remove
+
+    def contains(self, key: K) -> bool:
+        """Whether ``key`` is present (and unexpired)."""
+        return self._backend.get(self._key(key), now=self._now()) is not None
+
+    def __contains__(self, key: object) -> bool:
+        return self.contains(key)  # type: ignore[arg-type]
 
     def update(self, key: K, fn: Callable[[V | None], V | None]) -> V | None:
         """Atomically replace the value under ``key`` with ``fn(current)`` (``current`` is
         None when absent; returning None deletes) and return the new value. ``fn`` runs
-        outside any lock and is retried if another writer got in first."""
+        outside any lock and is retried if another writer got in first; the update is atomic
+        against every other thread and every other state on the same backend."""
         skey = self._key(key)
         while True:
             now = self._now()
@@ -320,21 +311,66 @@ class KeyedStateStore(_KeyValueHandle[K, V]):
             ):
                 return new
 
+    def _scan(self) -> list[tuple[bytes, bytes]]:
+        return self._backend.range_scan(self._prefix, now=self._now())
+
     def items(self) -> list[tuple[K, V]]:
         """Every ``(key, value)``, in the order of the encoded keys."""
         start = len(self._prefix)
         decode_key = self._key_serde.decode
         decode_value = self._value_serde.decode
-        return [
-            (decode_key(k[start:]), decode_value(v))
-            for k, v in self._backend.range_scan(self._prefix, now=self._now())
-        ]
+        return [(decode_key(k[start:]), decode_value(v)) for k, v in self._scan()]
+
+    def keys(self) -> list[K]:
+        """Every key, in the order of the encoded keys."""
+        start = len(self._prefix)
+        decode_key = self._key_serde.decode
+        return [decode_key(k[start:]) for k, _ in self._scan()]
+
+    def values(self) -> list[V]:
+        """Every value, in the order of the encoded keys."""
+        decode_value = self._value_serde.decode
+        return [decode_value(v) for _, v in self._scan()]
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        self._backend.delete_prefix(self._prefix)
 
     def __repr__(self) -> str:
         return (
-            f"KeyedStateStore({self._describe()}, key_serde={self._key_serde!r}, "
+            f"{type(self).__name__}({self._describe()}, key_serde={self._key_serde!r}, "
             f"value_serde={self._value_serde!r})"
         )
+
+
+class KeyedStateStore(_KeyValueHandle[K, V]):
+    """Typed key -> value state in one partition's namespace (one value per key).
+
+    Same operations as :class:`MapState` (``get``, ``put``, ``remove``, ``update``,
+    ``items``, ...); ``update(key, fn)`` is an atomic read-modify-write against every other
+    thread and every other state on the same backend. ``name`` may be given positionally
+    after the serdes or by keyword (``MapState`` takes it first, as it always did). Also
+    available as :data:`ValueState`.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        partition: StatePartitionKey,
+        backend: StateBackend,
+        key_serde: Serde[K],
+        value_serde: Serde[V],
+        name: str = "",
+        *,
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(partition, backend, b"v", name, key_serde, value_serde, ttl, clock)
+
+
+#: :class:`KeyedStateStore` under the name state libraries use for one value per key.
+ValueState = KeyedStateStore
 
 
 class ListState(_StateHandle, Generic[T]):
@@ -411,7 +447,8 @@ class ListState(_StateHandle, Generic[T]):
 
 class MapState(_KeyValueHandle[K, V]):
     """A map in one partition's namespace; each entry is its own backend key, so ``get`` and
-    ``put`` stay O(1) and ``items`` is one range scan, ordered by encoded key."""
+    ``put`` stay O(1) and ``items`` is one range scan, ordered by encoded key. Same
+    operations as :class:`KeyedStateStore`."""
 
     __slots__ = ()
 
@@ -427,62 +464,6 @@ class MapState(_KeyValueHandle[K, V]):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(partition, backend, b"m", name, key_serde, value_serde, ttl, clock)
-
-    def put(self, key: K, value: V) -> None:
-        """Store ``value`` under ``key``."""
-        skey = self._key(key)
-        encoded = self._value_serde.encode(value)
-        self._backend.put(skey, encoded, expires_at=self._expires_at(self._now()))
-
-    def get(self, key: K) -> V | None:
-        """The value under ``key``, or None."""
-        raw = self._backend.get(self._key(key), now=self._now())
-        return None if raw is None else self._value_serde.decode(raw)
-
-    def remove(self, key: K) -> bool:
-        """Remove ``key``; True if it was present."""
-        return self._backend.delete(self._key(key), now=self._now())
-
-    def contains(self, key: K) -> bool:
-        """Whether ``key`` is present (and unexpired)."""
-        return self._backend.get(self._key(key), now=self._now()) is not None
-
-    def __contains__(self, key: object) -> bool:
-        return self.contains(key)  # type: ignore[arg-type]
-
-    def items(self) -> list[tuple[K, V]]:
-        """Every ``(key, value)``, ordered by encoded key."""
-        start = len(self._prefix)
-        decode_key = self._key_serde.decode
-        decode_value = self._value_serde.decode
-        return [
-            (decode_key(k[start:]), decode_value(v))
-            for k, v in self._backend.range_scan(self._prefix, now=self._now())
-        ]
-
-    def keys(self) -> list[K]:
-        """Every key, ordered by encoded key."""
-        start = len(self._prefix)
-        decode_key = self._key_serde.decode
-        return [
-            decode_key(k[start:])
-            for k, _ in self._backend.range_scan(self._prefix, now=self._now())
-        ]
-
-    def values(self) -> list[V]:
-        """Every value, ordered by encoded key."""
-        decode_value = self._value_serde.decode
-        return [decode_value(v) for _, v in self._backend.range_scan(self._prefix, now=self._now())]
-
-    def clear(self) -> None:
-        """Remove every entry."""
-        self._backend.delete_prefix(self._prefix)
-
-    def __repr__(self) -> str:
-        return (
-            f"MapState({self._describe()}, key_serde={self._key_serde!r}, "
-            f"value_serde={self._value_serde!r})"
-        )
 
 
 class AggregatingState(_StateHandle, Generic[IN, ACC]):
