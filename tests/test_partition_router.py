@@ -120,6 +120,13 @@ def test_int_keys_route_by_value(keys: list[int], partitions: int) -> None:
     assert (route_partitions(small.tolist(), partitions) == route_partitions(small, partitions)).all()
 
 
+def test_arrow_integer_keys_route_as_int64() -> None:
+    ints = np.array([5, -3, 2**40, 7], dtype=np.int64)
+    assert route_partitions(pa.array(ints), 5).tolist() == route_partitions(ints, 5).tolist()
+    with pytest.raises(ValueError, match="keys hold nulls"):
+        ss.partition_batch(pa.array([1, None]), 2)
+
+
 def test_keys_ending_in_nul_come_back_as_bytes() -> None:
     keys = [b"a\x00", b"a", b"b\x00\x00"]
     routed = ss.partition_batch(keys, 1, np.arange(3))

@@ -168,7 +168,6 @@ class ByteKeyColumn {
     auto bytes = std::make_shared<std::string>();
     offsets->reserve(n + 1);
     offsets->push_back(0);
-    bytes->reserve(n * chars);
     std::size_t bad_row = n;
     {
       const MaybeReleaseGil release(n * chars * 4);  // reads the array, writes private memory

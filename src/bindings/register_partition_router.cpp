@@ -32,8 +32,19 @@ bool holds_byte_keys(py::handle keys) {
         PyCapsule_GetPointer(capsule.ptr(), "arrow_schema"));
     if (schema == nullptr) throw py::error_already_set();
     const std::string_view format = schema->format == nullptr ? "" : schema->format;
-    // Arrow integer arrays route as int64 keys (read through numpy).
-    return format.size() != 1 || std::string_view("cCsSiIlL").find(format[0]) == std::string_view::npos;
+    const bool integer =
+        format.size() == 1 && std::string_view("cCsSiIlL").find(format[0]) != std::string_view::npos;
+    if (!integer) return true;
+    // Arrow integer arrays route as int64 keys (read through numpy, where a null would
+    // become a float NaN): refuse nulls here, by name.
+    const py::object array_capsule = pair[py::int_(1)];
+    const auto* array = static_cast<const arrow_abi::ArrowArray*>(
+        PyCapsule_GetPointer(array_capsule.ptr(), "arrow_array"));
+    if (array == nullptr) throw py::error_already_set();
+    if (array->null_count != 0 && array->n_buffers > 0 && array->buffers[0] != nullptr) {
+      throw py::value_error("keys hold nulls: keys cannot be null (drop or fill nulls first)");
+    }
+    return false;
   }
   if (py::isinstance<py::array>(keys)) {
     return py::reinterpret_borrow<py::array>(keys).dtype().kind() == 'O';
