@@ -133,6 +133,7 @@ def bench_fold(quick: bool) -> list[dict[str, Any]]:
 
     con = duckdb.connect()
     con.execute("SET threads TO 2")
+    con.execute("SET enable_progress_bar = false")
     con.register("t", frame)
     query = "SELECT k, count(*), sum(v), min(v), max(v), avg(v), var_samp(v) FROM t GROUP BY k"
     con.execute(query).fetchnumpy()  # warm-up (plans and scans once)
