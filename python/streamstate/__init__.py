@@ -48,7 +48,7 @@ from .manifest import (
     OperatorSnapshotEntry,
     PartitionSnapshotEntry,
 )
-from .pipeline import ArraySource, Pipeline, PipelineRun
+from .pipeline import ArraySource, Pipeline, PipelineRun, partition_batch
 from .retry import RetryPolicy
 from .spill import SpillingAggregator
 from .state import (
@@ -110,6 +110,7 @@ __all__ = [
     "encode_delta",
     "lz4_compress",
     "lz4_decompress",
+    "partition_batch",
     "serde",
     "sha256_hex",
     "verify_integrity",

@@ -6,6 +6,7 @@ from collections.abc import Sequence as _Sequence
 from types import TracebackType as _TracebackType
 from typing import Any, TypeAlias
 from typing import Any as _Any
+from typing import Protocol as _Protocol
 
 from numpy.typing import ArrayLike as _ArrayLike
 from typing_extensions import Buffer as _Buffer
@@ -14,6 +15,11 @@ from typing_extensions import Self as _Self
 # What the bindings take as bytes: any object exposing a C-contiguous buffer (bytes,
 # bytearray, memoryview, numpy arrays, mmap, ...).
 _BytesLike: TypeAlias = _Buffer
+
+# An Arrow array read through the Arrow C data interface (pyarrow arrays, or anything with
+# __arrow_c_array__).
+class _ArrowArray(_Protocol):
+    def __arrow_c_array__(self, requested_schema: object = ...) -> tuple[object, object]: ...
 
 CorruptDataError: type[Exception]
 SpillError: type[Exception]
@@ -69,7 +75,7 @@ class AggregateStore:
 class PartitionAggregator:
     @property
     def partition_id(self) -> int: ...
-    def fold(self, keys: _ArrayLike | _Sequence[_BytesLike | str], values: _ArrayLike) -> None: ...
+    def fold(self, keys: _ArrayLike | _Sequence[_BytesLike | str] | _ArrowArray, values: _ArrayLike) -> None: ...
     def publish(self) -> int: ...
     def __len__(self) -> int: ...
     @property
@@ -178,6 +184,11 @@ class SpillingAggregatorCore:
     def closed(self) -> bool: ...
     @property
     def key_type(self) -> str: ...
+
+# -- partition router --
+def partition_batch(
+    keys: _ArrayLike | _Sequence[_BytesLike | str] | _ArrowArray, partitions: int, *columns: _ArrayLike
+) -> list[tuple[_Any, ...]]: ...
 
 # -- checkpoint batcher --
 def encode_batch(entries: Iterable[tuple[str, _BytesLike]]) -> bytes: ...

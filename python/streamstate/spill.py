@@ -282,8 +282,10 @@ class SpillingAggregator:
         self._core.accumulate(key, value)
 
     def accumulate_batch(self, keys: Any, values: Any) -> None:
-        """Fold a batch: ``keys`` an int64 array-like (or a sequence of bytes / str for
-        ``key_type="bytes"``), ``values`` a float64 array-like of the same length.
+        """Fold a batch: ``keys`` an int64 array-like (or for ``key_type="bytes"`` a numpy
+        ``S``/``U`` array, a pyarrow string/binary array, or a sequence of bytes / str, as
+        ``PartitionAggregator.fold`` takes), ``values`` a float64 array-like of the same
+        length.
 
         Runs in C++ with the GIL released, on all worker threads. Mismatched lengths, wrong
         key types and (with ``nan_policy="raise"``) NaN values are rejected before any row

@@ -91,6 +91,28 @@ inline void check_lengths(std::size_t keys, std::size_t values) {
   }
 }
 
+// Rows a long call handles between two looks at pending signals: small enough that Ctrl-C
+// lands within a few tens of milliseconds at the fold's slowest (long string keys), large
+// enough that re-taking the GIL costs nothing measurable.
+inline constexpr std::size_t kInterruptRows = std::size_t{1} << 19;
+
+// Runs work(begin, end) over [0, n) in chunks of `chunk_rows` with the GIL released
+// (when the batch is big enough to pay for it), and between chunks takes the GIL back to
+// run pending signal handlers: a KeyboardInterrupt raised there stops the loop. Chunks
+// already done stay done; the caller documents what that means for its state.
+template <class Work>
+void run_interruptible(std::size_t n, std::size_t bytes_per_row, std::size_t chunk_rows,
+                       Work&& work) {
+  for (std::size_t begin = 0; begin < n; begin += chunk_rows) {
+    const std::size_t end = n - begin < chunk_rows ? n : begin + chunk_rows;
+    {
+      const MaybeReleaseGil release((end - begin) * bytes_per_row);
+      work(begin, end);
+    }
+    if (end < n && PyErr_CheckSignals() != 0) throw py::error_already_set();
+  }
+}
+
 // A numpy array that takes ownership of a C++ buffer (freed when the array is collected).
 template <class T>
 py::array_t<T> adopt(std::unique_ptr<T[]> data, std::size_t n) {

@@ -154,6 +154,10 @@ class PinnedByteStrings {
       std::unique_ptr<BufferView> pin;
       if (!byte_string_view(PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(i)), kind, view, pin)) {
         const std::string index = std::to_string(i);
+        if (PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(i)) == Py_None && kind != ByteItems::kBuffers) {
+          throw py::value_error(std::string(what) + "[" + index +
+                                "] is None: keys cannot be null (drop or fill nulls first)");
+        }
         throw py::type_error(std::string(what) + "[" + index + "]: the item at index " + index +
                              " must be " + byte_items_description(kind) + ", not " +
                              type_name(PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(i))));

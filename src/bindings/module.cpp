@@ -42,5 +42,6 @@ PYBIND11_MODULE(_core, m) {
   register_state_backend(m);
   register_spilling_aggregator(m);
   register_checkpoint_batch(m);
+  register_partition_router(m);
   refuse_uninitialized_instances(m);
 }

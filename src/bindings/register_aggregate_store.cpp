@@ -1,6 +1,7 @@
 #include "bindings/arguments.h"
 #include "bindings/arrays.h"
 #include "bindings/buffers.h"
+#include "bindings/key_columns.h"
 #include "bindings/key_dispatch.h"
 #include "bindings/prelude.h"
 #include "core/aggregate_store.h"
@@ -44,23 +45,36 @@ py::tuple stats_tuple(const Moments& m) {
   return py::make_tuple(m.count, m.sum, m.min, m.max, m.mean(), m.var(), m.stddev());
 }
 
+// Folds in chunks of kInterruptRows (arrays.h), checking for signals between chunks, so
+// Ctrl-C stops a long fold quickly. On KeyboardInterrupt the chunks already folded stay
+// folded (as if the batch had been cut short there); nothing is half-folded. A batch the
+// core will reject (a NaN under nan_policy='raise') goes in whole instead, so the core
+// rejects it before any row is folded.
 void fold_into(const NumericStoreHandle& handle, std::uint32_t pid, py::handle keys,
                py::handle values) {
   const Float64Array vals = float_values(values);
   const auto n = static_cast<std::size_t>(vals.size());
+  const double* v = vals.data();
+  const NanPolicy policy = handle.visit([](const auto& s) { return s.nan_policy(); });
+  const std::size_t chunk = policy == NanPolicy::kRaise && any_nan(v, n) ? n + 1 : kInterruptRows;
   if (handle.is_bytes()) {
-    const PinnedByteStrings pinned(keys, ByteItems::kKeysOrText, "keys");
-    check_lengths(pinned.size(), n);
-    // Only pinned buffers (whose lengths cannot change) and C++ state are touched while
-    // released; the fold reads each key once.
-    const MaybeReleaseGil release(n * 16 + pinned.total_bytes());
-    handle.bytes().fold(pid, pinned.views().data(), vals.data(), n);
+    const ByteKeyColumn column(keys, "keys");
+    check_lengths(column.size(), n);
+    std::vector<std::string_view> scratch;
+    // Only the column's pinned buffers and C++ state are touched while released.
+    run_interruptible(n, 16 + column.total_bytes() / (n == 0 ? 1 : n), chunk,
+                      [&](std::size_t begin, std::size_t end) {
+                        const std::string_view* views = column.chunk_views(begin, end, scratch);
+                        handle.bytes().fold(pid, views, v + begin, end - begin);
+                      });
   } else {
     const Int64Array ks = int_keys(keys);
     check_lengths(static_cast<std::size_t>(ks.size()), n);
+    const std::int64_t* k = ks.data();
     // Only the arrays (kept alive by this frame) and C++ state are touched while released.
-    const MaybeReleaseGil release(n * 16);
-    handle.int64().fold(pid, ks.data(), vals.data(), n);
+    run_interruptible(n, 16, chunk, [&](std::size_t begin, std::size_t end) {
+      handle.int64().fold(pid, k + begin, v + begin, end - begin);
+    });
   }
 }
 
@@ -288,9 +302,12 @@ since the last publish. As a context manager it publishes on a clean exit.
             fold_into(*self.store, self.partition_id, keys, values);
           },
           py::arg("keys"), py::arg("values"),
-          "Fold a batch: ``keys`` an integer array-like (key_type='int64') or a sequence of\n"
-          "bytes / str (key_type='bytes'), ``values`` a float64 array-like of the same length.\n"
-          "Bad input raises before any row is folded.")
+          "Fold a batch: ``keys`` an integer array-like (key_type='int64'), or for key_type='bytes'\n"
+          "a numpy 'S'/'U' array (trailing NULs are padding), a pyarrow string/binary array\n"
+          "(anything with __arrow_c_array__) or a sequence of bytes / str; ``values`` a float64\n"
+          "array-like of the same length. Bad input raises before any row is folded; a null key\n"
+          "raises ValueError. Interruptible: Ctrl-C stops it between chunks of ~512K rows,\n"
+          "and the chunks folded before then stay folded.")
       .def(
           "publish",
           [](const PartitionHandle& self) {

@@ -9,6 +9,7 @@
 #include "bindings/arguments.h"
 #include "bindings/arrays.h"
 #include "bindings/buffers.h"
+#include "bindings/key_columns.h"
 #include "bindings/key_dispatch.h"
 #include "bindings/prelude.h"
 #include "core/errors.h"
@@ -133,8 +134,8 @@ class SpillingAggregatorCore {
     }
     // Every key is checked and pinned before the first row is folded, so a bad key leaves
     // the aggregator untouched; the views are built one chunk at a time.
-    const PinnedByteStrings pinned(keys, ByteItems::kKeysOrText, "keys", /*keep_views=*/false);
-    check_lengths(pinned.size(), n);
+    const ByteKeyColumn column(keys, "keys");
+    check_lengths(column.size(), n);
     if (nan_policy_ == NanPolicy::kRaise) {
       // Whole batch first: chunks after the first must not be the ones to reject it.
       for (std::size_t i = 0; i < n; ++i) {
@@ -146,13 +147,13 @@ class SpillingAggregatorCore {
     }
     std::vector<std::string_view> views;
     views.reserve(std::min(n, kBytesChunkRows));
-    for (std::size_t start = 0; start < n; start += kBytesChunkRows) {
-      const std::size_t end = std::min(n, start + kBytesChunkRows);
-      pinned.fill_views(start, end, views);
-      // Views point into key objects pinned by `pinned`; no Python object is touched.
-      const py::gil_scoped_release release;
-      impl_.bytes().accumulate_batch(views.data(), v + start, end - start);
-    }
+    // Views point into buffers `column` pins; no Python object is touched while released.
+    // Ctrl-C stops between chunks; chunks already accumulated stay accumulated.
+    run_interruptible(n, kReleaseGilThreshold, kBytesChunkRows,
+                      [&](std::size_t begin, std::size_t end) {
+                        const std::string_view* chunk = column.chunk_views(begin, end, views);
+                        impl_.bytes().accumulate_batch(chunk, v + begin, end - begin);
+                      });
   }
 
   py::dict drain() {

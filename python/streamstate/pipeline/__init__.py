@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from .core import CheckpointStats, Pipeline, PipelineRun
 from .fingerprint import JobFingerprint, JobRecord
-from .routing import route_partitions
+from .routing import partition_batch, route_partitions
 from .sources import ArraySource, Batch, Source
 from .workers import PartitionBarrier, PartitionWorker
 
@@ -40,5 +40,6 @@ __all__ = [
     "Pipeline",
     "PipelineRun",
     "Source",
+    "partition_batch",
     "route_partitions",
 ]

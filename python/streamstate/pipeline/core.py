@@ -19,7 +19,7 @@ from ..manifest import CheckpointPaths
 from ..storage import StoreLike, describe_store
 from .fingerprint import JobFingerprint, JobRecord
 from .layout import check_newest, pack_state, unpack_state
-from .routing import route_partitions
+from .routing import partition_batch
 from .sources import Batch, Source, check_batch, check_columns
 from .workers import PartitionWorker, quiesce
 
@@ -514,13 +514,13 @@ class Pipeline:
                     f"source {self._source.name!r}: column {metric!r} of the batch at offset "
                     f"{self._offset} is not numeric: {exc}"
                 ) from exc
-        parts = route_partitions(keys, self._partitions)
-        order = np.argsort(parts, kind="stable")
-        bounds = np.searchsorted(parts[order], np.arange(self._partitions + 1))
-        for p, worker in enumerate(workers):
-            rows = order[bounds[p] : bounds[p + 1]]
-            if len(rows):
-                worker.fold(keys[rows], {m: v[rows] for m, v in values.items()})
+        # One C++ pass routes the keys and every value column (a counting sort); each
+        # partition's slice then goes to its worker in one queue hand-off.
+        names = list(values)
+        routed = partition_batch(keys, self._partitions, *(values[m] for m in names))
+        for worker, (part_keys, *part_values) in zip(workers, routed, strict=True):
+            if len(part_keys):
+                worker.fold(part_keys, dict(zip(names, part_values, strict=True)))
 
     # -- results -------------------------------------------------------------------------
 

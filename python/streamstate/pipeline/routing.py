@@ -1,49 +1,39 @@
-"""Routing keys to partitions: one stable hash, the same in every process and run."""
+"""Routing keys to partitions: one stable hash, the same in every process and run.
+
+Both names here run in C++ (:func:`partition_batch`, the core's routing): a key's partition
+is a pure function of its bytes (or int64 value) through the core's seedless hash, so it is
+the same in every process, run, version and machine, and for every representation of the
+key (str, bytes, numpy ``U``/``S``, Arrow string/binary arrays).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["route_partitions"]
+from .. import _core
 
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
+__all__ = ["partition_batch", "route_partitions"]
 
-
-def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    # splitmix64's finaliser: every input bit affects every output bit.
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+partition_batch = _core.partition_batch
 
 
-def route_partitions(keys: npt.ArrayLike, partitions: int) -> npt.NDArray[np.intp]:
-    """The partition of every key: a stable hash, the same in every process and run.
+def route_partitions(keys: Any, partitions: int) -> npt.NDArray[np.intp]:
+    """The partition of every key, the one :func:`partition_batch` sends it to.
 
-    Integer keys are mixed with splitmix64; strings and bytes are hashed with FNV-1a over
-    their UTF-8 bytes. Vectorised in numpy, so routing a batch costs no Python loop.
+    ``keys`` is anything :func:`partition_batch` takes (integer arrays, str/bytes
+    sequences, numpy ``U``/``S`` arrays, Arrow string/binary arrays). Raises ValueError
+    unless ``partitions`` is between 1 and 65536.
     """
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1, got {partitions}")
-    arr = np.asarray(keys)
-    if arr.dtype.kind in "iu":
-        hashed = _mix64(arr.astype(np.int64).view(np.uint64))
-    else:
-        if arr.dtype.kind == "O" or arr.dtype.kind == "U":
-            arr = np.char.encode(arr.astype(str), "utf-8")
-        if arr.dtype.kind != "S":
-            raise TypeError(f"cannot route keys of dtype {arr.dtype}")
-        width = arr.dtype.itemsize
-        matrix = np.ascontiguousarray(arr).view(np.uint8).reshape(len(arr), width)
-        hashed = np.full(len(arr), _FNV_OFFSET, dtype=np.uint64)
-        # Trailing NUL padding from the fixed-width dtype is hashed too; it is the same for
-        # equal keys in any batch only if widths match, so stop at each key's own length.
-        lengths = np.char.str_len(arr)
-        for col in range(width):
-            live = lengths > col
-            hashed = np.where(live, (hashed ^ matrix[:, col]) * _FNV_PRIME, hashed)
-        hashed = _mix64(hashed)
-    return (hashed % np.uint64(partitions)).astype(np.intp)
+    if not isinstance(partitions, int | np.integer) or isinstance(partitions, bool):
+        raise TypeError(f"partitions must be an int, not {type(partitions).__name__}")
+    if not 1 <= partitions <= 65536:
+        raise ValueError(f"partitions must be in [1, 65536], got {partitions}")
+    n = len(keys)
+    rows = np.arange(n, dtype=np.intp)
+    out = np.empty(n, dtype=np.intp)
+    for p, (_, part_rows) in enumerate(partition_batch(keys, partitions, rows)):
+        out[part_rows] = p
+    return out
