@@ -60,7 +60,7 @@ from .state import (
     StateBackend,
     StatePartitionKey,
 )
-from .stats import Stats
+from .stats import StatResults, Stats
 
 __version__ = "0.1.0"
 
@@ -94,6 +94,7 @@ __all__ = [
     "SourceError",
     "SpillError",
     "SpillingAggregator",
+    "StatResults",
     "StateBackend",
     "StatePartitionKey",
     "Stats",
