@@ -14,6 +14,8 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamstate import CorruptDataError, NumericAggregateStore
 from streamstate.pipeline import ArraySource, Pipeline
@@ -212,6 +214,29 @@ def test_to_arrow_without_pyarrow_names_the_install(
     assert not agg.closed
     monkeypatch.undo()
     assert agg.to_arrow().num_rows == groups > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    keys=st.one_of(
+        st.lists(st.binary(max_size=12), max_size=40),
+        st.lists(st.text(max_size=6), max_size=40),
+    ),
+    partitions=st.integers(1, 3),
+)
+def test_arrow_keys_equal_the_listed_keys_for_any_keys(
+    keys: list[bytes] | list[str], partitions: int
+) -> None:
+    # Empty keys, non-ASCII text and repeats: offsets and data hold exactly the keys.
+    key_type = "str" if keys and isinstance(keys[0], str) else "bytes"
+    store = NumericAggregateStore(partitions, key_type=key_type)  # type: ignore[arg-type]
+    values = np.arange(len(keys), dtype=np.float64)
+    for pid in range(partitions):
+        with store.partition(pid) as part:
+            part.fold(keys[pid::partitions], values[pid::partitions])
+    table = store.to_arrow()
+    assert table.column("key").to_pylist() == store.results()["key"]
+    assert sorted(table.column("key").to_pylist()) == sorted(set(keys))
 
 
 # -- the spilling aggregator --------------------------------------------------------------

@@ -301,7 +301,7 @@ class SpillingAggregator:
 
     def accumulate_batch(self, keys: Any, values: Any) -> None:
         """Fold a batch: ``keys`` an int64 array-like (or a sequence of bytes / str for
-        ``key_type="bytes"``), ``values`` a float64 array-like of the same length.
+        ``key_type="bytes"`` or ``"str"``), ``values`` a float64 array-like of the same length.
 
         Runs in C++ with the GIL released, on all worker threads. Mismatched lengths, wrong
         key types and (with ``nan_policy="raise"``) NaN values are rejected before any row
