@@ -508,7 +508,7 @@ def test_results_columns_and_pandas_match_groupby() -> None:
             part.fold(k, v)
     cols = store.results()
     assert set(cols) == {"key", "count", "sum", "min", "max", "mean", "var", "std"}
-    assert cols["key"].dtype == np.int64 and cols["count"].dtype == np.uint64
+    assert cols["key"].dtype == np.int64 and cols["count"].dtype == np.int64
     frame = store.to_pandas().sort_index()
     expected = _groupby(keys, values)
     assert list(frame.index) == list(expected.index)

@@ -191,7 +191,7 @@ def test_empty_input(tmp_path: Path) -> None:
         cols = agg.drain()
     assert list(cols) == list(STAT_COLUMNS)
     assert all(len(cols[c]) == 0 for c in STAT_COLUMNS)
-    assert cols["key"].dtype == np.int64 and cols["count"].dtype == np.uint64
+    assert cols["key"].dtype == np.int64 and cols["count"].dtype == np.int64
     assert agg.spill_count == 0 and agg.in_memory_groups == 0
     with SpillingAggregator(None, spill_dir=tmp_path, key_type="bytes") as agg:
         assert agg.drain()["key"] == []
@@ -202,7 +202,7 @@ def test_result_shape_matches_store_columns(tmp_path: Path) -> None:
         agg.accumulate_batch(np.array([5, 5, 7]), np.array([1.0, 3.0, 2.0]))
         cols = agg.drain()
     assert list(cols) == list(STAT_COLUMNS)
-    assert cols["count"].dtype == np.uint64
+    assert cols["count"].dtype == np.int64
     assert all(cols[c].dtype == np.float64 for c in STAT_COLUMNS[2:])
     got = as_mapping(cols)
     assert got[5][:5] == (2, 4.0, 1.0, 3.0, 2.0) and got[5][5] == pytest.approx(2.0)

@@ -61,7 +61,7 @@ from .state import (
     StatePartitionKey,
     ValueState,
 )
-from .stats import Stats
+from .stats import StatResults, Stats
 
 __version__ = "0.1.0"
 
@@ -95,6 +95,7 @@ __all__ = [
     "SourceError",
     "SpillError",
     "SpillingAggregator",
+    "StatResults",
     "StateBackend",
     "StatePartitionKey",
     "Stats",

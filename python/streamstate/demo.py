@@ -15,10 +15,10 @@ import argparse
 import secrets
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from .pipeline import ArraySource, Pipeline, PipelineRun
 from .spill import SpillingAggregator
@@ -119,9 +119,7 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="ev", unit_scale=True, leave=False, file=sys.stderr)
 
 
-def _first_mismatch(
-    ours: dict[str, npt.NDArray[Any]], expected: Any, metric: str
-) -> str | None:
+def _first_mismatch(ours: Mapping[str, Any], expected: Any, metric: str) -> str | None:
     """Compare our columns with a pandas group-by frame; describe the first difference."""
     keys = [k.decode() if isinstance(k, bytes) else str(k) for k in ours["key"]]
     have = {k: i for i, k in enumerate(keys) if ours["count"][i] > 0}

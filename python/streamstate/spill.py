@@ -30,13 +30,24 @@ import tempfile
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from . import _core
 from .errors import SpillError
-from .stats import columns_to_pandas
+from .stats import (
+    ResultKeyType,
+    StatResults,
+    columns_to_arrow,
+    columns_to_pandas,
+    columns_to_polars,
+    list_key_format,
+    require_modules,
+)
 
 if TYPE_CHECKING:
+    import pandas as pd
+    import polars as pl
+    import pyarrow as pa
     from typing_extensions import Self
 
 __all__ = [
@@ -46,7 +57,7 @@ __all__ = [
     "cleanup_stale_spill_dirs",
 ]
 
-KeyType = Literal["int64", "bytes"]
+KeyType = ResultKeyType
 NanPolicyName = Literal["skip", "propagate", "raise"]
 
 #: The smallest ``mem_limit_bytes`` accepted (64 KiB).
@@ -234,7 +245,9 @@ class SpillingAggregator:
     exactly); ``None`` means no limit (never spill). Any limit from 64 KiB up works: a small
     one only means more spilling. ``spill_dir`` is where the aggregator's private spill
     directory is created (default: a per-user directory under the system temp dir).
-    ``key_type`` is ``"int64"`` (integer keys) or ``"bytes"`` (bytes, or str as UTF-8).
+    ``key_type`` is ``"int64"`` (integer keys), ``"bytes"`` (bytes, or str as UTF-8;
+    results hand back bytes) or ``"str"`` (the same keys, handed back as str: every key
+    must be UTF-8 text, else draining raises :class:`~streamstate.CorruptDataError`).
     ``nan_policy`` is ``"skip"`` (NaN values are ignored), ``"propagate"`` (they make the
     group's statistics NaN) or ``"raise"`` (a batch holding one is rejected whole).
     ``threads`` caps the worker threads (default: every core TBB may use).
@@ -267,8 +280,13 @@ class SpillingAggregator:
         parent = Path(spill_dir).absolute() if spill_dir is not None else _default_parent()
         self._dir = _make_private_dir(parent)
         try:
+            # The core knows two flavours; str keys are its byte-string keys, read as text.
             self._core = _core.SpillingAggregatorCore(
-                key_type, mem_limit_bytes or 0, str(self._dir), nan_policy, threads or 0
+                "bytes" if key_type == "str" else key_type,
+                mem_limit_bytes or 0,
+                str(self._dir),
+                nan_policy,
+                threads or 0,
             )
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -282,10 +300,10 @@ class SpillingAggregator:
         self._core.accumulate(key, value)
 
     def accumulate_batch(self, keys: Any, values: Any) -> None:
-        """Fold a batch: ``keys`` an int64 array-like (or for ``key_type="bytes"`` a numpy
-        ``S``/``U`` array, a pyarrow string/binary array, or a sequence of bytes / str, as
-        ``PartitionAggregator.fold`` takes), ``values`` a float64 array-like of the same
-        length.
+        """Fold a batch: ``keys`` an int64 array-like (or for ``key_type="bytes"`` or
+        ``"str"`` a numpy ``S``/``U`` array, a pyarrow string/binary array, or a sequence of
+        bytes / str, as ``PartitionAggregator.fold`` takes), ``values`` a float64 array-like
+        of the same length.
 
         Runs in C++ with the GIL released, on all worker threads. Mismatched lengths, wrong
         key types and (with ``nan_policy="raise"``) NaN values are rejected before any row
@@ -296,24 +314,42 @@ class SpillingAggregator:
 
     # -- results ---------------------------------------------------------------------
 
-    def drain(self) -> dict[str, Any]:
+    def drain(self) -> StatResults:
         """Merge everything into one result per key and delete the spill files.
 
-        Returns the same columns as ``NumericAggregateStore.results()``: ``{"key", "count",
-        "sum", "min", "max", "mean", "var", "std"}`` (keys an int64 array, or a list of
-        bytes). Works within the memory limit however many spill files there are; the
-        returned columns themselves are the caller's. Terminal: afterwards the aggregator
-        is closed, its diagnostics keep their values. A damaged spill file raises
-        :class:`~streamstate.CorruptDataError` naming it, and no partial result is returned.
+        Returns the same columns as ``NumericAggregateStore.results()`` (see
+        :class:`~streamstate.StatResults`: keys an int64 array, or a list of ``bytes`` /
+        ``str`` by ``key_type``; ``count`` int64). Works within the memory limit however
+        many spill files there are; the returned columns themselves are the caller's.
+        Terminal: afterwards the aggregator is closed, its diagnostics keep their values. A
+        damaged spill file raises :class:`~streamstate.CorruptDataError` naming it, and no
+        partial result is returned.
         """
+        return cast(StatResults, self._drain(list_key_format(self._key_type)))
+
+    def to_pandas(self) -> pd.DataFrame:
+        """:meth:`drain` as a pandas DataFrame indexed by key (needs pandas); terminal."""
+        require_modules("to_pandas()", "pandas")
+        return columns_to_pandas(self.drain())
+
+    def to_arrow(self) -> pa.Table:
+        """:meth:`drain` as a ``pyarrow.Table`` (columns ``key, count, sum, min, max, mean,
+        var, std``) over the buffers the drain filled, without copying them (byte-string
+        keys are gathered once, in C++, into Arrow's offsets + data layout: ``binary``, or
+        ``string`` for ``key_type="str"``). Terminal, like :meth:`drain`. Needs pyarrow."""
+        require_modules("to_arrow()", "pyarrow")  # before the drain: it is terminal
+        return columns_to_arrow(self._drain("arrow"), self._key_type)
+
+    def to_polars(self) -> pl.DataFrame:
+        """:meth:`to_arrow` as a Polars DataFrame (needs polars and pyarrow); terminal."""
+        require_modules("to_polars()", "pyarrow", "polars")
+        return columns_to_polars(self._drain("arrow"), self._key_type)
+
+    def _drain(self, key_format: str) -> dict[str, Any]:
         try:
-            return self._core.drain()
+            return self._core.drain(key_format)
         finally:
             self._finalizer()
-
-    def to_pandas(self) -> Any:
-        """:meth:`drain` as a pandas DataFrame indexed by key (needs pandas)."""
-        return columns_to_pandas(self.drain())
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -346,7 +382,7 @@ class SpillingAggregator:
 
     @property
     def key_type(self) -> KeyType:
-        """``"int64"`` or ``"bytes"``."""
+        """``"int64"``, ``"bytes"`` or ``"str"``."""
         return self._key_type
 
     @property

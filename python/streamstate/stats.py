@@ -1,17 +1,59 @@
-"""The per-key numeric summary shared by the aggregate store and the spilling aggregator."""
+"""The per-key numeric summary shared by the aggregate store and the spilling aggregator,
+and the one place its columns become pandas, Arrow and Polars tables."""
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 import numpy as np
+import numpy.typing as npt
 
-__all__ = ["STAT_COLUMNS", "Stats", "columns_to_pandas"]
+from .errors import CorruptDataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import polars as pl
+    import pyarrow as pa
+
+__all__ = [
+    "STAT_COLUMNS",
+    "ResultKeyType",
+    "StatResults",
+    "Stats",
+    "columns_to_arrow",
+    "columns_to_pandas",
+    "columns_to_polars",
+    "require_modules",
+]
 
 #: The columns of ``results()`` / ``drain()``, in order.
 STAT_COLUMNS = ("key", "count", "sum", "min", "max", "mean", "var", "std")
+
+#: Key types of result producers: ``"str"`` keys are held as their UTF-8 bytes (like
+#: ``"bytes"``) and come back as ``str`` (Arrow ``string``) instead of ``bytes``.
+ResultKeyType = Literal["int64", "bytes", "str"]
+
+
+class StatResults(TypedDict):
+    """Per-key statistics as columns, one row per key (in no particular order).
+
+    ``key`` is an int64 array (``key_type="int64"``), a list of ``bytes`` (``"bytes"``) or
+    of ``str`` (``"str"``); ``count`` is int64, the rest float64 (``var`` and ``std`` are
+    sample statistics, NaN below two values).
+    """
+
+    key: npt.NDArray[np.int64] | list[bytes] | list[str]
+    count: npt.NDArray[np.int64]
+    sum: npt.NDArray[np.float64]
+    min: npt.NDArray[np.float64]
+    max: npt.NDArray[np.float64]
+    mean: npt.NDArray[np.float64]
+    var: npt.NDArray[np.float64]
+    std: npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +84,81 @@ class Stats:
         )
 
 
-def columns_to_pandas(columns: dict[str, Any]) -> Any:
+def core_key_type(key_type: ResultKeyType) -> Literal["int64", "bytes"]:
+    """The core's key flavour for ``key_type``: str keys are folded as their UTF-8 bytes."""
+    return "bytes" if key_type == "str" else key_type
+
+
+def list_key_format(key_type: ResultKeyType) -> Literal["bytes", "str"]:
+    """The core's ``key_format`` for results whose byte-string keys come back in a list."""
+    return "str" if key_type == "str" else "bytes"
+
+
+def require_modules(call: str, *modules: str) -> None:
+    """Raise an ImportError naming ``pip install`` unless every optional module imports
+    (checked before a terminal call such as a drain, so a missing one loses nothing)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(f"{call} needs {module}: pip install {module}") from exc
+
+
+def columns_to_pandas(columns: Mapping[str, Any]) -> pd.DataFrame:
     """A pandas DataFrame indexed by key from a ``results()``-shaped dict of columns."""
-    try:
-        import pandas as pd
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("to_pandas() needs pandas: pip install pandas") from exc
+    require_modules("to_pandas()", "pandas")
+    import pandas as pd
     keys = columns["key"]
     index = pd.Index(np.asarray(keys) if isinstance(keys, np.ndarray) else list(keys), name="key")
     return pd.DataFrame({name: columns[name] for name in STAT_COLUMNS[1:]}, index=index)
+
+
+def columns_to_arrow(columns: Mapping[str, Any], key_type: ResultKeyType) -> pa.Table:
+    """A ``pyarrow.Table`` (columns :data:`STAT_COLUMNS`) over the buffers of core columns
+    fetched with ``key_format="arrow"``, without copying them.
+
+    Numeric columns are the core's numpy arrays; byte-string keys arrive as Arrow's
+    ``(offsets, data)`` buffers and become ``binary`` (``large_binary`` past 2 GiB), or
+    ``string`` / ``large_string`` for ``key_type="str"``, whose keys must be UTF-8
+    (:class:`~streamstate.CorruptDataError` otherwise).
+    """
+    require_modules("to_arrow()", "pyarrow")
+    import pyarrow as pa
+    keys = columns["key"]
+    if isinstance(keys, tuple):
+        offsets, data = keys
+        large = offsets.dtype == np.int64
+        if key_type == "str":
+            arrow_type = pa.large_string() if large else pa.string()
+        else:
+            arrow_type = pa.large_binary() if large else pa.binary()
+        key_array = pa.Array.from_buffers(
+            arrow_type, len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+        )
+        if key_type == "str":
+            try:
+                key_array.validate(full=True)
+            except pa.ArrowInvalid as exc:
+                raise CorruptDataError(
+                    "a key of a key_type='str' result is not UTF-8 text (fold byte-string "
+                    f"keys into key_type='bytes'): {exc}"
+                ) from exc
+    else:
+        key_array = _arrow_numeric(pa, keys)
+    arrays = [key_array, *(_arrow_numeric(pa, columns[name]) for name in STAT_COLUMNS[1:])]
+    return pa.Table.from_arrays(arrays, names=list(STAT_COLUMNS))
+
+
+def _arrow_numeric(pa: Any, column: npt.NDArray[Any]) -> Any:
+    # from_buffers wraps the array's memory (kept alive by the buffer) instead of copying it.
+    arrow_type = pa.from_numpy_dtype(column.dtype)
+    return pa.Array.from_buffers(arrow_type, len(column), [None, pa.py_buffer(column)])
+
+
+def columns_to_polars(columns: Mapping[str, Any], key_type: ResultKeyType) -> pl.DataFrame:
+    """:func:`columns_to_arrow` as a Polars DataFrame (numeric columns are not copied)."""
+    require_modules("to_polars()", "polars")
+    import polars as pl
+
+    table = columns_to_arrow(columns, key_type)
+    return cast("pl.DataFrame", pl.from_arrow(table, rechunk=False))

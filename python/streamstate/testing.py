@@ -308,7 +308,7 @@ def store_operations(
     """
     if not isinstance(store, NumericAggregateStore):
         raise TypeError(f"store must be a NumericAggregateStore, got {type(store).__name__}")
-    key_type = cast(KeyType, store.key_type)
+    key_type = store.key_type
     partition_ids = st.integers(0, store.num_partitions - 1)
     batches = numeric_batches(key_type, max_rows=max_rows, extreme=extreme)
 

@@ -4,6 +4,7 @@
 #include "bindings/key_columns.h"
 #include "bindings/key_dispatch.h"
 #include "bindings/prelude.h"
+#include "bindings/result_arrays.h"
 #include "core/aggregate_store.h"
 #include "core/byte_io.h"
 #include "core/errors.h"
@@ -109,7 +110,27 @@ py::dict adopt_columns(py::object keys, StatArrays&& c) {
   return out;
 }
 
-py::dict results_columns(const NumericStoreHandle& handle) {
+// Byte-string keys in `format`; the Arrow form hands the key bytes over without a copy.
+py::object bytes_key_column(BytesKeys::KeyColumn&& keys, KeyFormat format) {
+  if (format == KeyFormat::kArrow) {
+    ArrowOffsets offsets = [&] {
+      const py::gil_scoped_release release;  // pure C++ over the column this call owns
+      return arrow_offsets(keys.ends);
+    }();
+    std::vector<std::size_t>().swap(keys.ends);
+    return arrow_key_buffers(offsets, adopt_container<std::uint8_t>(std::move(keys.bytes)));
+  }
+  KeyList column(keys.size(), format == KeyFormat::kStr);
+  const std::string_view bytes = keys.bytes;
+  std::size_t begin = 0;
+  for (const std::size_t end : keys.ends) {
+    column.append(bytes.substr(begin, end - begin));
+    begin = end;
+  }
+  return column.take();
+}
+
+py::dict results_columns(const NumericStoreHandle& handle, KeyFormat format) {
   StatArrays columns;
   if (handle.is_bytes()) {
     BytesKeys::KeyColumn keys;
@@ -118,25 +139,14 @@ py::dict results_columns(const NumericStoreHandle& handle) {
       const py::gil_scoped_release release;
       handle.bytes().result_columns(keys, columns);
     }
-    py::list column(static_cast<py::ssize_t>(keys.size()));
-    std::size_t begin = 0;
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      const std::size_t end = keys.ends[i];
-      column[static_cast<py::ssize_t>(i)] = py::bytes(keys.bytes.data() + begin, end - begin);
-      begin = end;
-    }
-    return adopt_columns(std::move(column), std::move(columns));
+    return adopt_columns(bytes_key_column(std::move(keys), format), std::move(columns));
   }
   Int64Keys::KeyColumn keys;
   {
     const py::gil_scoped_release release;  // pure C++ copy-out under the store's lock
     handle.int64().result_columns(keys, columns);
   }
-  auto key_data = std::make_unique_for_overwrite<std::int64_t[]>(keys.size());
-  if (!keys.keys.empty()) {
-    std::memcpy(key_data.get(), keys.keys.data(), keys.keys.size() * sizeof(std::int64_t));
-  }
-  return adopt_columns(adopt(std::move(key_data), keys.size()), std::move(columns));
+  return adopt_columns(adopt_container<std::int64_t>(std::move(keys.keys)), std::move(columns));
 }
 
 struct PartitionHandle {
@@ -419,9 +429,19 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           "Keys with a published partial.")
       .def("_result_tuple", &result_tuple, py::arg("key"),
            "(count, sum, min, max, mean, var, std) of ``key`` merged across partitions, or None.")
-      .def("results", &results_columns,
-           "Every published key's statistics as columns: {'key', 'count', 'sum', 'min', 'max',\n"
-           "'mean', 'var', 'std'} (keys an int64 array or a list of bytes).")
+      .def(
+          "results",
+          [](const NumericStoreHandle& self) { return results_columns(self, KeyFormat::kBytes); },
+          "Every published key's statistics as columns: {'key', 'count', 'sum', 'min', 'max',\n"
+          "'mean', 'var', 'std'} (keys an int64 array or a list of bytes; count int64).")
+      .def(
+          "_columns",
+          [](const NumericStoreHandle& self, const py::object& key_format) {
+            return results_columns(self, key_format_arg(key_format));
+          },
+          py::arg("key_format"),
+          "results() with byte-string keys as 'bytes' or 'str' (lists) or 'arrow' (an\n"
+          "(offsets, data) pair of arrays in Arrow's binary layout); int64 keys are an array.")
       .def(
           "snapshot",
           [](const NumericStoreHandle& self) {

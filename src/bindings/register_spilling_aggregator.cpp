@@ -12,6 +12,7 @@
 #include "bindings/key_columns.h"
 #include "bindings/key_dispatch.h"
 #include "bindings/prelude.h"
+#include "bindings/result_arrays.h"
 #include "core/errors.h"
 #include "core/spilling_aggregator.h"
 
@@ -21,18 +22,6 @@ namespace {
 // Rows handed to the core per call for byte-string keys: bounds the key-view scratch
 // (16 bytes a row) whatever the batch size.
 constexpr std::size_t kBytesChunkRows = std::size_t{1} << 16;
-
-// Owns a column's mapped memory on behalf of the numpy array that views it.
-struct MappedColumn {
-  char* data;
-  std::size_t capacity;
-  MappedColumn(char* d, std::size_t c) noexcept : data(d), capacity(c) {}
-  ~MappedColumn() { GrowableBuffer::free_memory(data, capacity); }
-  MappedColumn(const MappedColumn&) = delete;
-  MappedColumn& operator=(const MappedColumn&) = delete;
-  MappedColumn(MappedColumn&&) = delete;
-  MappedColumn& operator=(MappedColumn&&) = delete;
-};
 
 // Concatenates the lanes' column into the first lane's buffer (it grows in place, so only
 // the other lanes' values are copied) and hands that memory to a numpy array: no second
@@ -45,17 +34,9 @@ py::array_t<T> to_array(std::vector<GroupColumns>& parts, ResultColumn<T> GroupC
     const py::gil_scoped_release release;
     for (std::size_t i = 1; i < parts.size(); ++i) first.append(parts[i].*column);
   }
-  const std::size_t n = first.size();
-  if (n == 0) return py::array_t<T>(0);
-  GrowableBuffer& buffer = first.buffer();
-  const std::size_t capacity = buffer.capacity();
-  auto holder = std::make_unique<MappedColumn>(buffer.release(), capacity);
+  py::array_t<T> out = adopt_buffer<T>(first.buffer(), first.size());
   first.release();
-  T* data = reinterpret_cast<T*>(holder->data);
-  py::capsule owner(holder.get(), [](void* p) { delete static_cast<MappedColumn*>(p); });
-  (void)holder.release();  // the capsule owns it now
-  return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))},
-                        data, owner);
+  return out;
 }
 
 py::dict columns_dict(py::object keys, std::vector<GroupColumns>& parts) {
@@ -156,7 +137,8 @@ class SpillingAggregatorCore {
                       });
   }
 
-  py::dict drain() {
+  py::dict drain(const py::object& key_format) {
+    const KeyFormat format = key_format_arg(key_format);  // checked before anything drains
     std::vector<GroupColumns> parts;
     if (!impl_.is_bytes()) {
       {
@@ -171,18 +153,19 @@ class SpillingAggregatorCore {
       const py::gil_scoped_release release;
       parts = impl_.bytes().drain();
     }
-    const std::size_t total = total_rows(parts);
-    py::list keys(static_cast<py::ssize_t>(total));
-    py::ssize_t i = 0;
-    for (GroupColumns& p : parts) {
-      p.bytes_keys.for_each([&](std::string_view k) {
-        PyObject* b = PyBytes_FromStringAndSize(k.data(), static_cast<Py_ssize_t>(k.size()));
-        if (b == nullptr) throw py::error_already_set();
-        PyList_SET_ITEM(keys.ptr(), i++, b);
-      });
-      p.bytes_keys.release();
+    if (format == KeyFormat::kArrow) {
+      ArrowBinaryColumn keys = [&] {
+        const py::gil_scoped_release release;  // only core-owned buffers are touched
+        return take_arrow_keys(parts);
+      }();
+      py::object data = adopt_buffer<std::uint8_t>(keys.data, keys.data_bytes);
+      return columns_dict(arrow_key_buffers(keys.offsets, std::move(data)), parts);
     }
-    return columns_dict(std::move(keys), parts);
+    KeyList keys(total_rows(parts), format == KeyFormat::kStr);
+    for (GroupColumns& p : parts) {
+      p.bytes_keys.consume([&](std::string_view k) { keys.append(k); });
+    }
+    return columns_dict(keys.take(), parts);
   }
 
   // These wait for a running call to finish (the core serialises calls), so they release
@@ -244,9 +227,10 @@ Grace-hash spilling group-by (the engine of streamstate.SpillingAggregator; use 
       .def("accumulate_batch", &SpillingAggregatorCore::accumulate_batch, py::arg("keys"),
            py::arg("values"),
            "Fold a batch (GIL released, all lanes); bad input raises before any row is folded.")
-      .def("drain", &SpillingAggregatorCore::drain,
+      .def("drain", &SpillingAggregatorCore::drain, py::arg("key_format") = "bytes",
            "Merge everything into one result per key (the NumericAggregateStore.results()\n"
-           "columns) and delete the spill files; terminal.")
+           "columns, count int64) and delete the spill files; terminal. ``key_format``: byte-\n"
+           "string keys as 'bytes' or 'str' (lists) or 'arrow' ((offsets, data) arrays).")
       .def("close", &SpillingAggregatorCore::close,
            "Free the memory and delete the spill files (idempotent).")
       .def("diagnostics", &SpillingAggregatorCore::diagnostics,

@@ -37,18 +37,18 @@ namespace streamstate {
 // aggregator, which cannot know its count ahead, appends to GroupColumns instead.)
 struct StatArrays {
   std::size_t size = 0;
-  std::unique_ptr<std::uint64_t[]> count;
+  std::unique_ptr<std::int64_t[]> count;  // int64 as numpy / Arrow / pandas users expect
   std::unique_ptr<double[]> sum, min, max, mean, var, std;
 
   void allocate(std::size_t n) {
     size = n;
-    count = std::make_unique_for_overwrite<std::uint64_t[]>(n);
+    count = std::make_unique_for_overwrite<std::int64_t[]>(n);
     for (auto* column : {&sum, &min, &max, &mean, &var, &std}) {
       *column = std::make_unique_for_overwrite<double[]>(n);
     }
   }
   void set(std::size_t i, const Moments& m) noexcept {
-    count[i] = m.count;
+    count[i] = static_cast<std::int64_t>(m.count);
     sum[i] = m.sum;
     min[i] = m.min;
     max[i] = m.max;

@@ -51,15 +51,51 @@ void ChunkedBytes::push_back(std::string_view key) {
   }
   chunks_.back().append(key);
   lengths_.push_back(static_cast<std::uint32_t>(key.size()));
+  total_bytes_ += key.size();
 }
 
 void ChunkedBytes::release() noexcept {
   std::vector<std::string>().swap(chunks_);
   lengths_.release();
+  total_bytes_ = 0;
+}
+
+ArrowOffsets::ArrowOffsets(std::size_t keys, std::size_t total_bytes)
+    : keys_(keys),
+      large_(total_bytes > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max())) {
+  buffer_.reserve((keys + 1) * (large_ ? sizeof(std::int64_t) : sizeof(std::int32_t)));
+  set(0, 0);
+}
+
+ArrowBinaryColumn take_arrow_keys(std::vector<GroupColumns>& parts) {
+  std::size_t keys = 0;
+  std::size_t total = 0;
+  for (const GroupColumns& p : parts) {
+    keys += p.bytes_keys.size();
+    total += p.bytes_keys.total_bytes();
+  }
+  ArrowBinaryColumn out{ArrowOffsets(keys, total), GrowableBuffer{}, total};
+  out.data.reserve(total);
+  std::size_t key = 0;
+  std::size_t end = 0;
+  for (GroupColumns& p : parts) {
+    p.bytes_keys.consume([&](std::string_view k) {
+      if (!k.empty()) std::memcpy(out.data.data() + end, k.data(), k.size());
+      end += k.size();
+      out.offsets.set(++key, end);
+    });
+  }
+  return out;
+}
+
+ArrowOffsets arrow_offsets(const std::vector<std::size_t>& ends) {
+  ArrowOffsets out(ends.size(), ends.empty() ? 0 : ends.back());
+  for (std::size_t i = 0; i < ends.size(); ++i) out.set(i + 1, ends[i]);
+  return out;
 }
 
 void GroupColumns::emit_stats(const Moments& m) {
-  count.push_back(m.count);
+  count.push_back(static_cast<std::int64_t>(m.count));
   sum.push_back(m.sum);
   min.push_back(m.min);
   max.push_back(m.max);

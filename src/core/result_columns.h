@@ -1,5 +1,6 @@
 // Result columns that grow without ever holding two copies: what the spilling aggregator's
-// drain appends finished groups to, and what the bindings hand to numpy without a copy.
+// drain appends finished groups to, and what the bindings hand to numpy and Arrow without a
+// copy (byte-string keys in Arrow's offsets + data layout).
 #pragma once
 
 #include <algorithm>
@@ -88,6 +89,8 @@ class ChunkedBytes {
  public:
   void push_back(std::string_view key);
   [[nodiscard]] std::size_t size() const noexcept { return lengths_.size(); }
+  // The keys' bytes together.
+  [[nodiscard]] std::size_t total_bytes() const noexcept { return total_bytes_; }
   // Calls fn(std::string_view) for every key in order.
   template <class Fn>
   void for_each(Fn&& fn) const {
@@ -103,11 +106,62 @@ class ChunkedBytes {
       offset += len[i];
     }
   }
+  // for_each, freeing every chunk once its keys are visited, then release(): whatever fn
+  // copies the keys into, they exist about once, never twice.
+  template <class Fn>
+  void consume(Fn&& fn) {
+    std::size_t chunk = 0;
+    std::size_t offset = 0;
+    const std::uint32_t* len = lengths_.data();
+    for (std::size_t i = 0; i < lengths_.size(); ++i) {
+      if (offset + len[i] > chunks_[chunk].size()) {
+        std::string().swap(chunks_[chunk]);
+        ++chunk;
+        offset = 0;
+      }
+      fn(std::string_view(chunks_[chunk].data() + offset, len[i]));
+      offset += len[i];
+    }
+    release();
+  }
   void release() noexcept;
 
  private:
   std::vector<std::string> chunks_;
   ResultColumn<std::uint32_t> lengths_;
+  std::size_t total_bytes_ = 0;
+};
+
+// The offsets of variable-size keys in Arrow's binary layout: key i is
+// data[offset(i), offset(i + 1)), offset(0) = 0. int32 (Arrow binary / string) while the
+// keys' bytes fit in them, int64 (large_binary / large_string) beyond.
+class ArrowOffsets {
+ public:
+  ArrowOffsets(std::size_t keys, std::size_t total_bytes);
+  // offset(i) = offset, 0 <= i <= keys.
+  void set(std::size_t i, std::size_t offset) noexcept {
+    if (large_) {
+      reinterpret_cast<std::int64_t*>(buffer_.data())[i] = static_cast<std::int64_t>(offset);
+    } else {
+      reinterpret_cast<std::int32_t*>(buffer_.data())[i] = static_cast<std::int32_t>(offset);
+    }
+  }
+  [[nodiscard]] bool large() const noexcept { return large_; }
+  [[nodiscard]] std::size_t keys() const noexcept { return keys_; }
+  // The n + 1 offsets' memory (each int32, or int64 when large()).
+  [[nodiscard]] GrowableBuffer& buffer() noexcept { return buffer_; }
+
+ private:
+  std::size_t keys_;
+  bool large_;
+  GrowableBuffer buffer_;
+};
+
+// Byte-string keys in Arrow's binary layout, ready to hand over as two buffers.
+struct ArrowBinaryColumn {
+  ArrowOffsets offsets;
+  GrowableBuffer data;
+  std::size_t data_bytes = 0;
 };
 
 // Finished groups (key and statistics) as growable columns, appended as partitions are
@@ -115,7 +169,7 @@ class ChunkedBytes {
 struct GroupColumns {
   ResultColumn<std::int64_t> int_keys;  // int64 aggregators
   ChunkedBytes bytes_keys;              // bytes aggregators
-  ResultColumn<std::uint64_t> count;
+  ResultColumn<std::int64_t> count;  // int64 as numpy / Arrow / pandas users expect
   ResultColumn<double> sum, min, max, mean, var, std;
 
   void emit(std::int64_t key, const Moments& m) {
@@ -131,5 +185,12 @@ struct GroupColumns {
  private:
   void emit_stats(const Moments& m);
 };
+
+// The byte-string keys of every part, in order, as one Arrow binary column; frees each
+// part's keys as they are copied.
+[[nodiscard]] ArrowBinaryColumn take_arrow_keys(std::vector<GroupColumns>& parts);
+
+// Offsets for keys stored back to back whose ends (exclusive) are `ends`.
+[[nodiscard]] ArrowOffsets arrow_offsets(const std::vector<std::size_t>& ends);
 
 }  // namespace streamstate

@@ -16,6 +16,7 @@ from ..aggregate import KeyType, NanPolicy, NumericAggregateStore
 from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint
 from ..errors import CorruptDataError, IncompatibleCheckpointError, SourceError, StreamStateError
 from ..manifest import CheckpointPaths
+from ..stats import StatResults
 from ..storage import StoreLike, describe_store
 from .fingerprint import JobFingerprint, JobRecord
 from .layout import check_newest, pack_state, unpack_state
@@ -24,6 +25,9 @@ from .sources import Batch, Source, check_batch, check_columns
 from .workers import PartitionWorker, quiesce
 
 if TYPE_CHECKING:
+    import pandas as pd
+    import polars as pl
+    import pyarrow as pa
     from typing_extensions import Self
 
 __all__ = ["CheckpointStats", "Pipeline", "PipelineRun"]
@@ -542,16 +546,33 @@ class Pipeline:
             return NumericAggregateStore(1, key_type=self._key_type or "int64")
         return self._stores[metric]
 
-    def results(self, metric: str) -> dict[str, npt.NDArray[Any]]:
+    def results(self, metric: str) -> StatResults:
         """Per-key statistics of ``metric`` merged across partitions (columnar).
 
         Raises :class:`~streamstate.StreamStateError` after :meth:`close`.
         """
         return self._store(metric, "results()").results()
 
-    def to_pandas(self, metric: str) -> Any:
+    def to_pandas(self, metric: str) -> pd.DataFrame:
         """``results(metric)`` as a pandas DataFrame indexed by key."""
         return self._store(metric, "to_pandas()").to_pandas()
+
+    def to_arrow(self, value: str | None = None) -> pa.Table:
+        """``results(value)`` as a ``pyarrow.Table`` built from the core's buffers (see
+        :meth:`NumericAggregateStore.to_arrow`). ``value`` may be left out when the job
+        aggregates a single column. Needs pyarrow."""
+        return self._store(self._value_or_only(value, "to_arrow()"), "to_arrow()").to_arrow()
+
+    def to_polars(self, value: str | None = None) -> pl.DataFrame:
+        """:meth:`to_arrow` as a Polars DataFrame (needs polars and pyarrow)."""
+        return self._store(self._value_or_only(value, "to_polars()"), "to_polars()").to_polars()
+
+    def _value_or_only(self, value: str | None, call: str) -> str:
+        if value is not None:
+            return value
+        if len(self._values) != 1:
+            raise ValueError(f"{call}: name one of the aggregated values {self._values}")
+        return self._values[0]
 
     def close(self) -> None:
         """Drop the in-memory state (checkpoints stay in the store). Later calls raise."""
