@@ -244,7 +244,7 @@ void test_numeric_store() {
   CHECK(column.size() == 2 && stats.size == 2);
   for (std::size_t i = 0; i < stats.size; ++i) {
     const auto expected = store.result(column.keys[i]);
-    CHECK(expected && stats.count[i] == expected->count && stats.sum[i] == expected->sum &&
+    CHECK(expected && static_cast<std::uint64_t>(stats.count[i]) == expected->count && stats.sum[i] == expected->sum &&
           stats.mean[i] == expected->mean());
   }
 
@@ -341,8 +341,8 @@ void test_numeric_store_threads() {
     std::uint64_t counts[kThreads] = {};
     for (std::size_t i = 0; i < stats.size; ++i) {
       const auto owner = static_cast<std::size_t>(column.keys[i] / 1000);
-      if (counts[owner] == 0) counts[owner] = stats.count[i];
-      CHECK(counts[owner] == stats.count[i]);
+      if (counts[owner] == 0) counts[owner] = static_cast<std::uint64_t>(stats.count[i]);
+      CHECK(counts[owner] == static_cast<std::uint64_t>(stats.count[i]));
     }
   } while (running.load() > 0);
   for (auto& w : workers) w.join();

@@ -250,7 +250,7 @@ bool matches(std::vector<GroupColumns>& parts, const std::map<Key, Expected>& wa
       const auto it = want.find(keys[i]);
       if (it == want.end()) return false;
       const Expected& e = it->second;
-      ok = ok && p.count.data()[i] == e.count && p.sum.data()[i] == e.sum &&
+      ok = ok && static_cast<std::uint64_t>(p.count.data()[i]) == e.count && p.sum.data()[i] == e.sum &&
            p.min.data()[i] == e.min && p.max.data()[i] == e.max;
     }
   }
