@@ -32,7 +32,7 @@ PIPELINE: dict[str, Any] = {
     "full_checkpoint_every": 4,
     "keep_checkpoints": 2,
 }
-READ_PAUSE = 0.004  # per batch: stretches a run to ~0.5 s plus its checkpoints
+READ_PAUSE = 0.008  # per batch: stretches a whole run to ~1 s plus its checkpoints
 
 
 def crash_source() -> ArraySource:

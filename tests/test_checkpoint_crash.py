@@ -200,8 +200,8 @@ def _attack_pipeline(target: int, new_job: Any, seed: int) -> tuple[int, int, in
         lines, returncode = run_child_until_killed(args, delay, PIPELINE_CHILD)
         context = f"round {round_no} (seed {seed}, delay {delay:.3f} s): {lines}"
         assert lines[0] == f"ready {committed}", f"resumed elsewhere: {context}"
-        if lines[-1] == "done":
-            assert returncode == 0, context
+        if lines[-1] == "done":  # finished; the kill may have hit its interpreter's exit
+            assert returncode in (0, -signal.SIGKILL), context
             with np.load(args[0]) as results:
                 _assert_group_by(results, len(crash_source()), context)
             finished += 1
