@@ -17,7 +17,9 @@ itself never trusts it over the manifests.
 
 Recovery (:meth:`~ObjectStoreCheckpointer.recover`) tries the newest checkpoint first,
 verifies every byte against the manifest's SHA-256 digests, rebuilds delta partitions along
-the ``parent_id`` chain, and falls back to older checkpoints on any failure.
+the ``parent_id`` chain (or, with ``rebuild=False``, hands back each verified chain, a full
+snapshot and its deltas in order, for a caller whose state applies deltas in place), and
+falls back to older checkpoints on any failure.
 
 Deltas. A partition artifact saved with ``is_delta=True`` holds the changes since the same
 partition in the parent checkpoint. Recovery rebuilds the partition as
