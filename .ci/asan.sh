@@ -11,7 +11,7 @@ rm -rf "$pkg"
 mkdir -p "$pkg"
 cp -r python/streamstate "$pkg/"
 rm -f "$pkg"/streamstate/_core*.so
-.venv/bin/python -m pip install -q ninja cmake pybind11
+.venv/bin/python -m pip install -q --group native   # cmake, ninja, pybind11 (pyproject.toml)
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTREAMSTATE_SANITIZE=ON \
   -DSTREAMSTATE_DEV_OUTPUT_DIR="$PWD/$pkg/streamstate" \
   -Dpybind11_DIR="$(.venv/bin/python -m pybind11 --cmakedir)" \

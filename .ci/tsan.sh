@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build=build/tsan
-.venv/bin/python -m pip install -q ninja cmake pybind11
+.venv/bin/python -m pip install -q --group native   # cmake, ninja, pybind11 (pyproject.toml)
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTREAMSTATE_SANITIZE_THREAD=ON \
   -DSTREAMSTATE_DEV_OUTPUT_DIR="$PWD/$build/module" \
   -Dpybind11_DIR="$(.venv/bin/python -m pybind11 --cmakedir)" \

@@ -87,7 +87,7 @@ def print_table(rows: Sequence[Row], title: str | None = None) -> None:
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     if title:
         print(f"\n## {title}")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for c in cells:
-        print("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |")
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + " |")

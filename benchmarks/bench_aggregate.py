@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import median_seconds, row  # noqa: E402
+from _harness import median_seconds, row
 
 try:
     import streamstate as ss

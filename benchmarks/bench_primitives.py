@@ -17,10 +17,10 @@ import lz4.block
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Row, gb_per_s, interleaved_medians, print_table, row  # noqa: E402
+from _harness import Row, gb_per_s, interleaved_medians, print_table, row
 
-import streamstate  # noqa: E402
-from streamstate import _core  # noqa: E402
+import streamstate
+from streamstate import _core
 
 
 def _realistic_bytes(size: int, seed: int = 0) -> bytes:
@@ -59,10 +59,12 @@ def bench_lz4(quick: bool) -> list[Row]:
         blob = lz4.block.compress(data, store_size=True)
         c_ours, c_theirs, d_ours, d_theirs = interleaved_medians(
             [
-                lambda: [streamstate.lz4_compress(data) for _ in range(loops)],
-                lambda: [lz4.block.compress(data, store_size=True) for _ in range(loops)],
-                lambda: [streamstate.lz4_decompress(blob) for _ in range(loops)],
-                lambda: [lz4.block.decompress(blob) for _ in range(loops)],
+                lambda data=data, loops=loops: [streamstate.lz4_compress(data) for _ in range(loops)],
+                lambda data=data, loops=loops: [
+                    lz4.block.compress(data, store_size=True) for _ in range(loops)
+                ],
+                lambda blob=blob, loops=loops: [streamstate.lz4_decompress(blob) for _ in range(loops)],
+                lambda blob=blob, loops=loops: [lz4.block.decompress(blob) for _ in range(loops)],
             ],
             repeats=3 if quick else 9,
         )
@@ -82,8 +84,10 @@ def bench_sha256(quick: bool) -> list[Row]:
         loops = max(1, (32 << 20) // size) if not quick else 4
         ours, theirs = interleaved_medians(
             [
-                lambda: [streamstate.sha256_hex(data) for _ in range(loops)],
-                lambda: [hashlib.sha256(data).hexdigest() for _ in range(loops)],
+                lambda data=data, loops=loops: [streamstate.sha256_hex(data) for _ in range(loops)],
+                lambda data=data, loops=loops: [
+                    hashlib.sha256(data).hexdigest() for _ in range(loops)
+                ],
             ],
             repeats=3 if quick else 7,
         )

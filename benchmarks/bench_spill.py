@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import row  # noqa: E402
+from _harness import row
 
 MiB = 1 << 20
 FULL_ROWS = 20_000_000

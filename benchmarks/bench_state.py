@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import timed  # noqa: E402
+from _harness import timed
 
-from streamstate import InMemoryStateBackend  # noqa: E402
+from streamstate import InMemoryStateBackend
 
 Row = dict[str, Any]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import Row  # noqa: E402
+from _harness import Row
 
 
 def discover(only: list[str] | None) -> list[str]:
@@ -69,10 +69,10 @@ def render(sections: list[tuple[str, list[Row]]]) -> str:
                 ]
             )
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for c in cells:
-        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |")
+        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + " |")
     return "\n".join(lines)
 
 
@@ -92,7 +92,7 @@ def main() -> int:
         try:
             module = importlib.import_module(name)
             rows = module.run(quick=args.quick)
-        except Exception:
+        except Exception:  # noqa: BLE001  (report the failed script, run the others)
             traceback.print_exc()
             failed.append(name)
             continue

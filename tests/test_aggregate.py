@@ -7,8 +7,8 @@ import math
 import struct
 import threading
 import time
-from typing import Any
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ import streamstate as ss
 from streamstate import _core
 from streamstate.codec import RecordKind, decode_records, encode_records
 from streamstate.stats import Stats
+from streamstate.testing import assert_snapshot_roundtrip, run_operations, store_operations
 
 # ----------------------------------------------------------------------------------------
 # Opaque store: the reference design's behaviours
@@ -914,3 +915,52 @@ def test_memory_bytes_grows_with_keys() -> None:
     before = opaque.memory_bytes()
     opaque.publish_many(0, [str(i).encode() for i in range(1000)], [b"x" * 100] * 1000)
     assert opaque.memory_bytes() > before + 1000 * 100
+
+
+# ----------------------------------------------------------------------------------------
+# Byte-string keys are byte strings (issue 14): integers are refused, never reinterpreted
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [np.array([1, 2]), [np.int64(1), np.int64(2)], np.array([1.5, 2.5]), [1, 2]],
+    ids=["int64-array", "numpy-ints", "float-array", "python-ints"],
+)
+def test_bytes_store_refuses_numeric_keys(keys: Any) -> None:
+    store = ss.NumericAggregateStore(1, key_type="bytes")
+    part = store.partition(0)
+    part.fold([b"a"], [1.0])
+    with pytest.raises(TypeError, match=r"keys\[0\].*bytes or str"):
+        part.fold(keys, [1.0, 2.0])
+    part.publish()
+    assert store.results()["key"] == [b"a"]  # nothing of the refused batch was folded
+    with pytest.raises(TypeError, match="key must be bytes or str"):
+        store.result(1)  # type: ignore[arg-type]
+
+
+def test_bytes_store_takes_buffers_of_single_bytes_as_keys() -> None:
+    store = ss.NumericAggregateStore(1, key_type="bytes")
+    store.partition(0).fold(
+        [bytearray(b"a"), memoryview(b"a"), np.frombuffer(b"a", dtype=np.uint8)], [1.0, 2.0, 3.0]
+    )
+    store.partition(0).publish()
+    got = store.result(b"a")
+    assert got is not None and got.count == 3
+
+
+def test_opaque_store_refuses_numeric_keys_but_takes_any_buffer_as_partial() -> None:
+    store = ss.AggregateStore(1)
+    with pytest.raises(TypeError, match=r"keys\[0\]"):
+        store.publish_many(0, np.array([1, 2]), [b"x", b"y"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="group_key"):
+        store.publish(np.int64(1), 0, b"x")  # type: ignore[arg-type]
+    assert store.is_empty()
+    store.publish_many(0, [b"k"], [np.array([1.5])])  # type: ignore[list-item]
+    assert store.get_partial(b"k", 0) == np.array([1.5]).tobytes()
+
+
+@given(st.data())
+def test_any_operation_sequence_leaves_a_store_that_round_trips(data: st.DataObject) -> None:
+    store = ss.NumericAggregateStore(3, data.draw(st.sampled_from(["int64", "bytes"])))
+    run_operations(store, data.draw(store_operations(store, extreme=True)))
+    assert_snapshot_roundtrip(store)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import streamstate
 from streamstate import CorruptDataError
 from streamstate.codec import RecordKind, decode_records, encode_records
+from streamstate.testing import assert_corruption_detected, record_snapshots
 
 records_strategy = st.lists(st.tuples(st.binary(max_size=64), st.binary(max_size=256)), max_size=40)
 
@@ -114,10 +115,17 @@ def test_record_kind_is_the_one_defined_in_the_core() -> None:
     assert RecordKind is _core.RecordKind and issubclass(RecordKind, enum.IntEnum)
     assert {k.name: int(k) for k in RecordKind} == {
         "USER": 0, "AGGREGATE_STORE": 1, "NUMERIC_AGGREGATE_STORE": 2, "STATE_BACKEND": 3,
-        "SPILL_RUN": 4, "DELTA": 0xDE17,
+        "SPILL_RUN": 4, "NUMERIC_AGGREGATE_STORE_DELTA": 5, "AGGREGATE_STORE_DELTA": 6,
+        "STATE_BACKEND_DELTA": 7, "DELTA": 0xDE17,
     }  # fmt: skip
     # What the C++ components write carries these tags.
     assert decode_records(streamstate.NumericAggregateStore(1).snapshot())[0] == (
         RecordKind.NUMERIC_AGGREGATE_STORE
     )
     assert decode_records(streamstate.encode_delta([]))[0] == RecordKind.DELTA
+
+
+@settings(max_examples=30)
+@given(record_snapshots(max_records=4, max_size=16))
+def test_any_container_detects_every_flip_and_truncation(blob: bytes) -> None:
+    assert_corruption_detected(decode_records, blob)

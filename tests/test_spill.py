@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import warnings
@@ -592,17 +596,189 @@ def test_spill_directory_vanishing_mid_run_raises_spill_error(tmp_path: Path) ->
 
 
 def test_disk_full_raises_spill_error(tmp_path: Path) -> None:
-    if not os.path.exists("/dev/full"):  # pragma: no cover - Linux has it
-        pytest.fail("/dev/full is needed to simulate a full disk")
-    agg = SpillingAggregator(64 * KiB, spill_dir=tmp_path, threads=1)
+    # A full disk: a 128 KiB tmpfs, mounted in a private user and mount namespace so no
+    # privilege is needed and nothing outlives the child. (Spill files are no longer
+    # opened through a symlink, so /dev/full cannot stand in for one.)
+    full = tmp_path / "full"
+    full.mkdir()
+    code = f"""
+        import os
+        import numpy as np
+        from streamstate import SpillError, SpillingAggregator
+        agg = SpillingAggregator(64 * 1024, spill_dir={str(full)!r}, threads=1)
+        try:
+            agg.accumulate_batch(np.arange(200_000, dtype=np.int64), np.ones(200_000))
+        except SpillError as exc:
+            print(exc.errno, exc.filename, exc, sep="\\n")
+        agg.close()
+        print(sorted(os.listdir({str(full)!r})))
+        """
+    mount = 'mount -t tmpfs -o size=128k tmpfs "$1" && exec "$2" -c "$3"'
+    try:
+        proc = subprocess.run(
+            [
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "sh",
+                "-c",
+                mount,
+                "sh",
+                str(full),
+                sys.executable,
+                textwrap.dedent(code),
+            ],
+            check=False,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except FileNotFoundError:  # pragma: no cover - util-linux is everywhere the tests run
+        pytest.skip("unshare(1) is needed to simulate a full disk")
+    if proc.returncode != 0 and ("unshare" in proc.stderr or "mount" in proc.stderr):
+        pytest.skip(f"no private mount namespace here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    errno_text, filename, message, left = proc.stdout.splitlines()
+    assert int(errno_text) == 28
+    assert "No space left" in message
+    assert "lane0-" in filename
+    assert left == "[]"
+
+
+# -- files: nobody else can redirect the spill files ------------------------------------
+
+OTHER_UID = 65534  # nobody
+
+
+def test_default_parent_owned_by_another_user_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"streamstate-spill-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    os.chown(shared, OTHER_UID, -1)
+    with pytest.raises(SpillError, match=f"owned by uid {OTHER_UID}") as info:
+        SpillingAggregator(64 * KiB)
+    assert info.value.filename == str(shared) and isinstance(info.value, StreamStateError)
+    assert listdir(shared) == []  # nothing was created where the other user could reach it
+
+    # Planted as a symlink to a directory of ours, or ours but open to everyone: refused.
+    os.chown(shared, os.getuid(), -1)
+    with pytest.raises(SpillError, match="writable by other users"):
+        SpillingAggregator(64 * KiB)
+    shared.rmdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    shared.symlink_to(target)
+    with pytest.raises(SpillError, match="symlink"):
+        SpillingAggregator(64 * KiB)
+    assert listdir(target) == []
+
+    # Absent, it is created private, and used.
+    shared.unlink()
+    with SpillingAggregator(64 * KiB) as agg:
+        spill_some(agg)
+        assert agg.spill_dir.parent == shared
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o700
+        assert stat.S_IMODE(agg.spill_dir.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "problem"),
+    [
+        (0o777, None, "writable by other users"),
+        (0o770, None, "writable by other users"),
+        (0o755, OTHER_UID, f"owned by uid {OTHER_UID}"),
+        (0o1777, OTHER_UID, f"owned by uid {OTHER_UID}"),  # its owner can still rename
+    ],
+)
+def test_spill_dir_others_can_write_is_refused(
+    mode: int, owner: int | None, problem: str, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    if owner is not None:
+        os.chown(shared, owner, -1)
+    with pytest.raises(SpillError, match=problem):
+        SpillingAggregator(64 * KiB, spill_dir=shared)
+    assert listdir(shared) == []
+
+
+def test_sticky_world_writable_spill_dir_is_accepted(tmp_path: Path) -> None:
+    # Like /tmp: others can write, but only we (and the directory's owner) can rename ours.
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    with SpillingAggregator(64 * KiB, spill_dir=sticky) as agg:
+        spill_some(agg)
+        assert stat.S_IMODE(agg.spill_dir.stat().st_mode) == 0o700
+    assert listdir(sticky) == []
+
+
+def test_symlink_planted_at_a_spill_file_name_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"the victim's data")
+    agg = SpillingAggregator(64 * KiB, spill_dir=tmp_path / "spill", threads=1)
     for i in range(4):  # the first spill files this lane will create
-        (agg.spill_dir / f"lane0-{i}.spill").symlink_to("/dev/full")
-    with pytest.raises(SpillError, match="No space left") as info:
+        (agg.spill_dir / f"lane0-{i}.spill").symlink_to(victim)
+    with pytest.raises(SpillError) as info:
         agg.accumulate_batch(np.arange(50_000, dtype=np.int64), np.ones(50_000))
-    assert info.value.errno == 28
-    assert "lane0-" in info.value.filename
+    assert info.value.errno == errno.EEXIST and "lane0-" in info.value.filename
+    assert victim.read_bytes() == b"the victim's data"
     agg.close()
-    assert listdir(tmp_path) == []
+    assert listdir(tmp_path / "spill") == []
+
+
+@pytest.mark.parametrize("then", ["append", "drain"])
+def test_spill_file_swapped_for_a_symlink_is_refused(then: str, tmp_path: Path) -> None:
+    keys, values = int_data(60_000, 30_000, seed=4)
+    agg = SpillingAggregator(64 * KiB, spill_dir=tmp_path / "spill", threads=1)
+    agg.accumulate_batch(keys[:30_000], values[:30_000])
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for f in spill_files(agg):  # same bytes, same size: only the symlink gives it away
+        copy = copies / f.name
+        copy.write_bytes(f.read_bytes())
+        f.unlink()
+        f.symlink_to(copy)
+    before = {c.name: c.read_bytes() for c in copies.iterdir()}
+    with pytest.raises(SpillError) as info:
+        if then == "append":
+            agg.accumulate_batch(keys[30_000:], values[30_000:])
+        else:
+            agg.drain()
+    assert info.value.errno == errno.ELOOP
+    assert {c.name: c.read_bytes() for c in copies.iterdir()} == before
+    agg.close()
+    assert listdir(tmp_path / "spill") == []
+
+
+def test_cleanup_leaves_other_users_and_symlinked_dirs_alone(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    marker = f"pid={done.stdout.strip()}\nstart=\nhost={socket.gethostname()}\n"
+    stale = {}
+    for name in ("mine", "theirs", "target"):
+        d = tmp_path / f"streamstate-spill-1-{name}" if name != "target" else tmp_path / name
+        d.mkdir()
+        (d / ".streamstate-spill").write_text(marker)
+        (d / "lane0-0.spill").write_bytes(b"data")
+        stale[name] = d
+    os.chown(stale["theirs"], OTHER_UID, -1)
+    link = tmp_path / "streamstate-spill-1-link"
+    link.symlink_to(stale["target"])
+    removed = cleanup_stale_spill_dirs(tmp_path)
+    assert removed == [stale["mine"]]  # a dead owner's directory of ours: swept
+    assert (stale["theirs"] / "lane0-0.spill").exists()
+    assert (stale["target"] / "lane0-0.spill").exists() and link.is_symlink()
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -664,3 +840,18 @@ def test_peak_rss_stays_within_the_limit(tmp_path: Path) -> None:
     assert peak_unlimited > 4 * limit
     assert acc_unlimited > limit + RSS_OVERHEAD_BYTES
     assert listdir(tmp_path) == []
+
+
+def test_bytes_keys_follow_the_stores_rules(tmp_path: Path) -> None:
+    # The same rule as NumericAggregateStore(key_type="bytes"): bytes, str and buffers of
+    # single bytes are keys; numbers (numpy integers included) are refused, not reinterpreted.
+    with SpillingAggregator(spill_dir=tmp_path, key_type="bytes") as agg:
+        agg.accumulate_batch([b"a", "a", bytearray(b"a"), memoryview(b"a")], [1.0, 2.0, 3.0, 4.0])
+        agg.accumulate(bytearray(b"a"), 5.0)  # type: ignore[arg-type]
+        for bad in (np.array([1, 2]), [np.int64(1), np.int64(2)]):
+            with pytest.raises(TypeError, match="index 0 must be bytes or str"):
+                agg.accumulate_batch(bad, [1.0, 2.0])
+        with pytest.raises(TypeError, match="key must be bytes or str"):
+            agg.accumulate(np.int64(1), 1.0)  # type: ignore[arg-type]
+        result = agg.drain()
+        assert result["key"] == [b"a"] and result["count"].tolist() == [5]

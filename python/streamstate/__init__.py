@@ -23,9 +23,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "streamstate's compiled core (streamstate._core) could not be imported: "
-        f"{exc}. Build and install it with `pip install .` (needs libtbb-dev, liblz4-dev and "
-        "libssl-dev: `apt-get install -y libtbb-dev liblz4-dev libssl-dev`), or for "
-        "development `pip install -e .`."
+        f"{exc}. A streamstate built from source loads the system's oneTBB, LZ4 and "
+        "OpenSSL at run time: install their runtime packages (Debian/Ubuntu: "
+        "`apt-get install -y libtbb12 liblz4-1 libssl3`). A manylinux wheel bundles them "
+        "and needs none; rebuilding from source (`pip install .`) also needs libtbb-dev, "
+        "liblz4-dev and libssl-dev."
     ) from exc
 
 from . import codec, serde
@@ -93,9 +95,9 @@ __all__ = [
     "SpillError",
     "SpillingAggregator",
     "StateBackend",
-    "StoreConfigurationError",
     "StatePartitionKey",
     "Stats",
+    "StoreConfigurationError",
     "StreamStateError",
     "__version__",
     "apply_record_delta",

@@ -11,21 +11,26 @@ are deleted after :meth:`~SpillingAggregator.drain`, on :meth:`~SpillingAggregat
 or exit from ``with``, when the aggregator is garbage-collected, and at interpreter exit.
 A process killed mid-spill leaves its private directory behind; the next aggregator
 created in the same place removes directories whose owner is no longer running.
+
+Nobody else can redirect the spill files: a parent directory that another user owns, or
+that group or others can write without the sticky bit, is refused with a
+:class:`~streamstate.SpillError`; the private directory is created atomically with mode
+0700; spill files are opened without following symlinks, and created exclusively.
 """
 
 from __future__ import annotations
 
-import operator
+import contextlib
+import errno
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
-
-import numpy as np
 
 from . import _core
 from .errors import SpillError
@@ -55,8 +60,6 @@ RSS_OVERHEAD_BYTES: int = 24 << 20
 
 _MARKER = ".streamstate-spill"
 _DIR_PREFIX = "streamstate-spill-"
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
 
 _DIAGNOSTICS = (
     "spill_count",
@@ -76,15 +79,45 @@ def _default_parent() -> Path:
     return Path(tempfile.gettempdir()) / f"streamstate-spill-{uid}"
 
 
+def _check_parent(parent: Path, *, default: bool) -> None:
+    """Refuse a parent another user could use to swap or redirect the spill directory.
+
+    Whoever can write to the parent (without the sticky bit) can rename the private
+    directory away and put a symlink in its place; its owner can do so even with the
+    sticky bit. So the parent must be a directory owned by this user (or root, as the
+    system temp dir is), and writable by group or others only with the sticky bit. The
+    default per-user parent must be a real directory (not a symlink) owned by this user.
+    """
+    uid = os.geteuid()
+    st = os.lstat(parent) if default else os.stat(parent)
+    problem = ""
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid and (default or st.st_uid != 0):
+        problem = f"is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        problem = f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}, no sticky bit)"
+    if problem:
+        hint = "remove it" if default else "pass a spill_dir only this user can write to"
+        raise SpillError(
+            errno.EPERM,
+            f"refusing to spill under '{parent}': it {problem}, so another user could "
+            f"redirect the spill files; {hint}",
+            str(parent),
+        )
+
+
 def _process_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (Linux), which tells a reused PID apart."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            raw = f.read()
     except OSError:
         return None
     # Fields after the parenthesised command name; starttime is field 22 overall.
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    fields = raw[raw.rfind(b")") + 2 :].split()
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -124,21 +157,38 @@ def cleanup_stale_spill_dirs(parent: str | os.PathLike[str] | None = None) -> li
         entries = list(root.iterdir())
     except OSError:
         return removed
+    uid = os.geteuid()
     for entry in entries:
-        marker = entry / _MARKER
-        if not entry.name.startswith(_DIR_PREFIX) or not marker.is_file():
+        if not entry.name.startswith(_DIR_PREFIX):
             continue
-        if not _owner_alive(marker):
+        try:
+            # Without following symlinks: only this user's own directories, each with a
+            # marker that is a regular file, never something another user placed here.
+            st, marker = os.lstat(entry), os.lstat(entry / _MARKER)
+        except OSError:
+            continue
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and stat.S_ISREG(marker.st_mode)):
+            continue
+        if not _owner_alive(entry / _MARKER):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
 
 
 def _make_private_dir(parent: Path) -> Path:
+    default = parent == _default_parent()
     try:
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if default:
+            with contextlib.suppress(FileExistsError):
+                parent.mkdir(mode=0o700)
+        else:
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_parent(parent, default=default)
         cleanup_stale_spill_dirs(parent)
+        # mkdtemp: a fresh name, created atomically with mode 0700 (never an existing one).
         path = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=parent))
+    except SpillError:
+        raise
     except OSError as exc:
         raise SpillError(
             exc.errno or 0,
@@ -147,10 +197,16 @@ def _make_private_dir(parent: Path) -> Path:
         ) from exc
     try:
         start = _process_start_time(os.getpid())
-        (path / _MARKER).write_text(
-            f"pid={os.getpid()}\nstart={'' if start is None else start}\n"
-            f"host={socket.gethostname()}\n"
+        marker = os.open(
+            path / _MARKER,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
         )
+        with os.fdopen(marker, "w") as f:
+            f.write(
+                f"pid={os.getpid()}\nstart={'' if start is None else start}\n"
+                f"host={socket.gethostname()}\n"
+            )
     except OSError as exc:
         shutil.rmtree(path, ignore_errors=True)
         raise SpillError(
@@ -196,20 +252,12 @@ class SpillingAggregator:
         nan_policy: NanPolicyName = "skip",
         threads: int | None = None,
     ) -> None:
-        if key_type not in ("int64", "bytes"):
-            raise ValueError(f"key_type must be 'int64' or 'bytes', got {key_type!r}")
-        if nan_policy not in ("skip", "propagate", "raise"):
+        # key_type, nan_policy, the limit's type and range are checked by the core, in one
+        # place for every binding; only the Python-side spellings (None) are mapped here.
+        if mem_limit_bytes == 0 and not isinstance(mem_limit_bytes, bool):
             raise ValueError(
-                f"nan_policy must be 'skip', 'propagate' or 'raise', got {nan_policy!r}"
+                f"mem_limit_bytes must be at least {MIN_MEM_LIMIT_BYTES} (64 KiB) or None, got 0"
             )
-        if mem_limit_bytes is not None:
-            if isinstance(mem_limit_bytes, bool) or not isinstance(mem_limit_bytes, int):
-                raise TypeError("mem_limit_bytes must be an int or None")
-            if mem_limit_bytes < MIN_MEM_LIMIT_BYTES:
-                raise ValueError(
-                    f"mem_limit_bytes must be at least {MIN_MEM_LIMIT_BYTES} (64 KiB), "
-                    f"got {mem_limit_bytes}"
-                )
         if threads is not None and (isinstance(threads, bool) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self._mem_limit = mem_limit_bytes
@@ -231,17 +279,7 @@ class SpillingAggregator:
 
     def accumulate(self, key: int | bytes | str, value: float) -> None:
         """Fold one row. For batches use :meth:`accumulate_batch` (far faster)."""
-        if self._key_type == "int64":
-            if isinstance(key, (bytes, str)):
-                raise TypeError(f"key must be an int for key_type='int64', got {key!r}")
-            k = operator.index(key)
-            if not _INT64_MIN <= k <= _INT64_MAX:
-                raise OverflowError(f"key {k} does not fit in int64")
-            self._core.accumulate(k, float(value))
-        else:
-            if not isinstance(key, (bytes, str)):
-                raise TypeError(f"key must be bytes or str for key_type='bytes', got {key!r}")
-            self._core.accumulate(key, float(value))
+        self._core.accumulate(key, value)
 
     def accumulate_batch(self, keys: Any, values: Any) -> None:
         """Fold a batch: ``keys`` an int64 array-like (or a sequence of bytes / str for
@@ -252,22 +290,7 @@ class SpillingAggregator:
         is folded. An I/O error while spilling raises :class:`~streamstate.SpillError` and
         closes the aggregator (the batch may have been partly folded).
         """
-        vals = np.asarray(values, dtype=np.float64)
-        if vals.ndim != 1:
-            raise ValueError(f"values must be one-dimensional, got shape {vals.shape}")
-        if self._key_type == "int64":
-            ks = np.asarray(keys)
-            if ks.ndim != 1:
-                raise ValueError(f"keys must be one-dimensional, got shape {ks.shape}")
-            if ks.size and ks.dtype.kind not in "iu":
-                raise TypeError(f"keys must be integers for key_type='int64', got dtype {ks.dtype}")
-            if ks.dtype == np.uint64 and ks.size and int(ks.max()) > _INT64_MAX:
-                raise OverflowError("a uint64 key does not fit in int64")
-            self._core.accumulate_batch(ks, vals)
-        else:
-            if isinstance(keys, (bytes, str)):
-                raise TypeError("keys must be a sequence of bytes or str, not a single key")
-            self._core.accumulate_batch(keys, vals)
+        self._core.accumulate_batch(keys, values)
 
     # -- results ---------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-// Included first by every binding file: the pybind11 namespace alias and the few helpers
-// that every binding needs to take Python buffers and hand back bytes without extra copies.
+// Included first by every binding file: the pybind11 namespace alias, releasing the GIL, and
+// handing back bytes without extra copies. Taking arguments: buffers.h (bytes and buffers),
+// arguments.h (scalars), arrays.h (numpy columns), key_dispatch.h (key_type, nan_policy).
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -20,6 +21,9 @@ inline constexpr std::size_t kReleaseGilThreshold = 8 * 1024;
 // A read-only view of any C-contiguous buffer (bytes, bytearray, memoryview, numpy array),
 // held for the view's lifetime without copying. Declare it before any gil_scoped_release:
 // the buffer must be released with the GIL held, which reverse destruction order guarantees.
+// While it is held a bytearray cannot be resized, but another thread may still change its
+// contents: only code that reads each byte once (checksums, copies, hashing) may use it
+// without the GIL. Decoders use ImmutableInput (buffers.h) instead.
 class BufferView {
  public:
   explicit BufferView(py::handle object) {
@@ -79,6 +83,9 @@ py::bytes bytes_filled_by(std::size_t capacity, std::size_t work_bytes, Fill&& f
   }
   return py::reinterpret_borrow<py::bytes>(result);
 }
+
+// Makes every class of the module refuse use before __init__ (see module.cpp).
+void refuse_uninitialized_instances(py::module_& m);
 
 // Registration entry points, one per concept; module.cpp calls them all.
 void register_errors(py::module_& m);

@@ -1,3 +1,4 @@
+#include "bindings/buffers.h"
 #include "bindings/prelude.h"
 #include "core/checkpoint_batch.h"
 #include "core/errors.h"
@@ -86,7 +87,8 @@ py::bytes encode_batch_py(const py::iterable& entries) {
 
 py::list decode_batch_py(const py::object& raw, const py::object& max_size) {
   const std::size_t max_body_size = size_limit_of(max_size, "decode_batch: max_size");
-  const BufferView buffer(raw);
+  // Decoded without the GIL: a copy (or immutable bytes) no other thread can change.
+  const ImmutableInput buffer(raw);
   std::optional<DecodedBatch> batch;
   {
     // Pure C++ over the pinned input buffer: validation, CRC and decompression.

@@ -1,3 +1,4 @@
+#include "bindings/buffers.h"
 #include "bindings/prelude.h"
 
 #include <pybind11/native_enum.h>
@@ -19,6 +20,9 @@ void register_record_codec(py::module_& m) {
       .value("NUMERIC_AGGREGATE_STORE", RecordKind::kNumericAggregateStore)
       .value("STATE_BACKEND", RecordKind::kStateBackend)
       .value("SPILL_RUN", RecordKind::kSpillRun)
+      .value("NUMERIC_AGGREGATE_STORE_DELTA", RecordKind::kNumericAggregateStoreDelta)
+      .value("AGGREGATE_STORE_DELTA", RecordKind::kAggregateStoreDelta)
+      .value("STATE_BACKEND_DELTA", RecordKind::kStateBackendDelta)
       .value("DELTA", RecordKind::kDelta, "an incremental checkpoint (streamstate.delta)")
       .finalize();
   m.def(
@@ -52,7 +56,8 @@ void register_record_codec(py::module_& m) {
   m.def(
       "decode_records",
       [](const py::object& data) {
-        const BufferView buffer(data);
+        // Decoded without the GIL: a copy (or immutable bytes) no other thread can change.
+        const ImmutableInput buffer(data);
         std::unique_ptr<RecordReader> reader;
         {
           const MaybeReleaseGil release(buffer.size());

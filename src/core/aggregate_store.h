@@ -23,36 +23,18 @@
 #include <vector>
 
 #include <oneapi/tbb/concurrent_hash_map.h>
+#include <oneapi/tbb/rw_mutex.h>
 
-#include "core/flat_table.h"
+#include "core/hash.h"
 
 namespace streamstate {
 
-// A shared/exclusive lock that prefers the exclusive side: glibc's rwlock lets a steady
-// stream of readers (publishers) starve a writer (snapshot) forever, so an exclusive locker
-// first takes `gate_` and holds it, and every new shared locker passes through `gate_`.
-// Shared lockers pay one uncontended mutex round trip per call (per batch, not per row).
-class EpochLock {
- public:
-  void lock_shared() {
-    { const std::lock_guard<std::mutex> pass(gate_); }
-    rw_.lock_shared();
-  }
-  void unlock_shared() noexcept { rw_.unlock_shared(); }
-  void lock() {
-    gate_.lock();
-    rw_.lock();
-  }
-  void unlock() noexcept {
-    rw_.unlock();
-    gate_.unlock();
-  }
-
- private:
-  std::mutex gate_;
-  std::shared_mutex rw_;
-};
-
+// The store-wide epoch lock: shared for publishers and point reads, exclusive for the
+// operations that walk or resize the whole map. oneTBB's rw_mutex prefers the exclusive
+// side (a waiting snapshot holds back new publishers; glibc's rwlock lets a steady stream
+// of them starve it forever) and sleeps instead of spinning once a wait gets long. Its
+// state is an atomic in this header, so ThreadSanitizer sees every acquire and release.
+using EpochLock = tbb::rw_mutex;
 using SharedEpoch = std::shared_lock<EpochLock>;
 using ExclusiveEpoch = std::unique_lock<EpochLock>;
 
@@ -115,7 +97,7 @@ class AggregateStore {
   struct EntryHash {
     using is_transparent = void;
     [[nodiscard]] static std::size_t hash_of(std::string_view group, std::uint32_t partition) {
-      return static_cast<std::size_t>(mix64(hash_bytes(group) + partition));
+      return static_cast<std::size_t>(hash_u64(hash_bytes(group), partition));
     }
     [[nodiscard]] std::size_t hash(const EntryKey& k) const { return hash_of(k.group, k.partition); }
     [[nodiscard]] std::size_t hash(const EntryKeyView& k) const {

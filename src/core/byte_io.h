@@ -40,25 +40,28 @@ inline void store_u32(char* dst, std::uint32_t v) noexcept {
   for (int i = 0; i < 4; ++i) dst[i] = static_cast<char>((v >> (8 * i)) & 0xff);
 }
 
+namespace byte_io_detail {
+// Copies n bytes, sizeof(Word) <= n <= 2 * sizeof(Word), as two overlapping word moves.
+template <class Word>
+inline void copy_two_words(char* dst, const char* src, std::size_t n) noexcept {
+  Word head;
+  Word tail;
+  std::memcpy(&head, src, sizeof(Word));
+  std::memcpy(&tail, src + n - sizeof(Word), sizeof(Word));
+  std::memcpy(dst, &head, sizeof(Word));
+  std::memcpy(dst + n - sizeof(Word), &tail, sizeof(Word));
+}
+}  // namespace byte_io_detail
+
 // Keys and values are mostly a few bytes long, where a call to memcpy costs more than the
 // copy; two overlapping word moves cover 1..16 bytes without a loop or a call.
 inline void copy_bytes(char* dst, const char* src, std::size_t n) noexcept {
   if (n > 16) {
     std::memcpy(dst, src, n);
   } else if (n >= 8) {
-    std::uint64_t head;
-    std::uint64_t tail;
-    std::memcpy(&head, src, 8);
-    std::memcpy(&tail, src + n - 8, 8);
-    std::memcpy(dst, &head, 8);
-    std::memcpy(dst + n - 8, &tail, 8);
+    byte_io_detail::copy_two_words<std::uint64_t>(dst, src, n);
   } else if (n >= 4) {
-    std::uint32_t head;
-    std::uint32_t tail;
-    std::memcpy(&head, src, 4);
-    std::memcpy(&tail, src + n - 4, 4);
-    std::memcpy(dst, &head, 4);
-    std::memcpy(dst + n - 4, &tail, 4);
+    byte_io_detail::copy_two_words<std::uint32_t>(dst, src, n);
   } else if (n > 0) {
     dst[0] = src[0];
     dst[n / 2] = src[n / 2];

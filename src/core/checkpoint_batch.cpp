@@ -27,7 +27,10 @@ namespace {
 // Bodies are built (encode) or decompressed (decode) in a scratch buffer. A fresh multi-MiB
 // allocation pays a page fault per 4 KiB on first touch, which costs as much as the LZ4 work
 // itself, and a batcher handles bodies of similar size every few seconds; so each thread
-// keeps its largest recent buffer, up to this size, for the next call.
+// keeps its largest recent buffer, up to this size, for the next call. Measured against a
+// fresh buffer per call (18 MB batch of 300 record containers, medians of 11 interleaved
+// runs): encode_batch 1.33x faster; decode_batch 0.90x (its buffer lives on in the
+// DecodedBatch, so the next call rarely finds it spare). Kept for the encode side.
 constexpr std::size_t kScratchRetainLimit = std::size_t{128} << 20;
 
 struct Scratch {

@@ -18,25 +18,6 @@ constexpr std::size_t kAhead = 16;
 constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead, reused
 static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
 
-// Uninitialised, huge-page-advised scratch memory for the scatter passes (every element
-// is written before it is read, so zero-filling it would be wasted work).
-template <class T>
-class Scratch {
- public:
-  explicit Scratch(std::size_t n) : n_(n), data_(flat_detail::HugePageAllocator<T>().allocate(n)) {}
-  ~Scratch() { flat_detail::HugePageAllocator<T>().deallocate(data_, n_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  Scratch(Scratch&&) = delete;
-  Scratch& operator=(Scratch&&) = delete;
-  [[nodiscard]] T* data() noexcept { return data_; }
-  T& operator[](std::size_t i) noexcept { return data_[i]; }
-
- private:
-  std::size_t n_;
-  T* data_;
-};
-
 }  // namespace
 
 bool any_nan(const double* values, std::size_t n) noexcept {
@@ -64,8 +45,13 @@ constexpr std::size_t kScatterMaxRows = std::size_t{1} << 22;
 // table switches to scattering part way through.
 constexpr std::size_t kRowSlice = std::size_t{1} << 16;
 
+// A drained shard up to this size keeps its memory: per-batch publishes of a hot set then
+// refill the same tables without regrowing them, while a shard that held a big load (a
+// first load of 1M keys) frees it, since those partials now live in the shared map.
+constexpr std::size_t kKeepDrainedEntries = 1024;
+
 template <class K>
-std::size_t PartitionAggregator<K>::pending() const noexcept {
+std::size_t PartitionAggregator<K>::changed() const noexcept {
   std::size_t n = 0;
   for (const Shard& sh : shards_) {
     n += sh.table.size() - sh.watermark;
@@ -91,8 +77,17 @@ std::size_t PartitionAggregator<K>::memory_bytes() const noexcept {
 }
 
 template <class K>
+void PartitionAggregator<K>::collect_all(std::vector<std::uint64_t>& out) const {
+  out.reserve(out.size() + size());
+  for (std::size_t s = 0; s < kShards; ++s) {
+    const std::uint64_t base = static_cast<std::uint64_t>(s) << kIndexBits;
+    for (std::size_t i = 0; i < shards_[s].table.size(); ++i) out.push_back(base | i);
+  }
+}
+
+template <class K>
 void PartitionAggregator<K>::collect_changes(std::vector<std::uint64_t>& out) const {
-  out.reserve(out.size() + pending());
+  out.reserve(out.size() + changed());
   for (std::size_t s = 0; s < kShards; ++s) {
     const Shard& sh = shards_[s];
     const std::uint64_t base = static_cast<std::uint64_t>(s) << kIndexBits;
@@ -106,11 +101,42 @@ void PartitionAggregator<K>::collect_changes(std::vector<std::uint64_t>& out) co
 }
 
 template <class K>
-void PartitionAggregator<K>::forget_changes() {
+void PartitionAggregator<K>::forget_changes() noexcept {
   for (Shard& sh : shards_) {
     sh.watermark = sh.table.size();
-    sh.changed.assign((sh.watermark + 63) / 64, 0);
+    // The bitmap only ever covers entries below the watermark; zeroing in place keeps its
+    // memory (a capture must not allocate after the point of no return).
+    const std::size_t words = (sh.watermark + 63) / 64;
+    if (sh.changed.capacity() >= words) {
+      sh.changed.resize(words);
+      std::fill(sh.changed.begin(), sh.changed.end(), std::uint64_t{0});
+    } else {
+      sh.changed.clear();
+      sh.watermark = 0;  // no room for the bitmap: count every entry as changed instead
+      try {
+        sh.changed.assign(words, 0);
+        sh.watermark = sh.table.size();
+      } catch (...) {
+        // Allocation failed: the entries stay "new", so the next delta repeats them.
+      }
+    }
   }
+  drained_ = false;
+}
+
+template <class K>
+void PartitionAggregator<K>::drain() noexcept {
+  for (Shard& sh : shards_) {
+    if (sh.table.size() <= kKeepDrainedEntries) {
+      sh.table.clear();
+    } else {
+      sh.table.release();
+      std::vector<std::uint64_t>().swap(sh.changed);
+    }
+    sh.changed.clear();
+    sh.watermark = 0;
+  }
+  drained_ = true;
 }
 
 template <class K>
@@ -120,6 +146,15 @@ void PartitionAggregator<K>::replace(std::vector<Table>&& tables) noexcept {
     shards_[s].changed.clear();
     shards_[s].watermark = 0;
   }
+  forget_changes();
+}
+
+template <class K>
+void PartitionAggregator<K>::assign(View key, const Moments& m) {
+  const std::uint64_t h = K::hash(key);
+  Shard& sh = shards_[shard_of(h)];
+  const std::size_t idx = emplace_in(sh, key, h);
+  sh.table.value_at(idx) = m;
 }
 
 template <class K>
@@ -153,24 +188,26 @@ void PartitionAggregator<K>::fold(const View* keys, const double* values, std::s
       return;
     }
   }
+  if (has_nan) {
+    fold_sliced<true>(keys, values, n);  // kSkip: NaN rows are left out
+  } else {
+    fold_sliced<false>(keys, values, n);
+  }
+}
+
+template <class K>
+template <bool kSkipNan>
+void PartitionAggregator<K>::fold_sliced(const View* keys, const double* values, std::size_t n) {
   std::size_t done = 0;
   while (done < n) {
     const std::size_t left = n - done;
     if (size() >= kScatterMinKeys && left >= kRowSlice) {
       const std::size_t chunk = left < kScatterMaxRows ? left : kScatterMaxRows;
-      if (has_nan) {
-        fold_scattered<true>(keys + done, values + done, chunk);
-      } else {
-        fold_scattered<false>(keys + done, values + done, chunk);
-      }
+      fold_scattered<kSkipNan>(keys + done, values + done, chunk);
       done += chunk;
     } else {
       const std::size_t chunk = left < kRowSlice ? left : kRowSlice;
-      if (has_nan) {
-        fold_rows<true>(keys + done, values + done, chunk);
-      } else {
-        fold_rows<false>(keys + done, values + done, chunk);
-      }
+      fold_rows<kSkipNan>(keys + done, values + done, chunk);
       done += chunk;
     }
   }
@@ -212,7 +249,7 @@ template <bool kSkipNan>
 void PartitionAggregator<K>::fold_scattered(const View* keys, const double* values,
                                             std::size_t n) {
   // Pass 1: each row's shard (one byte a row) and the shard sizes.
-  Scratch<std::uint8_t> shard_ids(n);
+  HugePageBuffer<std::uint8_t> shard_ids(n);
   std::size_t start[kShards + 1] = {};
   for (std::size_t i = 0; i < n; ++i) {
     if constexpr (kSkipNan) {
@@ -224,7 +261,7 @@ void PartitionAggregator<K>::fold_scattered(const View* keys, const double* valu
   }
   for (std::size_t s = 0; s < kShards; ++s) start[s + 1] += start[s];
   // Pass 2: scatter the rows into one contiguous run per shard (streaming writes).
-  Scratch<Row> rows(start[kShards]);
+  HugePageBuffer<Row> rows(start[kShards]);
   std::size_t at[kShards];
   std::copy(start, start + kShards, at);
   for (std::size_t i = 0; i < n; ++i) {

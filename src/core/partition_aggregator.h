@@ -10,78 +10,23 @@
 #include <string_view>
 #include <vector>
 
-#include "core/byte_io.h"
 #include "core/flat_table.h"
+#include "core/key_traits.h"
 #include "core/stats.h"
 
 namespace streamstate {
 
-// Key flavours of the numeric store. `View` is what a fold receives and what lookups take;
-// `Key` is the owned form the shared map stores; `KeyColumn` is how result_columns() hands
-// keys out.
-struct Int64Keys {
-  using Key = std::int64_t;
-  using View = std::int64_t;
-  using Table = Int64FlatTable<Moments>;
-  struct KeyColumn {
-    std::vector<std::int64_t> keys;
-    void reserve(std::size_t n) { keys.reserve(n); }
-    void push_back(View k) { keys.push_back(k); }
-    [[nodiscard]] std::size_t size() const noexcept { return keys.size(); }
-  };
-  static constexpr std::uint8_t kTag = 0;
-  static constexpr std::string_view kName = "int64";
-
-  static void encode(std::string& out, View k) { put_u64(out, static_cast<std::uint64_t>(k)); }
-  [[nodiscard]] static View decode(ByteReader& in) { return static_cast<std::int64_t>(in.u64()); }
-  [[nodiscard]] static std::size_t encoded_size(View /*k*/) noexcept { return 8; }
-  [[nodiscard]] static View view_of(const Key& k) noexcept { return k; }
-  [[nodiscard]] static std::uint64_t hash(View k) noexcept {
-    return mix64(static_cast<std::uint64_t>(k));
-  }
-  [[nodiscard]] static bool less(View a, View b) noexcept { return a < b; }
-};
-
-struct BytesKeys {
-  using Key = std::string;
-  using View = std::string_view;
-  using Table = BytesFlatTable<Moments>;
-  // All keys back to back plus end offsets: one allocation instead of one per key.
-  struct KeyColumn {
-    std::string bytes;
-    std::vector<std::size_t> ends;
-    void reserve(std::size_t n) { ends.reserve(n); }
-    void push_back(View k) {
-      bytes.append(k);
-      ends.push_back(bytes.size());
-    }
-    [[nodiscard]] std::size_t size() const noexcept { return ends.size(); }
-  };
-  static constexpr std::uint8_t kTag = 1;
-  static constexpr std::string_view kName = "bytes";
-
-  static void encode(std::string& out, View k) {
-    put_u32(out, static_cast<std::uint32_t>(k.size()));
-    out.append(k);
-  }
-  [[nodiscard]] static View decode(ByteReader& in) { return in.take(in.u32()); }
-  [[nodiscard]] static std::size_t encoded_size(View k) noexcept { return 4 + k.size(); }
-  [[nodiscard]] static View view_of(const Key& k) noexcept { return k; }
-  [[nodiscard]] static std::uint64_t hash(View k) noexcept { return hash_bytes(k); }
-  [[nodiscard]] static bool less(View a, View b) noexcept { return a < b; }
-};
-
-// Adds a value known not to be NaN: the same result as Moments::add, minus the NaN tests
-// (a NaN already in min/max stays, because every comparison with it is false).
+// Adds a value known not to be NaN: Moments::add minus its NaN test. The min and max it
+// computes anyway tell whether the value and the partial are ordinary (finite, below
+// Moments::kHuge), which keeps the common case to two extra comparisons.
 inline void add_number(Moments& m, double x) noexcept {
-  if (m.count == 0) m.shift = x;
-  const double d = x - m.shift;
-  ++m.count;
-  m.sum += x;
-  m.dsum += d;
-  m.dsq += d * d;
-  m.min = x < m.min ? x : m.min;
-  m.max = x > m.max ? x : m.max;
+  const double lo = x < m.min ? x : m.min;
+  const double hi = x > m.max ? x : m.max;
+  if (lo > -Moments::kHuge && hi < Moments::kHuge) [[likely]] {
+    m.add_ordinary(x, lo, hi);
+  } else {
+    m.add_extreme(x);
+  }
 }
 
 // True when any of the n values is NaN (one vectorisable pass, cheap next to the fold).
@@ -97,7 +42,7 @@ template <class K>
 class PartitionAggregator {
  public:
   using View = typename K::View;
-  using Table = typename K::Table;
+  using Table = FlatTable<K, Moments>;
 
   static constexpr unsigned kShardBits = 7;
   static constexpr std::size_t kShards = std::size_t{1} << kShardBits;
@@ -118,15 +63,27 @@ class PartitionAggregator {
   // kPropagate folds them (the key's sum/mean/min/max/var become NaN).
   void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy);
 
+  // What the tables hold is only what was folded since the last publish: publish merges
+  // every entry into the shared map and then drain()s the tables, so a key's published
+  // partial lives in one place. Change tracking is for captures (snapshot / delta): it
+  // records what changed since the last forget_changes().
+
+  // Appends the Refs of every entry (what a publish pushes).
+  void collect_all(std::vector<std::uint64_t>& out) const;
   // Appends the Refs of entries changed since the last forget_changes().
   void collect_changes(std::vector<std::uint64_t>& out) const;
-
-  // Marks everything as published. Call only once the changes are safely pushed:
-  // publishing the same partial twice is harmless, losing one is not.
-  void forget_changes();
+  // Marks everything as captured.
+  void forget_changes() noexcept;
+  // Empties the tables after a publish. Small shards keep their memory for the next
+  // interval's keys; big ones give it back (a key's partial now lives in the shared map).
+  void drain() noexcept;
+  // True once drain() ran since the last forget_changes(): a delta must then tell the
+  // reader to empty this partition's tables before applying its entries.
+  [[nodiscard]] bool drained_since_capture() const noexcept { return drained_; }
 
   // Entries changed since the last forget_changes (new keys plus updated ones).
-  [[nodiscard]] std::size_t pending() const noexcept;
+  [[nodiscard]] std::size_t changed() const noexcept;
+  // Entries held (all waiting for the next publish).
   [[nodiscard]] std::size_t size() const noexcept;
   [[nodiscard]] std::size_t memory_bytes() const noexcept;
 
@@ -141,14 +98,19 @@ class PartitionAggregator {
   void prefetch(Ref r) const noexcept { table_of(r).prefetch_index(index_of(r)); }
 
   // Replaces the contents (restore) with kShards tables whose keys each hash to their
-  // shard. Every entry counts as changed, so the next publish re-pushes them all, which is
-  // idempotent.
+  // shard; nothing counts as changed afterwards.
   void replace(std::vector<Table>&& tables) noexcept;
+  // Sets the key's entry to `m` (a delta being applied; the caller checked the shard has
+  // room). Not tracked as a change.
+  void assign(View key, const Moments& m);
+  [[nodiscard]] std::size_t shard_size(std::size_t s) const noexcept {
+    return shards_[s].table.size();
+  }
 
  private:
   struct Shard {
     Table table;
-    // Entries [0, watermark) existed at the last publish; a set bit marks one changed
+    // Entries [0, watermark) existed at the last capture; a set bit marks one changed
     // since. Entries from watermark on are new and implicitly changed.
     std::vector<std::uint64_t> changed;
     std::size_t watermark = 0;
@@ -170,6 +132,9 @@ class PartitionAggregator {
   // Inserts or finds the key in its shard; enforces the per-shard entry limit.
   std::size_t emplace_in(Shard& shard, View key, std::uint64_t hash);
 
+  // Row by row while the table is small, shard by shard once it is big.
+  template <bool kSkipNan>
+  void fold_sliced(const View* keys, const double* values, std::size_t n);
   template <bool kSkipNan>
   void fold_rows(const View* keys, const double* values, std::size_t n);
   template <bool kSkipNan>
@@ -177,6 +142,7 @@ class PartitionAggregator {
   void fold_with_nan(const View* keys, const double* values, std::size_t n);
 
   std::vector<Shard> shards_;
+  bool drained_ = false;
 };
 
 extern template class PartitionAggregator<Int64Keys>;

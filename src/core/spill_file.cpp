@@ -42,6 +42,22 @@ void close_fd(int& fd) noexcept {
   fd = -1;
 }
 
+// O_NOFOLLOW refuses a symlink; this refuses what else could stand in for a spill file (a
+// FIFO, a device, another user's file hard-linked in): EPERM, as for a refused open.
+void require_own_file(int fd, const std::string& path) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw_io("stat spill file", path, errno);
+  if (!S_ISREG(st.st_mode) || st.st_uid != ::geteuid() || st.st_nlink != 1) {
+    throw SpillIoError("spill: '" + path + "' is not a spill file this process wrote (a " +
+                           (S_ISREG(st.st_mode) ? "file of uid " + std::to_string(st.st_uid) +
+                                                      " with " + std::to_string(st.st_nlink) +
+                                                      " links"
+                                                : std::string("non-regular file")) +
+                           "); refusing to use it",
+                       path, EPERM);
+  }
+}
+
 }  // namespace
 
 bool spill_is_singleton(const Moments& m) noexcept {
@@ -90,38 +106,54 @@ void spill_encode_record(std::string& out, std::string_view key, const Moments& 
 // SpillRunWriter
 
 SpillRunWriter::SpillRunWriter(std::string path, SpillKeyType key_type, std::string& buffer,
-                               std::size_t block_bytes)
+                               std::size_t block_bytes, std::uint64_t existing_size)
     : path_(std::move(path)), buffer_(buffer), block_bytes_(block_bytes) {
-  // O_NOFOLLOW is not used on purpose: the directory is private to this aggregator.
-  fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  const bool create = existing_size == 0;
+  fd_ = create ? ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600)
+               : ::open(path_.c_str(), O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC);
   if (fd_ < 0) throw_io("open spill file", path_, errno);
-  struct stat st {};
-  if (::fstat(fd_, &st) != 0) {
-    const int error = errno;
-    close_fd(fd_);
-    throw_io("stat spill file", path_, error);
-  }
-  start_size_ = static_cast<std::uint64_t>(st.st_size);
-  if (start_size_ == 0) {
-    try {
+  try {
+    if (!create) {
+      require_own_file(fd_, path_);
+      struct stat st {};
+      if (::fstat(fd_, &st) != 0) throw_io("stat spill file", path_, errno);
+      if (static_cast<std::uint64_t>(st.st_size) != existing_size) {
+        throw CorruptDataError("spill file '" + path_ + "' is damaged: it is " +
+                               std::to_string(st.st_size) + " bytes but " +
+                               std::to_string(existing_size) + " were written");
+      }
+      start_size_ = existing_size;
+    } else {
       write_all(file_header(key_type));
-    } catch (...) {
-      [[maybe_unused]] const int rc = ::ftruncate(fd_, 0);
-      close_fd(fd_);
-      throw;
     }
+  } catch (...) {
+    // A file that is not what earlier runs left is not touched, only let go.
+    if (create) {
+      discard_run();
+    } else {
+      close_fd(fd_);
+    }
+    throw;
   }
   start_block();
 }
 
 SpillRunWriter::~SpillRunWriter() {
-  if (!finished_ && fd_ >= 0) {
-    // Unwinding from a failed write: drop the partial run so the file still holds only
-    // whole runs. Best effort; the aggregator is poisoned after an I/O error anyway.
+  // Unwinding from a failed write: drop the partial run so the file still holds only
+  // whole runs. Best effort; the aggregator is poisoned after an I/O error anyway.
+  if (!finished_ && fd_ >= 0) discard_run();
+  buffer_.clear();
+}
+
+void SpillRunWriter::discard_run() noexcept {
+  if (start_size_ == 0) {
+    // Created by this run: by name, but the name is ours (created exclusively, in a
+    // directory only this user can write).
+    ::unlink(path_.c_str());
+  } else if (fd_ >= 0) {
     [[maybe_unused]] const int rc = ::ftruncate(fd_, static_cast<off_t>(start_size_));
   }
   close_fd(fd_);
-  buffer_.clear();
 }
 
 void SpillRunWriter::start_block() {
@@ -166,10 +198,14 @@ std::uint64_t SpillRunWriter::finish() {
   // close() can report a deferred write error (NFS, quota): that run did not make it.
   if (::close(fd) != 0 && errno != EINTR) {
     const int error = errno;
-    const int again = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC);
-    if (again >= 0) {
-      [[maybe_unused]] const int rc = ::ftruncate(again, static_cast<off_t>(start_size_));
-      ::close(again);
+    if (start_size_ == 0) {
+      ::unlink(path_.c_str());
+    } else {
+      const int again = ::open(path_.c_str(), O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+      if (again >= 0) {
+        [[maybe_unused]] const int rc = ::ftruncate(again, static_cast<off_t>(start_size_));
+        ::close(again);
+      }
     }
     throw_io("close spill file", path_, error);
   }
@@ -184,8 +220,14 @@ std::uint64_t SpillRunWriter::finish() {
 SpillFileReader::SpillFileReader(std::string path, SpillKeyType key_type, std::string& buffer,
                                  std::uint64_t expected_size)
     : path_(std::move(path)), key_type_(key_type), buffer_(buffer) {
-  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (fd_ < 0) throw_io("open spill file", path_, errno);
+  try {
+    require_own_file(fd_, path_);
+  } catch (...) {
+    close_fd(fd_);
+    throw;
+  }
   struct stat st {};
   if (::fstat(fd_, &st) != 0) {
     const int error = errno;

@@ -48,15 +48,20 @@ inline constexpr std::uint8_t kSpillTagPartial = 2;
 void spill_encode_record(std::string& out, std::int64_t key, const Moments& m);
 void spill_encode_record(std::string& out, std::string_view key, const Moments& m);
 
-// Appends one run of records to a spill file (creating it with its header if it is absent
-// or empty). Records are buffered into `buffer` (the caller's, so its capacity is counted
+// Appends one run of records to a spill file. `existing_size` is what earlier runs wrote
+// (0: none, and the file is created with its header; it must not exist yet). The file is
+// opened without following a symlink, created exclusively, and appended to only when it
+// is still the regular file of `existing_size` bytes this aggregator wrote: spill
+// directories are private, and a name planted there anyway is refused, never written
+// through. Records are buffered into `buffer` (the caller's, so its capacity is counted
 // once and reused) and written a block at a time. finish() must be called for the run to
 // count; if the writer is destroyed without it (an exception unwinding), the file is cut
-// back to its length before the run, so a failed spill never leaves half a run behind.
+// back to its length before the run (removed, if this run created it), so a failed spill
+// never leaves half a run behind.
 class SpillRunWriter {
  public:
   SpillRunWriter(std::string path, SpillKeyType key_type, std::string& buffer,
-                 std::size_t block_bytes);
+                 std::size_t block_bytes, std::uint64_t existing_size);
   ~SpillRunWriter();
   SpillRunWriter(const SpillRunWriter&) = delete;
   SpillRunWriter& operator=(const SpillRunWriter&) = delete;
@@ -76,20 +81,23 @@ class SpillRunWriter {
  private:
   void flush_block();
   void write_all(std::string_view data);
+  // Cuts the file back to start_size_, or removes it when this run created it; closes it.
+  void discard_run() noexcept;
   void start_block();
 
   std::string path_;
   std::string& buffer_;
   std::size_t block_bytes_;
   int fd_ = -1;
-  std::uint64_t start_size_ = 0;  // file length before this run
+  std::uint64_t start_size_ = 0;  // file length before this run (0: this run created it)
   std::uint64_t written_ = 0;
   std::uint32_t block_records_ = 0;
   bool finished_ = false;
 };
 
 // Reads a spill file block by block into the caller's `buffer`. next() yields records whose
-// key views point into the buffer and stay valid until the following next() call.
+// key views point into the buffer and stay valid until the following next() call. Like the
+// writer, it opens only the regular file itself, never a symlink in its place.
 // `expected_size` is what the writers reported: a file cut at a block boundary would
 // otherwise read as a valid shorter file and silently lose groups.
 class SpillFileReader {

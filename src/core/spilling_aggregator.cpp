@@ -1,7 +1,6 @@
 #include "core/spilling_aggregator.h"
 #include "core/parallel.h"
 
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +8,7 @@
 #include <cerrno>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include <tbb/blocked_range.h>
@@ -17,70 +17,11 @@
 
 #include "core/errors.h"
 #include "core/flat_table.h"
+#include "core/hash.h"
+#include "core/key_traits.h"
 #include "core/spill_file.h"
 
 namespace streamstate {
-
-// ---------------------------------------------------------------------------------------
-// Result columns
-
-void GrowableBuffer::reserve(std::size_t bytes) {
-  if (bytes <= capacity_) return;
-  const long page_size = ::sysconf(_SC_PAGESIZE);
-  const std::size_t page = page_size > 0 ? static_cast<std::size_t>(page_size) : 4096;
-  const std::size_t want = (bytes + page - 1) / page * page;
-  void* p = nullptr;
-  if (data_ == nullptr) {
-    p = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  } else {
-    // ThreadSanitizer does not intercept mremap, so pages it moves keep the shadow state of
-    // their old address and a later mapping there looks like a race: TSan builds copy.
-#if defined(__linux__) && !defined(__SANITIZE_THREAD__)
-    p = ::mremap(data_, capacity_, want, MREMAP_MAYMOVE);
-#else
-    p = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p != MAP_FAILED) {
-      std::memcpy(p, data_, capacity_);
-      ::munmap(data_, capacity_);
-    }
-#endif
-  }
-  if (p == MAP_FAILED) throw std::bad_alloc();
-  data_ = static_cast<char*>(p);
-  capacity_ = want;
-}
-
-void GrowableBuffer::free_memory(char* data, std::size_t capacity) noexcept {
-  if (data != nullptr) ::munmap(data, capacity);
-}
-
-void ChunkedBytes::push_back(std::string_view key) {
-  if (key.size() > std::numeric_limits<std::uint32_t>::max()) {
-    throw InvalidArgument("spilling aggregator: a key longer than 4 GiB");
-  }
-  constexpr std::size_t kChunkBytes = std::size_t{1} << 16;
-  if (chunks_.empty() || chunks_.back().size() + key.size() > chunks_.back().capacity()) {
-    chunks_.emplace_back();
-    chunks_.back().reserve(std::max(kChunkBytes, key.size()));
-  }
-  chunks_.back().append(key);
-  lengths_.push_back(static_cast<std::uint32_t>(key.size()));
-}
-
-void ChunkedBytes::release() noexcept {
-  std::vector<std::string>().swap(chunks_);
-  lengths_.release();
-}
-
-void StatsColumns::emit_stats(const Moments& m) {
-  count.push_back(m.count);
-  sum.push_back(m.sum);
-  min.push_back(m.min);
-  max.push_back(m.max);
-  mean.push_back(m.mean());
-  var.push_back(m.var());
-  std.push_back(m.stddev());
-}
 
 namespace {
 
@@ -94,7 +35,6 @@ constexpr std::size_t kMinLaneBudget = 32 * 1024;
 // Recursion stops splitting here and lets a partition exceed the budget instead. With 64
 // hash bits remixed per level this is unreachable short of adversarial hash collisions.
 constexpr unsigned kMaxDepth = 24;
-constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
 // Serial below this much work (rows x lanes): a parallel_for costs more than it saves.
 constexpr std::size_t kParallelThreshold = 1 << 15;
 // Heap bytes a spill file name adds to the directory path ("/lane15-1234567.spill").
@@ -102,41 +42,15 @@ constexpr std::size_t kPathSuffixReserve = 48;
 // How far ahead the batch loop prefetches table slots.
 constexpr std::size_t kPrefetch = 16;
 
-// Per-level hash remix: every level of repartitioning sees independent bits.
+// Each level of repartitioning draws fresh bits from the key hash with its own seed.
 [[nodiscard]] constexpr std::uint64_t level_seed(unsigned depth) noexcept {
-  return kGolden * (2 * static_cast<std::uint64_t>(depth) + 1);
+  return nth_seed(depth);
 }
 
-template <class Key>
-struct KeyTraits;
-
-template <>
-struct KeyTraits<std::int64_t> {
-  using Table = Int64FlatTable<Moments>;
-  using Entry = Table::Entry;
-  static constexpr SpillKeyType kType = SpillKeyType::kInt64;
-  [[nodiscard]] static std::uint64_t hash(std::int64_t k) noexcept { return Table::hash_key(k); }
-  [[nodiscard]] static std::size_t length(std::int64_t) noexcept { return 0; }
-  [[nodiscard]] static std::int64_t key_of(const Table&, const Entry& e) noexcept { return e.key; }
-  static void reserve(Table& t, std::size_t n, std::size_t) { t.reserve(n); }
-  [[nodiscard]] static std::size_t key_bytes(const Table&) noexcept { return 0; }
-};
-
-template <>
-struct KeyTraits<std::string_view> {
-  using Table = BytesFlatTable<Moments>;
-  using Entry = Table::Entry;
-  static constexpr SpillKeyType kType = SpillKeyType::kBytes;
-  [[nodiscard]] static std::uint64_t hash(std::string_view k) noexcept {
-    return Table::hash_key(k);
-  }
-  [[nodiscard]] static std::size_t length(std::string_view k) noexcept { return k.size(); }
-  [[nodiscard]] static std::string_view key_of(const Table& t, const Entry& e) noexcept {
-    return t.key_of(e);
-  }
-  static void reserve(Table& t, std::size_t n, std::size_t key_bytes) { t.reserve(n, key_bytes); }
-  [[nodiscard]] static std::size_t key_bytes(const Table& t) noexcept { return t.key_bytes(); }
-};
+// The spill file's tag for a key flavour.
+template <class Keys>
+inline constexpr SpillKeyType kSpillKeyType =
+    std::is_same_v<Keys, Int64Keys> ? SpillKeyType::kInt64 : SpillKeyType::kBytes;
 
 // Process-wide (per aggregator) meter: the sum over lanes, and its high-water mark.
 class MemoryMeter {
@@ -194,7 +108,7 @@ class Budget {
 
 struct LaneCounters {
   std::uint64_t spill_count = 0;
-  std::uint64_t runs = 0;
+  std::uint64_t spilled_batch_count = 0;  // runs written
   std::uint64_t spilled_bytes = 0;
   std::uint64_t depth = 0;
   std::uint64_t files = 0;
@@ -260,9 +174,9 @@ struct Lane {
 // of one spilled partition while draining.
 template <class Key>
 class Level {
-  using Traits = KeyTraits<Key>;
-  using Table = typename Traits::Table;
-  using Entry = typename Traits::Entry;
+  using Keys = KeysFor<Key>;
+  using Table = FlatTable<Keys, Moments>;
+  using Entry = typename Table::Entry;
 
   struct Part {
     Table table;
@@ -302,7 +216,7 @@ class Level {
     return static_cast<std::size_t>(mixed >> shift_);
   }
   [[nodiscard]] std::size_t part_of(std::uint64_t hash) const noexcept {
-    return part_of_mixed(mix64(hash + seed_));
+    return part_of_mixed(hash_u64(hash, seed_));
   }
 
   void prefetch_slot(std::size_t part, std::uint64_t hash) const noexcept {
@@ -327,11 +241,11 @@ class Level {
 
   // Emits every group of this level into `out`, spilling and recursing as needed, and
   // leaves the level empty with its files deleted.
-  void drain(StatsColumns& out) {
+  void drain(GroupColumns& out) {
     // Partitions that never spilled are complete in memory.
     for (Part& p : parts_) {
       if (p.file.empty()) {
-        for (const Entry& e : p.table) out.emit(Traits::key_of(p.table, e), e.value);
+        for (const Entry& e : p.table) out.emit(p.table.key_of(e), e.value);
         free_table(p);
       }
     }
@@ -350,10 +264,10 @@ class Level {
       if (p.file.empty()) continue;
       Level child(lane_, depth_ + 1, parts_.size());
       {
-        SpillFileReader reader(p.file, Traits::kType, lane_.read_buf, p.file_bytes);
+        SpillFileReader reader(p.file, kSpillKeyType<Keys>, lane_.read_buf, p.file_bytes);
         Key key{};
         Moments m;
-        while (reader.next(key, m)) child.add_partial(key, Traits::hash(key), m);
+        while (reader.next(key, m)) child.add_partial(key, Keys::hash(key), m);
       }
       lane_.track_buffers();
       remove_file(p, /*report=*/true);
@@ -374,11 +288,11 @@ class Level {
 
   [[nodiscard]] bool has_room(const Part& p, Key key) const noexcept {
     return p.table.size() < p.cap &&
-           Traits::key_bytes(p.table) + Traits::length(key) <= p.key_cap;
+           p.table.key_bytes() + Keys::arena_bytes(key) <= p.key_cap;
   }
 
   void make_room(Part& p, Key key) {
-    const std::size_t len = Traits::length(key);
+    const std::size_t len = Keys::arena_bytes(key);
     if (!reshaped_) {
       if (grow(p, len, /*force=*/false)) return;
       if (depth_ >= kMaxDepth) {
@@ -397,14 +311,9 @@ class Level {
     if (!grow(p, len, /*force=*/false)) grow(p, len, /*force=*/true);
   }
 
-  // What flat_table's memory_bytes() will report for (cap, key_cap), minus the object
-  // itself: each array is rounded up the way its allocator rounds it (2 MiB blocks for
-  // huge-page storage).
+  // What the table's memory_bytes() will report for (cap, key_cap), minus the object.
   [[nodiscard]] static std::size_t table_bytes(std::size_t cap, std::size_t key_cap) {
-    using flat_detail::allocation_bytes;
-    if (cap == 0) return allocation_bytes(key_cap);
-    return allocation_bytes(flat_detail::SlotIndex::capacity_for(cap) * sizeof(std::uint64_t)) +
-           allocation_bytes(cap * sizeof(Entry)) + allocation_bytes(key_cap);
+    return Table::reserved_bytes(cap, key_cap);
   }
 
   // Reserves (cap, key_cap) for `p`, charging the growth before it happens: while the
@@ -413,7 +322,7 @@ class Level {
     const std::size_t predicted = table_bytes(cap, key_cap);
     lane_.budget.charge(predicted);
     try {
-      Traits::reserve(p.table, cap, key_cap);
+      p.table.reserve(cap, key_cap);
     } catch (...) {
       lane_.budget.release(predicted);
       throw;
@@ -432,7 +341,7 @@ class Level {
     std::size_t cap = p.cap;
     if (p.table.size() >= cap) cap = cap == 0 ? 12 : 2 * cap;
     std::size_t key_cap = p.key_cap;
-    const std::size_t need = Traits::key_bytes(p.table) + key_len;
+    const std::size_t need = p.table.key_bytes() + key_len;
     if (need > key_cap) key_cap = std::max({need, 2 * key_cap, std::size_t{256}});
     if (!force && !lane_.budget.fits(table_bytes(cap, key_cap))) return false;
     reserve(p, cap, key_cap);
@@ -497,7 +406,7 @@ class Level {
 
   void observe_keys(const Part& p) noexcept {
     seen_keys_ += p.table.size();
-    seen_key_bytes_ += Traits::key_bytes(p.table);
+    seen_key_bytes_ += p.table.key_bytes();
   }
 
   // Appends the table's partials to the partition's file as one run and empties it.
@@ -510,14 +419,15 @@ class Level {
     }
     std::uint64_t bytes = 0;
     {
-      SpillRunWriter writer(p.file, Traits::kType, lane_.write_buf, lane_.block_bytes);
-      for (const Entry& e : p.table) writer.add(Traits::key_of(p.table, e), e.value);
+      SpillRunWriter writer(p.file, kSpillKeyType<Keys>, lane_.write_buf, lane_.block_bytes,
+                            p.file_bytes);
+      for (const Entry& e : p.table) writer.add(p.table.key_of(e), e.value);
       bytes = writer.finish();
     }
     lane_.track_buffers();
     LaneCounters& c = lane_.counters;
     if (event) ++c.spill_count;
-    ++c.runs;
+    ++c.spilled_batch_count;
     c.spilled_bytes += bytes;
     p.file_bytes += bytes;
     c.depth = std::max<std::uint64_t>(c.depth, depth_ + 1);
@@ -576,7 +486,7 @@ class Level {
 
 template <class Key>
 struct SpillingAggregator<Key>::Impl {
-  using Traits = KeyTraits<Key>;
+  using Keys = KeysFor<Key>;
 
   explicit Impl(SpillingAggregatorOptions o) : options(std::move(o)) {
     const unsigned n = lane_count(options);
@@ -619,8 +529,8 @@ struct SpillingAggregator<Key>::Impl {
     for (std::size_t i = 0; i < n; ++i) {
       const double v = values[i];
       if (skip_nan && std::isnan(v)) continue;
-      const std::uint64_t h = Traits::hash(keys[i]);
-      const std::uint64_t mixed = mix64(h + seed);
+      const std::uint64_t h = Keys::hash(keys[i]);
+      const std::uint64_t mixed = hash_u64(h, seed);
       if (lane_of(mixed) != l) continue;
       const std::size_t part = level.part_of_mixed(mixed);
       level.prefetch_slot(part, h);
@@ -699,8 +609,8 @@ void SpillingAggregator<Key>::accumulate(Key key, double value) {
     }
   }
   try {
-    const std::uint64_t h = KeyTraits<Key>::hash(key);
-    const std::uint64_t mixed = mix64(h + level_seed(0));
+    const std::uint64_t h = KeysFor<Key>::hash(key);
+    const std::uint64_t mixed = hash_u64(h, level_seed(0));
     Level<Key>& level = *impl_->lanes[impl_->lane_of(mixed)]->top;
     level.add_value(level.part_of_mixed(mixed), key, h, value);
   } catch (...) {
@@ -743,13 +653,13 @@ void SpillingAggregator<Key>::accumulate_batch(const Key* keys, const double* va
 }
 
 template <class Key>
-std::vector<StatsColumns> SpillingAggregator<Key>::drain() {
+std::vector<GroupColumns> SpillingAggregator<Key>::drain() {
   const std::lock_guard lock(mutex_);
   check_usable();
   Impl& impl = *impl_;
   impl.frozen_groups = 0;
   for (const auto& lane : impl.lanes) impl.frozen_groups += lane->top->groups();
-  std::vector<StatsColumns> out(impl.lanes.size());
+  std::vector<GroupColumns> out(impl.lanes.size());
   try {
     streamstate::parallel_for(
         tbb::blocked_range<std::size_t>(0, impl.lanes.size(), 1),
@@ -780,7 +690,7 @@ SpillDiagnostics SpillingAggregator<Key>::snapshot_diagnostics() const noexcept 
   for (const auto& lane : impl.lanes) {
     const LaneCounters& c = lane->counters;
     d.spill_count += c.spill_count;
-    d.spilled_batch_count += c.runs;
+    d.spilled_batch_count += c.spilled_batch_count;
     d.total_spilled_bytes += c.spilled_bytes;
     d.spill_depth = std::max(d.spill_depth, c.depth);
     d.spill_files += c.files;

@@ -45,16 +45,15 @@
 
 namespace streamstate {
 
+namespace state_detail {
+class StateTable;
+}  // namespace state_detail
+
 // An expiry that never comes.
 inline constexpr double kNeverExpires = std::numeric_limits<double>::infinity();
 
 // Seconds since the Unix epoch from the system clock (the same timeline as time.time()).
 [[nodiscard]] double wall_clock_seconds() noexcept;
-
-// Asks the kernel to back the whole 2 MiB pages inside [data, data + size) with transparent
-// huge pages (Linux, "madvise" mode), before they are first written. Large fresh buffers
-// then fault in 512 times less often. A hint: does nothing where unsupported.
-void advise_huge_pages(void* data, std::size_t size) noexcept;
 
 // Lets an embedding give up its own interpreter lock while a thread waits for the backend's
 // lock (the Python bindings drop the GIL), so a waiting reader never stalls threads that
@@ -65,9 +64,10 @@ struct LockWaitHooks {
 };
 
 struct StateBackendOptions {
-  // Tail keys tolerated before a merge into the run, however small the run is. The tail may
-  // also grow to 1/8 of the run. Small values exercise the merge paths in tests.
-  std::size_t delta_limit = 4096;
+  // Keys tolerated outside the sorted run (the tail) before they are merged into it,
+  // however small the run is. The tail may also grow to 1/8 of the run. Small values
+  // exercise the merge paths in tests. (Python still accepts its old name, delta_limit.)
+  std::size_t unsorted_tail_limit = 4096;
   LockWaitHooks hooks{};
 };
 
@@ -155,9 +155,8 @@ class InMemoryStateBackend {
     return version_.load(std::memory_order_acquire);
   }
 
-  class Table;  // the data; defined in state_backend.cpp
-
  private:
+  using Table = state_detail::StateTable;  // the data; defined in state_table.h
   class WriteGuard;  // the exclusive lock; releases retired buffers after unlocking
 
   [[nodiscard]] std::shared_lock<std::shared_mutex> read_lock() const;

@@ -172,6 +172,34 @@ void test_opaque_store_threads_and_snapshots() {
   CHECK(store.size() == static_cast<std::size_t>(kThreads * kWidth));
 }
 
+// The epoch lock prefers its exclusive side: once a snapshot waits, new publishers are held
+// back instead of starving it.
+void test_epoch_lock_prefers_writers() {
+  streamstate::EpochLock lock;
+  lock.lock_shared();
+  std::atomic<bool> acquired{false};
+  std::thread writer([&] {
+    lock.lock();
+    acquired = true;
+    lock.unlock();
+  });
+  bool held_back = false;
+  for (int i = 0; i < 10000000 && !held_back; ++i) {
+    if (lock.try_lock_shared()) {
+      lock.unlock_shared();
+      std::this_thread::yield();
+    } else {
+      held_back = true;
+    }
+  }
+  CHECK(held_back && !acquired);
+  lock.unlock_shared();
+  writer.join();
+  CHECK(acquired);
+  const streamstate::SharedEpoch again(lock);  // free again for readers
+  CHECK(again.owns_lock());
+}
+
 void test_moments_merge_precision() {
   // 1e9 + small noise split over partials: the merged variance matches a two-pass one.
   std::mt19937_64 rng(7);
@@ -211,7 +239,7 @@ void test_numeric_store() {
   CHECK(r.has_value() && std::fabs(r->var() - 4.0) < 1e-12);
 
   streamstate::Int64Keys::KeyColumn column;
-  streamstate::StatColumns stats;
+  streamstate::StatArrays stats;
   store.result_columns(column, stats);
   CHECK(column.size() == 2 && stats.size == 2);
   for (std::size_t i = 0; i < stats.size; ++i) {
@@ -307,7 +335,7 @@ void test_numeric_store_threads() {
     Store view(kThreads, streamstate::NanPolicy::kSkip);
     view.restore(store.snapshot());
     streamstate::Int64Keys::KeyColumn column;
-    streamstate::StatColumns stats;
+    streamstate::StatArrays stats;
     view.result_columns(column, stats);
     // Each partition's publish is whole: all its keys share one count.
     std::uint64_t counts[kThreads] = {};
@@ -329,6 +357,7 @@ int main() {
   test_bytes_flat_table();
   test_opaque_store();
   test_opaque_store_threads_and_snapshots();
+  test_epoch_lock_prefers_writers();
   test_moments_merge_precision();
   test_numeric_store();
   test_numeric_store_big_batches();

@@ -81,7 +81,7 @@ const std::vector<Moments> kSamples = {
 std::uint64_t write_int_file(const std::string& path, std::string& buffer) {
   std::uint64_t written = 0;
   for (int run = 0; run < 2; ++run) {
-    SpillRunWriter w(path, SpillKeyType::kInt64, buffer, 64);
+    SpillRunWriter w(path, SpillKeyType::kInt64, buffer, 64, written);
     for (std::size_t i = 0; i < kSamples.size(); ++i) {
       w.add(static_cast<std::int64_t>(i) * (run == 0 ? 1 : -1) - run * (1LL << 62), kSamples[i]);
     }
@@ -146,7 +146,7 @@ void test_bytes_round_trip(const std::string& dir) {
   std::string buffer;
   std::uint64_t size = 0;
   {
-    SpillRunWriter w(path, SpillKeyType::kBytes, buffer, 32);
+    SpillRunWriter w(path, SpillKeyType::kBytes, buffer, 32, 0);
     for (std::size_t i = 0; i < keys.size(); ++i) w.add(std::string_view(keys[i]), kSamples[i]);
     size = w.finish();
   }
@@ -214,7 +214,7 @@ void test_io_errors_name_the_path(const std::string& dir) {
   std::string buffer;
   bool thrown = false;
   try {
-    SpillRunWriter w(path, SpillKeyType::kInt64, buffer, 64);
+    SpillRunWriter w(path, SpillKeyType::kInt64, buffer, 64, 0);
   } catch (const SpillIoError& e) {
     thrown = e.path() == path && e.error_number() == ENOENT &&
              std::string(e.what()).find(path) != std::string::npos;
@@ -235,10 +235,10 @@ struct Expected {
 };
 
 template <class Agg, class Key>
-bool matches(std::vector<StatsColumns>& parts, const std::map<Key, Expected>& want) {
+bool matches(std::vector<GroupColumns>& parts, const std::map<Key, Expected>& want) {
   std::size_t total = 0;
   bool ok = true;
-  for (StatsColumns& p : parts) {
+  for (GroupColumns& p : parts) {
     total += p.size();
     std::vector<Key> keys;
     if constexpr (std::is_same_v<Key, std::int64_t>) {
@@ -357,6 +357,52 @@ void test_growable_buffer() {
 
 }  // namespace
 
+// Spill files are opened without following symlinks, created exclusively, and appended to
+// only while they are the file earlier runs left.
+void test_planted_files_are_refused(const std::string& dir) {
+  const std::string victim = dir + "/victim";
+  const std::string path = dir + "/planted.spill";
+  { std::ofstream(victim) << "victim's data"; }
+  CHECK(::symlink(victim.c_str(), path.c_str()) == 0);
+  std::string buffer;
+  const auto error_of = [&](std::uint64_t existing) {
+    try {
+      SpillRunWriter w(path, SpillKeyType::kInt64, buffer, 64, existing);
+      w.add(std::int64_t{1}, kSamples[0]);
+      (void)w.finish();
+    } catch (const SpillIoError& e) {
+      return e.error_number();
+    }
+    return 0;
+  };
+  CHECK(error_of(0) == EEXIST);   // a new file: the name must be free
+  CHECK(error_of(12) == ELOOP);   // a later run: never through a symlink
+  int read_error = 0;
+  try {
+    (void)read_all(path, SpillKeyType::kInt64, 13);
+  } catch (const SpillIoError& e) {
+    read_error = e.error_number();
+  }
+  CHECK(read_error == ELOOP);
+  std::ifstream in(victim);
+  const std::string contents((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(contents == "victim's data");
+  ::unlink(path.c_str());
+  // A regular file of the wrong length is not appended to, nor cut back.
+  { std::ofstream(path) << "planted"; }
+  bool corrupt = false;
+  try {
+    SpillRunWriter w(path, SpillKeyType::kInt64, buffer, 64, 100);
+  } catch (const CorruptDataError&) {
+    corrupt = true;
+  }
+  CHECK(corrupt);
+  struct stat st {};
+  CHECK(::stat(path.c_str(), &st) == 0 && st.st_size == 7);
+  ::unlink(path.c_str());
+  ::unlink(victim.c_str());
+}
+
 int main() {
   const std::string dir = make_dir();
   test_singleton_detection();
@@ -364,6 +410,7 @@ int main() {
   test_bytes_round_trip(dir);
   test_damage_is_always_detected(dir);
   test_io_errors_name_the_path(dir);
+  test_planted_files_are_refused(dir);
   test_int_aggregator(dir);
   test_bytes_aggregator(dir);
   test_rejects_tiny_limits(dir);

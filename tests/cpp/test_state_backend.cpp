@@ -53,9 +53,9 @@ std::vector<std::pair<std::string, std::string>> model_scan(const Model& m, std:
   return out;
 }
 
-StateBackendOptions small(std::size_t delta_limit) {
+StateBackendOptions small(std::size_t unsorted_tail_limit) {
   StateBackendOptions options;
-  options.delta_limit = delta_limit;
+  options.unsorted_tail_limit = unsorted_tail_limit;
   return options;
 }
 
