@@ -307,9 +307,6 @@ class Pipeline:
         self._epoch = 0
         self._chain.reset()  # a chain continues only from state that is still in memory
         self._recovered = False
-        # Restored partials sit in the partitions' local state until published; results()
-        # publishes them on first use (a run publishes only the partitions it has threads for).
-        self._restored_unpublished = False
         self._recovered_epoch: int | None = None
         self._recovery_seconds = 0.0
 
@@ -440,7 +437,6 @@ class Pipeline:
                         f"does not apply to the state before it: {exc}"
                     ) from exc
         self._stores = stores
-        self._restored_unpublished = True
         self._key_type = key_type
         self._store_partitions = store_partitions
         self._offset = self._committed_offset = offset
@@ -595,7 +591,7 @@ class Pipeline:
                 if since_checkpoint >= self.checkpoint_every:
                     land()  # at most one in flight; a delta's parent must have landed
                     started = time.perf_counter()
-                    quiesce(workers, publish=False)  # the capture reads local partials too
+                    quiesce(workers)
                     in_flight = self._commit_in_background(started)
                     since_checkpoint = 0
             if workers is not None:
@@ -668,11 +664,6 @@ class Pipeline:
             raise KeyError(f"{metric!r} is not one of the aggregated values {self._values}")
         if self._stores is None:  # nothing folded yet; do not fix the key type by asking
             return NumericAggregateStore(1, key_type=self._key_type or "int64")
-        if self._restored_unpublished:
-            for store in self._stores.values():
-                for partition in range(self._store_partitions):
-                    store.partition(partition).publish()
-            self._restored_unpublished = False
         return self._stores[metric]
 
     def results(self, metric: str) -> dict[str, npt.NDArray[Any]]:

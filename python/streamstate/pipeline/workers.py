@@ -1,15 +1,8 @@
-"""Partition threads and the barrier that quiesces them.
+"""Partition threads and the barrier that quiesces them before a checkpoint.
 
 Each partition has one thread, the single writer of its partition aggregators: it folds the
-slices the coordinator routes to it and, at a barrier, arrives (publishing what it folded
-first, when the barrier asks for it). A failure inside a worker is kept and surfaced by the
-coordinator at the next barrier.
-
-A checkpoint's barrier does not publish: a store's snapshot (and delta) holds every
-partition's local partials as well as the published ones, so the capture needs the
-partitions stopped, not published, and publishing a partition's changed keys at every
-checkpoint would repeat work the final publish does once. The barrier at the end of a run
-publishes, so the results are complete.
+slices the coordinator routes to it, and at a barrier publishes what it folded and arrives.
+A failure inside a worker is kept and surfaced by the coordinator at the next barrier.
 """
 
 from __future__ import annotations
@@ -28,19 +21,14 @@ __all__ = ["PartitionBarrier", "PartitionWorker", "quiesce"]
 
 
 class PartitionBarrier:
-    """Sent down every partition queue: each worker publishes (if ``publish``), then arrives.
+    """Sent down every partition queue: each worker publishes, then arrives."""
 
-    Once every worker arrived, none touches its aggregators until the coordinator queues
-    more work, so the coordinator may read the stores (snapshot them) until then.
-    """
-
-    def __init__(self, parties: int, publish: bool = True) -> None:
+    def __init__(self, parties: int) -> None:
         self._remaining = parties
-        self.publish = publish
         self._done = threading.Condition()
 
     def arrive(self) -> None:
-        """One worker has folded (and, if asked, published) everything before the barrier."""
+        """One worker has published everything it folded before the barrier."""
         with self._done:
             self._remaining -= 1
             self._done.notify_all()
@@ -51,7 +39,7 @@ class PartitionBarrier:
             self._done.wait_for(lambda: self._remaining == 0)
 
     def __repr__(self) -> str:
-        return f"PartitionBarrier(remaining={self._remaining}, publish={self.publish})"
+        return f"PartitionBarrier(remaining={self._remaining})"
 
 
 _STOP = object()
@@ -82,7 +70,7 @@ class PartitionWorker:
                 return
             if isinstance(item, PartitionBarrier):
                 try:
-                    if self.error is None and item.publish:
+                    if self.error is None:
                         for aggregator in self._aggregators.values():
                             aggregator.publish()
                 except Exception as exc:  # noqa: BLE001 - surfaced by the coordinator
@@ -108,10 +96,9 @@ class PartitionWorker:
         return f"PartitionWorker(partition={self.partition}, queued={self.inbox.qsize()}, {state})"
 
 
-def quiesce(workers: Sequence[PartitionWorker], publish: bool = True) -> None:
-    """Stop every partition at one barrier, after it folded (and, with ``publish``,
-    published) everything queued before; raise the first worker failure."""
-    barrier = PartitionBarrier(len(workers), publish)
+def quiesce(workers: Sequence[PartitionWorker]) -> None:
+    """Publish every partition's folds at one barrier; raise the first worker failure."""
+    barrier = PartitionBarrier(len(workers))
     for worker in workers:
         worker.inbox.put(barrier)
     barrier.wait()
