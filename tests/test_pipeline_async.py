@@ -40,6 +40,14 @@ def _events(rows: int, keys: int = 50, seed: int = 0) -> ArraySource:
     )
 
 
+def _hot_events(loaded: int, rows: int, hot: int = 10) -> ArraySource:
+    """``loaded`` keys once each, then ``rows - loaded`` events over ``hot`` of them: a
+    first full checkpoint holding every key, and small deltas after it."""
+    rng = np.random.default_rng(loaded)
+    keys = np.concatenate([np.arange(loaded), rng.integers(0, hot, rows - loaded)])
+    return ArraySource("events", {"k": keys, "v": rng.integers(-50, 50, rows).astype(float)})
+
+
 def _expected(source: ArraySource, end: int | None = None) -> pd.DataFrame:
     batch = source.read(0, len(source) if end is None else end)
     columns = {"k": np.zeros(0, np.int64), "v": np.zeros(0)} if batch is None else batch.columns
@@ -276,6 +284,12 @@ def test_delta_chain_rule() -> None:
     assert "length=2" in repr(chain)
     chain.reset()
     assert not chain.next_is_delta() and chain.parent is None
+    # A restored chain goes on where it ended.
+    chain = DeltaChain(full_every=4)
+    chain.resume("restored", full_bytes=100, delta_bytes=20, length=2)  # type: ignore[arg-type]
+    assert chain.next_is_delta() and chain.parent == "restored"
+    chain.committed("d3", True, 10)  # type: ignore[arg-type]
+    assert not chain.next_is_delta()  # 1 full + 3 deltas: the next one is full
 
 
 def test_full_checkpoint_every_is_validated() -> None:
@@ -291,7 +305,7 @@ def test_full_checkpoint_every_is_validated() -> None:
 
 @needs_deltas
 def test_checkpoints_are_deltas_between_bounded_fulls(tmp_path: Path) -> None:
-    source = _events(20_000, keys=2_000)
+    source = _hot_events(1_000, 20_000)
     pipe = Pipeline(source, key="k", values="v", store=tmp_path, batch_size=500,
                     checkpoint_every=2, full_checkpoint_every=4, keep_checkpoints=2)
     report = pipe.run()
@@ -307,6 +321,25 @@ def test_checkpoints_are_deltas_between_bounded_fulls(tmp_path: Path) -> None:
     assert len(checkpointer.list_checkpoints()) == max(2, recovered.delta_count + 1)
     again = Pipeline(source, key="k", values="v", store=tmp_path)
     assert again.recover() == 20_000
+    _assert_one_shot(again, source)
+
+
+@needs_deltas
+def test_a_restarted_pipeline_continues_the_recovered_chain(tmp_path: Path) -> None:
+    source = _hot_events(1_000, 12_000)
+    common: dict[str, Any] = {"key": "k", "values": "v", "store": tmp_path, "batch_size": 500,
+                              "checkpoint_every": 2, "full_checkpoint_every": 5}
+    first = Pipeline(source, **common).run(max_batches=7)  # dies after batch 7
+    assert [c.is_delta for c in first.checkpoints] == [False, True, True]
+    survivor = Pipeline(source, **common)
+    report = survivor.run()
+    assert report.recovered_epoch == 3 and report.start_offset == 3_000
+    # Deltas on the recovered chain (2 so far), a full once it holds 4, and so on.
+    kinds = [c.is_delta for c in report.checkpoints]
+    assert kinds[:5] == [True, True, False, True, True]
+    _assert_one_shot(survivor, source)
+    again = Pipeline(source, **common)
+    assert again.recover() == 12_000
     _assert_one_shot(again, source)
 
 

@@ -157,6 +157,18 @@ class DeltaChain:
             and self.delta_bytes <= self.full_bytes
         )
 
+    def resume(
+        self, checkpoint_id: CheckpointId, full_bytes: int, delta_bytes: int, length: int
+    ) -> None:
+        """Continue the chain of a restored checkpoint: its full snapshot's size, its
+        ``length`` deltas' total size. Valid because a store restored and brought forward
+        by ``apply_delta`` takes the identity of the last delta, which the next
+        ``snapshot_delta`` names as its parent."""
+        self.parent = checkpoint_id
+        self.full_bytes = full_bytes
+        self.delta_bytes = delta_bytes
+        self.length = length
+
     def committed(self, checkpoint_id: CheckpointId, is_delta: bool, size: int) -> None:
         """A checkpoint of ``size`` bytes landed: it is the next one's parent."""
         if is_delta:

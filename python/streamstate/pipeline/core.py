@@ -27,7 +27,7 @@ from .checkpoints import (
     summarize_checkpoints,
 )
 from .fingerprint import JobFingerprint, JobRecord
-from .layout import check_newest, unpack_state
+from .layout import check_newest, state_chain_bytes, unpack_state
 from .routing import route_partitions
 from .sources import Batch, Source, check_batch, check_columns
 from .workers import PartitionWorker, quiesce
@@ -305,7 +305,7 @@ class Pipeline:
         self._offset = 0
         self._committed_offset = 0
         self._epoch = 0
-        self._chain.reset()  # a chain continues only from state that is still in memory
+        self._chain.reset()  # a chain continues only from state in memory (or restored)
         self._recovered = False
         self._recovered_epoch: int | None = None
         self._recovery_seconds = 0.0
@@ -413,7 +413,38 @@ class Pipeline:
         store_partitions = self._partitions
         if record is not None:  # fewer partitions now: keep the old ones' published partials
             store_partitions = max(store_partitions, record.store_partitions)
-        stores = self._new_stores(key_type, store_partitions)
+        # A delta applies only to a store of the partition count it was taken from.
+        chain_partitions = store_partitions
+        if deltas and record is not None:
+            chain_partitions = record.store_partitions
+        stores = self._restored_stores(where, key_type, chain_partitions, snapshots, deltas)
+        if chain_partitions != store_partitions:  # more partitions now: move the state over
+            stores = self._rehomed(where, stores, key_type, store_partitions)
+        self._stores = stores
+        self._key_type = key_type
+        self._store_partitions = store_partitions
+        self._offset = self._committed_offset = offset
+        self._epoch = recovered.epoch
+        self._recovered_epoch = recovered.epoch
+        # The stores' identity is the recovered checkpoint's, so the next checkpoint may be a
+        # delta on it, unless the state moved into other stores.
+        if _captures_deltas(stores) and chain_partitions == store_partitions:
+            full_bytes, delta_bytes = state_chain_bytes(recovered)
+            self._chain.resume(
+                recovered.checkpoint_id, full_bytes, sum(delta_bytes), len(delta_bytes)
+            )
+
+    def _restored_stores(
+        self,
+        where: str,
+        key_type: KeyType,
+        partitions: int,
+        snapshots: dict[str, bytes],
+        deltas: list[dict[str, bytes]],
+    ) -> dict[str, NumericAggregateStore]:
+        """New stores of ``partitions`` holding each column's full snapshot with its deltas
+        applied in order, in place, by the store: no full state is rebuilt per delta."""
+        stores = self._new_stores(key_type, partitions)
         if deltas and not _captures_deltas(stores):
             raise IncompatibleCheckpointError(
                 f"checkpoint {where} ends a chain of {len(deltas)} store deltas, and this "
@@ -425,9 +456,8 @@ class Pipeline:
             except CorruptDataError as exc:
                 raise IncompatibleCheckpointError(
                     f"checkpoint {where}: the state of {metric!r} does not restore into a "
-                    f"{key_type} store of {store_partitions} partition(s): {exc}"
+                    f"{key_type} store of {partitions} partition(s): {exc}"
                 ) from exc
-            # In place, in order, by the store: no full state is rebuilt per delta.
             for number, delta in enumerate(deltas, 1):
                 try:
                     cast("_DeltaStore", store).apply_delta(delta[metric])
@@ -436,12 +466,27 @@ class Pipeline:
                         f"checkpoint {where}: delta {number} of {len(deltas)} of {metric!r} "
                         f"does not apply to the state before it: {exc}"
                     ) from exc
-        self._stores = stores
-        self._key_type = key_type
-        self._store_partitions = store_partitions
-        self._offset = self._committed_offset = offset
-        self._epoch = recovered.epoch
-        self._recovered_epoch = recovered.epoch
+        return stores
+
+    def _rehomed(
+        self,
+        where: str,
+        stores: dict[str, NumericAggregateStore],
+        key_type: KeyType,
+        partitions: int,
+    ) -> dict[str, NumericAggregateStore]:
+        """The state of ``stores`` in new stores of ``partitions`` (more than they have): a
+        full snapshot of each restored into its new store, as rescaling up always did."""
+        rehomed = self._new_stores(key_type, partitions)
+        for metric, store in stores.items():
+            try:
+                rehomed[metric].restore(store.snapshot())
+            except CorruptDataError as exc:
+                raise IncompatibleCheckpointError(
+                    f"checkpoint {where}: the state of {metric!r} does not move into a "
+                    f"{key_type} store of {partitions} partition(s): {exc}"
+                ) from exc
+        return rehomed
 
     def checkpoint(self) -> CheckpointStats:
         """Commit the current state and source offset now (recovering first if needed).

@@ -20,7 +20,14 @@ from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_in
 from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError
 from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
 
-__all__ = ["STATE_OPERATOR", "check_layout", "check_newest", "pack_state", "unpack_state"]
+__all__ = [
+    "STATE_OPERATOR",
+    "check_layout",
+    "check_newest",
+    "pack_state",
+    "state_chain_bytes",
+    "unpack_state",
+]
 
 #: The operator under which a pipeline checkpoints its packed store snapshots.
 STATE_OPERATOR = "aggregates"
@@ -145,3 +152,10 @@ def unpack_state(
         for i, delta in enumerate(chain, 1)
     ]
     return record, offset, snapshots, deltas
+
+
+def state_chain_bytes(recovered: RecoveredCheckpoint) -> tuple[int, list[int]]:
+    """The bytes of a recovered (``rebuild=False``) checkpoint's state chain: its full
+    snapshot's artifact, and each delta artifact after it."""
+    chain = recovered.deltas.get(STATE_OPERATOR, {}).get(0, ())
+    return len(recovered.state[STATE_OPERATOR][0]), [len(delta) for delta in chain]
