@@ -31,8 +31,6 @@ Pipeline rows (``--quick``: a tenth of the events and keys):
 * recovering that job's last checkpoint, the end of a chain of 9 deltas after a full,
   against recovering a full checkpoint of the same final state (target: the chain takes
   <= 2x as long, i.e. >= 0.5x the speed).
-
-Stores without ``snapshot_delta`` checkpoint in full every time; the delta rows say so.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ from obstore.store import LocalStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Row, print_table, row
 
-from streamstate import NumericAggregateStore, ObjectStoreCheckpointer
+from streamstate import ObjectStoreCheckpointer
 from streamstate.pipeline import ArraySource, Pipeline, PipelineRun
 
 
@@ -209,7 +207,6 @@ def run_pipeline(quick: bool = False, base_dir: str | None = None) -> list[Row]:
     events, keys, batch = 10_000_000 // scale, 1_000_000 // scale, PIPELINE_BATCH // scale
     repeats = 3
     root = Path(tempfile.mkdtemp(prefix="streamstate-bench-pipe-", dir=base_dir))
-    deltas = hasattr(NumericAggregateStore, "snapshot_delta")
     try:
         # Throughput: a checkpoint every 20 batches vs only the final one.
         uniform = _uniform_source(events, keys)
@@ -261,16 +258,14 @@ def run_pipeline(quick: bool = False, base_dir: str | None = None) -> list[Row]:
         row(f"pipeline {label}: checkpoint every 20 batches vs final only", every_label,
             f"{events / t_final / 1e6:.2f} M ev/s", t_final / t_every, ">= 0.8x"),
     ]  # fmt: skip
-    if not deltas or not delta_sizes:
-        rows.append(row("hot set: median delta vs first full checkpoint", "n/a",
-                        f"{first_full:,} B", "n/a", "no store deltas in this build"))  # fmt: skip
-    else:
-        median_delta = statistics.median(delta_sizes)
-        rows.append(row(
-            f"hot set ({loaded / 1e6:g}M keys, then {hot:,} hot): median delta vs first full",
-            f"{median_delta:,.0f} B ({median_delta / loaded:.1f} B/key loaded)",
-            f"{first_full:,} B ({first_full / loaded:.1f} B/key)", first_full / median_delta,
-            ">= 20x (delta <= 5%)"))  # fmt: skip
+    if not delta_sizes:
+        raise SystemExit("the hot-set job wrote no delta checkpoints")
+    median_delta = statistics.median(delta_sizes)
+    rows.append(row(
+        f"hot set ({loaded / 1e6:g}M keys, then {hot:,} hot): median delta vs first full",
+        f"{median_delta:,.0f} B ({median_delta / loaded:.1f} B/key loaded)",
+        f"{first_full:,} B ({first_full / loaded:.1f} B/key)", first_full / median_delta,
+        ">= 20x (delta <= 5%)"))  # fmt: skip
     rows.append(row(
         f"recover a chain of {chain_length} deltas after a full vs a full of the same state",
         f"{t_chain * 1000:.0f} ms", f"{t_full * 1000:.0f} ms", t_full / t_chain,

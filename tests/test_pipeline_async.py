@@ -19,16 +19,12 @@ from obstore.store import MemoryStore
 
 from streamstate import (
     CheckpointError,
-    NumericAggregateStore,
     ObjectStoreCheckpointer,
     StreamStateError,
 )
 from streamstate.pipeline import ArraySource, Batch, CheckpointStats, Pipeline
 from streamstate.pipeline.checkpoints import DeltaChain, summarize_checkpoints
 from streamstate.storage import CheckpointStorage, PutMode
-
-HAS_DELTAS = hasattr(NumericAggregateStore, "snapshot_delta")
-needs_deltas = pytest.mark.skipif(not HAS_DELTAS, reason="stores without snapshot_delta")
 
 
 def _events(rows: int, keys: int = 50, seed: int = 0) -> ArraySource:
@@ -303,7 +299,6 @@ def test_full_checkpoint_every_is_validated() -> None:
     assert pipe.full_checkpoint_every == 4
 
 
-@needs_deltas
 def test_checkpoints_are_deltas_between_bounded_fulls(tmp_path: Path) -> None:
     source = _hot_events(1_000, 20_000)
     pipe = Pipeline(source, key="k", values="v", store=tmp_path, batch_size=500,
@@ -324,7 +319,6 @@ def test_checkpoints_are_deltas_between_bounded_fulls(tmp_path: Path) -> None:
     _assert_one_shot(again, source)
 
 
-@needs_deltas
 def test_a_restarted_pipeline_continues_the_recovered_chain(tmp_path: Path) -> None:
     source = _hot_events(1_000, 12_000)
     common: dict[str, Any] = {"key": "k", "values": "v", "store": tmp_path, "batch_size": 500,
@@ -343,7 +337,6 @@ def test_a_restarted_pipeline_continues_the_recovered_chain(tmp_path: Path) -> N
     _assert_one_shot(again, source)
 
 
-@needs_deltas
 def test_a_delta_checkpoint_of_one_changed_key_is_small(tmp_path: Path) -> None:
     keys = np.concatenate([np.arange(20_000), np.zeros(1_000, dtype=np.int64)])
     source = ArraySource("events", {"k": keys, "v": np.ones(21_000)})

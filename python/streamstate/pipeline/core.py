@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -126,22 +127,6 @@ def _value_columns(values: str | Sequence[str]) -> list[str]:
     if repeated:
         raise ValueError(f"values names {repeated} twice")
     return columns
-
-
-class _DeltaStore(Protocol):
-    """A store's delta half (``NumericAggregateStore`` in builds that have it)."""
-
-    def snapshot_delta(self) -> bytes: ...
-    def apply_delta(self, data: bytes) -> None: ...
-
-
-def _captures_deltas(stores: dict[str, NumericAggregateStore]) -> bool:
-    """Whether the stores can capture and apply deltas (``snapshot_delta``/``apply_delta``);
-    without them every checkpoint is a full snapshot."""
-    return all(
-        hasattr(store, "snapshot_delta") and hasattr(store, "apply_delta")
-        for store in stores.values()
-    )
 
 
 def _key_type_of(keys: npt.NDArray[Any]) -> KeyType | None:
@@ -307,6 +292,9 @@ class Pipeline:
         self._epoch = 0
         self._chain.reset()  # a chain continues only from state in memory (or restored)
         self._recovered = False
+        # Folded or restored partials sit in the partitions' local state until published;
+        # results() publishes them first (see workers.py for why runs do not).
+        self._unpublished = False
         self._recovered_epoch: int | None = None
         self._recovery_seconds = 0.0
 
@@ -421,6 +409,7 @@ class Pipeline:
         if chain_partitions != store_partitions:  # more partitions now: move the state over
             stores = self._rehomed(where, stores, key_type, store_partitions)
         self._stores = stores
+        self._unpublished = True
         self._key_type = key_type
         self._store_partitions = store_partitions
         self._offset = self._committed_offset = offset
@@ -428,7 +417,7 @@ class Pipeline:
         self._recovered_epoch = recovered.epoch
         # The stores' identity is the recovered checkpoint's, so the next checkpoint may be a
         # delta on it, unless the state moved into other stores.
-        if _captures_deltas(stores) and chain_partitions == store_partitions:
+        if chain_partitions == store_partitions:
             full_bytes, delta_bytes = state_chain_bytes(recovered)
             self._chain.resume(
                 recovered.checkpoint_id, full_bytes, sum(delta_bytes), len(delta_bytes)
@@ -445,11 +434,6 @@ class Pipeline:
         """New stores of ``partitions`` holding each column's full snapshot with its deltas
         applied in order, in place, by the store: no full state is rebuilt per delta."""
         stores = self._new_stores(key_type, partitions)
-        if deltas and not _captures_deltas(stores):
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where} ends a chain of {len(deltas)} store deltas, and this "
-                "build's stores cannot apply deltas (no apply_delta)"
-            )
         for metric, store in stores.items():
             try:
                 store.restore(snapshots[metric])
@@ -460,7 +444,7 @@ class Pipeline:
                 ) from exc
             for number, delta in enumerate(deltas, 1):
                 try:
-                    cast("_DeltaStore", store).apply_delta(delta[metric])
+                    store.apply_delta(delta[metric])
                 except CorruptDataError as exc:
                     raise CorruptDataError(
                         f"checkpoint {where}: delta {number} of {len(deltas)} of {metric!r} "
@@ -510,14 +494,9 @@ class Pipeline:
         for this), then commit it on a background thread. The caller holds no commit in
         flight: the epoch and a delta's parent are those of the last commit that landed."""
         stores = self._stores_for(None)
-        is_delta = _captures_deltas(stores) and self._chain.next_is_delta()
+        is_delta = self._chain.next_is_delta()
         snapshots = [
-            (
-                metric,
-                cast("_DeltaStore", stores[metric]).snapshot_delta()
-                if is_delta
-                else stores[metric].snapshot(),
-            )
+            (metric, stores[metric].snapshot_delta() if is_delta else stores[metric].snapshot())
             for metric in self._values
         ]
         capture = Capture(
@@ -625,6 +604,7 @@ class Pipeline:
                         for p in range(self._partitions)
                     ]
                 self._dispatch(workers, keys, batch)
+                self._unpublished = True
                 report.events += next_offset - self._offset
                 report.batches += 1
                 self._offset = next_offset
@@ -689,7 +669,7 @@ class Pipeline:
 
     @property
     def offset(self) -> int:
-        """The source offset everything before which is folded (and after a run, published)."""
+        """The source offset everything before which is folded."""
         return self._offset
 
     @property
@@ -709,7 +689,25 @@ class Pipeline:
             raise KeyError(f"{metric!r} is not one of the aggregated values {self._values}")
         if self._stores is None:  # nothing folded yet; do not fix the key type by asking
             return NumericAggregateStore(1, key_type=self._key_type or "int64")
+        if self._unpublished:
+            self._publish()
         return self._stores[metric]
+
+    def _publish(self) -> None:
+        """Publish every partition of every store, partitions in parallel (the GIL is
+        released), so the shared maps the results read hold everything."""
+        assert self._stores is not None
+        aggregators = [
+            store.partition(p)
+            for store in self._stores.values()
+            for p in range(self._store_partitions)
+        ]
+        if len(aggregators) == 1:
+            aggregators[0].publish()
+        else:
+            with ThreadPoolExecutor(min(len(aggregators), self._partitions)) as pool:
+                list(pool.map(lambda aggregator: aggregator.publish(), aggregators))
+        self._unpublished = False
 
     def results(self, metric: str) -> dict[str, npt.NDArray[Any]]:
         """Per-key statistics of ``metric`` merged across partitions (columnar).
