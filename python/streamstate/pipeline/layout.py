@@ -4,7 +4,10 @@ A pipeline checkpoint holds exactly two artifacts, both as partition 0: under
 ``"aggregates"`` one LCB1 batch packing every value column's store snapshot (named after
 the column), and under ``"job"`` the :class:`~streamstate.pipeline.JobRecord`. In an
 incremental checkpoint the ``"aggregates"`` artifact is a delta (``is_delta``) packing every
-column's ``snapshot_delta()`` instead, applied by the stores themselves on recovery. The source
+column's ``snapshot_delta()`` instead, applied by the stores themselves on recovery: read a
+pipeline's checkpoints with ``ObjectStoreCheckpointer.recover(rebuild=False)`` (the default
+rebuild applies record deltas, cannot apply these, and would fall back to the chain's
+full checkpoint). The source
 offsets hold one entry, the job's source. Anything else was written by something other
 than this job's pipeline and is refused with
 :class:`~streamstate.IncompatibleCheckpointError` rather than half-read.
