@@ -184,14 +184,15 @@ def _assert_group_by(results: Any, end: int, context: str) -> None:
         ), f"{column}: {context}"
 
 
-def _attack_pipeline(target: int, new_job: Any, seed: int) -> tuple[int, int, int]:
+def _attack_pipeline(target: int, new_job: Any, seed: int) -> tuple[int, int, int, int]:
     """SIGKILL pipeline children at random moments until ``target`` kills landed, starting
     a new job (``new_job() -> (child args, store)``) whenever one finishes, then finish the
     last one unkilled. After every kill, the recovered state equals the group-by of the
     events before its offset, and that offset never goes back. Returns (kills, finished
-    jobs, kills that found a checkpoint newer than the previous kill's)."""
+    jobs, kills that found a checkpoint newer than the previous kill's, kills whose
+    recovery applied deltas)."""
     rng = random.Random(seed)
-    kills = finished = progressed = 0
+    kills = finished = progressed = chained = 0
     args, store = new_job()
     committed = 0
     for round_no in range(3 * target + 1):
@@ -217,10 +218,12 @@ def _attack_pipeline(target: int, new_job: Any, seed: int) -> tuple[int, int, in
         assert offset >= committed, f"a committed checkpoint was lost: {context}"
         progressed += offset > committed
         committed = offset
+        newest = ObjectStoreCheckpointer(store).recover(rebuild=False)
+        chained += newest is not None and newest.delta_count > 0
         _assert_group_by(survivor.results("v"), offset, f"offset {offset}: {context}")
     else:
         raise AssertionError(f"{kills} kills in {3 * target + 1} rounds: children end too soon")
-    return kills, finished, progressed
+    return kills, finished, progressed, chained
 
 
 def _local_jobs(tmp_path: Path) -> Any:
@@ -246,7 +249,7 @@ def _s3_jobs(tmp_path: Path, s3_server: Any) -> Any:
 
 
 def test_sigkill_a_pipeline_a_few_times(tmp_path: Path) -> None:
-    kills, finished, _ = _attack_pipeline(3, _local_jobs(tmp_path), seed=7)
+    kills, finished, _, _ = _attack_pipeline(3, _local_jobs(tmp_path), seed=7)
     assert kills == 3 and finished >= 1
 
 
@@ -264,7 +267,9 @@ def test_sigkill_a_pipeline_with_incremental_async_checkpoints(
         if backend == "local"
         else _s3_jobs(tmp_path, request.getfixturevalue("s3_server"))
     )
-    kills, finished, progressed = _attack_pipeline(PIPELINE_KILLS, new_job, seed)
-    print(f"{backend}: {kills} kills, {finished} finished jobs, {progressed} kills after progress")
+    kills, finished, progressed, chained = _attack_pipeline(PIPELINE_KILLS, new_job, seed)
+    print(f"{backend}: {kills} kills, {finished} finished jobs, {progressed} kills after "
+          f"progress, {chained} recoveries through deltas")  # fmt: skip
     assert kills == PIPELINE_KILLS and finished >= 1
     assert progressed >= kills // 3, "most kills found no new checkpoint: no progress"
+    assert chained >= 1, "no kill was recovered through a delta chain"
