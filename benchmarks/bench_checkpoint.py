@@ -1,6 +1,7 @@
-"""Object-store checkpointer on the local filesystem: commit and recover throughput.
+"""Checkpoints on the local filesystem: the checkpointer's commit and recover throughput,
+and what a Pipeline's incremental, asynchronous checkpoints cost.
 
-    python benchmarks/bench_checkpoint.py [--quick] [--dir /tmp]
+    python benchmarks/bench_checkpoint.py [--quick] [--dir /tmp] [--part all|commit|pipeline]
 
 A checkpoint of 16 partitions x 16 MiB (``--quick``: 4 x 2 MiB) is committed to an obstore
 ``LocalStore`` and compared with
@@ -18,6 +19,18 @@ page cache in both cases, so these are CPU/memory-bound figures; recovery's SHA-
 over every byte is what the raw read does not pay. Each timed call starts after an untimed
 cleanup of the previous round's files and an ``os.sync()``, so no call is throttled by
 writeback of another's dirty pages.
+
+Pipeline rows (``--quick``: a tenth of the events and keys):
+
+* throughput of a Pipeline over 10M events, 1M int64 keys, 64K-row batches, 2 partitions,
+  checkpointing every 20 batches, against the same pipeline committing only its final
+  checkpoint (target >= 0.8x);
+* a hot set: 1M keys loaded, then 9M events over 10K keys, a checkpoint every 16 batches:
+  the median delta checkpoint's bytes against the first (full) checkpoint's (target: a
+  delta <= 5% of the full, i.e. >= 20x smaller);
+* recovering that job's last checkpoint, the end of a chain of 9 deltas after a full,
+  against recovering a full checkpoint of the same final state (target: the chain takes
+  <= 2x as long, i.e. >= 0.5x the speed).
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Row, print_table, row
 
 from streamstate import ObjectStoreCheckpointer
+from streamstate.pipeline import ArraySource, Pipeline, PipelineRun
 
 
 def _mib_per_s(nbytes: int, seconds: float) -> str:
@@ -65,7 +79,16 @@ def _interleaved_medians(
     return [statistics.median(t) for t in times]
 
 
-def run(quick: bool = False, base_dir: str | None = None) -> list[Row]:
+def run(quick: bool = False, base_dir: str | None = None, part: str = "all") -> list[Row]:
+    rows = []
+    if part in ("all", "commit"):
+        rows += run_commit(quick, base_dir)
+    if part in ("all", "pipeline"):
+        rows += run_pipeline(quick, base_dir)
+    return rows
+
+
+def run_commit(quick: bool = False, base_dir: str | None = None) -> list[Row]:
     partitions, size = (4, 2 << 20) if quick else (16, 16 << 20)
     repeats = 3 if quick else 5
     total = partitions * size
@@ -147,12 +170,118 @@ def run(quick: bool = False, base_dir: str | None = None) -> list[Row]:
     ]  # fmt: skip
 
 
+# -- a Pipeline's checkpoints ------------------------------------------------------------
+
+PIPELINE_BATCH = 65_536
+
+
+def _uniform_source(events: int, keys: int) -> ArraySource:
+    rng = np.random.default_rng(11)
+    return ArraySource(
+        "events", {"k": rng.integers(0, keys, events), "v": rng.normal(0, 1, events)}
+    )
+
+
+def _hot_source(loaded: int, events: int, hot: int) -> ArraySource:
+    """``loaded`` keys once each (shuffled), then ``events`` events over ``hot`` of them."""
+    rng = np.random.default_rng(13)
+    keys = np.concatenate([rng.permutation(loaded), rng.integers(0, hot, events)])
+    return ArraySource("events", {"k": keys, "v": rng.normal(0, 1, len(keys))})
+
+
+def _pipeline_run(
+    source: ArraySource, store: Path, batch_size: int, checkpoint_every: int, full_every: int = 10
+) -> PipelineRun:
+    pipe = Pipeline(source, key="k", values="v", partitions=2, store=store,
+                    batch_size=batch_size, checkpoint_every=checkpoint_every,
+                    full_checkpoint_every=full_every)  # fmt: skip
+    try:
+        return pipe.run()
+    finally:
+        pipe.close()
+
+
+def run_pipeline(quick: bool = False, base_dir: str | None = None) -> list[Row]:
+    scale = 10 if quick else 1
+    # --quick keeps the shape: a tenth of the events, keys and rows per batch.
+    events, keys, batch = 10_000_000 // scale, 1_000_000 // scale, PIPELINE_BATCH // scale
+    repeats = 3
+    root = Path(tempfile.mkdtemp(prefix="streamstate-bench-pipe-", dir=base_dir))
+    try:
+        # Throughput: a checkpoint every 20 batches vs only the final one.
+        uniform = _uniform_source(events, keys)
+        reports: dict[str, list[PipelineRun]] = {"every": [], "final": []}
+
+        def timed_run(name: str, every: int) -> Callable[[], object]:
+            def fn() -> None:
+                reports[name].append(_pipeline_run(uniform, root / name, batch, every))
+            return fn
+
+        def fresh(name: str) -> Callable[[], object]:
+            return lambda: shutil.rmtree(root / name, ignore_errors=True)
+
+        t_every, t_final = _interleaved_medians(
+            [(timed_run("every", 20), fresh("every")), (timed_run("final", 10**9), fresh("final"))],
+            repeats,
+        )
+        last = reports["every"][-1]
+        every_label = (
+            f"{events / t_every / 1e6:.2f} M ev/s ({len(last.checkpoints)} ckpts, "
+            f"{last.delta_checkpoints} delta, stall {last.stall_seconds:.2f} s, "
+            f"upload {last.upload_seconds:.2f} s)"
+        )
+
+        # Hot set: one job, a full then deltas; and the same job checkpointing in full.
+        loaded, hot = keys, 10_000 // scale
+        hot_source = _hot_source(loaded, events - loaded, hot)
+        chain_run = _pipeline_run(hot_source, root / "chain", batch, 16, full_every=10)
+        _pipeline_run(hot_source, root / "full", batch, 16, full_every=1)
+        first_full = chain_run.checkpoints[0].bytes
+        delta_sizes = [c.bytes for c in chain_run.checkpoints if c.is_delta]
+
+        def recover(store: Path) -> Callable[[], object]:
+            def fn() -> None:
+                pipe = Pipeline(hot_source, key="k", values="v", partitions=2, store=store)
+                assert pipe.recover() == len(hot_source)
+            return fn
+
+        chain_length = sum(1 for c in reversed(chain_run.checkpoints) if c.is_delta)
+        t_chain, t_full = _interleaved_medians(
+            [(recover(root / "chain"), lambda: None), (recover(root / "full"), lambda: None)],
+            5 if not quick else 3,
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    label = f"{events / 1e6:g}M events, {keys / 1e6:g}M keys, {batch:,}-row batches, 2 partitions"
+    rows = [
+        row(f"pipeline {label}: checkpoint every 20 batches vs final only", every_label,
+            f"{events / t_final / 1e6:.2f} M ev/s", t_final / t_every, ">= 0.8x"),
+    ]  # fmt: skip
+    if not delta_sizes:
+        raise SystemExit("the hot-set job wrote no delta checkpoints")
+    median_delta = statistics.median(delta_sizes)
+    rows.append(row(
+        f"hot set ({loaded / 1e6:g}M keys, then {hot:,} hot): median delta vs first full",
+        f"{median_delta:,.0f} B ({median_delta / loaded:.1f} B/key loaded)",
+        f"{first_full:,} B ({first_full / loaded:.1f} B/key)", first_full / median_delta,
+        ">= 20x (delta <= 5%)"))  # fmt: skip
+    rows.append(row(
+        f"recover a chain of {chain_length} deltas after a full vs a full of the same state",
+        f"{t_chain * 1000:.0f} ms", f"{t_full * 1000:.0f} ms", t_full / t_chain,
+        ">= 0.5x (<= 2x the time)"))  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--dir", default=None, help="where to put the temporary store")
+    parser.add_argument("--part", choices=["all", "commit", "pipeline"], default="all",
+                        help="the checkpointer's rows, the Pipeline's, or both")  # fmt: skip
     args = parser.parse_args()
-    print_table(run(args.quick, args.dir), title="object-store checkpointer (LocalStore)")
+    print_table(run(args.quick, args.dir, args.part),
+                title="checkpoints: the checkpointer and a Pipeline's (LocalStore)")  # fmt: skip
 
 
 if __name__ == "__main__":

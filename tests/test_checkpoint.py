@@ -283,6 +283,36 @@ def test_recover_with_a_custom_delta_function(store: Any) -> None:
     assert r_default is not None and r_default.epoch == 1 and len(r_default.fallbacks) == 2
 
 
+def test_recover_without_rebuilding_returns_the_verified_chain(store: Any) -> None:
+    ck = checkpointer(store)
+    m1 = ck.commit(1, [("log", 0, False, b"abc"), ("log", 1, False, b"xyz")])
+    m2 = ck.commit(2, [("log", 0, True, b"def"), ("log", 1, False, b"XYZ")],
+                   parent=m1.checkpoint_id, validate_delta=None)  # fmt: skip
+    m3 = ck.commit(3, [("log", 0, True, b"ghi"), ("log", 1, False, b"!")],
+                   parent=m2.checkpoint_id, validate_delta=None)  # fmt: skip
+
+    def never(base: bytes, delta: bytes) -> bytes:
+        raise AssertionError("rebuild=False applies no delta")
+
+    r = ck.recover(apply_delta=never, rebuild=False)
+    assert r is not None and r.checkpoint_id == m3.checkpoint_id and r.fallbacks == ()
+    # Each partition: the full snapshot its chain starts from, then its deltas in order.
+    assert r.state == {"log": {0: b"abc", 1: b"!"}}
+    assert r.deltas == {"log": {0: (b"def", b"ghi"), 1: ()}}
+    assert r.delta_count == 2 and "deltas=2" in repr(r)
+    # Rebuilt (the default), the same chain is applied and no deltas are left over.
+    rebuilt = ck.recover(apply_delta=lambda base, delta: base + delta)
+    assert rebuilt is not None and rebuilt.state == {"log": {0: b"abcdefghi", 1: b"!"}}
+    assert rebuilt.delta_count == 0
+    # Every byte of the chain is still verified: a damaged delta is a fallback.
+    path = m2.operators["log"].partitions[0].path
+    overwrite(store, path, b"DEF")
+    damaged = ck.recover(rebuild=False)
+    assert damaged is not None and damaged.checkpoint_id == m1.checkpoint_id
+    assert [cid for cid, _ in damaged.fallbacks] == [str(m3.checkpoint_id), str(m2.checkpoint_id)]
+    assert damaged.deltas == {"log": {0: (), 1: ()}}
+
+
 def test_a_store_whose_checkpoints_were_all_deleted_starts_fresh(store: Any) -> None:
     ck = checkpointer(store)
     for epoch in range(3):

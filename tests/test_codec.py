@@ -115,7 +115,8 @@ def test_record_kind_is_the_one_defined_in_the_core() -> None:
     assert RecordKind is _core.RecordKind and issubclass(RecordKind, enum.IntEnum)
     assert {k.name: int(k) for k in RecordKind} == {
         "USER": 0, "AGGREGATE_STORE": 1, "NUMERIC_AGGREGATE_STORE": 2, "STATE_BACKEND": 3,
-        "SPILL_RUN": 4, "DELTA": 0xDE17,
+        "SPILL_RUN": 4, "NUMERIC_AGGREGATE_STORE_DELTA": 5, "AGGREGATE_STORE_DELTA": 6,
+        "STATE_BACKEND_DELTA": 7, "DELTA": 0xDE17,
     }  # fmt: skip
     # What the C++ components write carries these tags.
     assert decode_records(streamstate.NumericAggregateStore(1).snapshot())[0] == (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,8 @@ def test_demo_without_a_crash_does_not_claim_exactly_once(
     assert code == 0
     assert "simulated crash" not in out and "exactly-once" not in out
     assert "verified: matches a pandas group-by, no crash simulated" in out
+    assert "partitions stalled for checkpoints" in out and "background upload" in out
+    assert re.search(r"checkpoints written +\d+ \(\d+ delta\)", out), out
 
 
 @pytest.mark.slow

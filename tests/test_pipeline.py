@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from obstore.store import LocalStore, MemoryStore
 
-from streamstate import SourceError, StreamStateError
+from streamstate import CheckpointId, ObjectStoreCheckpointer, SourceError, StreamStateError
 from streamstate.pipeline import ArraySource, Batch, Pipeline, Source
 
 
@@ -45,6 +45,19 @@ def _data(rows: int, groups: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return keys, values
 
 
+def _needed_by_newest(checkpointer: ObjectStoreCheckpointer, keep: int) -> set[CheckpointId]:
+    """The newest ``keep`` checkpoints and every ancestor their delta chains start from."""
+    newest = checkpointer.list_checkpoints()[-keep:]
+    needed = set(newest)
+    for cid in newest:
+        manifest = checkpointer.load_manifest(cid)
+        while any(p.is_delta for op in manifest.operators.values() for p in op.partitions):
+            assert manifest.parent_id is not None
+            needed.add(manifest.parent_id)
+            manifest = checkpointer.load_manifest(manifest.parent_id)
+    return needed
+
+
 def test_run_matches_a_pandas_group_by(tmp_path: Path) -> None:
     keys, values = _data(50_000, 300)
     source = ArraySource("events", {"k": keys, "v": values})
@@ -58,7 +71,10 @@ def test_run_matches_a_pandas_group_by(tmp_path: Path) -> None:
         assert [c.epoch for c in report.checkpoints] == [1, 2, 3, 4, 5, 6, 7]
         assert report.checkpoints[-1].offset == 50_000
         _assert_matches(pipe.results("v"), _expected(keys, values))
-        assert len(pipe.checkpointer.list_checkpoints()) == 3  # pruned to keep_checkpoints
+        # Pruned to keep_checkpoints, and whatever their delta chains need, no more.
+        kept = pipe.checkpointer.list_checkpoints()
+        assert set(kept) == _needed_by_newest(pipe.checkpointer, 3)
+        assert 3 <= len(kept) < 3 + pipe.full_checkpoint_every
 
 
 @pytest.mark.parametrize("crash_after", [1, 5, 8, 13])

@@ -90,6 +90,13 @@ class NumericAggregateStore(_core.NumericAggregateStore):
     ``.publish()``); :meth:`result`, :meth:`results`, :meth:`to_pandas`, :meth:`to_arrow`
     and :meth:`to_polars` read what has been published. Variance uses shifted sums and Chan's parallel merge, so ``1e9 + noise``
     data keeps full precision. ``snapshot()`` includes every partition's local state.
+
+    Incremental captures: ``snapshot_delta()`` returns only the published slots and local
+    entries created or changed since the previous ``snapshot()`` / ``snapshot_delta()``
+    (both reset the change tracking), naming its parent; ``apply_delta(data)`` applies it
+    to a store in that parent's state (``restore(full)`` then the earlier deltas in order),
+    all or nothing. A publish merges the partition's local partials into the shared map
+    and empties its tables, so each key's partial is held once.
     """
 
     __slots__ = ("_text_keys",)

@@ -17,7 +17,9 @@ itself never trusts it over the manifests.
 
 Recovery (:meth:`~ObjectStoreCheckpointer.recover`) tries the newest checkpoint first,
 verifies every byte against the manifest's SHA-256 digests, rebuilds delta partitions along
-the ``parent_id`` chain, and falls back to older checkpoints on any failure.
+the ``parent_id`` chain (or, with ``rebuild=False``, hands back each verified chain, a full
+snapshot and its deltas in order, for a caller whose state applies deltas in place), and
+falls back to older checkpoints on any failure.
 
 Deltas. A partition artifact saved with ``is_delta=True`` holds the changes since the same
 partition in the parent checkpoint. Recovery rebuilds the partition as
@@ -70,6 +72,7 @@ from .recovery import (
     check_artifact,
     delta_chains,
     rebuild_state,
+    split_chains,
     verify_integrity,
 )
 from .retry import RetryPolicy
@@ -487,6 +490,8 @@ class ObjectStoreCheckpointer:
         max_fallback: int = 3,
         apply_delta: DeltaFunction = apply_record_delta,
         max_size: int | None = DEFAULT_MAX_DECODED_SIZE,
+        *,
+        rebuild: bool = True,
     ) -> RecoveredCheckpoint | None:
         """Load the newest checkpoint that verifies completely, or None on an empty store.
 
@@ -503,6 +508,13 @@ class ObjectStoreCheckpointer:
         chains (checked against the manifests before anything is read) and every state
         rebuilt from them (default 1 GiB, as for :func:`~streamstate.decode_batch`; ``None``
         for no bound). A candidate over it counts as a failure, with the reason recorded.
+
+        ``rebuild=False`` verifies the same bytes but applies no delta: each partition comes
+        back as the full snapshot its chain starts from plus its deltas in order
+        (:attr:`RecoveredCheckpoint.deltas`), for a caller that applies them itself, e.g.
+        ``store.restore(full)`` then ``store.apply_delta(d)`` for each delta, without a full
+        blob rebuilt per delta. ``apply_delta`` is not used then, and a delta that does not
+        apply is the caller's to report.
         """
         if isinstance(max_fallback, bool) or not isinstance(max_fallback, int) or max_fallback < 0:
             raise ValueError(f"max_fallback must be an int >= 0, got {max_fallback!r}")
@@ -519,7 +531,12 @@ class ObjectStoreCheckpointer:
         manifests: dict[CheckpointId, CheckpointManifest] = {}
         for cid in reversed(candidates[-(max_fallback + 1) :]):
             try:
-                manifest, state = self._rebuild(cid, manifests, apply_delta, max_size)
+                manifest, chains, blobs = self._fetch_chains(cid, manifests, max_size)
+                deltas: dict[str, dict[int, tuple[bytes, ...]]] = {}
+                if rebuild:
+                    state = rebuild_state(manifest, chains, blobs, apply_delta, max_size)
+                else:
+                    state, deltas = split_chains(manifest, chains, blobs)
             except (StreamStateError, ValueError) as exc:
                 failures.append((str(cid), str(exc)))
                 continue
@@ -527,7 +544,7 @@ class ObjectStoreCheckpointer:
                 # Writers resume from here: newer checkpoints did not verify.
                 self._newest = (manifest.checkpoint_id, manifest.epoch)
             return RecoveredCheckpoint(
-                manifest, state, dict(manifest.source_offsets), tuple(failures)
+                manifest, state, dict(manifest.source_offsets), tuple(failures), deltas
             )
         raise NoValidCheckpointError(failures)
 
@@ -546,13 +563,18 @@ class ObjectStoreCheckpointer:
         self._parallel(self._fetch_verified, list(needed.values()))
         return manifest
 
-    def _rebuild(
+    def _fetch_chains(
         self,
         checkpoint_id: CheckpointId,
         manifests: dict[CheckpointId, CheckpointManifest],
-        apply_delta: DeltaFunction,
         max_size: int | None = None,
-    ) -> tuple[CheckpointManifest, dict[str, dict[int, bytes]]]:
+    ) -> tuple[
+        CheckpointManifest,
+        dict[tuple[str, int], list[PartitionSnapshotEntry]],
+        dict[str, bytes],
+    ]:
+        """The manifest, every partition's delta chain and every artifact those need, each
+        read and verified once."""
         manifest = self._manifest_cached(checkpoint_id, manifests)
         chains = self._chains(manifest, manifests)
         needed = list({entry.path: entry for chain in chains.values() for entry in chain}.values())
@@ -565,7 +587,7 @@ class ObjectStoreCheckpointer:
         blobs = dict(
             zip((e.path for e in needed), self._parallel(self._fetch_verified, needed), strict=True)
         )
-        return manifest, rebuild_state(manifest, chains, blobs, apply_delta, max_size)
+        return manifest, chains, blobs
 
     def _manifest_cached(
         self, checkpoint_id: CheckpointId, manifests: dict[CheckpointId, CheckpointManifest]

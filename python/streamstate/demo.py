@@ -208,8 +208,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     if crash_after:
         runs.append(first.run(max_batches=crash_after, on_batch=advance))
-        last_committed = runs[0].checkpoints[-1].offset if runs[0].checkpoints else 0
-        lost = first.offset - last_committed
+        lost = first.offset - first.committed_offset
         first.close()  # the crash: every byte of in-memory state is gone
         if bar is not None:
             bar.write(
@@ -259,6 +258,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     median_checkpoint = (
         f"{np.median([c.seconds for c in checkpoints]) * 1000:.1f} ms" if checkpoints else "-"
     )
+    deltas = sum(c.is_delta for c in checkpoints)
+    stall = sum(c.stall_seconds for c in checkpoints)
+    upload = sum(c.upload_seconds for c in checkpoints)
     _print_table(
         "Run summary",
         ["", "value"],
@@ -266,9 +268,11 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             ["events in source", f"{events:,}"],
             ["events processed (incl. replay)", f"{processed:,}"],
             ["throughput", f"{processed / wall:,.0f} events/s"],
-            ["checkpoints written", f"{len(checkpoints)}"],
+            ["checkpoints written", f"{len(checkpoints)} ({deltas} delta)"],
             ["checkpoint bytes", f"{sum(c.bytes for c in checkpoints):,}"],
             ["median checkpoint time", median_checkpoint],
+            ["partitions stalled for checkpoints", f"{stall * 1000:.1f} ms in all"],
+            ["background upload", f"{upload * 1000:.1f} ms in all"],
             ["recovery time", f"{final.recovery_seconds * 1000:.1f} ms"],
             ["committed checkpoints kept", f"{len(survivor.checkpointer.list_checkpoints())}"],
         ],

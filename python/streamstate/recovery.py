@@ -22,6 +22,7 @@ __all__ = [
     "check_artifact",
     "delta_chains",
     "rebuild_state",
+    "split_chains",
     "verify_integrity",
 ]
 
@@ -40,12 +41,19 @@ class RecoveredCheckpoint:
     ``state[operator][partition]`` is the partition's bytes with any deltas applied.
     ``fallbacks`` lists ``(checkpoint_id, reason)`` for newer checkpoints that failed
     verification before this one was chosen (newest first; empty when the newest was fine).
+
+    Recovered with ``rebuild=False`` (see :meth:`ObjectStoreCheckpointer.recover`), deltas
+    are left for the caller to apply: ``state[operator][partition]`` is then the full
+    snapshot at the base of the partition's chain and ``deltas[operator][partition]`` the
+    verified deltas to apply to it, oldest first (empty for a full partition). Rebuilt
+    (the default), every ``deltas`` tuple is empty.
     """
 
     manifest: CheckpointManifest
     state: dict[str, dict[int, bytes]]
     source_offsets: dict[str, Any]
     fallbacks: tuple[tuple[str, str], ...] = field(default=())
+    deltas: dict[str, dict[int, tuple[bytes, ...]]] = field(default_factory=dict)
 
     @property
     def checkpoint_id(self) -> CheckpointId:
@@ -57,12 +65,17 @@ class RecoveredCheckpoint:
         """The recovered checkpoint's epoch."""
         return self.manifest.epoch
 
+    @property
+    def delta_count(self) -> int:
+        """How many deltas are left to apply, over every partition (0 when rebuilt)."""
+        return sum(len(chain) for parts in self.deltas.values() for chain in parts.values())
+
     def __repr__(self) -> str:
         shape = {op: len(parts) for op, parts in self.state.items()}
         return (
             f"RecoveredCheckpoint(checkpoint_id='{self.checkpoint_id}', epoch={self.epoch}, "
             f"partitions={shape}, bytes={self.manifest.total_size_bytes}, "
-            f"fallbacks={len(self.fallbacks)})"
+            f"deltas={self.delta_count}, fallbacks={len(self.fallbacks)})"
         )
 
 
@@ -130,3 +143,20 @@ def rebuild_state(
                 )
         state[op][partition] = data
     return state
+
+
+def split_chains(
+    manifest: CheckpointManifest,
+    chains: Mapping[tuple[str, int], Sequence[PartitionSnapshotEntry]],
+    blobs: Mapping[str, bytes],
+) -> tuple[dict[str, dict[int, bytes]], dict[str, dict[int, tuple[bytes, ...]]]]:
+    """Each chain's verified bytes left unapplied: ``state[operator][partition]`` the full
+    snapshot at its base, ``deltas[operator][partition]`` its deltas, oldest first. For a
+    caller that applies deltas itself (a store applying them in place), so no intermediate
+    full state is ever built."""
+    state: dict[str, dict[int, bytes]] = {op: {} for op in manifest.operators}
+    deltas: dict[str, dict[int, tuple[bytes, ...]]] = {op: {} for op in manifest.operators}
+    for (op, partition), chain in chains.items():
+        state[op][partition] = blobs[chain[0].path]
+        deltas[op][partition] = tuple(blobs[delta.path] for delta in chain[1:])
+    return state, deltas

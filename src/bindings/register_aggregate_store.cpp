@@ -448,11 +448,37 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
             std::string snap;
             {
               const py::gil_scoped_release release;  // pure C++ under the store's locks
-              snap = self.visit([](const auto& s) { return s.snapshot(); });
+              snap = self.visit([](auto& s) { return s.snapshot(); });
             }
             return py::bytes(snap);
           },
-          "The shared map and every partition's local state as checksummed bytes.")
+          "The shared map and every partition's local state as checksummed bytes; resets\n"
+          "the change tracking of snapshot_delta().")
+      .def(
+          "snapshot_delta",
+          [](const NumericStoreHandle& self) {
+            std::string delta;
+            {
+              const py::gil_scoped_release release;  // pure C++ under the store's locks
+              delta = self.visit([](auto& s) { return s.snapshot_delta(); });
+            }
+            return py::bytes(delta);
+          },
+          "Only the published slots and local entries created or changed since the previous\n"
+          "snapshot() or snapshot_delta(), as checksummed bytes naming their parent; resets\n"
+          "the change tracking. Consistent while others publish.")
+      .def(
+          "apply_delta",
+          [](const NumericStoreHandle& self, const py::object& data) {
+            require_buffer(data, "data");
+            const ImmutableInput input(data);
+            const py::gil_scoped_release release;  // decodes memory no other thread can change
+            self.visit([&](auto& s) { s.apply_delta(input.view()); });
+          },
+          py::arg("data"),
+          "Apply a snapshot_delta() taken from this store's current state (restored from the\n"
+          "delta's parent). Corrupt bytes or a delta of another parent raise\n"
+          "CorruptDataError and leave the store as it was.")
       .def(
           "restore",
           [](const NumericStoreHandle& self, const py::object& data) {

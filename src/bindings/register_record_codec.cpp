@@ -20,6 +20,9 @@ void register_record_codec(py::module_& m) {
       .value("NUMERIC_AGGREGATE_STORE", RecordKind::kNumericAggregateStore)
       .value("STATE_BACKEND", RecordKind::kStateBackend)
       .value("SPILL_RUN", RecordKind::kSpillRun)
+      .value("NUMERIC_AGGREGATE_STORE_DELTA", RecordKind::kNumericAggregateStoreDelta)
+      .value("AGGREGATE_STORE_DELTA", RecordKind::kAggregateStoreDelta)
+      .value("STATE_BACKEND_DELTA", RecordKind::kStateBackendDelta)
       .value("DELTA", RecordKind::kDelta, "an incremental checkpoint (streamstate.delta)")
       .finalize();
   m.def(

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -22,11 +23,25 @@ namespace {
 //   "shared" (any number of chunks): u32 n, n x (key, u32 k, k x (u32 partition, Moments))
 //   "local" + u32 partition (any number of chunks per partition): u32 n, n x (key, Moments)
 // A key is 8 bytes LE for int64 keys, u32 length + bytes for bytes keys. Chunks keep each
-// record far below the container's 4 GiB field limit.
+// record far below the container's 4 GiB field limit. Layout 2 local entries are what was
+// folded since the partition's last publish; layout 1 local entries were the partition's
+// full partials (restore publishes them).
+//
+// Delta layout (kind kNumericAggregateStoreDelta):
+//   "streamstate.numeric_aggregate_store.delta": u32 layout version, u32 num_partitions,
+//        u8 key type, u32 parent identity, u64 sequence
+//   "shared" + u32 partition (chunks): u32 n, n x (key, Moments): that partition's slots
+//   "reset" + u32 partition (empty): the partition published since the parent, so its
+//        local tables are emptied before its "local" entries apply
+//   "local" + u32 partition (chunks): u32 n, n x (key, Moments): local entries to set
 constexpr std::string_view kHeaderKey = "streamstate.numeric_aggregate_store";
+constexpr std::string_view kDeltaHeaderKey = "streamstate.numeric_aggregate_store.delta";
 constexpr std::string_view kSharedKey = "shared";
 constexpr std::string_view kLocalPrefix = "local";
-constexpr std::uint32_t kLayoutVersion = 1;
+constexpr std::string_view kResetPrefix = "reset";
+constexpr std::uint32_t kLayoutVersion = 2;
+constexpr std::uint32_t kFullPartialsLayout = 1;
+constexpr std::uint32_t kDeltaLayoutVersion = 1;
 constexpr std::uint32_t kMaxPartitions = 65536;
 constexpr std::size_t kChunkEntries = 1 << 16;
 
@@ -65,6 +80,47 @@ std::uint32_t chunk_count(ByteReader& in, std::size_t min_entry_bytes) {
   if (n > in.remaining() / min_entry_bytes) corrupt("chunk entry count larger than its bytes");
   return n;
 }
+
+std::string partition_key(std::string_view prefix, std::uint32_t pid) {
+  std::string key(prefix);
+  put_u32(key, pid);
+  return key;
+}
+
+// The partition id of a record named prefix + u32, or nullopt for another name.
+std::optional<std::uint32_t> partition_of(std::string_view key, std::string_view prefix,
+                                          std::uint32_t np) {
+  if (key.size() != prefix.size() + 4 || key.substr(0, prefix.size()) != prefix) {
+    return std::nullopt;
+  }
+  const std::uint32_t pid = load_u32(key.data() + prefix.size());
+  if (pid >= np) {
+    corrupt("partition id " + std::to_string(pid) + " >= num_partitions " + std::to_string(np));
+  }
+  return pid;
+}
+
+template <class K>
+void check_key_type(std::uint8_t tag) {
+  if (tag != K::kTag) {
+    corrupt("written by a store with a different key_type (this store's is '" +
+            std::string(K::kName) + "')");
+  }
+}
+
+// Both captures lock the same way: the map quiescent, every partition stopped.
+class Quiescent {
+ public:
+  template <class Partitions>
+  Quiescent(EpochLock& epoch, const Partitions& partitions) : epoch_(epoch) {
+    locks_.reserve(partitions.size());
+    for (const auto& p : partitions) locks_.emplace_back(p->mutex);
+  }
+
+ private:
+  ExclusiveEpoch epoch_;
+  std::vector<std::unique_lock<std::mutex>> locks_;
+};
 
 }  // namespace
 
@@ -112,14 +168,12 @@ void NumericAggregateStore<K>::fold(std::uint32_t partition_id, const View* keys
 }
 
 template <class K>
-void NumericAggregateStore<K>::Slots::put(std::uint32_t partition_id, const Moments& m) {
+std::pair<typename NumericAggregateStore<K>::Slot*, bool> NumericAggregateStore<K>::Slots::slot(
+    std::uint32_t partition_id) {
   Slot* slots = data();
   std::uint32_t at = 0;
   while (at < size_ && slots[at].partition < partition_id) ++at;
-  if (at < size_ && slots[at].partition == partition_id) {
-    slots[at].partial = m;
-    return;
-  }
+  if (at < size_ && slots[at].partition == partition_id) return {slots + at, false};
   if (size_ == capacity_) {
     const std::uint32_t grown = capacity_ * 2;
     auto bigger = std::make_unique<Slot[]>(grown);
@@ -129,8 +183,19 @@ void NumericAggregateStore<K>::Slots::put(std::uint32_t partition_id, const Mome
     slots = heap_.get();
   }
   std::copy_backward(slots + at, slots + size_, slots + size_ + 1);
-  slots[at] = Slot{partition_id, m};
+  slots[at] = Slot{partition_id, false, Moments{}};
   ++size_;
+  return {slots + at, true};
+}
+
+template <class K>
+typename NumericAggregateStore<K>::Slot* NumericAggregateStore<K>::Slots::find(
+    std::uint32_t partition_id) noexcept {
+  Slot* slots = data();
+  for (std::uint32_t at = 0; at < size_; ++at) {
+    if (slots[at].partition == partition_id) return slots + at;
+  }
+  return nullptr;
 }
 
 template <class K>
@@ -145,7 +210,7 @@ void NumericAggregateStore<K>::reserve_for(Partition& p) {
   std::size_t pending = 0;
   {
     const std::lock_guard<std::mutex> lock(p.mutex);
-    pending = p.local.pending();
+    pending = p.local.size();
   }
   const std::size_t want = shared_.size() + pending;
   if (want <= shared_.bucket_count()) return;
@@ -167,7 +232,8 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
   const SharedEpoch epoch(epoch_);
   const std::lock_guard<std::mutex> lock(p.mutex);
   std::vector<std::uint64_t> order;  // (bucket << 32) | Ref
-  p.local.collect_changes(order);
+  p.local.collect_all(order);
+  p.dirty.reserve(p.dirty.size() + order.size());  // no allocation once merging starts
   const auto& local = p.local;
   const std::uint64_t buckets = shared_.bucket_count();
   const std::uint64_t mask = (buckets - 1) & 0xffffffffULL;
@@ -192,9 +258,15 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
     const auto ref = static_cast<Ref>(order[j]);
     typename SharedMap::accessor entry;
     shared_.insert(entry, local.key_at(ref));
-    entry->second.put(partition_id, local.value_at(ref));
+    const auto [slot, created] = entry->second.slot(partition_id);
+    slot->partial.merge(local.value_at(ref));
+    if (created) ++p.published;
+    if (!slot->dirty) {
+      slot->dirty = true;
+      p.dirty.push_back(&*entry);
+    }
   }
-  p.local.forget_changes();
+  p.local.drain();
   return order.size();
 }
 
@@ -241,25 +313,53 @@ auto NumericAggregateStore<K>::read_local(std::uint32_t partition_id, Read&& rea
 
 template <class K>
 std::size_t NumericAggregateStore<K>::partition_size(std::uint32_t partition_id) const {
-  return read_local(partition_id, [](const Local& local) { return local.size(); });
+  const SharedEpoch epoch(epoch_);
+  const Partition& p = partition(partition_id);
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  // Local keys the partition has not published before count once more.
+  std::size_t fresh = 0;
+  for (std::size_t s = 0; s < Local::kShards; ++s) {
+    const auto& table = p.local.shard(s);
+    for (std::size_t i = 0; i < table.size(); ++i) {
+      typename SharedMap::accessor entry;
+      if (!shared_.find(entry, table.key_at(i)) || entry->second.find(partition_id) == nullptr) {
+        ++fresh;
+      }
+    }
+  }
+  return p.published + fresh;
 }
 
 template <class K>
 std::size_t NumericAggregateStore<K>::partition_pending(std::uint32_t partition_id) const {
-  return read_local(partition_id, [](const Local& local) { return local.pending(); });
+  return read_local(partition_id, [](const Local& local) { return local.size(); });
 }
 
 template <class K>
 std::size_t NumericAggregateStore<K>::partition_memory_bytes(std::uint32_t partition_id) const {
-  return read_local(partition_id, [](const Local& local) { return local.memory_bytes(); });
+  const Partition& p = partition(partition_id);
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  return p.local.memory_bytes() + p.published * sizeof(Slot) + p.dirty.capacity() * sizeof(Node*);
 }
 
 template <class K>
-std::string NumericAggregateStore<K>::snapshot() const {
-  const ExclusiveEpoch epoch(epoch_);
-  std::vector<std::unique_lock<std::mutex>> locks;
-  locks.reserve(partitions_.size());
-  for (const auto& p : partitions_) locks.emplace_back(p->mutex);
+void NumericAggregateStore<K>::reset_tracking(std::string_view capture,
+                                              std::uint64_t sequence) noexcept {
+  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+    Partition& p = *partitions_[pid];
+    for (Node* node : p.dirty) {
+      if (Slot* slot = node->second.find(pid)) slot->dirty = false;
+    }
+    p.dirty.clear();
+    p.local.forget_changes();
+  }
+  identity_ = record_identity(capture);
+  sequence_ = sequence;
+}
+
+template <class K>
+std::string NumericAggregateStore<K>::snapshot() {
+  const Quiescent quiescent(epoch_, partitions_);
 
   RecordWriter writer(RecordKind::kNumericAggregateStore);
   std::string header;
@@ -269,7 +369,7 @@ std::string NumericAggregateStore<K>::snapshot() const {
   writer.add(kHeaderKey, header);
 
   // Shared entries sorted by key, so equal contents give byte-identical snapshots.
-  std::vector<const typename SharedMap::value_type*> items;
+  std::vector<const Node*> items;
   items.reserve(shared_.size());
   for (const auto& item : shared_) items.push_back(&item);
   std::sort(items.begin(), items.end(), [](const auto* a, const auto* b) {
@@ -293,10 +393,8 @@ std::string NumericAggregateStore<K>::snapshot() const {
 
   // Local tables shard by shard, each in insertion order: restoring rebuilds them in the
   // same order, so a restored store snapshots to the same bytes.
-  std::string key;
   for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
-    key.assign(kLocalPrefix);
-    put_u32(key, pid);
+    const std::string key = partition_key(kLocalPrefix, pid);
     for (std::size_t s = 0; s < Local::kShards; ++s) {
       const auto& table = partitions_[pid]->local.shard(s);
       for (std::size_t start = 0; start < table.size(); start += kChunkEntries) {
@@ -311,7 +409,159 @@ std::string NumericAggregateStore<K>::snapshot() const {
       }
     }
   }
-  return std::move(writer).finish();
+  std::string out = std::move(writer).finish();
+  reset_tracking(out, 0);
+  return out;
+}
+
+template <class K>
+std::string NumericAggregateStore<K>::snapshot_delta() {
+  const Quiescent quiescent(epoch_, partitions_);
+  RecordWriter writer(RecordKind::kNumericAggregateStoreDelta);
+  std::string header;
+  put_u32(header, kDeltaLayoutVersion);
+  put_u32(header, num_partitions());
+  header.push_back(static_cast<char>(K::kTag));
+  put_u32(header, identity_);
+  put_u64(header, sequence_ + 1);
+  writer.add(kDeltaHeaderKey, header);
+
+  std::string chunk;
+  std::vector<std::uint64_t> refs;
+  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+    const Partition& p = *partitions_[pid];
+    const std::string shared_key = partition_key(kSharedKey, pid);
+    for (std::size_t start = 0; start < p.dirty.size(); start += kChunkEntries) {
+      const std::size_t end = std::min(p.dirty.size(), start + kChunkEntries);
+      chunk.clear();
+      put_u32(chunk, static_cast<std::uint32_t>(end - start));
+      for (std::size_t i = start; i < end; ++i) {
+        Node* node = p.dirty[i];
+        K::encode(chunk, K::view_of(node->first));
+        node->second.find(pid)->partial.encode(chunk);  // listed nodes hold the slot
+      }
+      writer.add(shared_key, chunk);
+    }
+    if (p.local.drained_since_capture()) writer.add(partition_key(kResetPrefix, pid), {});
+    refs.clear();
+    p.local.collect_changes(refs);
+    const std::string local_key = partition_key(kLocalPrefix, pid);
+    for (std::size_t start = 0; start < refs.size(); start += kChunkEntries) {
+      const std::size_t end = std::min(refs.size(), start + kChunkEntries);
+      chunk.clear();
+      put_u32(chunk, static_cast<std::uint32_t>(end - start));
+      for (std::size_t i = start; i < end; ++i) {
+        const auto ref = static_cast<Ref>(refs[i]);
+        K::encode(chunk, p.local.key_at(ref));
+        p.local.value_at(ref).encode(chunk);
+      }
+      writer.add(local_key, chunk);
+    }
+  }
+  std::string out = std::move(writer).finish();
+  reset_tracking(out, sequence_ + 1);
+  return out;
+}
+
+template <class K>
+void NumericAggregateStore<K>::apply_delta(std::string_view data) {
+  RecordReader reader(data);
+  reader.expect_kind(RecordKind::kNumericAggregateStoreDelta);
+  RecordView record;
+  if (!reader.next(record) || record.key != kDeltaHeaderKey) corrupt("delta: missing header");
+  std::uint32_t parent = 0;
+  std::uint64_t sequence = 0;
+  {
+    ByteReader header(record.value, "numeric aggregate store delta header");
+    const std::uint32_t version = header.u32();
+    const std::uint32_t np = header.u32();
+    const auto tag = static_cast<std::uint8_t>(header.take(1)[0]);
+    parent = header.u32();
+    sequence = header.u64();
+    if (!header.at_end()) corrupt("delta: trailing bytes in the header");
+    if (version != kDeltaLayoutVersion) {
+      corrupt("delta: unsupported layout version " + std::to_string(version));
+    }
+    if (np != num_partitions()) {
+      corrupt("delta of a store with " + std::to_string(np) + " partitions (this one has " +
+              std::to_string(num_partitions()) + ")");
+    }
+    check_key_type<K>(tag);
+  }
+
+  // Everything is decoded and checked into private structures first.
+  const std::uint32_t np = num_partitions();
+  SharedMap incoming;
+  std::vector<std::vector<typename Local::Table>> local(np);
+  std::vector<bool> reset(np, false);
+  constexpr std::size_t kMinEntry = 4 + Moments::kEncodedSize;
+  while (reader.next(record)) {
+    ByteReader in(record.value, "numeric aggregate store delta chunk");
+    if (const auto pid = partition_of(record.key, kSharedKey, np)) {
+      const std::uint32_t n = chunk_count(in, kMinEntry);
+      for (std::uint32_t i = 0; i < n; ++i) {
+        const View key = K::decode(in);
+        typename SharedMap::accessor entry;
+        incoming.insert(entry, key);
+        const auto [slot, created] = entry->second.slot(*pid);
+        if (!created) corrupt("delta: a slot listed twice");
+        slot->partial = Moments::decode(in);
+      }
+    } else if (const auto reset_pid = partition_of(record.key, kResetPrefix, np)) {
+      if (reset[*reset_pid] || !local[*reset_pid].empty()) corrupt("delta: misplaced reset");
+      reset[*reset_pid] = true;
+    } else if (const auto local_pid = partition_of(record.key, kLocalPrefix, np)) {
+      auto& shards = local[*local_pid];
+      if (shards.empty()) shards.resize(Local::kShards);
+      const std::uint32_t n = chunk_count(in, kMinEntry);
+      for (std::uint32_t i = 0; i < n; ++i) {
+        const View key = K::decode(in);
+        const std::uint64_t hash = K::hash(key);
+        auto& table = shards[Local::shard_of(hash)];
+        if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
+        const auto [idx, inserted] = table.emplace(key, hash);
+        if (!inserted) corrupt("delta: a local entry listed twice");
+        table.value_at(idx) = Moments::decode(in);
+      }
+    } else {
+      corrupt("delta: unknown record");
+    }
+    if (!in.at_end()) corrupt("trailing bytes in a delta chunk");
+  }
+
+  const Quiescent quiescent(epoch_, partitions_);
+  if (parent != identity_) {
+    corrupt("delta " + std::to_string(sequence) +
+            " does not follow this store's state (its parent is another snapshot or delta; "
+            "this store is at delta " + std::to_string(sequence_) + " of its chain)");
+  }
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    if (local[pid].empty()) continue;
+    for (std::size_t s = 0; s < Local::kShards; ++s) {
+      const std::size_t held = reset[pid] ? 0 : partitions_[pid]->local.shard_size(s);
+      if (held + local[pid][s].size() > Local::kMaxPerShard) {
+        corrupt("too many local entries in a shard");
+      }
+    }
+  }
+  // Nothing below rejects the delta; only memory exhaustion could stop it part way.
+  for (const auto& item : incoming) {
+    typename SharedMap::accessor entry;
+    shared_.insert(entry, item.first);
+    for (const Slot& in_slot : item.second) {
+      const auto [slot, created] = entry->second.slot(in_slot.partition);
+      slot->partial = in_slot.partial;
+      if (created) ++partitions_[in_slot.partition]->published;
+    }
+  }
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    Local& target = partitions_[pid]->local;
+    if (reset[pid]) target.drain();
+    for (const auto& table : local[pid]) {
+      for (std::size_t i = 0; i < table.size(); ++i) target.assign(table.key_at(i), table.value_at(i));
+    }
+  }
+  reset_tracking(data, sequence);
 }
 
 template <class K>
@@ -320,16 +570,16 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
   reader.expect_kind(RecordKind::kNumericAggregateStore);
   RecordView record;
   if (!reader.next(record) || record.key != kHeaderKey) corrupt("missing header record");
+  std::uint32_t version = 0;
   {
     ByteReader header(record.value, "numeric aggregate store snapshot header");
-    const std::uint32_t version = header.u32();
+    version = header.u32();
     (void)header.u32();  // the writer's num_partitions; partition ids are checked below
     const auto tag = static_cast<std::uint8_t>(header.take(1)[0]);
-    if (version != kLayoutVersion) corrupt("unsupported layout version " + std::to_string(version));
-    if (tag != K::kTag) {
-      corrupt("written by a store with a different key_type (this store's is '" +
-              std::string(K::kName) + "')");
+    if (version != kLayoutVersion && version != kFullPartialsLayout) {
+      corrupt("unsupported layout version " + std::to_string(version));
     }
+    check_key_type<K>(tag);
   }
 
   const std::uint32_t np = num_partitions();
@@ -363,14 +613,8 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
           slots.put(pid, Moments::decode(in));
         }
       }
-    } else if (record.key.size() == kLocalPrefix.size() + 4 &&
-               record.key.substr(0, kLocalPrefix.size()) == kLocalPrefix) {
-      const std::uint32_t pid = load_u32(record.key.data() + kLocalPrefix.size());
-      if (pid >= np) {
-        corrupt("partition id " + std::to_string(pid) + " >= num_partitions " +
-                std::to_string(np));
-      }
-      auto& shards = fresh_local[pid];
+    } else if (const auto pid = partition_of(record.key, kLocalPrefix, np)) {
+      auto& shards = fresh_local[*pid];
       const std::uint32_t n = chunk_count(in, kMinLocal);
       for (std::uint32_t i = 0; i < n; ++i) {
         const View key = K::decode(in);
@@ -378,7 +622,7 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
         auto& table = shards[Local::shard_of(hash)];
         if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
         const auto [idx, inserted] = table.emplace(key, hash);
-        if (!inserted) corrupt("duplicate local entry in partition " + std::to_string(pid));
+        if (!inserted) corrupt("duplicate local entry in partition " + std::to_string(*pid));
         table.value_at(idx) = Moments::decode(in);
       }
     } else {
@@ -386,15 +630,35 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
     }
     if (!in.at_end()) corrupt("trailing bytes in a chunk");
   }
+  if (version == kFullPartialsLayout) {
+    // Layout 1 local tables held each partition's full partial of a key, ahead of (or
+    // equal to) its published slot: they become the slot, so a key lives in one place.
+    for (std::uint32_t pid = 0; pid < np; ++pid) {
+      for (auto& table : fresh_local[pid]) {
+        for (std::size_t i = 0; i < table.size(); ++i) {
+          typename SharedMap::accessor entry;
+          fresh_shared.insert(entry, table.key_at(i));
+          entry->second.put(pid, table.value_at(i));
+        }
+        table.release();
+      }
+    }
+  }
+  std::vector<std::size_t> published(np, 0);
+  for (const auto& item : fresh_shared) {
+    for (const Slot& s : item.second) ++published[s.partition];
+  }
 
-  const ExclusiveEpoch epoch(epoch_);
-  std::vector<std::unique_lock<std::mutex>> locks;
-  locks.reserve(partitions_.size());
-  for (const auto& p : partitions_) locks.emplace_back(p->mutex);
+  const Quiescent quiescent(epoch_, partitions_);
   shared_.swap(fresh_shared);
   for (std::uint32_t pid = 0; pid < np; ++pid) {
-    partitions_[pid]->local.replace(std::move(fresh_local[pid]));
+    Partition& p = *partitions_[pid];
+    p.dirty.clear();  // they point into the old map; the new one is clean
+    p.published = published[pid];
+    p.local.replace(std::move(fresh_local[pid]));
   }
+  identity_ = record_identity(data);
+  sequence_ = 0;
 }
 
 template <class K>

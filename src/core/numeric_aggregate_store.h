@@ -1,6 +1,15 @@
 // Typed numeric partials merged across partitions in C++: each partition folds locally
-// (PartitionAggregator), publishes its changed Moments into one oneTBB concurrent_hash_map,
-// and readers merge the per-partition partials of a key on demand.
+// (PartitionAggregator), publishes by merging what it folded since its last publish into
+// its slot of one oneTBB concurrent_hash_map, and readers merge the per-partition partials
+// of a key on demand. After a publish a key's partial lives in one place (the shared map);
+// the partition's tables hold only what was folded since.
+//
+// Captures: snapshot() writes everything; snapshot_delta() only the slots and local
+// entries changed since the previous capture (published slots are tracked by a dirty flag
+// and a per-partition list of their nodes, local entries by the tables' change bitmaps).
+// Every capture, restore and applied delta gives the store an identity (the container's
+// CRC32C) and a sequence number (deltas since the last full snapshot); a delta names its
+// parent's identity, so applying it anywhere else is refused.
 //
 // The shared map is keyed by group key and holds a short list of (partition, Moments)
 // slots sorted by partition: a merged read of one key is one lookup, and result_columns()
@@ -75,8 +84,9 @@ class NumericAggregateStore {
   // Single writer per partition by design; concurrent calls on one partition serialise.
   void fold(std::uint32_t partition_id, const View* keys, const double* values, std::size_t n);
 
-  // Pushes the partition's changed partials into the shared map, atomically with respect
-  // to snapshot(). Returns how many partials were pushed.
+  // Merges what the partition folded since its last publish into the shared map and
+  // empties its tables, atomically with respect to captures. Returns how many partials
+  // were pushed.
   std::size_t publish(std::uint32_t partition_id);
 
   // The key's partials merged in ascending partition order; nullopt if nobody published it.
@@ -89,15 +99,33 @@ class NumericAggregateStore {
 
   // Published keys.
   [[nodiscard]] std::size_t size() const noexcept { return shared_.size(); }
+  // Keys the partition holds: published by it or folded locally since.
   [[nodiscard]] std::size_t partition_size(std::uint32_t partition_id) const;
+  // Local entries waiting for the next publish.
   [[nodiscard]] std::size_t partition_pending(std::uint32_t partition_id) const;
+  // The partition's tables plus its slots in the shared map.
   [[nodiscard]] std::size_t partition_memory_bytes(std::uint32_t partition_id) const;
 
-  // Shared map and every partition's local state (kind kNumericAggregateStore).
-  [[nodiscard]] std::string snapshot() const;
+  // Shared map and every partition's local state (kind kNumericAggregateStore); resets
+  // the change tracking. Equal contents give equal bytes.
+  [[nodiscard]] std::string snapshot();
   // Validates everything into fresh structures, then swaps them in; CorruptDataError on
-  // any problem and the store is unchanged.
+  // any problem and the store is unchanged. Also reads layout 1 (whose local tables held
+  // full partials: they are published on restore).
   void restore(std::string_view data);
+
+  // The slots and local entries created or changed since the previous capture, in
+  // O(changed) (kind kNumericAggregateStoreDelta); resets the change tracking.
+  [[nodiscard]] std::string snapshot_delta();
+  // Validates the whole delta (container, parent identity, every entry) before changing
+  // anything; CorruptDataError and the store is unchanged. The store must be in the state
+  // the delta was taken from (restored from its chain, nothing done since).
+  void apply_delta(std::string_view data);
+
+  // The current identity (CRC32C of the last capture, restore or applied delta; 0 for a
+  // fresh store) and how many deltas follow the last full snapshot.
+  [[nodiscard]] std::uint32_t identity() const noexcept { return identity_; }
+  [[nodiscard]] std::uint64_t sequence() const noexcept { return sequence_; }
 
   // Heap held by the partitions' tables plus an estimate for the shared map's nodes.
   [[nodiscard]] std::size_t memory_bytes() const;
@@ -105,6 +133,7 @@ class NumericAggregateStore {
  private:
   struct Slot {
     std::uint32_t partition;
+    bool dirty;  // changed since the last capture (its node is in the partition's list)
     Moments partial;
   };
 
@@ -128,8 +157,11 @@ class NumericAggregateStore {
     [[nodiscard]] std::size_t heap_bytes() const noexcept {
       return heap_ ? capacity_ * sizeof(Slot) : 0;
     }
+    // The partition's slot, created empty (and clean) if absent; the bool tells which.
+    std::pair<Slot*, bool> slot(std::uint32_t partition);
+    [[nodiscard]] Slot* find(std::uint32_t partition) noexcept;
     // Inserts or overwrites the partition's partial.
-    void put(std::uint32_t partition, const Moments& m);
+    void put(std::uint32_t partition, const Moments& m) { slot(partition).first->partial = m; }
 
    private:
     [[nodiscard]] Slot* data() noexcept { return heap_ ? heap_.get() : inline_; }
@@ -156,9 +188,14 @@ class NumericAggregateStore {
 
   using Local = PartitionAggregator<K>;
   using Ref = typename Local::Ref;
+  using Node = typename SharedMap::value_type;
   struct Partition {
     mutable std::mutex mutex;
     Local local;
+    // Shared nodes whose slot of this partition is dirty, each once.
+    std::vector<Node*> dirty;
+    // Slots this partition holds in the shared map.
+    std::size_t published = 0;
   };
 
   void check_partition(std::uint32_t partition_id) const;
@@ -170,11 +207,16 @@ class NumericAggregateStore {
   // Grows the map's bucket array before a publish that would overflow it (see publish).
   void reserve_for(Partition& p);
   static Moments merged(const Slots& slots) noexcept;
+  // Clears every dirty flag and list and every partition's change tracking, and takes the
+  // capture's identity. Callers hold the exclusive epoch and every partition's lock.
+  void reset_tracking(std::string_view capture, std::uint64_t sequence) noexcept;
 
   NanPolicy policy_;
   std::vector<std::unique_ptr<Partition>> partitions_;
   mutable EpochLock epoch_;
   mutable SharedMap shared_;
+  std::uint32_t identity_ = 0;
+  std::uint64_t sequence_ = 0;
 };
 
 extern template class NumericAggregateStore<Int64Keys>;

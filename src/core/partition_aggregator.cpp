@@ -45,8 +45,13 @@ constexpr std::size_t kScatterMaxRows = std::size_t{1} << 22;
 // table switches to scattering part way through.
 constexpr std::size_t kRowSlice = std::size_t{1} << 16;
 
+// A drained shard up to this size keeps its memory: per-batch publishes of a hot set then
+// refill the same tables without regrowing them, while a shard that held a big load (a
+// first load of 1M keys) frees it, since those partials now live in the shared map.
+constexpr std::size_t kKeepDrainedEntries = 1024;
+
 template <class K>
-std::size_t PartitionAggregator<K>::pending() const noexcept {
+std::size_t PartitionAggregator<K>::changed() const noexcept {
   std::size_t n = 0;
   for (const Shard& sh : shards_) {
     n += sh.table.size() - sh.watermark;
@@ -72,8 +77,17 @@ std::size_t PartitionAggregator<K>::memory_bytes() const noexcept {
 }
 
 template <class K>
+void PartitionAggregator<K>::collect_all(std::vector<std::uint64_t>& out) const {
+  out.reserve(out.size() + size());
+  for (std::size_t s = 0; s < kShards; ++s) {
+    const std::uint64_t base = static_cast<std::uint64_t>(s) << kIndexBits;
+    for (std::size_t i = 0; i < shards_[s].table.size(); ++i) out.push_back(base | i);
+  }
+}
+
+template <class K>
 void PartitionAggregator<K>::collect_changes(std::vector<std::uint64_t>& out) const {
-  out.reserve(out.size() + pending());
+  out.reserve(out.size() + changed());
   for (std::size_t s = 0; s < kShards; ++s) {
     const Shard& sh = shards_[s];
     const std::uint64_t base = static_cast<std::uint64_t>(s) << kIndexBits;
@@ -87,11 +101,42 @@ void PartitionAggregator<K>::collect_changes(std::vector<std::uint64_t>& out) co
 }
 
 template <class K>
-void PartitionAggregator<K>::forget_changes() {
+void PartitionAggregator<K>::forget_changes() noexcept {
   for (Shard& sh : shards_) {
     sh.watermark = sh.table.size();
-    sh.changed.assign((sh.watermark + 63) / 64, 0);
+    // The bitmap only ever covers entries below the watermark; zeroing in place keeps its
+    // memory (a capture must not allocate after the point of no return).
+    const std::size_t words = (sh.watermark + 63) / 64;
+    if (sh.changed.capacity() >= words) {
+      sh.changed.resize(words);
+      std::fill(sh.changed.begin(), sh.changed.end(), std::uint64_t{0});
+    } else {
+      sh.changed.clear();
+      sh.watermark = 0;  // no room for the bitmap: count every entry as changed instead
+      try {
+        sh.changed.assign(words, 0);
+        sh.watermark = sh.table.size();
+      } catch (...) {
+        // Allocation failed: the entries stay "new", so the next delta repeats them.
+      }
+    }
   }
+  drained_ = false;
+}
+
+template <class K>
+void PartitionAggregator<K>::drain() noexcept {
+  for (Shard& sh : shards_) {
+    if (sh.table.size() <= kKeepDrainedEntries) {
+      sh.table.clear();
+    } else {
+      sh.table.release();
+      std::vector<std::uint64_t>().swap(sh.changed);
+    }
+    sh.changed.clear();
+    sh.watermark = 0;
+  }
+  drained_ = true;
 }
 
 template <class K>
@@ -101,6 +146,15 @@ void PartitionAggregator<K>::replace(std::vector<Table>&& tables) noexcept {
     shards_[s].changed.clear();
     shards_[s].watermark = 0;
   }
+  forget_changes();
+}
+
+template <class K>
+void PartitionAggregator<K>::assign(View key, const Moments& m) {
+  const std::uint64_t h = K::hash(key);
+  Shard& sh = shards_[shard_of(h)];
+  const std::size_t idx = emplace_in(sh, key, h);
+  sh.table.value_at(idx) = m;
 }
 
 template <class K>

@@ -63,15 +63,27 @@ class PartitionAggregator {
   // kPropagate folds them (the key's sum/mean/min/max/var become NaN).
   void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy);
 
+  // What the tables hold is only what was folded since the last publish: publish merges
+  // every entry into the shared map and then drain()s the tables, so a key's published
+  // partial lives in one place. Change tracking is for captures (snapshot / delta): it
+  // records what changed since the last forget_changes().
+
+  // Appends the Refs of every entry (what a publish pushes).
+  void collect_all(std::vector<std::uint64_t>& out) const;
   // Appends the Refs of entries changed since the last forget_changes().
   void collect_changes(std::vector<std::uint64_t>& out) const;
-
-  // Marks everything as published. Call only once the changes are safely pushed:
-  // publishing the same partial twice is harmless, losing one is not.
-  void forget_changes();
+  // Marks everything as captured.
+  void forget_changes() noexcept;
+  // Empties the tables after a publish. Small shards keep their memory for the next
+  // interval's keys; big ones give it back (a key's partial now lives in the shared map).
+  void drain() noexcept;
+  // True once drain() ran since the last forget_changes(): a delta must then tell the
+  // reader to empty this partition's tables before applying its entries.
+  [[nodiscard]] bool drained_since_capture() const noexcept { return drained_; }
 
   // Entries changed since the last forget_changes (new keys plus updated ones).
-  [[nodiscard]] std::size_t pending() const noexcept;
+  [[nodiscard]] std::size_t changed() const noexcept;
+  // Entries held (all waiting for the next publish).
   [[nodiscard]] std::size_t size() const noexcept;
   [[nodiscard]] std::size_t memory_bytes() const noexcept;
 
@@ -86,14 +98,19 @@ class PartitionAggregator {
   void prefetch(Ref r) const noexcept { table_of(r).prefetch_index(index_of(r)); }
 
   // Replaces the contents (restore) with kShards tables whose keys each hash to their
-  // shard. Every entry counts as changed, so the next publish re-pushes them all, which is
-  // idempotent.
+  // shard; nothing counts as changed afterwards.
   void replace(std::vector<Table>&& tables) noexcept;
+  // Sets the key's entry to `m` (a delta being applied; the caller checked the shard has
+  // room). Not tracked as a change.
+  void assign(View key, const Moments& m);
+  [[nodiscard]] std::size_t shard_size(std::size_t s) const noexcept {
+    return shards_[s].table.size();
+  }
 
  private:
   struct Shard {
     Table table;
-    // Entries [0, watermark) existed at the last publish; a set bit marks one changed
+    // Entries [0, watermark) existed at the last capture; a set bit marks one changed
     // since. Entries from watermark on are new and implicitly changed.
     std::vector<std::uint64_t> changed;
     std::size_t watermark = 0;
@@ -125,6 +142,7 @@ class PartitionAggregator {
   void fold_with_nan(const View* keys, const double* values, std::size_t n);
 
   std::vector<Shard> shards_;
+  bool drained_ = false;
 };
 
 extern template class PartitionAggregator<Int64Keys>;

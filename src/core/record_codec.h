@@ -27,6 +27,9 @@ enum class RecordKind : std::uint16_t {
   kNumericAggregateStore = 2,  // typed numeric partials
   kStateBackend = 3,           // keyed state backend checkpoint
   kSpillRun = 4,               // spilling aggregator
+  kNumericAggregateStoreDelta = 5,  // a NumericAggregateStore's changes since its last capture
+  kAggregateStoreDelta = 6,         // an AggregateStore's changes since its last capture
+  kStateBackendDelta = 7,           // a state backend's changes since its last checkpoint
   kDelta = 0xDE17,             // an incremental checkpoint: ordered changes to a parent state
 };
 
@@ -202,6 +205,13 @@ class SinglePassRecordReader {
   std::size_t crc_done_ = 0;
   std::uint32_t crc_ = 0;
 };
+
+// The identity of a sealed container: its stored CRC32C (the last four bytes). A store
+// delta names its parent by this, so equal states written alike share an identity and a
+// delta applied to anything but its parent is refused. `data` must be a validated container.
+[[nodiscard]] inline std::uint32_t record_identity(std::string_view data) noexcept {
+  return load_u32(data.data() + data.size() - kRecordTrailerSize);
+}
 
 [[nodiscard]] std::string encode_records(std::uint16_t kind,
                                          const std::vector<RecordView>& records);

@@ -13,9 +13,12 @@ A user's pipeline is a few lines::
 Each micro-batch is routed by a hash of its keys to one thread per partition; the threads fold
 into :class:`~streamstate.NumericAggregateStore` partition aggregators in C++ with the GIL
 released, so partitions really run in parallel. Every ``checkpoint_every`` batches the
-coordinator quiesces the partitions at a barrier, snapshots every store, packs the snapshots
-into one LCB1 batch and commits it with the source offset through an
-:class:`~streamstate.ObjectStoreCheckpointer` (upload, manifest, ``_latest``). A pipeline that
+coordinator quiesces the partitions at a barrier and every store captures what changed since
+the last checkpoint (a full snapshot every ``full_checkpoint_every`` checkpoints); a
+background thread packs the captures into one LCB1 batch and commits it with the source
+offset through an :class:`~streamstate.ObjectStoreCheckpointer` (upload, manifest,
+``_latest``) while the partitions fold on (see :mod:`streamstate.pipeline.checkpoints`). A
+pipeline that
 starts over a store holding checkpoints restores the state and replays the source from the
 checkpointed offset: events after the last checkpoint are folded again, into state that has
 not seen them, so every event counts exactly once.
@@ -23,7 +26,8 @@ not seen them, so every event counts exactly once.
 
 from __future__ import annotations
 
-from .core import CheckpointStats, Pipeline, PipelineRun
+from .checkpoints import CheckpointStats
+from .core import Pipeline, PipelineRun
 from .fingerprint import JobFingerprint, JobRecord
 from .routing import partition_batch, route_partitions
 from .sources import ArraySource, Batch, Source

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,8 +19,17 @@ from ..errors import CorruptDataError, IncompatibleCheckpointError, SourceError,
 from ..manifest import CheckpointPaths
 from ..stats import StatResults
 from ..storage import StoreLike, describe_store
+from .checkpoints import (
+    Capture,
+    CheckpointStats,
+    CommitInFlight,
+    CommitResult,
+    DeltaChain,
+    commit_capture,
+    summarize_checkpoints,
+)
 from .fingerprint import JobFingerprint, JobRecord
-from .layout import check_newest, pack_state, unpack_state
+from .layout import check_newest, state_chain_bytes, unpack_state
 from .routing import partition_batch
 from .sources import Batch, Source, check_batch, check_columns
 from .workers import PartitionWorker, quiesce
@@ -39,24 +49,16 @@ _MAX_PARTITIONS = 65536  # NumericAggregateStore's limit
 _FIRST_IDLE_SLEEP = 0.001
 
 
-@dataclass(frozen=True)
-class CheckpointStats:
-    """What one checkpoint cost: its epoch, the source offset it covers, the bytes
-    uploaded (state and job record) and the seconds the commit took."""
-
-    epoch: int
-    offset: int
-    bytes: int
-    seconds: float
-
-
 @dataclass
 class PipelineRun:
     """What one call of :meth:`Pipeline.run` did.
 
     ``batches`` counts the batches that held events; ``empty_batches`` the polls of an
     idle source that returned none, and ``idle_seconds`` the time spent backing off after
-    them. ``finished`` is True when the source reported its end.
+    them. ``finished`` is True when the source reported its end. ``checkpoints`` lists
+    the checkpoints that landed, in order; ``commit_wait_seconds`` is the time the run
+    stood waiting for a background commit (at a barrier, the previous one; at the end, the
+    last one).
     """
 
     events: int = 0
@@ -70,6 +72,7 @@ class PipelineRun:
     checkpoints: list[CheckpointStats] = field(default_factory=list)
     empty_batches: int = 0
     idle_seconds: float = 0.0
+    commit_wait_seconds: float = 0.0
 
     @property
     def events_per_second(self) -> float:
@@ -80,6 +83,25 @@ class PipelineRun:
     def checkpoint_bytes(self) -> int:
         """Bytes uploaded by all of the run's checkpoints."""
         return sum(c.bytes for c in self.checkpoints)
+
+    @property
+    def delta_checkpoints(self) -> int:
+        """How many of the run's checkpoints were deltas."""
+        return sum(c.is_delta for c in self.checkpoints)
+
+    @property
+    def stall_seconds(self) -> float:
+        """Seconds the partitions stood still for checkpoints (barriers and captures)."""
+        return sum(c.stall_seconds for c in self.checkpoints)
+
+    @property
+    def upload_seconds(self) -> float:
+        """Seconds of background commit work (packing, hashing, uploading) of the run."""
+        return sum(c.upload_seconds for c in self.checkpoints)
+
+    def checkpoint_summary(self) -> str:
+        """One line about the run's checkpoints: count, deltas, bytes, stall vs upload."""
+        return summarize_checkpoints(self.checkpoints)
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -134,6 +156,9 @@ class Pipeline:
             this job's own under ``streamstate.storage.default_store_path()``, named after
             its fingerprint, so jobs given no store never share one.
         checkpoint_every: commit a checkpoint after this many batches holding events.
+        full_checkpoint_every: every this many checkpoints one is a full snapshot; the
+            others hold only what changed since the one before (1: every one is full). A
+            full one also comes sooner when the deltas since the last outgrow it.
         batch_size: rows per micro-batch.
         keep_checkpoints: older checkpoints are pruned beyond this many (0 keeps all).
         key_type: ``"int64"`` or ``"bytes"``; default: inferred from the keys.
@@ -142,6 +167,13 @@ class Pipeline:
         checkpoint_prefix: where in the store the checkpoints live.
         max_idle_sleep: the longest pause, in seconds, between polls of a source that has
             nothing new (the pause doubles from 1 ms up to this).
+
+    Checkpoints are asynchronous: at the barrier the partitions stop only while the stores
+    capture their state (their changes since the last checkpoint, or a full snapshot);
+    compressing, hashing and uploading it runs in the background while they fold on. One
+    commit is in flight at a time, the committed offset (:attr:`committed_offset`) moves
+    when its manifest lands, a failed background commit fails the run, and :meth:`run`
+    returns only after its last commit landed.
 
     Every checkpoint records the job's fingerprint (source name, key, values, key type,
     NaN policy); resuming from a checkpoint of another definition, or from one a pipeline
@@ -160,6 +192,7 @@ class Pipeline:
         partitions: int = 2,
         store: StoreLike | None = None,
         checkpoint_every: int = 10,
+        full_checkpoint_every: int = 10,
         batch_size: int = 16_384,
         keep_checkpoints: int = 3,
         key_type: KeyType | None = None,
@@ -171,6 +204,7 @@ class Pipeline:
         if self._partitions > _MAX_PARTITIONS:
             raise ValueError(f"partitions must be <= {_MAX_PARTITIONS}, got {partitions}")
         self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+        self._chain = DeltaChain(_positive_int("full_checkpoint_every", full_checkpoint_every))
         self.batch_size = _positive_int("batch_size", batch_size)
         self.keep_checkpoints = _positive_int("keep_checkpoints", keep_checkpoints, minimum=0)
         if not isinstance(key, str) or not key:
@@ -228,6 +262,11 @@ class Pipeline:
         return self._partitions
 
     @property
+    def full_checkpoint_every(self) -> int:
+        """Every this many checkpoints one is a full snapshot (the rest are deltas)."""
+        return self._chain.full_every
+
+    @property
     def nan_policy(self) -> NanPolicy:
         """What folding does with NaN values."""
         return self._nan_policy
@@ -253,8 +292,13 @@ class Pipeline:
         self._store_partitions = self._partitions
         self._key_type: KeyType | None = self._given_key_type
         self._offset = 0
+        self._committed_offset = 0
         self._epoch = 0
+        self._chain.reset()  # a chain continues only from state in memory (or restored)
         self._recovered = False
+        # Folded or restored partials sit in the partitions' local state until published;
+        # results() publishes them first (see workers.py for why runs do not).
+        self._unpublished = False
         self._recovered_epoch: int | None = None
         self._recovery_seconds = 0.0
 
@@ -327,7 +371,7 @@ class Pipeline:
             return self._offset
         start = time.perf_counter()
         check_newest(self.checkpointer, self._fingerprint)
-        recovered = self.checkpointer.recover()
+        recovered = self.checkpointer.recover(rebuild=False)
         if recovered is not None:
             self._restore(recovered)
         self._recovered = True
@@ -337,7 +381,7 @@ class Pipeline:
     def _restore(self, recovered: RecoveredCheckpoint) -> None:
         """Check that ``recovered`` is this job's, then adopt its state (all or nothing)."""
         where = str(recovered.checkpoint_id)
-        record, offset, snapshots = unpack_state(recovered, self._fingerprint)
+        record, offset, snapshots, deltas = unpack_state(recovered, self._fingerprint)
         recorded_type = None if record is None else record.fingerprint.get("key_type")
         if recorded_type is not None and recorded_type not in _KEY_TYPES:
             raise IncompatibleCheckpointError(
@@ -361,21 +405,76 @@ class Pipeline:
         store_partitions = self._partitions
         if record is not None:  # fewer partitions now: keep the old ones' published partials
             store_partitions = max(store_partitions, record.store_partitions)
-        stores = self._new_stores(key_type, store_partitions)
+        # A delta applies only to a store of the partition count it was taken from.
+        chain_partitions = store_partitions
+        if deltas and record is not None:
+            chain_partitions = record.store_partitions
+        stores = self._restored_stores(where, key_type, chain_partitions, snapshots, deltas)
+        if chain_partitions != store_partitions:  # more partitions now: move the state over
+            stores = self._rehomed(where, stores, key_type, store_partitions)
+        self._stores = stores
+        self._unpublished = True
+        self._key_type = key_type
+        self._store_partitions = store_partitions
+        self._offset = self._committed_offset = offset
+        self._epoch = recovered.epoch
+        self._recovered_epoch = recovered.epoch
+        # The stores' identity is the recovered checkpoint's, so the next checkpoint may be a
+        # delta on it, unless the state moved into other stores.
+        if chain_partitions == store_partitions:
+            full_bytes, delta_bytes = state_chain_bytes(recovered)
+            self._chain.resume(
+                recovered.checkpoint_id, full_bytes, sum(delta_bytes), len(delta_bytes)
+            )
+
+    def _restored_stores(
+        self,
+        where: str,
+        key_type: KeyType,
+        partitions: int,
+        snapshots: dict[str, bytes],
+        deltas: list[dict[str, bytes]],
+    ) -> dict[str, NumericAggregateStore]:
+        """New stores of ``partitions`` holding each column's full snapshot with its deltas
+        applied in order, in place, by the store: no full state is rebuilt per delta."""
+        stores = self._new_stores(key_type, partitions)
         for metric, store in stores.items():
             try:
                 store.restore(snapshots[metric])
             except CorruptDataError as exc:
                 raise IncompatibleCheckpointError(
                     f"checkpoint {where}: the state of {metric!r} does not restore into a "
-                    f"{key_type} store of {store_partitions} partition(s): {exc}"
+                    f"{key_type} store of {partitions} partition(s): {exc}"
                 ) from exc
-        self._stores = stores
-        self._key_type = key_type
-        self._store_partitions = store_partitions
-        self._offset = offset
-        self._epoch = recovered.epoch
-        self._recovered_epoch = recovered.epoch
+            for number, delta in enumerate(deltas, 1):
+                try:
+                    store.apply_delta(delta[metric])
+                except CorruptDataError as exc:
+                    raise CorruptDataError(
+                        f"checkpoint {where}: delta {number} of {len(deltas)} of {metric!r} "
+                        f"does not apply to the state before it: {exc}"
+                    ) from exc
+        return stores
+
+    def _rehomed(
+        self,
+        where: str,
+        stores: dict[str, NumericAggregateStore],
+        key_type: KeyType,
+        partitions: int,
+    ) -> dict[str, NumericAggregateStore]:
+        """The state of ``stores`` in new stores of ``partitions`` (more than they have): a
+        full snapshot of each restored into its new store, as rescaling up always did."""
+        rehomed = self._new_stores(key_type, partitions)
+        for metric, store in stores.items():
+            try:
+                rehomed[metric].restore(store.snapshot())
+            except CorruptDataError as exc:
+                raise IncompatibleCheckpointError(
+                    f"checkpoint {where}: the state of {metric!r} does not move into a "
+                    f"{key_type} store of {partitions} partition(s): {exc}"
+                ) from exc
+        return rehomed
 
     def checkpoint(self) -> CheckpointStats:
         """Commit the current state and source offset now (recovering first if needed).
@@ -392,23 +491,44 @@ class Pipeline:
                 raise
 
     def _checkpoint(self) -> CheckpointStats:
+        return self._land(self._commit_in_background(time.perf_counter()))
+
+    def _commit_in_background(self, started: float) -> CommitInFlight[CommitResult]:
+        """Capture every store's state (the partitions are quiesced, and stay stopped only
+        for this), then commit it on a background thread. The caller holds no commit in
+        flight: the epoch and a delta's parent are those of the last commit that landed."""
         stores = self._stores_for(None)
-        start = time.perf_counter()
-        items = pack_state(
-            [(metric, stores[metric].snapshot()) for metric in self._values],
-            JobRecord.encode(self.fingerprint, self._store_partitions),
+        is_delta = self._chain.next_is_delta()
+        snapshots = [
+            (metric, stores[metric].snapshot_delta() if is_delta else stores[metric].snapshot())
+            for metric in self._values
+        ]
+        capture = Capture(
+            epoch=self._epoch + 1,
+            offset=self._offset,
+            source=self._source.name,
+            partitions=self._partitions,
+            is_delta=is_delta,
+            parent=self._chain.parent,
+            snapshots=snapshots,
+            record=JobRecord.encode(self.fingerprint, self._store_partitions),
+            started=started,
+            stall_seconds=time.perf_counter() - started,
         )
+        checkpointer, keep = self.checkpointer, self.keep_checkpoints
+        return CommitInFlight(lambda: commit_capture(checkpointer, capture, keep))
+
+    def _land(self, commit: CommitInFlight[CommitResult]) -> CheckpointStats:
+        """Wait for ``commit``; once it landed, its epoch and offset are the committed ones.
+        A failed commit raises here, and the caller discards the state: its capture reset
+        the stores' change tracking, so no later delta could describe what it held."""
+        stats, checkpoint_id = commit.result()
         # The epoch advances only once the commit has landed, so a failed commit can be
         # retried under the same epoch.
-        self.checkpointer.commit(
-            self._epoch + 1, items, source_offsets={self._source.name: self._offset}
-        )
-        self._epoch += 1
-        if self.keep_checkpoints > 0:
-            self.checkpointer.prune(keep_last=self.keep_checkpoints)
-        seconds = time.perf_counter() - start
-        size = sum(len(data) for *_, data in items)
-        return CheckpointStats(self._epoch, self._offset, size, seconds)
+        self._epoch = stats.epoch
+        self._committed_offset = stats.offset
+        self._chain.committed(checkpoint_id, stats.is_delta, stats.bytes)
+        return stats
 
     # -- running -------------------------------------------------------------------------
 
@@ -426,8 +546,10 @@ class Pipeline:
         A run that reaches the end commits a final checkpoint if anything changed since the
         last one. A run cut short by ``max_batches`` does not, which is how the demo
         simulates a crash: whatever was folded after the last checkpoint is lost with the
-        process and replayed by the next. A run that fails discards the in-memory state, so
-        the next run resumes from the last committed checkpoint.
+        process and replayed by the next. A run that fails (a partition, the source, or a
+        background commit) discards the in-memory state, so the next run resumes from the
+        last committed checkpoint. Every run returns, or raises, only once no commit of it
+        is in flight.
         """
         if max_batches is not None:
             _positive_int("max_batches", max_batches, minimum=0)
@@ -452,6 +574,16 @@ class Pipeline:
         workers: list[PartitionWorker] | None = None
         since_checkpoint = 0
         idle_sleep = 0.0
+        in_flight: CommitInFlight[CommitResult] | None = None
+
+        def land() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                waited = time.perf_counter()
+                commit, in_flight = in_flight, None
+                report.checkpoints.append(self._land(commit))
+                report.commit_wait_seconds += time.perf_counter() - waited
+
         try:
             while max_batches is None or report.batches + report.empty_batches < max_batches:
                 batch = self._source.read(self._offset, self.batch_size)
@@ -476,21 +608,32 @@ class Pipeline:
                         for p in range(self._partitions)
                     ]
                 self._dispatch(workers, keys, batch)
+                self._unpublished = True
                 report.events += next_offset - self._offset
                 report.batches += 1
                 self._offset = next_offset
                 since_checkpoint += 1
                 if on_batch is not None:
                     on_batch(batch)
+                if in_flight is not None and in_flight.done():
+                    land()  # a failed commit fails the run now, not at the next barrier
                 if since_checkpoint >= self.checkpoint_every:
+                    land()  # at most one in flight; a delta's parent must have landed
+                    started = time.perf_counter()
                     quiesce(workers)
-                    report.checkpoints.append(self._checkpoint())
+                    in_flight = self._commit_in_background(started)
                     since_checkpoint = 0
             if workers is not None:
+                land()
+                started = time.perf_counter()
                 quiesce(workers)
                 if report.finished and since_checkpoint:
-                    report.checkpoints.append(self._checkpoint())
+                    in_flight = self._commit_in_background(started)
+                land()
         finally:
+            if in_flight is not None:  # failing: a commit must not land behind the next run
+                with suppress(BaseException):  # the run's own failure is what is raised
+                    in_flight.result()
             if workers is not None:
                 for worker in workers:
                     worker.stop()
@@ -530,8 +673,14 @@ class Pipeline:
 
     @property
     def offset(self) -> int:
-        """The source offset everything before which is folded (and after a run, published)."""
+        """The source offset everything before which is folded."""
         return self._offset
+
+    @property
+    def committed_offset(self) -> int:
+        """The source offset of the last checkpoint committed or recovered: where a restart
+        would resume."""
+        return self._committed_offset
 
     @property
     def epoch(self) -> int:
@@ -544,7 +693,25 @@ class Pipeline:
             raise KeyError(f"{metric!r} is not one of the aggregated values {self._values}")
         if self._stores is None:  # nothing folded yet; do not fix the key type by asking
             return NumericAggregateStore(1, key_type=self._key_type or "int64")
+        if self._unpublished:
+            self._publish()
         return self._stores[metric]
+
+    def _publish(self) -> None:
+        """Publish every partition of every store, partitions in parallel (the GIL is
+        released), so the shared maps the results read hold everything."""
+        assert self._stores is not None
+        aggregators = [
+            store.partition(p)
+            for store in self._stores.values()
+            for p in range(self._store_partitions)
+        ]
+        if len(aggregators) == 1:
+            aggregators[0].publish()
+        else:
+            with ThreadPoolExecutor(min(len(aggregators), self._partitions)) as pool:
+                list(pool.map(lambda aggregator: aggregator.publish(), aggregators))
+        self._unpublished = False
 
     def results(self, metric: str) -> StatResults:
         """Per-key statistics of ``metric`` merged across partitions (columnar).

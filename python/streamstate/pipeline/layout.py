@@ -2,7 +2,12 @@
 
 A pipeline checkpoint holds exactly two artifacts, both as partition 0: under
 ``"aggregates"`` one LCB1 batch packing every value column's store snapshot (named after
-the column), and under ``"job"`` the :class:`~streamstate.pipeline.JobRecord`. The source
+the column), and under ``"job"`` the :class:`~streamstate.pipeline.JobRecord`. In an
+incremental checkpoint the ``"aggregates"`` artifact is a delta (``is_delta``) packing every
+column's ``snapshot_delta()`` instead, applied by the stores themselves on recovery: read a
+pipeline's checkpoints with ``ObjectStoreCheckpointer.recover(rebuild=False)`` (the default
+rebuild applies record deltas, cannot apply these, and would fall back to the chain's
+full checkpoint). The source
 offsets hold one entry, the job's source. Anything else was written by something other
 than this job's pipeline and is refused with
 :class:`~streamstate.IncompatibleCheckpointError` rather than half-read.
@@ -18,18 +23,26 @@ from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_in
 from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError
 from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
 
-__all__ = ["STATE_OPERATOR", "check_layout", "check_newest", "pack_state", "unpack_state"]
+__all__ = [
+    "STATE_OPERATOR",
+    "check_layout",
+    "check_newest",
+    "pack_state",
+    "state_chain_bytes",
+    "unpack_state",
+]
 
 #: The operator under which a pipeline checkpoints its packed store snapshots.
 STATE_OPERATOR = "aggregates"
 
 
 def pack_state(
-    snapshots: Iterable[tuple[str, bytes]], record: bytes
+    snapshots: Iterable[tuple[str, bytes]], record: bytes, is_delta: bool = False
 ) -> list[tuple[str, int, bool, bytes]]:
-    """The items to commit for ``(value column, store snapshot)`` pairs and a job record."""
+    """The items to commit for ``(value column, store snapshot)`` pairs and a job record;
+    ``is_delta`` when the snapshots are the stores' deltas."""
     return [
-        (STATE_OPERATOR, 0, False, encode_batch(list(snapshots))),
+        (STATE_OPERATOR, 0, is_delta, encode_batch(list(snapshots))),
         (FINGERPRINT_OPERATOR, 0, False, record),
     ]
 
@@ -102,28 +115,50 @@ def check_newest(checkpointer: ObjectStoreCheckpointer, fingerprint: JobFingerpr
     check_layout(fingerprint, where, partitions, manifest.source_offsets, record)
 
 
+def _unpack(packed: bytes, where: str, what: str, values: Collection[str]) -> dict[str, bytes]:
+    """The per-column blobs of one packed ``"aggregates"`` artifact, after checking that it
+    holds exactly the columns ``values``."""
+    try:
+        entries = decode_batch(packed)
+    except CorruptDataError as exc:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where}: its {STATE_OPERATOR!r} {what} is not a pipeline's packed "
+            f"store state ({exc})"
+        ) from exc
+    blobs = dict(entries)
+    if len(blobs) != len(entries) or set(blobs) != set(values):
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} holds state for {sorted(n for n, _ in entries)} in its "
+            f"{what}; this job aggregates {sorted(values)}"
+        )
+    return blobs
+
+
 def unpack_state(
     recovered: RecoveredCheckpoint, fingerprint: JobFingerprint
-) -> tuple[JobRecord | None, int, dict[str, bytes]]:
+) -> tuple[JobRecord | None, int, dict[str, bytes], list[dict[str, bytes]]]:
     """Check a recovered checkpoint's layout and definition; return its job record, the
-    source offset, and the store snapshot of every value column."""
+    source offset, the full store snapshot of every value column, and (for a checkpoint
+    recovered with ``rebuild=False`` at the end of a delta chain) the store deltas of every
+    column to apply to those snapshots, oldest first."""
     where = str(recovered.checkpoint_id)
     state = recovered.state
     record_bytes = state.get(FINGERPRINT_OPERATOR, {}).get(0)
     record, offset = check_layout(
         fingerprint, where, state, recovered.source_offsets, record_bytes
     )
-    try:
-        entries = decode_batch(state[STATE_OPERATOR][0])
-    except CorruptDataError as exc:
-        raise IncompatibleCheckpointError(
-            f"checkpoint {where}: its {STATE_OPERATOR!r} artifact is not a pipeline's packed "
-            f"store snapshots ({exc})"
-        ) from exc
-    snapshots = dict(entries)
-    if len(snapshots) != len(entries) or set(snapshots) != set(fingerprint.values):
-        raise IncompatibleCheckpointError(
-            f"checkpoint {where} holds state for {sorted(n for n, _ in entries)}; this job "
-            f"aggregates {sorted(fingerprint.values)}"
-        )
-    return record, offset, snapshots
+    values = fingerprint.values
+    snapshots = _unpack(state[STATE_OPERATOR][0], where, "snapshot", values)
+    chain = recovered.deltas.get(STATE_OPERATOR, {}).get(0, ())
+    deltas = [
+        _unpack(delta, where, f"delta {i} of {len(chain)}", values)
+        for i, delta in enumerate(chain, 1)
+    ]
+    return record, offset, snapshots, deltas
+
+
+def state_chain_bytes(recovered: RecoveredCheckpoint) -> tuple[int, list[int]]:
+    """The bytes of a recovered (``rebuild=False``) checkpoint's state chain: its full
+    snapshot's artifact, and each delta artifact after it."""
+    chain = recovered.deltas.get(STATE_OPERATOR, {}).get(0, ())
+    return len(recovered.state[STATE_OPERATOR][0]), [len(delta) for delta in chain]

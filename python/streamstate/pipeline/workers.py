@@ -1,8 +1,15 @@
-"""Partition threads and the barrier that quiesces them before a checkpoint.
+"""Partition threads and the barrier that quiesces them.
 
-Each partition has one thread, the single writer of its partition aggregators: it folds the
-slices the coordinator routes to it, and at a barrier publishes what it folded and arrives.
-A failure inside a worker is kept and surfaced by the coordinator at the next barrier.
+Each partition has one thread, the single writer of its partition aggregators while a run
+lasts: it folds the slices the coordinator routes to it and, at a barrier, arrives once it
+folded everything queued before. A failure inside a worker is kept and surfaced by the
+coordinator at the next barrier.
+
+Workers never publish. A store's capture (``snapshot`` / ``snapshot_delta``) holds every
+partition's local partials as well as the published ones, so a checkpoint needs the
+partitions stopped, not published; and since a publish moves partials into the shared map
+(a change to every key it moves), publishing at each barrier would also cost its keys in
+the next delta. The pipeline publishes when results are read.
 """
 
 from __future__ import annotations
@@ -21,14 +28,18 @@ __all__ = ["PartitionBarrier", "PartitionWorker", "quiesce"]
 
 
 class PartitionBarrier:
-    """Sent down every partition queue: each worker publishes, then arrives."""
+    """Sent down every partition queue: each worker arrives when it reaches it.
+
+    Once every worker arrived, none touches its aggregators until the coordinator queues
+    more work, so the coordinator may read the stores (capture them) until then.
+    """
 
     def __init__(self, parties: int) -> None:
         self._remaining = parties
         self._done = threading.Condition()
 
     def arrive(self) -> None:
-        """One worker has published everything it folded before the barrier."""
+        """One worker has folded everything queued before the barrier."""
         with self._done:
             self._remaining -= 1
             self._done.notify_all()
@@ -69,12 +80,6 @@ class PartitionWorker:
             if item is _STOP:
                 return
             if isinstance(item, PartitionBarrier):
-                try:
-                    if self.error is None:
-                        for aggregator in self._aggregators.values():
-                            aggregator.publish()
-                except Exception as exc:  # noqa: BLE001 - surfaced by the coordinator
-                    self.error = exc
                 item.arrive()
                 continue
             if self.error is not None:
@@ -97,7 +102,8 @@ class PartitionWorker:
 
 
 def quiesce(workers: Sequence[PartitionWorker]) -> None:
-    """Publish every partition's folds at one barrier; raise the first worker failure."""
+    """Stop every partition at one barrier, after it folded everything queued before;
+    raise the first worker failure."""
     barrier = PartitionBarrier(len(workers))
     for worker in workers:
         worker.inbox.put(barrier)

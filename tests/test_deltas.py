@@ -1,0 +1,188 @@
+"""Incremental captures of the stores (issue 13): snapshot_delta() / apply_delta().
+
+The law every test leans on: restoring the last full snapshot and applying the deltas
+taken after it, in order, gives a store whose full snapshot equals the live store's.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import streamstate as ss
+from streamstate.codec import RecordKind, decode_records
+from streamstate.testing import assert_corruption_detected
+
+PARTITIONS = 3
+
+
+def _replay(key_type: str, base: bytes | None, deltas: list[bytes]) -> ss.NumericAggregateStore:
+    replica = ss.NumericAggregateStore(PARTITIONS, key_type=key_type)  # type: ignore[arg-type]
+    if base is not None:
+        replica.restore(base)
+    for delta in deltas:
+        replica.apply_delta(delta)
+    return replica
+
+
+def _keys(key_type: str, raw: list[int]) -> Any:
+    if key_type == "int64":
+        return np.array(raw, dtype=np.int64)
+    return [f"k{k}".encode() for k in raw]
+
+
+_fold = st.tuples(
+    st.just("fold"),
+    st.integers(0, PARTITIONS - 1),
+    st.lists(st.tuples(st.integers(0, 40), st.floats(-1e6, 1e6)), max_size=30),
+)
+_publish = st.tuples(st.just("publish"), st.integers(0, PARTITIONS - 1), st.just([]))
+_capture = st.tuples(st.sampled_from(["snapshot", "delta"]), st.just(0), st.just([]))
+_operations = st.lists(st.one_of(_fold, _fold, _publish, _capture), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(key_type=st.sampled_from(["int64", "bytes"]), operations=_operations)
+def test_restore_then_deltas_equals_the_live_store(key_type: str, operations: list[Any]) -> None:
+    live = ss.NumericAggregateStore(PARTITIONS, key_type=key_type)  # type: ignore[arg-type]
+    base: bytes | None = None
+    deltas: list[bytes] = []
+    for op, pid, rows in operations:
+        if op == "fold":
+            live.partition(pid).fold(_keys(key_type, [k for k, _ in rows]), [v for _, v in rows])
+        elif op == "publish":
+            live.partition(pid).publish()
+        elif op == "snapshot":
+            base, deltas = live.snapshot(), []
+        else:
+            deltas.append(live.snapshot_delta())
+    deltas.append(live.snapshot_delta())
+    replica = _replay(key_type, base, deltas)
+    assert replica.snapshot() == live.snapshot()
+    for pid in range(PARTITIONS):
+        assert replica.partition(pid).pending == live.partition(pid).pending
+        assert len(replica.partition(pid)) == len(live.partition(pid))
+
+
+def _loaded(n: int = 1000) -> ss.NumericAggregateStore:
+    store = ss.NumericAggregateStore(PARTITIONS)
+    for pid in range(PARTITIONS):
+        keys = np.arange(pid, n, PARTITIONS)
+        store.partition(pid).fold(keys, keys.astype(np.float64))
+        store.partition(pid).publish()
+    store.partition(0).fold(np.array([0, n + 1]), [1.0, 2.0])  # left unpublished
+    return store
+
+
+def test_a_delta_is_its_own_record_kind_and_a_delta_of_nothing_is_small() -> None:
+    store = _loaded()
+    store.snapshot()
+    empty = store.snapshot_delta()
+    kind, _ = decode_records(empty)
+    assert kind == RecordKind.NUMERIC_AGGREGATE_STORE_DELTA
+    assert len(empty) <= 100
+
+
+def test_delta_size_follows_the_changes_not_the_state() -> None:
+    store = _loaded(100_000)
+    full = store.snapshot()
+    store.partition(1).fold(np.arange(1, 301, PARTITIONS), np.ones(100))
+    store.partition(1).publish()
+    delta = store.snapshot_delta()
+    assert len(delta) < 100 * 80 + 200
+    assert len(delta) * 100 < len(full)
+
+
+def test_full_snapshot_after_publish_stores_each_partial_once() -> None:
+    store = ss.NumericAggregateStore(2)
+    for pid in range(2):
+        keys = np.arange(pid, 20_000, 2)
+        store.partition(pid).fold(np.repeat(keys, 3), np.ones(keys.size * 3))
+        store.partition(pid).publish()
+        assert store.partition(pid).pending == 0
+    assert len(store.snapshot()) / 20_000 <= 80
+
+
+def test_a_delta_of_another_parent_is_refused_and_changes_nothing() -> None:
+    store = _loaded()
+    base = store.snapshot()
+    store.partition(2).fold(np.array([5]), [1.0])
+    first = store.snapshot_delta()
+    store.partition(2).publish()
+    second = store.snapshot_delta()
+    replica = _replay("int64", base, [])
+    with pytest.raises(ss.CorruptDataError, match="does not follow"):
+        replica.apply_delta(second)
+    replica.apply_delta(first)  # still at the base: the right delta applies
+    replica.apply_delta(second)
+    assert replica.snapshot() == store.snapshot()
+    other = ss.NumericAggregateStore(PARTITIONS, key_type="bytes")
+    with pytest.raises(ss.CorruptDataError):
+        other.apply_delta(first)
+    with pytest.raises(ss.CorruptDataError):
+        replica.restore(first)  # a delta is not a full snapshot
+    with pytest.raises(ss.CorruptDataError):
+        replica.apply_delta(base)  # nor the other way round
+
+
+def test_every_damaged_delta_is_refused_and_the_store_left_as_it_was() -> None:
+    store = _loaded(30)
+    base = store.snapshot()
+    store.partition(0).publish()
+    store.partition(1).fold(np.array([1, 4, 100]), [1.0, 2.0, 3.0])
+    delta = store.snapshot_delta()
+    replica = _replay("int64", base, [])
+
+    def apply(data: bytes) -> None:
+        try:
+            replica.apply_delta(data)
+        except ss.CorruptDataError:
+            assert replica.snapshot() == base  # unchanged, and its identity is the base's again
+            raise
+        replica.restore(base)  # the intact delta applied: back to the base for the next try
+
+    assert_corruption_detected(apply, delta)
+
+
+def test_deltas_stay_consistent_while_partitions_publish() -> None:
+    width, batches = 64, 150
+    store = ss.NumericAggregateStore(PARTITIONS)
+    base = store.snapshot()
+    deltas: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def work(pid: int) -> None:
+        try:
+            part = store.partition(pid)
+            keys = np.arange(width) * PARTITIONS + pid
+            for _ in range(batches):
+                part.fold(keys, np.ones(width))
+                part.publish()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(pid,)) for pid in range(PARTITIONS)]
+    for w in workers:
+        w.start()
+    replica = _replay("int64", base, [])
+    while any(w.is_alive() for w in workers):
+        deltas.append(store.snapshot_delta())
+        replica.apply_delta(deltas[-1])
+        counts = replica.results()
+        by_partition: dict[int, set[int]] = {}
+        for key, count in zip(counts["key"].tolist(), counts["count"].tolist(), strict=True):
+            by_partition.setdefault(key % PARTITIONS, set()).add(count)
+        # A publish is in a delta entirely or not at all: every key of a partition agrees.
+        assert all(len(seen) == 1 for seen in by_partition.values()), by_partition
+    for w in workers:
+        w.join()
+    assert not errors
+    replica.apply_delta(store.snapshot_delta())
+    assert set(replica.results()["count"].tolist()) == {batches}
+    assert replica.snapshot() == store.snapshot()
+    assert len(deltas) >= 1
