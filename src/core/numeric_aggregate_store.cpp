@@ -664,7 +664,11 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
 template <class K>
 std::size_t NumericAggregateStore<K>::memory_bytes() const {
   std::size_t total = sizeof(*this);
-  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) total += partition_memory_bytes(pid);
+  for (const auto& p : partitions_) {
+    // The slots themselves are counted with the shared map's nodes below.
+    const std::lock_guard<std::mutex> lock(p->mutex);
+    total += p->local.memory_bytes() + p->dirty.capacity() * sizeof(Node*);
+  }
   const ExclusiveEpoch epoch(epoch_);
   // TBB node: bucket link + per-node rw lock + the (key, slots) pair; plus each bucket's
   // pointer and lock. Slot vectors and long string keys count their heap capacity.
