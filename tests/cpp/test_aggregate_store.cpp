@@ -411,6 +411,47 @@ void test_numeric_store_deltas() {
   CHECK(store.snapshot_delta().size() < 100);
 }
 
+void test_opaque_store_deltas() {
+  streamstate::AggregateStore store(2);
+  const std::string base = store.snapshot();
+  streamstate::AggregateStore replica(2);
+  replica.restore(base);
+  std::vector<std::thread> workers;
+  std::atomic<int> running{2};
+  for (std::uint32_t t = 0; t < 2; ++t) {
+    workers.emplace_back([&store, &running, t] {
+      std::vector<std::string> owned;
+      for (int i = 0; i < 40; ++i) owned.push_back(name("t", t, "k", i));
+      const std::vector<std::string_view> keys(owned.begin(), owned.end());
+      for (int b = 0; b < 300; ++b) {
+        const std::string value = std::to_string(b);
+        const std::vector<std::string_view> values(keys.size(), value);
+        store.publish_many(t, keys, values);
+        if (b % 100 == 99) store.remove_group(keys[0]);
+      }
+      --running;
+    });
+  }
+  std::vector<std::string> chain;
+  do {
+    chain.push_back(store.snapshot_delta());
+    replica.apply_delta(chain.back());
+    for (std::uint32_t t = 0; t < 2; ++t) {
+      const auto first = replica.get_partial(name("t", t, "k", 1), t);
+      for (int i = 2; i < 40; ++i) CHECK(replica.get_partial(name("t", t, "k", i), t) == first);
+    }
+  } while (running.load() > 0);
+  for (auto& w : workers) w.join();
+  chain.push_back(store.snapshot_delta());
+  replica.apply_delta(chain.back());
+  CHECK(replica.snapshot() == store.snapshot());
+  CHECK(!replica.get_partial("t0k0", 0).has_value() || store.get_partial("t0k0", 0).has_value());
+  streamstate::AggregateStore again(2);
+  again.restore(base);
+  CHECK(throws_corrupt([&] { again.apply_delta(chain.back()); }) || chain.size() == 1);
+  CHECK(again.size() == 0);
+}
+
 }  // namespace
 
 int main() {
@@ -424,5 +465,6 @@ int main() {
   test_numeric_store_big_batches();
   test_numeric_store_threads();
   test_numeric_store_deltas();
+  test_opaque_store_deltas();
   return check_summary("test_aggregate_store");
 }
