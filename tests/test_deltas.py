@@ -170,7 +170,7 @@ def test_deltas_stay_consistent_while_partitions_publish() -> None:
     for w in workers:
         w.start()
     replica = _replay("int64", base, [])
-    while any(w.is_alive() for w in workers):
+    while not deltas or any(w.is_alive() for w in workers):
         deltas.append(store.snapshot_delta())
         replica.apply_delta(deltas[-1])
         counts = replica.results()
@@ -185,4 +185,99 @@ def test_deltas_stay_consistent_while_partitions_publish() -> None:
     replica.apply_delta(store.snapshot_delta())
     assert set(replica.results()["count"].tolist()) == {batches}
     assert replica.snapshot() == store.snapshot()
-    assert len(deltas) >= 1
+
+
+# -- AggregateStore ----------------------------------------------------------------------
+
+_group = st.binary(max_size=4)
+_opaque_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), _group, st.integers(0, PARTITIONS - 1), st.binary(max_size=6)),
+        st.tuples(st.just("remove"), _group, st.just(0), st.just(b"")),
+        st.tuples(st.sampled_from(["snapshot", "delta"]), st.just(b""), st.just(0), st.just(b"")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(operations=_opaque_operations)
+def test_opaque_restore_then_deltas_equals_the_live_store(operations: list[Any]) -> None:
+    live = ss.AggregateStore(PARTITIONS)
+    base: bytes | None = None
+    deltas: list[bytes] = []
+    for op, group, pid, partial in operations:
+        if op == "publish":
+            live.publish(group, pid, partial)
+        elif op == "remove":
+            live.remove_group(group)
+        elif op == "snapshot":
+            base, deltas = live.snapshot(), []
+        else:
+            deltas.append(live.snapshot_delta())
+    deltas.append(live.snapshot_delta())
+    replica = ss.AggregateStore(PARTITIONS)
+    if base is not None:
+        replica.restore(base)
+    for delta in deltas:
+        replica.apply_delta(delta)
+    assert replica.snapshot() == live.snapshot()
+
+
+def test_opaque_delta_carries_removals_refuses_other_parents_and_damage() -> None:
+    store = ss.AggregateStore(2)
+    store.publish_many(0, [f"g{i}".encode() for i in range(100)], [b"x"] * 100)
+    store.snapshot()
+    assert len(store.snapshot_delta()) <= 100  # a delta of nothing
+    base = store.snapshot()
+    store.remove_group(b"g7")
+    store.publish(b"g8", 1, b"y")
+    delta = store.snapshot_delta()
+    kind, records = decode_records(delta)
+    assert kind == RecordKind.AGGREGATE_STORE_DELTA and len(records) == 3  # header + 2 changes
+    later = (store.publish(b"g9", 0, b"z"), store.snapshot_delta())[1]
+    replica = ss.AggregateStore(2)
+    replica.restore(base)
+    with pytest.raises(ss.CorruptDataError, match="does not follow"):
+        replica.apply_delta(later)
+
+    def apply(data: bytes) -> None:
+        try:
+            replica.apply_delta(data)
+        except ss.CorruptDataError:
+            assert replica.snapshot() == base
+            raise
+        replica.restore(base)
+
+    assert_corruption_detected(apply, delta)
+    replica.apply_delta(delta)
+    replica.apply_delta(later)
+    assert replica.get_partial(b"g7", 0) is None and replica.get_partial(b"g8", 1) == b"y"
+    assert replica.snapshot() == store.snapshot()
+
+
+def test_opaque_deltas_stay_consistent_while_threads_publish() -> None:
+    width, batches = 50, 200
+    store = ss.AggregateStore(PARTITIONS)
+    replica = ss.AggregateStore(PARTITIONS)
+    replica.restore(store.snapshot())
+
+    def work(pid: int) -> None:
+        keys = [f"t{pid}k{i}".encode() for i in range(width)]
+        for b in range(batches):
+            store.publish_many(pid, keys, [str(b).encode()] * width)
+            if b % 50 == 49:
+                store.remove_group(keys[0])
+
+    workers = [threading.Thread(target=work, args=(pid,)) for pid in range(PARTITIONS)]
+    for w in workers:
+        w.start()
+    while any(w.is_alive() for w in workers):
+        replica.apply_delta(store.snapshot_delta())
+        for pid in range(PARTITIONS):
+            seen = {replica.get_partial(f"t{pid}k{i}".encode(), pid) for i in range(1, width)}
+            assert len(seen) == 1, f"torn publish_many in a delta: {seen}"
+    for w in workers:
+        w.join()
+    replica.apply_delta(store.snapshot_delta())
+    assert replica.snapshot() == store.snapshot()

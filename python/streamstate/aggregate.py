@@ -11,7 +11,8 @@ aggregates without contention, then publishes them to a shared oneTBB
   single-writer :class:`PartitionAggregator` that folds numpy batches with the GIL released.
 
 Both snapshot consistently while other threads publish (every ``publish_many`` or
-``PartitionAggregator.publish`` call is in a snapshot entirely or not at all) and restore
+``PartitionAggregator.publish`` call is in a snapshot or delta entirely or not at all),
+take incremental captures (``snapshot_delta()`` / ``apply_delta()``) and restore
 atomically: bad input raises :class:`~streamstate.CorruptDataError` and leaves the store as
 it was.
 """
@@ -61,7 +62,9 @@ class AggregateStore(_core.AggregateStore):
     partials)`` publishes a whole batch in one call with the GIL released, so several
     threads publish in parallel. ``get_partial``, ``collect_partials`` (ascending partition
     id), ``remove_group``, ``groups()`` (sorted), ``len()`` (entries across partitions),
-    ``snapshot()`` / ``restore(data)``.
+    ``snapshot()`` / ``restore(data)``; ``snapshot_delta()`` / ``apply_delta(data)`` for
+    the entries published or removed since the previous capture (see
+    :class:`NumericAggregateStore`).
 
     A ``partition_id`` outside ``[0, num_partitions)`` raises ``ValueError``.
     """

@@ -266,7 +266,7 @@ per group, snapshots consistently while others publish, and restores atomically.
           "Every group key held, sorted.")
       .def(
           "snapshot",
-          [](const AggregateStore& self) {
+          [](AggregateStore& self) {
             std::string snap;
             {
               const py::gil_scoped_release release;  // pure C++ under the store's lock
@@ -275,7 +275,32 @@ per group, snapshots consistently while others publish, and restores atomically.
             return py::bytes(snap);
           },
           "Every partial as checksummed record-codec bytes; consistent while others publish\n"
-          "(each publish_many call is in it entirely or not at all).")
+          "(each publish_many call is in it entirely or not at all). Resets the change\n"
+          "tracking of snapshot_delta().")
+      .def(
+          "snapshot_delta",
+          [](AggregateStore& self) {
+            std::string delta;
+            {
+              const py::gil_scoped_release release;  // pure C++ under the store's lock
+              delta = self.snapshot_delta();
+            }
+            return py::bytes(delta);
+          },
+          "Only the entries published or removed since the previous snapshot() or\n"
+          "snapshot_delta(), as checksummed bytes naming their parent; resets the change\n"
+          "tracking. Consistent while others publish.")
+      .def(
+          "apply_delta",
+          [](AggregateStore& self, const py::object& data) {
+            require_buffer(data, "data");
+            const ImmutableInput input(data);
+            const py::gil_scoped_release release;  // decodes memory no other thread can change
+            self.apply_delta(input.view());
+          },
+          py::arg("data"),
+          "Apply a snapshot_delta() taken from this store's current state. Corrupt bytes or\n"
+          "a delta of another parent raise CorruptDataError and leave the store as it was.")
       .def(
           "restore",
           [](AggregateStore& self, const py::object& data) {

@@ -1,6 +1,7 @@
 #include "core/aggregate_store.h"
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
 #include "core/byte_io.h"
@@ -15,6 +16,19 @@ namespace {
 //   then one record per entry: key = group bytes + u32 LE partition id, value = partial.
 constexpr std::string_view kHeaderKey = "streamstate.aggregate_store";
 constexpr std::uint32_t kLayoutVersion = 1;
+// Delta layout (kind kAggregateStoreDelta):
+//   record 0: key "streamstate.aggregate_store.delta", value u32 layout version,
+//             u32 num_partitions, u32 parent identity, u64 sequence
+//   then one record per changed entry: key = 'u' (published) or 'r' (removed) + group
+//   bytes + u32 LE partition id; value = the partial (empty for a removal).
+constexpr std::string_view kDeltaHeaderKey = "streamstate.aggregate_store.delta";
+constexpr std::uint32_t kDeltaLayoutVersion = 1;
+constexpr char kUpsert = 'u';
+constexpr char kRemove = 'r';
+
+[[noreturn]] void corrupt_delta(const std::string& what) {
+  throw CorruptDataError("aggregate store delta: " + what);
+}
 constexpr std::uint32_t kMaxPartitions = 65536;
 
 }  // namespace
@@ -33,18 +47,29 @@ void AggregateStore::check_partition(std::uint32_t partition_id) const {
   }
 }
 
-void AggregateStore::publish_locked(std::string_view group_key, std::uint32_t partition_id,
+bool AggregateStore::publish_locked(std::string_view group_key, std::uint32_t partition_id,
                                     std::string_view partial) {
   EntryMap::accessor entry;
   entries_.insert(entry, EntryKeyView{group_key, partition_id});
-  entry->second.assign(partial);
+  entry->second.bytes.assign(partial);
+  if (entry->second.dirty) return false;
+  entry->second.dirty = true;
+  return true;
+}
+
+void AggregateStore::log_change(EntryKeyView key) {
+  ChangeLog& log = logs_[key.partition % kLogShards];
+  const std::lock_guard<std::mutex> lock(log.mutex);
+  log.keys.emplace_back(key);
 }
 
 void AggregateStore::publish(std::string_view group_key, std::uint32_t partition_id,
                              std::string_view partial) {
   check_partition(partition_id);
   const SharedEpoch epoch(epoch_);
-  publish_locked(group_key, partition_id, partial);
+  if (publish_locked(group_key, partition_id, partial)) {
+    log_change(EntryKeyView{group_key, partition_id});
+  }
 }
 
 void AggregateStore::reserve_for(std::size_t more) {
@@ -65,8 +90,15 @@ void AggregateStore::publish_many(std::uint32_t partition_id,
   // Only worth an exclusive moment when the batch is big next to the map.
   if (group_keys.size() >= 1024) reserve_for(group_keys.size());
   const SharedEpoch epoch(epoch_);
+  std::vector<std::size_t> newly_dirty;
   for (std::size_t i = 0; i < group_keys.size(); ++i) {
-    publish_locked(group_keys[i], partition_id, partials[i]);
+    if (publish_locked(group_keys[i], partition_id, partials[i])) newly_dirty.push_back(i);
+  }
+  if (newly_dirty.empty()) return;
+  ChangeLog& log = logs_[partition_id % kLogShards];
+  const std::lock_guard<std::mutex> lock(log.mutex);
+  for (const std::size_t i : newly_dirty) {
+    log.keys.emplace_back(EntryKeyView{group_keys[i], partition_id});
   }
 }
 
@@ -76,7 +108,7 @@ std::optional<std::string> AggregateStore::get_partial(std::string_view group_ke
   const SharedEpoch epoch(epoch_);
   EntryMap::const_accessor entry;
   if (!entries_.find(entry, EntryKeyView{group_key, partition_id})) return std::nullopt;
-  return entry->second;
+  return entry->second.bytes;
 }
 
 std::vector<std::pair<std::uint32_t, std::string>> AggregateStore::collect_partials(
@@ -85,7 +117,7 @@ std::vector<std::pair<std::uint32_t, std::string>> AggregateStore::collect_parti
   std::vector<std::pair<std::uint32_t, std::string>> out;
   for (std::uint32_t id = 0; id < num_partitions_; ++id) {
     EntryMap::const_accessor entry;
-    if (entries_.find(entry, EntryKeyView{group_key, id})) out.emplace_back(id, entry->second);
+    if (entries_.find(entry, EntryKeyView{group_key, id})) out.emplace_back(id, entry->second.bytes);
   }
   return out;
 }
@@ -94,7 +126,10 @@ std::size_t AggregateStore::remove_group(std::string_view group_key) {
   const SharedEpoch epoch(epoch_);
   std::size_t removed = 0;
   for (std::uint32_t id = 0; id < num_partitions_; ++id) {
-    if (entries_.erase(EntryKeyView{group_key, id})) ++removed;
+    if (entries_.erase(EntryKeyView{group_key, id})) {
+      ++removed;
+      log_change(EntryKeyView{group_key, id});
+    }
   }
   return removed;
 }
@@ -109,7 +144,7 @@ std::vector<std::string> AggregateStore::groups() const {
   return {views.begin(), views.end()};  // copied while the entries cannot change
 }
 
-std::string AggregateStore::snapshot() const {
+std::string AggregateStore::snapshot() {
   const ExclusiveEpoch epoch(epoch_);
   struct Ref {
     std::string_view group;
@@ -120,8 +155,8 @@ std::string AggregateStore::snapshot() const {
   refs.reserve(entries_.size());
   std::size_t payload = 0;
   for (const auto& item : entries_) {
-    refs.push_back({item.first.group, item.first.partition, item.second});
-    payload += item.first.group.size() + item.second.size() + 4 + kRecordEntryOverhead;
+    refs.push_back({item.first.group, item.first.partition, item.second.bytes});
+    payload += item.first.group.size() + item.second.bytes.size() + 4 + kRecordEntryOverhead;
   }
   // Sorted so equal contents always give byte-identical (and identically hashed) snapshots.
   std::sort(refs.begin(), refs.end(), [](const Ref& a, const Ref& b) {
@@ -138,7 +173,118 @@ std::string AggregateStore::snapshot() const {
     put_u32(key, r.partition);
     writer.add(key, r.partial);
   }
-  return std::move(writer).finish();
+  std::string out = std::move(writer).finish();
+  reset_tracking(out, 0);
+  return out;
+}
+
+void AggregateStore::reset_tracking(std::string_view capture, std::uint64_t sequence) noexcept {
+  for (ChangeLog& log : logs_) {
+    for (const EntryKey& key : log.keys) {
+      EntryMap::accessor entry;
+      if (entries_.find(entry, EntryKeyView{key.group, key.partition})) entry->second.dirty = false;
+    }
+    log.keys.clear();
+  }
+  identity_ = record_identity(capture);
+  sequence_ = sequence;
+}
+
+std::string AggregateStore::snapshot_delta() {
+  const ExclusiveEpoch epoch(epoch_);
+  std::vector<EntryKeyView> changed;
+  for (const ChangeLog& log : logs_) {
+    for (const EntryKey& key : log.keys) changed.push_back({key.group, key.partition});
+  }
+  // A key removed and published again is logged twice: write it once, as it is now.
+  std::sort(changed.begin(), changed.end(), [](const EntryKeyView& a, const EntryKeyView& b) {
+    return a.group != b.group ? a.group < b.group : a.partition < b.partition;
+  });
+  changed.erase(std::unique(changed.begin(), changed.end(),
+                            [](const EntryKeyView& a, const EntryKeyView& b) {
+                              return a.group == b.group && a.partition == b.partition;
+                            }),
+                changed.end());
+  RecordWriter writer(RecordKind::kAggregateStoreDelta);
+  std::string header;
+  put_u32(header, kDeltaLayoutVersion);
+  put_u32(header, num_partitions_);
+  put_u32(header, identity_);
+  put_u64(header, sequence_ + 1);
+  writer.add(kDeltaHeaderKey, header);
+  std::string key;
+  for (const EntryKeyView& k : changed) {
+    EntryMap::const_accessor entry;
+    const bool present = entries_.find(entry, k);
+    key.assign(1, present ? kUpsert : kRemove);
+    key.append(k.group);
+    put_u32(key, k.partition);
+    writer.add(key, present ? std::string_view(entry->second.bytes) : std::string_view());
+  }
+  std::string out = std::move(writer).finish();
+  reset_tracking(out, sequence_ + 1);
+  return out;
+}
+
+void AggregateStore::apply_delta(std::string_view data) {
+  RecordReader reader(data);
+  reader.expect_kind(RecordKind::kAggregateStoreDelta);
+  RecordView record;
+  if (!reader.next(record) || record.key != kDeltaHeaderKey) corrupt_delta("missing header");
+  ByteReader header(record.value, "aggregate store delta header");
+  const std::uint32_t version = header.u32();
+  const std::uint32_t np = header.u32();
+  const std::uint32_t parent = header.u32();
+  const std::uint64_t sequence = header.u64();
+  if (!header.at_end()) corrupt_delta("trailing bytes in the header");
+  if (version != kDeltaLayoutVersion) {
+    corrupt_delta("unsupported layout version " + std::to_string(version));
+  }
+  if (np != num_partitions_) {
+    corrupt_delta("written by a store with " + std::to_string(np) + " partitions (this one has " +
+                  std::to_string(num_partitions_) + ")");
+  }
+  // Every change is decoded and checked before anything is touched.
+  struct Change {
+    EntryKeyView key;
+    std::optional<std::string_view> partial;  // nullopt: removed
+  };
+  std::vector<Change> changes;
+  changes.reserve(reader.count());
+  while (reader.next(record)) {
+    if (record.key.size() < 5 || (record.key[0] != kUpsert && record.key[0] != kRemove)) {
+      corrupt_delta("malformed entry key");
+    }
+    const std::string_view group = record.key.substr(1, record.key.size() - 5);
+    const std::uint32_t id = load_u32(record.key.data() + 1 + group.size());
+    if (id >= num_partitions_) corrupt_delta("partition id " + std::to_string(id) + " out of range");
+    if (record.key[0] == kRemove && !record.value.empty()) corrupt_delta("a removal with a value");
+    changes.push_back({{group, id},
+                       record.key[0] == kUpsert ? std::optional(record.value) : std::nullopt});
+  }
+  for (std::size_t i = 1; i < changes.size(); ++i) {
+    const EntryKeyView& a = changes[i - 1].key;
+    const EntryKeyView& b = changes[i].key;
+    if (!(a.group != b.group ? a.group < b.group : a.partition < b.partition)) {
+      corrupt_delta("entries not in strictly ascending (group, partition) order");
+    }
+  }
+  const ExclusiveEpoch epoch(epoch_);
+  if (parent != identity_) {
+    corrupt_delta("delta " + std::to_string(sequence) +
+                  " does not follow this store's state (its parent is another snapshot or "
+                  "delta; this store is at delta " + std::to_string(sequence_) + " of its chain)");
+  }
+  for (const Change& c : changes) {
+    if (c.partial) {
+      EntryMap::accessor entry;
+      entries_.insert(entry, c.key);
+      entry->second.bytes.assign(*c.partial);
+    } else {
+      entries_.erase(c.key);
+    }
+  }
+  reset_tracking(data, sequence);
 }
 
 void AggregateStore::restore(std::string_view data) {
@@ -172,10 +318,13 @@ void AggregateStore::restore(std::string_view data) {
       throw CorruptDataError("aggregate store snapshot: duplicate entry for partition " +
                              std::to_string(id));
     }
-    entry->second.assign(record.value);
+    entry->second.bytes.assign(record.value);
   }
   const ExclusiveEpoch epoch(epoch_);
   entries_.swap(fresh_entries);
+  for (ChangeLog& log : logs_) log.keys.clear();  // they name entries of the old contents
+  identity_ = record_identity(data);
+  sequence_ = 0;
   // The old contents are freed when fresh_entries goes out of scope, after the lock.
 }
 
@@ -189,7 +338,7 @@ std::size_t AggregateStore::memory_bytes() const {
   std::size_t total = sizeof(*this);
   total += entries_.bucket_count() * kBucket;
   for (const auto& item : entries_) {
-    total += kNodeOverhead + sizeof(item) + heap(item.first.group) + heap(item.second);
+    total += kNodeOverhead + sizeof(item) + heap(item.first.group) + heap(item.second.bytes);
   }
   return total;
 }

@@ -9,6 +9,13 @@
 // snapshot / restore / groups hold it exclusively (they see a quiescent map). A
 // publish_many that would grow the map by a lot first pre-sizes it (TBB's rehash()
 // must also run alone), which spares the inserts TBB's bucket-by-bucket splitting.
+//
+// Captures. snapshot() writes everything; snapshot_delta() writes only the entries
+// published or removed since the previous capture. An entry's first change since a
+// capture sets its dirty flag and appends its key to a change log (one of kLogShards, by
+// partition id, each with its own mutex: uncontended when each partition publishes from
+// its own thread); a removal always appends. Each capture, restore and applied delta gives
+// the store an identity (the container's CRC32C); a delta names its parent's.
 #pragma once
 
 #include <cstddef>
@@ -71,12 +78,26 @@ class AggregateStore {
   // Every group with at least one partial, sorted bytewise (one pass over the entries).
   [[nodiscard]] std::vector<std::string> groups() const;
 
-  // A record-codec container (kind kAggregateStore), entries sorted by (group, partition).
-  [[nodiscard]] std::string snapshot() const;
+  // A record-codec container (kind kAggregateStore), entries sorted by (group, partition);
+  // resets the change tracking.
+  [[nodiscard]] std::string snapshot();
 
   // Replaces the whole contents with a snapshot's. Validates everything into a fresh map
   // first; on any problem throws CorruptDataError and the store is unchanged.
   void restore(std::string_view data);
+
+  // The entries published or removed since the previous capture (kind
+  // kAggregateStoreDelta), in O(changed); resets the change tracking.
+  [[nodiscard]] std::string snapshot_delta();
+  // Validates the whole delta (container, parent identity, every entry) first; on any
+  // problem CorruptDataError and the store is unchanged. The store must be in the state the
+  // delta was taken from (restored from its chain, nothing done since).
+  void apply_delta(std::string_view data);
+
+  // CRC32C of the last capture, restore or applied delta (0 for a fresh store), and how
+  // many deltas follow the last full snapshot.
+  [[nodiscard]] std::uint32_t identity() const noexcept { return identity_; }
+  [[nodiscard]] std::uint64_t sequence() const noexcept { return sequence_; }
 
   // An estimate of the heap held (keys, partials, map nodes and buckets).
   [[nodiscard]] std::size_t memory_bytes() const;
@@ -113,18 +134,35 @@ class AggregateStore {
   // and dropped: it doubled the cost of every first publish of a key (a second node, key
   // copy and id list) to speed up collect_partials / groups, which are occasional reads
   // and already cheap enough as num_partitions point lookups / one sorted pass.
-  using EntryMap = tbb::concurrent_hash_map<EntryKey, std::string, EntryHash>;
+  struct Partial {
+    std::string bytes;
+    bool dirty = false;  // changed since the last capture (its key is in a change log)
+  };
+  using EntryMap = tbb::concurrent_hash_map<EntryKey, Partial, EntryHash>;
+  static constexpr std::size_t kLogShards = 16;
+  struct ChangeLog {
+    std::mutex mutex;
+    std::vector<EntryKey> keys;
+  };
 
   void check_partition(std::uint32_t partition_id) const;
   // Pre-sizes the bucket array for `more` new entries if it would otherwise grow.
   void reserve_for(std::size_t more);
-  // Publishes one pair; the caller holds the epoch lock shared.
-  void publish_locked(std::string_view group_key, std::uint32_t partition_id,
+  // Publishes one pair; the caller holds the epoch lock shared. True when the entry is
+  // newly dirty (its key must be logged).
+  bool publish_locked(std::string_view group_key, std::uint32_t partition_id,
                       std::string_view partial);
+  void log_change(EntryKeyView key);
+  // Clears the dirty flags and logs and takes the capture's identity; the caller holds the
+  // epoch lock exclusively.
+  void reset_tracking(std::string_view capture, std::uint64_t sequence) noexcept;
 
   std::uint32_t num_partitions_;
   mutable EpochLock epoch_;
   mutable EntryMap entries_;
+  std::vector<ChangeLog> logs_ = std::vector<ChangeLog>(kLogShards);
+  std::uint32_t identity_ = 0;
+  std::uint64_t sequence_ = 0;
 };
 
 }  // namespace streamstate

@@ -108,6 +108,32 @@ void check_key_type(std::uint8_t tag) {
   }
 }
 
+// A "local" chunk (u32 n, n x (key, Moments)) into a partition's kShards tables.
+template <class Local>
+void read_local_chunk(ByteReader& in, std::vector<typename Local::Table>& shards,
+                      std::uint32_t pid) {
+  const std::uint32_t n = chunk_count(in, 4 + Moments::kEncodedSize);
+  for (std::uint32_t i = 0; i < n; ++i) {
+    const auto key = Local::Keys::decode(in);
+    const std::uint64_t hash = Local::Keys::hash(key);
+    auto& table = shards[Local::shard_of(hash)];
+    if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
+    const auto [idx, inserted] = table.emplace(key, hash);
+    if (!inserted) corrupt("duplicate local entry in partition " + std::to_string(pid));
+    table.value_at(idx) = Moments::decode(in);
+  }
+}
+
+// The header fields a snapshot and a delta share: layout version, partitions, key type.
+template <class K>
+std::string store_header(std::uint32_t version, std::uint32_t num_partitions) {
+  std::string header;
+  put_u32(header, version);
+  put_u32(header, num_partitions);
+  header.push_back(static_cast<char>(K::kTag));
+  return header;
+}
+
 // Both captures lock the same way: the map quiescent, every partition stopped.
 class Quiescent {
  public:
@@ -362,11 +388,7 @@ std::string NumericAggregateStore<K>::snapshot() {
   const Quiescent quiescent(epoch_, partitions_);
 
   RecordWriter writer(RecordKind::kNumericAggregateStore);
-  std::string header;
-  put_u32(header, kLayoutVersion);
-  put_u32(header, num_partitions());
-  header.push_back(static_cast<char>(K::kTag));
-  writer.add(kHeaderKey, header);
+  writer.add(kHeaderKey, store_header<K>(kLayoutVersion, num_partitions()));
 
   // Shared entries sorted by key, so equal contents give byte-identical snapshots.
   std::vector<const Node*> items;
@@ -418,10 +440,7 @@ template <class K>
 std::string NumericAggregateStore<K>::snapshot_delta() {
   const Quiescent quiescent(epoch_, partitions_);
   RecordWriter writer(RecordKind::kNumericAggregateStoreDelta);
-  std::string header;
-  put_u32(header, kDeltaLayoutVersion);
-  put_u32(header, num_partitions());
-  header.push_back(static_cast<char>(K::kTag));
+  std::string header = store_header<K>(kDeltaLayoutVersion, num_partitions());
   put_u32(header, identity_);
   put_u64(header, sequence_ + 1);
   writer.add(kDeltaHeaderKey, header);
@@ -513,16 +532,7 @@ void NumericAggregateStore<K>::apply_delta(std::string_view data) {
     } else if (const auto local_pid = partition_of(record.key, kLocalPrefix, np)) {
       auto& shards = local[*local_pid];
       if (shards.empty()) shards.resize(Local::kShards);
-      const std::uint32_t n = chunk_count(in, kMinEntry);
-      for (std::uint32_t i = 0; i < n; ++i) {
-        const View key = K::decode(in);
-        const std::uint64_t hash = K::hash(key);
-        auto& table = shards[Local::shard_of(hash)];
-        if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
-        const auto [idx, inserted] = table.emplace(key, hash);
-        if (!inserted) corrupt("delta: a local entry listed twice");
-        table.value_at(idx) = Moments::decode(in);
-      }
+      read_local_chunk<Local>(in, shards, *local_pid);
     } else {
       corrupt("delta: unknown record");
     }
@@ -587,7 +597,6 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
   std::vector<std::vector<typename Local::Table>> fresh_local(np);
   for (auto& shards : fresh_local) shards.resize(Local::kShards);
   constexpr std::size_t kMinShared = 8 + 4 + 4 + Moments::kEncodedSize;  // int64 key lower bound
-  constexpr std::size_t kMinLocal = 4 + Moments::kEncodedSize;
   while (reader.next(record)) {
     ByteReader in(record.value, "numeric aggregate store snapshot chunk");
     if (record.key == kSharedKey) {
@@ -615,16 +624,7 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
       }
     } else if (const auto pid = partition_of(record.key, kLocalPrefix, np)) {
       auto& shards = fresh_local[*pid];
-      const std::uint32_t n = chunk_count(in, kMinLocal);
-      for (std::uint32_t i = 0; i < n; ++i) {
-        const View key = K::decode(in);
-        const std::uint64_t hash = K::hash(key);
-        auto& table = shards[Local::shard_of(hash)];
-        if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
-        const auto [idx, inserted] = table.emplace(key, hash);
-        if (!inserted) corrupt("duplicate local entry in partition " + std::to_string(*pid));
-        table.value_at(idx) = Moments::decode(in);
-      }
+      read_local_chunk<Local>(in, shards, *pid);
     } else {
       corrupt("unknown record");
     }
@@ -664,7 +664,11 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
 template <class K>
 std::size_t NumericAggregateStore<K>::memory_bytes() const {
   std::size_t total = sizeof(*this);
-  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) total += partition_memory_bytes(pid);
+  for (const auto& p : partitions_) {
+    // The slots themselves are counted with the shared map's nodes below.
+    const std::lock_guard<std::mutex> lock(p->mutex);
+    total += p->local.memory_bytes() + p->dirty.capacity() * sizeof(Node*);
+  }
   const ExclusiveEpoch epoch(epoch_);
   // TBB node: bucket link + per-node rw lock + the (key, slots) pair; plus each bucket's
   // pointer and lock. Slot vectors and long string keys count their heap capacity.

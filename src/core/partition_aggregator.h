@@ -41,6 +41,7 @@ inline void add_number(Moments& m, double x) noexcept {
 template <class K>
 class PartitionAggregator {
  public:
+  using Keys = K;
   using View = typename K::View;
   using Table = FlatTable<K, Moments>;
 

@@ -350,6 +350,108 @@ void test_numeric_store_threads() {
   CHECK(store.result(1234)->count == 100);
 }
 
+void test_numeric_store_deltas() {
+  using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
+  constexpr std::uint32_t kThreads = 3;
+  Store store(kThreads, streamstate::NanPolicy::kSkip);
+  const std::string base = store.snapshot();
+  Store replica(kThreads, streamstate::NanPolicy::kSkip);
+  replica.restore(base);
+  CHECK(replica.identity() == store.identity() && replica.sequence() == 0);
+
+  // Partitions fold and publish while the main thread chains deltas into the replica.
+  std::vector<std::thread> workers;
+  std::atomic<int> running{kThreads};
+  for (std::uint32_t t = 0; t < kThreads; ++t) {
+    workers.emplace_back([&store, &running, t] {
+      std::vector<std::int64_t> keys(300);
+      std::vector<double> values(300, 1.0);
+      for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = static_cast<std::int64_t>(t * 1000 + i);
+      for (int b = 0; b < 200; ++b) {
+        store.fold(t, keys.data(), values.data(), keys.size());
+        if (b % 3 != 2) store.publish(t);  // some batches stay local across a delta
+      }
+      --running;
+    });
+  }
+  std::vector<std::string> chain;
+  do {
+    chain.push_back(store.snapshot_delta());
+    replica.apply_delta(chain.back());
+    streamstate::Int64Keys::KeyColumn column;
+    streamstate::StatArrays stats;
+    replica.result_columns(column, stats);
+    std::uint64_t counts[kThreads] = {};
+    for (std::size_t i = 0; i < stats.size; ++i) {
+      const auto owner = static_cast<std::size_t>(column.keys[i] / 1000);
+      if (counts[owner] == 0) counts[owner] = stats.count[i];
+      CHECK(counts[owner] == stats.count[i]);  // a publish is in a delta whole or not at all
+    }
+  } while (running.load() > 0);
+  for (auto& w : workers) w.join();
+  chain.push_back(store.snapshot_delta());
+  replica.apply_delta(chain.back());
+  CHECK(replica.sequence() == chain.size() && replica.identity() == store.identity());
+
+  // The chain replays from the base; a delta out of order is refused and changes nothing.
+  Store again(kThreads, streamstate::NanPolicy::kSkip);
+  again.restore(base);
+  if (chain.size() >= 2) CHECK(throws_corrupt([&] { again.apply_delta(chain[1]); }));
+  for (const std::string& d : chain) again.apply_delta(d);
+  std::string damaged = chain.back();
+  damaged[damaged.size() / 2] ^= 0x10;
+  const std::string before = again.snapshot();
+  again.restore(before);
+  CHECK(throws_corrupt([&] { again.apply_delta(damaged); }));
+  CHECK(again.snapshot() == before);
+  CHECK(replica.snapshot() == store.snapshot() && before == store.snapshot());
+  CHECK(store.result(1005)->count == 200);
+
+  // Nothing changed: a delta of a few dozen bytes.
+  CHECK(store.snapshot_delta().size() < 100);
+}
+
+void test_opaque_store_deltas() {
+  streamstate::AggregateStore store(2);
+  const std::string base = store.snapshot();
+  streamstate::AggregateStore replica(2);
+  replica.restore(base);
+  std::vector<std::thread> workers;
+  std::atomic<int> running{2};
+  for (std::uint32_t t = 0; t < 2; ++t) {
+    workers.emplace_back([&store, &running, t] {
+      std::vector<std::string> owned;
+      for (int i = 0; i < 40; ++i) owned.push_back(name("t", t, "k", i));
+      const std::vector<std::string_view> keys(owned.begin(), owned.end());
+      for (int b = 0; b < 300; ++b) {
+        const std::string value = std::to_string(b);
+        const std::vector<std::string_view> values(keys.size(), value);
+        store.publish_many(t, keys, values);
+        if (b % 100 == 99) store.remove_group(keys[0]);
+      }
+      --running;
+    });
+  }
+  std::vector<std::string> chain;
+  do {
+    chain.push_back(store.snapshot_delta());
+    replica.apply_delta(chain.back());
+    for (std::uint32_t t = 0; t < 2; ++t) {
+      const auto first = replica.get_partial(name("t", t, "k", 1), t);
+      for (int i = 2; i < 40; ++i) CHECK(replica.get_partial(name("t", t, "k", i), t) == first);
+    }
+  } while (running.load() > 0);
+  for (auto& w : workers) w.join();
+  chain.push_back(store.snapshot_delta());
+  replica.apply_delta(chain.back());
+  CHECK(replica.snapshot() == store.snapshot());
+  CHECK(!replica.get_partial("t0k0", 0).has_value() || store.get_partial("t0k0", 0).has_value());
+  streamstate::AggregateStore again(2);
+  again.restore(base);
+  CHECK(throws_corrupt([&] { again.apply_delta(chain.back()); }) || chain.size() == 1);
+  CHECK(again.size() == 0);
+}
+
 }  // namespace
 
 int main() {
@@ -362,5 +464,7 @@ int main() {
   test_numeric_store();
   test_numeric_store_big_batches();
   test_numeric_store_threads();
+  test_numeric_store_deltas();
+  test_opaque_store_deltas();
   return check_summary("test_aggregate_store");
 }
