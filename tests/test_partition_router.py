@@ -23,7 +23,11 @@ pa = pytest.importorskip("pyarrow")
 
 # Keys a numpy S array can hold as themselves: no trailing NUL (that is padding there).
 _text_keys = st.lists(
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20), max_size=60
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+        max_size=20,
+    ),
+    max_size=60,
 )
 
 

@@ -384,8 +384,8 @@ void test_numeric_store_deltas() {
     std::uint64_t counts[kThreads] = {};
     for (std::size_t i = 0; i < stats.size; ++i) {
       const auto owner = static_cast<std::size_t>(column.keys[i] / 1000);
-      if (counts[owner] == 0) counts[owner] = stats.count[i];
-      CHECK(counts[owner] == stats.count[i]);  // a publish is in a delta whole or not at all
+      if (counts[owner] == 0) counts[owner] = static_cast<std::uint64_t>(stats.count[i]);
+      CHECK(counts[owner] == static_cast<std::uint64_t>(stats.count[i]));  // a publish is in a delta whole or not at all
     }
   } while (running.load() > 0);
   for (auto& w : workers) w.join();
