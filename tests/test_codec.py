@@ -129,3 +129,12 @@ def test_record_kind_is_the_one_defined_in_the_core() -> None:
 @given(record_snapshots(max_records=4, max_size=16))
 def test_any_container_detects_every_flip_and_truncation(blob: bytes) -> None:
     assert_corruption_detected(decode_records, blob)
+
+
+def test_wrong_argument_types_say_what_was_expected() -> None:
+    with pytest.raises(TypeError, match="kind must be an int"):
+        encode_records("x", [])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="records must be an iterable"):
+        encode_records(0, 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="entries must be an iterable"):
+        streamstate.encode_batch(5)  # type: ignore[arg-type]

@@ -37,9 +37,7 @@ def encode_records(kind: int, records: Iterable[tuple[BytesLike, BytesLike]]) ->
 
     ``kind`` is an integer in ``[0, 65535]``; :class:`RecordKind` names the ones in use.
     """
-    if not 0 <= int(kind) <= 0xFFFF:
-        raise ValueError(f"kind must be in [0, 65535], got {kind}")
-    return _core.encode_records(int(kind), records)
+    return _core.encode_records(kind, records)  # the core checks kind's type and range
 
 
 def decode_records(data: BytesLike) -> tuple[int, list[tuple[bytes, bytes]]]:

@@ -127,6 +127,16 @@ inline std::string_view bytes_arg(py::handle value, const char* name) {
 }
 
 // A buffer argument, with a clear TypeError for an object that has no buffer.
+// An iterable (list, tuple, generator, ...), or a TypeError naming the parameter.
+inline py::iterable iterable_arg(py::handle value, const char* name) {
+  if (!py::isinstance<py::iterable>(value) || PyBytes_Check(value.ptr()) ||
+      PyUnicode_Check(value.ptr())) {
+    throw py::type_error(std::string(name) + " must be an iterable of pairs, not " +
+                         type_name(value));
+  }
+  return py::reinterpret_borrow<py::iterable>(value);
+}
+
 inline void require_buffer(py::handle value, const char* name) {
   if (PyObject_CheckBuffer(value.ptr()) == 0) {
     throw py::type_error(std::string(name) +

@@ -1,3 +1,4 @@
+#include "bindings/arguments.h"
 #include "bindings/buffers.h"
 #include "bindings/prelude.h"
 #include "core/checkpoint_batch.h"
@@ -34,7 +35,8 @@ std::size_t size_limit_of(const py::object& value, const char* what) {
   return static_cast<std::size_t>(limit);
 }
 
-py::bytes encode_batch_py(const py::iterable& entries) {
+py::bytes encode_batch_py(const py::object& entries_arg) {
+  const py::iterable entries = iterable_arg(entries_arg, "entries");
   // Pin every key and buffer first (needs the GIL): the strong references keep them alive
   // even if the caller's list is mutated while the GIL is released below.
   std::vector<py::object> owners;

@@ -1,3 +1,4 @@
+#include "bindings/arguments.h"
 #include "bindings/buffers.h"
 #include "bindings/prelude.h"
 
@@ -27,7 +28,9 @@ void register_record_codec(py::module_& m) {
       .finalize();
   m.def(
       "encode_records",
-      [](std::uint16_t kind, const py::iterable& records) {
+      [](const py::object& kind_arg, const py::object& records_arg) {
+        const auto kind = int_arg<std::uint16_t>(kind_arg, "kind");
+        const py::iterable records = iterable_arg(records_arg, "records");
         // Pin every buffer first (needs the GIL), then build the container without it.
         std::vector<std::pair<py::object, py::object>> owners;
         std::vector<std::unique_ptr<BufferView>> pins;
