@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from ..checkpoint import ObjectStoreCheckpointer
 from ..ids import CheckpointId
-from .layout import pack_state
+from .contents import pack_state
 
 __all__ = [
     "Capture",

@@ -28,8 +28,8 @@ from .checkpoints import (
     commit_capture,
     summarize_checkpoints,
 )
+from .contents import check_newest, state_chain_bytes, unpack_state
 from .fingerprint import JobFingerprint, JobRecord
-from .layout import check_newest, state_chain_bytes, unpack_state
 from .routing import partition_batch
 from .sources import Batch, Source, check_batch, check_columns
 from .workers import PartitionWorker, quiesce
