@@ -48,7 +48,14 @@ from .manifest import (
     OperatorSnapshotEntry,
     PartitionSnapshotEntry,
 )
-from .pipeline import ArraySource, Pipeline, PipelineRun, partition_batch
+from .pipeline import (
+    ArraySource,
+    ArrowSource,
+    ParquetSource,
+    Pipeline,
+    PipelineRun,
+    partition_batch,
+)
 from .retry import RetryPolicy
 from .spill import SpillingAggregator
 from .state import (
@@ -69,6 +76,7 @@ __all__ = [
     "AggregateStore",
     "AggregatingState",
     "ArraySource",
+    "ArrowSource",
     "BatchMetrics",
     "CheckpointBatcher",
     "CheckpointError",
@@ -86,6 +94,7 @@ __all__ = [
     "NumericAggregateStore",
     "ObjectStoreCheckpointer",
     "OperatorSnapshotEntry",
+    "ParquetSource",
     "PartitionAggregator",
     "PartitionSnapshotEntry",
     "Pipeline",

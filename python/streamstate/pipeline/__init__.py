@@ -27,23 +27,27 @@ not seen them, so every event counts exactly once.
 from __future__ import annotations
 
 from .checkpoints import CheckpointStats
-from .core import Pipeline, PipelineRun
+from .core import Pipeline, PipelineRun, Transform
 from .fingerprint import JobFingerprint, JobRecord
 from .routing import partition_batch, route_partitions
-from .sources import ArraySource, Batch, Source
+from .sources import ArraySource, ArrowSource, Batch, Offset, ParquetSource, Source
 from .workers import PartitionBarrier, PartitionWorker
 
 __all__ = [
     "ArraySource",
+    "ArrowSource",
     "Batch",
     "CheckpointStats",
     "JobFingerprint",
     "JobRecord",
+    "Offset",
+    "ParquetSource",
     "PartitionBarrier",
     "PartitionWorker",
     "Pipeline",
     "PipelineRun",
     "Source",
+    "Transform",
     "partition_batch",
     "route_partitions",
 ]

@@ -26,6 +26,7 @@ from typing import Generic, TypeVar
 from ..checkpoint import ObjectStoreCheckpointer
 from ..ids import CheckpointId
 from .contents import pack_state
+from .sources import Offset
 
 __all__ = [
     "Capture",
@@ -53,7 +54,7 @@ class CheckpointStats:
     """
 
     epoch: int
-    offset: int
+    offset: Offset
     bytes: int
     seconds: float
     is_delta: bool = False
@@ -67,7 +68,7 @@ class Capture:
     snapshot (or delta on ``parent``), the job record, and what the checkpoint covers."""
 
     epoch: int
-    offset: int
+    offset: Offset
     source: str
     partitions: int
     is_delta: bool

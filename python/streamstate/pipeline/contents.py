@@ -20,8 +20,9 @@ from typing import Any
 
 from ..batcher import decode_batch, encode_batch
 from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_integrity
-from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError
+from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError, SourceError
 from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
+from .sources import Offset, plain_offset
 
 __all__ = [
     "STATE_OPERATOR",
@@ -53,10 +54,13 @@ def check_layout(
     partitions: Mapping[str, Collection[int]],
     offsets: Mapping[str, Any],
     record: bytes | None,
-) -> tuple[JobRecord | None, int]:
+    start_offset: Offset = None,
+) -> tuple[JobRecord | None, Offset]:
     """Check that checkpoint ``where`` (its partition ids per operator, its source offsets
     and its job record's bytes) belongs to the job ``fingerprint`` describes; return the
-    parsed record (None for a checkpoint written before records existed) and the offset."""
+    parsed record (None for a checkpoint written before records existed) and the offset.
+    The offset must be of the JSON kind of the source's ``start_offset`` (an int for an
+    int, a dict for a dict, ...) when one is given: a source reads only its own offsets."""
     operators = set(partitions)
     if STATE_OPERATOR not in operators or operators - {STATE_OPERATOR, FINGERPRINT_OPERATOR}:
         raise IncompatibleCheckpointError(
@@ -83,14 +87,25 @@ def check_layout(
             f"for this job's source {name!r}"
         )
     offset = offsets[name]
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+    try:
+        plain = plain_offset(offset, "the recorded offset", name)
+    except SourceError:
+        plain = None
+    if (
+        plain != offset
+        or (isinstance(offset, int) and offset < 0)
+        or (start_offset is not None and type(offset) is not type(start_offset))
+    ):
         raise IncompatibleCheckpointError(
-            f"checkpoint {where}: the offset of source {name!r} is {offset!r}, not an int >= 0"
+            f"checkpoint {where}: the offset of source {name!r} is {offset!r}, not a source "
+            "offset (an int >= 0, or a JSON value of ints, strs, lists and dicts)"
         )
     return job, offset
 
 
-def check_newest(checkpointer: ObjectStoreCheckpointer, fingerprint: JobFingerprint) -> None:
+def check_newest(
+    checkpointer: ObjectStoreCheckpointer, fingerprint: JobFingerprint, start_offset: Offset = None
+) -> None:
     """Refuse a foreign newest checkpoint from its manifest and small job record alone,
     before any of its state is downloaded. Damage is left to recovery, which falls back to
     an older checkpoint (and :func:`unpack_state` checks whichever it chose)."""
@@ -112,7 +127,7 @@ def check_newest(checkpointer: ObjectStoreCheckpointer, fingerprint: JobFingerpr
         for operator, entry in manifest.operators.items()
     }
     where = str(manifest.checkpoint_id)
-    check_layout(fingerprint, where, partitions, manifest.source_offsets, record)
+    check_layout(fingerprint, where, partitions, manifest.source_offsets, record, start_offset)
 
 
 def _unpack(packed: bytes, where: str, what: str, values: Collection[str]) -> dict[str, bytes]:
@@ -135,17 +150,18 @@ def _unpack(packed: bytes, where: str, what: str, values: Collection[str]) -> di
 
 
 def unpack_state(
-    recovered: RecoveredCheckpoint, fingerprint: JobFingerprint
-) -> tuple[JobRecord | None, int, dict[str, bytes], list[dict[str, bytes]]]:
+    recovered: RecoveredCheckpoint, fingerprint: JobFingerprint, start_offset: Offset = None
+) -> tuple[JobRecord | None, Offset, dict[str, bytes], list[dict[str, bytes]]]:
     """Check a recovered checkpoint's layout and definition; return its job record, the
     source offset, the full store snapshot of every value column, and (for a checkpoint
     recovered with ``rebuild=False`` at the end of a delta chain) the store deltas of every
-    column to apply to those snapshots, oldest first."""
+    column to apply to those snapshots, oldest first. ``start_offset`` as for
+    :func:`check_layout`."""
     where = str(recovered.checkpoint_id)
     state = recovered.state
     record_bytes = state.get(FINGERPRINT_OPERATOR, {}).get(0)
     record, offset = check_layout(
-        fingerprint, where, state, recovered.source_offsets, record_bytes
+        fingerprint, where, state, recovered.source_offsets, record_bytes, start_offset
     )
     values = fingerprint.values
     snapshots = _unpack(state[STATE_OPERATOR][0], where, "snapshot", values)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -31,7 +32,16 @@ from .checkpoints import (
 from .contents import check_newest, state_chain_bytes, unpack_state
 from .fingerprint import JobFingerprint, JobRecord
 from .routing import partition_batch
-from .sources import Batch, Source, check_batch, check_columns
+from .sources import (
+    Batch,
+    Offset,
+    Source,
+    check_batch,
+    check_columns,
+    describe_keys,
+    key_column,
+    start_offset_of,
+)
 from .workers import PartitionWorker, quiesce
 
 if TYPE_CHECKING:
@@ -40,7 +50,10 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from typing_extensions import Self
 
-__all__ = ["CheckpointStats", "Pipeline", "PipelineRun"]
+__all__ = ["CheckpointStats", "Pipeline", "PipelineRun", "Transform"]
+
+#: A per-batch transform: a batch's columns (name -> array) to the columns to fold.
+Transform = Callable[[dict[str, Any]], Mapping[str, Any]]
 
 _KEY_TYPES = ("int64", "bytes")
 _NAN_POLICIES = ("skip", "propagate", "raise")
@@ -55,7 +68,11 @@ class PipelineRun:
 
     ``batches`` counts the batches that held events; ``empty_batches`` the polls of an
     idle source that returned none, and ``idle_seconds`` the time spent backing off after
-    them. ``finished`` is True when the source reported its end. ``checkpoints`` lists
+    them. ``finished`` is True when the source reported its end; ``stopped`` when
+    :meth:`Pipeline.stop` (or SIGINT/SIGTERM) ended the run. ``events`` counts the rows read
+    from the source, ``folded_events`` those a ``transform`` passed on to be folded (the
+    same without one). The offsets are the source's (JSON values: row numbers for arrays).
+    ``checkpoints`` lists
     the checkpoints that landed, in order; ``commit_wait_seconds`` is the time the run
     stood waiting for a background commit (at a barrier, the previous one; at the end, the
     last one).
@@ -63,8 +80,8 @@ class PipelineRun:
 
     events: int = 0
     batches: int = 0
-    start_offset: int = 0
-    end_offset: int = 0
+    start_offset: Offset = 0
+    end_offset: Offset = 0
     seconds: float = 0.0
     finished: bool = False
     recovered_epoch: int | None = None
@@ -73,6 +90,8 @@ class PipelineRun:
     empty_batches: int = 0
     idle_seconds: float = 0.0
     commit_wait_seconds: float = 0.0
+    stopped: bool = False
+    folded_events: int = 0
 
     @property
     def events_per_second(self) -> float:
@@ -133,8 +152,10 @@ def _value_columns(values: str | Sequence[str]) -> list[str]:
     return columns
 
 
-def _key_type_of(keys: npt.NDArray[Any]) -> KeyType | None:
+def _key_type_of(keys: Any) -> KeyType | None:
     """The store key type for keys of this dtype, or None if they cannot be keys."""
+    if not isinstance(keys, np.ndarray):  # an Arrow string/binary array (see key_column)
+        return "bytes"
     if keys.dtype.kind in "iu":
         return "int64"
     if keys.dtype.kind in "SUO":
@@ -167,6 +188,19 @@ class Pipeline:
         checkpoint_prefix: where in the store the checkpoints live.
         max_idle_sleep: the longest pause, in seconds, between polls of a source that has
             nothing new (the pause doubles from 1 ms up to this).
+        transform: a function from a batch's columns (a dict of name -> array) to the
+            columns to fold (a mapping holding the key and value columns, all of one
+            length): filter rows, derive a key or a value. It runs on the coordinator
+            before routing, on every batch the source gives. A resumed job replays the
+            batches since its last checkpoint through it again, so it must be
+            deterministic (the same columns for the same batch, no clock, no randomness,
+            no state carried between batches); changing it changes what the job's state
+            means, as changing ``key`` would, though the fingerprint cannot tell.
+
+    The offset is the source's (see :class:`Source`): a JSON value, an int row number for
+    :class:`ArraySource`. A source that follows new data (``ParquetSource(follow=True)``)
+    never ends: :meth:`run` polls it, backing off while it is idle, until :meth:`stop` is
+    called or the process gets SIGINT or SIGTERM, and then ends with a final checkpoint.
 
     Checkpoints are asynchronous: at the barrier the partitions stop only while the stores
     capture their state (their changes since the last checkpoint, or a full snapshot);
@@ -199,6 +233,7 @@ class Pipeline:
         nan_policy: NanPolicy = "skip",
         checkpoint_prefix: str = "checkpoints/",
         max_idle_sleep: float = 0.1,
+        transform: Transform | None = None,
     ) -> None:
         self._partitions = _positive_int("partitions", partitions)
         if self._partitions > _MAX_PARTITIONS:
@@ -224,8 +259,12 @@ class Pipeline:
             raise TypeError(f"the source's name must be a non-empty str, got {name!r}")
         self._source = source
         self._key = key
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be a callable, got {type(transform).__name__}")
+        self._transform = transform
+        self._start_offset = start_offset_of(source)
         columns = getattr(source, "column_names", None)
-        if columns is not None:
+        if columns is not None and transform is None:  # a transform may derive columns
             check_columns([key, *self._values], columns, f"source {name!r}")
         self._fingerprint = JobFingerprint.of(
             name, key, self._values, self._given_key_type, self._nan_policy
@@ -236,6 +275,9 @@ class Pipeline:
         )
         # Held by run(), checkpoint() and recover(): one of them at a time, never nested.
         self._busy = threading.Lock()
+        # Set by stop() (any thread, or a signal handler) and cleared when the run it ended
+        # returns: the run ends at its next batch with a final checkpoint.
+        self._stop_requested = threading.Event()
         self._closed = False
         self._discard_state()
 
@@ -291,8 +333,8 @@ class Pipeline:
         self._stores: dict[str, NumericAggregateStore] | None = None
         self._store_partitions = self._partitions
         self._key_type: KeyType | None = self._given_key_type
-        self._offset = 0
-        self._committed_offset = 0
+        self._offset: Offset = self._start_offset
+        self._committed_offset: Offset = self._start_offset
         self._epoch = 0
         self._chain.reset()  # a chain continues only from state in memory (or restored)
         self._recovered = False
@@ -344,19 +386,48 @@ class Pipeline:
         key_type = _key_type_of(keys)
         if key_type is None:
             raise SourceError(
-                f"source {self._source.name!r}: key column {self._key!r} holds {keys.dtype} "
+                f"source {self._source.name!r}: key column {self._key!r} holds "
+                f"{describe_keys(keys)} "
                 "values; keys must be integers, str or bytes"
             )
         return key_type
 
-    def _peek_keys(self, offset: int) -> npt.NDArray[Any] | None:
-        """The key column of one row at ``offset``, or None if the source has none there."""
+    def _peek_keys(self, offset: Offset) -> Any:
+        """The key column of one row at ``offset`` (through the transform), or None if the
+        source has none there."""
         batch = self._source.read(offset, 1)
-        if batch is None or len(batch.columns.get(self._key, ())) == 0:
+        if batch is None or len(batch) == 0:
             return None
-        return np.asarray(batch.columns[self._key])
+        columns = self._transformed(batch, offset, [self._key])
+        if len(columns[self._key]) == 0:
+            return None
+        return key_column(columns[self._key])
 
-    def recover(self) -> int:
+    def _transformed(
+        self, batch: Batch, offset: Offset, required: Sequence[str]
+    ) -> Mapping[str, Any]:
+        """The batch's columns through the transform, checked: every ``required`` column is
+        there, all of one length."""
+        if self._transform is None:
+            return batch.columns
+        columns = self._transform(dict(batch.columns))
+        where = f"source {self._source.name!r}: the transform of the batch at offset {offset!r}"
+        if not isinstance(columns, Mapping):
+            raise SourceError(
+                f"{where} returned a {type(columns).__name__}; it must return a mapping of "
+                "column names to arrays"
+            )
+        check_columns(required, columns, where)
+        rows = len(columns[required[0]])
+        for name in required[1:]:
+            if len(columns[name]) != rows:
+                raise SourceError(
+                    f"{where} returned column {name!r} of {len(columns[name])} rows, but "
+                    f"column {required[0]!r} has {rows}"
+                )
+        return columns
+
+    def recover(self) -> Offset:
         """Restore the newest valid checkpoint (once); return the offset to resume from.
 
         Raises :class:`~streamstate.IncompatibleCheckpointError`, before any state is
@@ -366,11 +437,11 @@ class Pipeline:
         with self._exclusive("recover()"):
             return self._recover()
 
-    def _recover(self) -> int:
+    def _recover(self) -> Offset:
         if self._recovered:
             return self._offset
         start = time.perf_counter()
-        check_newest(self.checkpointer, self._fingerprint)
+        check_newest(self.checkpointer, self._fingerprint, self._start_offset)
         recovered = self.checkpointer.recover(rebuild=False)
         if recovered is not None:
             self._restore(recovered)
@@ -381,7 +452,7 @@ class Pipeline:
     def _restore(self, recovered: RecoveredCheckpoint) -> None:
         """Check that ``recovered`` is this job's, then adopt its state (all or nothing)."""
         where = str(recovered.checkpoint_id)
-        record, offset, snapshots, deltas = unpack_state(recovered, self._fingerprint)
+        record, offset, snapshots, deltas = unpack_state(recovered, self._fingerprint, self._start_offset)
         recorded_type = None if record is None else record.fingerprint.get("key_type")
         if recorded_type is not None and recorded_type not in _KEY_TYPES:
             raise IncompatibleCheckpointError(
@@ -537,13 +608,15 @@ class Pipeline:
         max_batches: int | None = None,
         on_batch: Callable[[Batch], None] | None = None,
     ) -> PipelineRun:
-        """Process the source from the recovered offset to its end (or ``max_batches``).
+        """Process the source from the recovered offset to its end (or ``max_batches``, or
+        :meth:`stop`).
 
         ``max_batches`` bounds the reads that returned a batch, empty ones included, so a
         run over an idle unbounded source ends too. ``on_batch`` is called with every batch
         that held events, after it was handed to the partitions.
 
-        A run that reaches the end commits a final checkpoint if anything changed since the
+        A run that reaches the end, or is stopped (:meth:`stop`, or SIGINT/SIGTERM while it
+        runs in the main thread), commits a final checkpoint if anything changed since the
         last one. A run cut short by ``max_batches`` does not, which is how the demo
         simulates a crash: whatever was folded after the last checkpoint is lost with the
         process and replayed by the next. A run that fails (a partition, the source, or a
@@ -553,12 +626,45 @@ class Pipeline:
         """
         if max_batches is not None:
             _positive_int("max_batches", max_batches, minimum=0)
-        with self._exclusive("run()"):
+        with self._exclusive("run()"), self._stopping_on_signals():
             try:
                 return self._run(max_batches, on_batch)
             except BaseException:
                 self._discard_state()
                 raise
+            finally:
+                self._stop_requested.clear()
+
+    def stop(self) -> None:
+        """Ask the run in progress to end: it stops reading at its next batch (or idle poll),
+        commits a final checkpoint if anything changed, and returns with ``stopped`` set.
+        Safe from any thread and from signal handlers. A stop asked while no run is in
+        progress ends the next run before its first read."""
+        self._stop_requested.set()
+
+    @contextmanager
+    def _stopping_on_signals(self) -> Iterator[None]:
+        """While a run goes on in the main thread, SIGINT and SIGTERM stop it (see
+        :meth:`stop`); a second signal before it ended raises KeyboardInterrupt (the run
+        fails, and the next resumes from the last checkpoint). The previous handlers come
+        back when the run ends. Other threads cannot take signals: there, only stop()."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, _frame: object) -> None:
+            if self._stop_requested.is_set():
+                raise KeyboardInterrupt(f"signal {signum} again while stopping")
+            self.stop()
+
+        previous = {}
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, handle)
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _run(
         self, max_batches: int | None, on_batch: Callable[[Batch], None] | None
@@ -586,20 +692,27 @@ class Pipeline:
 
         try:
             while max_batches is None or report.batches + report.empty_batches < max_batches:
+                if self._stop_requested.is_set():
+                    report.stopped = True
+                    break
                 batch = self._source.read(self._offset, self.batch_size)
                 if batch is None:
                     report.finished = True
                     break
-                next_offset = check_batch(batch, self._source.name, self._offset, required)
+                # With a transform the source's batch need not hold the key and values
+                # (they may be derived), but every column it has must be of its length.
+                checked = required if self._transform is None else list(batch.columns)
+                next_offset = check_batch(batch, self._source.name, self._offset, checked)
                 if next_offset == self._offset:
                     report.empty_batches += 1
                     idle_sleep = min(self.max_idle_sleep, 2 * idle_sleep or _FIRST_IDLE_SLEEP)
                     slept = time.perf_counter()
-                    time.sleep(idle_sleep)
+                    self._stop_requested.wait(idle_sleep)  # stop() cuts the pause short
                     report.idle_seconds += time.perf_counter() - slept
                     continue
                 idle_sleep = 0.0
-                keys = np.asarray(batch.columns[self._key])
+                columns = self._transformed(batch, self._offset, required)
+                keys = key_column(columns[self._key])
                 stores = self._stores_for(keys)
                 self._check_keys(keys)
                 if workers is None:
@@ -607,9 +720,10 @@ class Pipeline:
                         PartitionWorker(p, {m: s.partition(p) for m, s in stores.items()})
                         for p in range(self._partitions)
                     ]
-                self._dispatch(workers, keys, batch)
+                self._dispatch(workers, keys, columns)
                 self._unpublished = True
-                report.events += next_offset - self._offset
+                report.events += len(batch)
+                report.folded_events += len(keys)
                 report.batches += 1
                 self._offset = next_offset
                 since_checkpoint += 1
@@ -619,16 +733,16 @@ class Pipeline:
                     land()  # a failed commit fails the run now, not at the next barrier
                 if since_checkpoint >= self.checkpoint_every:
                     land()  # at most one in flight; a delta's parent must have landed
-                    started = time.perf_counter()
+                    started_barrier = time.perf_counter()
                     quiesce(workers)
-                    in_flight = self._commit_in_background(started)
+                    in_flight = self._commit_in_background(started_barrier)
                     since_checkpoint = 0
             if workers is not None:
                 land()
-                started = time.perf_counter()
+                started_barrier = time.perf_counter()
                 quiesce(workers)
-                if report.finished and since_checkpoint:
-                    in_flight = self._commit_in_background(started)
+                if (report.finished or report.stopped) and since_checkpoint:
+                    in_flight = self._commit_in_background(started_barrier)
                 land()
         finally:
             if in_flight is not None:  # failing: a commit must not land behind the next run
@@ -641,25 +755,25 @@ class Pipeline:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _check_keys(self, keys: npt.NDArray[Any]) -> None:
+    def _check_keys(self, keys: Any) -> None:
         if _key_type_of(keys) != self._key_type:
             raise SourceError(
-                f"source {self._source.name!r}: the batch at offset {self._offset} has "
-                f"{keys.dtype} keys in column {self._key!r}, but this job's keys are "
+                f"source {self._source.name!r}: the batch at offset {self._offset!r} has "
+                f"{describe_keys(keys)} keys in column {self._key!r}, but this job's keys are "
                 f"{self._key_type}"
             )
 
     def _dispatch(
-        self, workers: Sequence[PartitionWorker], keys: npt.NDArray[Any], batch: Batch
+        self, workers: Sequence[PartitionWorker], keys: Any, columns: Mapping[str, Any]
     ) -> None:
         values = {}
         for metric in self._values:
             try:
-                values[metric] = np.asarray(batch.columns[metric], dtype=np.float64)
+                values[metric] = np.asarray(columns[metric], dtype=np.float64)
             except (TypeError, ValueError) as exc:
                 raise SourceError(
                     f"source {self._source.name!r}: column {metric!r} of the batch at offset "
-                    f"{self._offset} is not numeric: {exc}"
+                    f"{self._offset!r} is not numeric: {exc}"
                 ) from exc
         # One C++ pass routes the keys and every value column (a counting sort); each
         # partition's slice then goes to its worker in one queue hand-off.
@@ -672,12 +786,13 @@ class Pipeline:
     # -- results -------------------------------------------------------------------------
 
     @property
-    def offset(self) -> int:
-        """The source offset everything before which is folded."""
+    def offset(self) -> Offset:
+        """The source offset everything before which is folded (a JSON value: the row
+        number for :class:`ArraySource`)."""
         return self._offset
 
     @property
-    def committed_offset(self) -> int:
+    def committed_offset(self) -> Offset:
         """The source offset of the last checkpoint committed or recovered: where a restart
         would resume."""
         return self._committed_offset
