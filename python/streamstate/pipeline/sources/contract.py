@@ -127,8 +127,8 @@ def check_batch(batch: Batch, source: str, offset: Offset, required: Sequence[st
     """Check one batch against the source contract; return its ``next_offset`` as plain JSON.
 
     The batch must start at ``offset`` (where the previous one ended); its offsets must be
-    JSON values (see :func:`plain_offset`); it must hold every ``required`` column, each of
-    exactly ``len(batch)`` rows; int offsets must move forward by that many rows, and any
+    JSON values (see :func:`plain_offset`); unless it is empty, it must hold every
+    ``required`` column, each of exactly ``len(batch)`` rows; int offsets must move forward by that many rows, and any
     other offset must move exactly when the batch holds rows. Anything else raises
     :class:`~streamstate.SourceError`: trusting it would record an offset that disagrees
     with what was folded.
@@ -161,6 +161,8 @@ def check_batch(batch: Batch, source: str, offset: Offset, required: Sequence[st
     elif (rows == 0) != (start == end):
         moved = "moves its offset" if rows == 0 else "does not move its offset"
         raise SourceError(f"{where} holds {rows} rows but {moved} (next_offset {end!r})")
+    if rows == 0:  # an idle poll: an unbounded source may not know its columns yet
+        return end
     check_columns(required, batch.columns, where)
     for name in required:
         length = len(batch.columns[name])
