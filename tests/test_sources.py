@@ -230,3 +230,10 @@ def test_source_reprs_say_what_they_read(tmp_path: Path) -> None:
     assert "'amount'" in repr(ArrowSource(_table(3), name="t"))
     with pytest.raises(TypeError, match="follow"):
         ParquetSource(tmp_path, name="e", follow=1)  # type: ignore[arg-type]
+
+
+def test_string_view_keys_are_rewritten_for_the_core() -> None:
+    table = pa.table({"k": pa.array(["a", "b", "a"], pa.string_view()), "v": [1.0, 2.0, 3.0]})
+    batch = ArrowSource(table, name="t").read(0, 3)
+    assert batch is not None and batch.columns["k"].type == pa.large_string()
+    assert batch.columns["k"].to_pylist() == ["a", "b", "a"]

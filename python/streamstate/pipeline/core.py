@@ -72,10 +72,9 @@ class PipelineRun:
     :meth:`Pipeline.stop` (or SIGINT/SIGTERM) ended the run. ``events`` counts the rows read
     from the source, ``folded_events`` those a ``transform`` passed on to be folded (the
     same without one). The offsets are the source's (JSON values: row numbers for arrays).
-    ``checkpoints`` lists
-    the checkpoints that landed, in order; ``commit_wait_seconds`` is the time the run
-    stood waiting for a background commit (at a barrier, the previous one; at the end, the
-    last one).
+    ``checkpoints`` lists the checkpoints that landed, in order; ``commit_wait_seconds`` is
+    the time the run stood waiting for a background commit (at a barrier, the previous one;
+    at the end, the last one).
     """
 
     events: int = 0

@@ -38,9 +38,17 @@ def _column(array: Any) -> Any:
     if pa.types.is_dictionary(kind):
         array = array.dictionary_decode()
         kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(
-        kind
-    ) or pa.types.is_large_binary(kind):
+    if pa.types.is_string_view(kind) or pa.types.is_binary_view(kind):
+        # The core reads offset-based layouts; a view array (polars' native strings) is
+        # rewritten as one (a copy).
+        large = pa.large_string() if pa.types.is_string_view(kind) else pa.large_binary()
+        array, kind = array.cast(large), large
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
         return array  # read by the core through __arrow_c_array__, no copy
     if array.null_count == 0:
         try:
