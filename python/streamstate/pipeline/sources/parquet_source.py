@@ -65,7 +65,9 @@ class ParquetSource:
 
     Only names ending in ``.parquet`` count, and not those starting with ``.`` or ``_``
     (temporary files, ``_SUCCESS`` markers). See the module docstring for what replay
-    needs of the files.
+    needs of the files. Each file is fetched whole when its first row is read, and held
+    (one file at a time) with its current row group decoded; a file's row count is
+    remembered, so polling a followed directory lists it and reads nothing else.
     """
 
     #: A job with no checkpoint starts before every file.
