@@ -182,7 +182,7 @@ def assert_agrees_with_numpy(
     if not math.isnan(np.min(arr)):
         assert (lo, hi) == (float(np.min(arr)), float(np.max(arr))), what
     m2_bound = isinstance(e.var, Fraction) and e.var * (len(arr) - 1) < DBL_MAX_EXACT / 2
-    # numpy's mean is off by up to ~n ulps of the data, which its squares carry along: near
+    # numpy's mean is off by up to ~n ulps of the data, which its squares carry along: for
     # large enough data the square of that error alone overflows (var inf for equal values).
     biggest = max((Fraction(abs(float(x))) for x in finite), default=Fraction(0))
     slack = (Fraction(1, 10**14) * len(arr) * biggest) ** 2
