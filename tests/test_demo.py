@@ -37,6 +37,17 @@ def test_version_from_the_command_and_from_python_m(capsys: pytest.CaptureFixtur
     assert (done.returncode, done.stdout) == (0, f"streamstate {ss.__version__}\n")
 
 
+def test_the_version_and_python_classifiers_match_pyproject() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads(
+        (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    )["project"]
+    assert project["version"] == ss.__version__
+    # The tests run under the Python CI tests, which the classifiers must name.
+    running = f"Programming Language :: Python :: {sys.version_info[0]}.{sys.version_info[1]}"
+    assert running in project["classifiers"]
+
+
 def test_demo_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _cli(capsys, "demo", "--help")
     assert code == 0

@@ -182,10 +182,11 @@ def assert_agrees_with_numpy(
     if not math.isnan(np.min(arr)):
         assert (lo, hi) == (float(np.min(arr)), float(np.max(arr))), what
     m2_bound = isinstance(e.var, Fraction) and e.var * (len(arr) - 1) < DBL_MAX_EXACT / 2
-    if m2_bound or not isinstance(e.var, Fraction):  # numpy's squares cannot overflow
-        # numpy's mean is off by up to ~n ulps of the data, which its squares carry along.
-        biggest = max((Fraction(abs(float(x))) for x in finite), default=Fraction(0))
-        slack = (Fraction(1, 10**14) * len(arr) * biggest) ** 2
+    # numpy's mean is off by up to ~n ulps of the data, which its squares carry along: for
+    # large enough data the square of that error alone overflows (var inf for equal values).
+    biggest = max((Fraction(abs(float(x))) for x in finite), default=Fraction(0))
+    slack = (Fraction(1, 10**14) * len(arr) * biggest) ** 2
+    if (m2_bound and len(arr) * slack < DBL_MAX_EXACT / 2) or not isinstance(e.var, Fraction):
         want = Fraction(np_var) if math.isfinite(np_var) else np_var
         assert_value(var, want, e.var_tol + slack, f"{what} var vs numpy")
 

@@ -3,6 +3,7 @@ streamstate's own state and catch broken code, and its state machine finds a cra
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import math
@@ -26,6 +27,7 @@ from streamstate.testing import (
     Publish,
     Restore,
     Snapshot,
+    SnapshotDelta,
     StoreOperation,
     assert_corruption_detected,
     assert_merge_laws,
@@ -123,7 +125,9 @@ def _expected_published(
     """A plain-Python reading of an operation sequence: the values each key has published."""
     local: list[dict[object, list[float]]] = [{} for _ in range(partitions)]
     published: list[dict[object, list[float]]] = [{} for _ in range(partitions)]
-    snapshots: list[tuple[list[dict[object, list[float]]], list[dict[object, list[float]]]]] = []
+    State = tuple[list[dict[object, list[float]]], list[dict[object, list[float]]]]
+    snapshots: list[State] = []
+    deltas: list[State] = []  # a delta brings back the whole state at its capture
     for op in operations:
         if isinstance(op, Fold):
             keys_ = op.batch.keys
@@ -133,10 +137,12 @@ def _expected_published(
         elif isinstance(op, Publish):
             published[op.partition] = {k: list(v) for k, v in local[op.partition].items()}
         elif isinstance(op, Snapshot):
-            snapshots.append(([dict(p) for p in local], [dict(p) for p in published]))
-        else:
-            saved_local, saved_published = snapshots[op.snapshot]
-            local, published = [dict(p) for p in saved_local], [dict(p) for p in saved_published]
+            snapshots.append(copy.deepcopy((local, published)))
+        elif isinstance(op, SnapshotDelta):
+            deltas.append(copy.deepcopy((local, published)))
+        else:  # deep copies: a later fold appends to the lists of the state it restored
+            saved = deltas[op.deltas[-1]] if op.deltas else snapshots[op.snapshot]
+            local, published = copy.deepcopy(saved)
     merged: dict[object, list[float]] = {}
     for part in published:
         for key, values in part.items():
@@ -163,6 +169,74 @@ def test_store_operations_replay_like_a_plain_model(data: st.DataObject) -> None
     for i, key in enumerate(got_keys):
         assert int(results["count"][i]) == len(expected[key])
         assert math.isclose(results["sum"][i], math.fsum(expected[key]), rel_tol=1e-9, abs_tol=1e-6)
+
+
+def _delta_chains_are_valid(operations: list[StoreOperation]) -> bool:
+    """Each Restore's deltas were taken, in that order, on top of its snapshot: replay
+    which capture or restore each delta followed."""
+    follows: dict[int, tuple[int, tuple[int, ...]] | None] = {}
+    position: tuple[int, tuple[int, ...]] | None = None
+    snapshots = deltas = 0
+    for op in operations:
+        if isinstance(op, Snapshot):
+            position, snapshots = (snapshots, ()), snapshots + 1
+        elif isinstance(op, SnapshotDelta):
+            follows[deltas] = position
+            position = None if position is None else (position[0], (*position[1], deltas))
+            deltas += 1
+        elif isinstance(op, Restore):
+            for i, number in enumerate(op.deltas):
+                if follows.get(number) != (op.snapshot, op.deltas[:i]):
+                    return False
+            position = (op.snapshot, op.deltas)
+    return True
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_store_operations_restore_full_snapshots_then_their_deltas(data: st.DataObject) -> None:
+    key_type = data.draw(st.sampled_from(["int64", "bytes", "str"]))
+    store = ss.NumericAggregateStore(2, key_type)
+    operations = data.draw(store_operations(store, max_operations=16))
+    assert _delta_chains_are_valid(operations)
+    run_operations(store, operations)  # checks every delta chain against the live store
+    expected = _expected_published(operations, 2)
+    results = store.results()
+    got_keys = results["key"].tolist() if key_type == "int64" else list(results["key"])
+    assert sorted(got_keys, key=repr) == sorted(expected, key=repr)
+    assert results["count"].tolist() == [len(expected[k]) for k in got_keys]
+
+
+def test_store_operations_reach_restores_of_long_delta_chains() -> None:
+    store = ss.NumericAggregateStore(2)
+    found = find(
+        store_operations(store),
+        lambda ops: any(isinstance(op, Restore) and len(op.deltas) >= 2 for op in ops),
+        settings=settings(phases=[Phase.generate], database=None, max_examples=2000),
+    )
+    assert any(isinstance(op, Restore) and len(op.deltas) >= 2 for op in found)
+
+
+class _DeltaDroppingStore(ss.NumericAggregateStore):
+    """A store whose apply_delta forgets what the delta held (the bug run_operations catches)."""
+
+    def apply_delta(self, data: bytes) -> None:  # type: ignore[override]
+        empty = ss.NumericAggregateStore(self.num_partitions)
+        empty.restore(self.snapshot())
+        super().apply_delta(empty.snapshot_delta())  # right parent, nothing in it
+
+
+def test_run_operations_catches_a_delta_chain_that_restores_wrong() -> None:
+    batch = NumericBatch(np.array([1, 2], dtype=np.int64), (np.array([1.0, 2.0]),))
+    operations: list[StoreOperation] = [
+        Snapshot(), Fold(0, batch), Publish(0), SnapshotDelta(), Restore(0, (0,))
+    ]
+    run_operations(ss.NumericAggregateStore(1), operations)  # the real store passes
+    with pytest.raises(AssertionError, match=r"snapshot 0 with deltas \[0\] restores"):
+        run_operations(_DeltaDroppingStore(1), operations)
+    unchecked = _DeltaDroppingStore(1)
+    run_operations(unchecked, operations[:4], check_deltas=False)
+    assert unchecked.results()["count"].tolist() == [1, 1]
 
 
 def test_store_operations_need_a_numeric_store() -> None:

@@ -9,14 +9,16 @@ from typing import Any as _Any
 from typing import Protocol as _Protocol
 
 from numpy.typing import ArrayLike as _ArrayLike
+from numpy.typing import NDArray as _NDArray
 from typing_extensions import Buffer as _Buffer
 from typing_extensions import Self as _Self
 
 from streamstate.stats import StatResults as _StatResults
 
 # What the bindings take as bytes: any object exposing a C-contiguous buffer (bytes,
-# bytearray, memoryview, numpy arrays, mmap, ...).
-_BytesLike: TypeAlias = _Buffer
+# bytearray, memoryview, numpy arrays, mmap, ...). numpy arrays are named: numpy's stubs
+# give them ``__buffer__`` only for Python 3.12 and later.
+_BytesLike: TypeAlias = _Buffer | _NDArray[Any]
 
 # An Arrow array read through the Arrow C data interface (pyarrow arrays, or anything with
 # __arrow_c_array__).

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from obstore.store import ObjectStore
 
 from . import _core
-from ._typing import BytesLike
+from ._typing import BytesLike, byte_view
 from .errors import CheckpointError, CorruptDataError
 from .retry import RetryPolicy
 from .storage import CheckpointStorage, RetryingStorage, StoreLike, describe_store
@@ -175,7 +175,7 @@ class CheckpointBatcher:
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__}")
-        view = memoryview(data)  # also rejects what is not bytes-like
+        view = byte_view(data)  # also rejects what is not bytes-like
         size = len(key.encode("utf-8")) + view.nbytes + 8
         if size > MAX_BATCH_BODY:  # checked before copying a huge buffer for nothing
             raise ValueError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ._typing import BytesLike
+from ._typing import BytesLike, byte_view
 from .ids import CheckpointId
 
 __all__ = [
@@ -179,7 +179,7 @@ def place_snapshots(
             raise ValueError(f"{operator}/partition-{partition} appears twice")
         seen.add((operator, partition))
         try:
-            view = memoryview(data).cast("B")
+            view = byte_view(data).cast("B")
         except TypeError:
             raise TypeError(
                 f"{operator}/partition-{partition}: data must be bytes-like, "

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ._typing import BytesLike
+from ._typing import BytesLike, byte_view
 from .errors import CorruptDataError, StreamStateError
 
 __all__ = [
@@ -98,10 +98,11 @@ class Int64(_Stateless):
         return _U64.pack(number + _SIGN)
 
     def decode(self, data: BytesLike) -> int:
-        """Decode exactly 8 bytes."""
-        if len(data) != 8:
-            raise _corrupt(self, f"expected 8 bytes, got {len(data)}")
-        return int(_U64.unpack(data)[0]) - _SIGN
+        """Decode exactly 8 bytes (any buffer: bytes, memoryview, a numpy array, ...)."""
+        view = byte_view(data)
+        if view.nbytes != 8:
+            raise _corrupt(self, f"expected 8 bytes, got {view.nbytes}")
+        return int(_U64.unpack(view.cast("B"))[0]) - _SIGN
 
 
 class Float64(_Stateless):
@@ -122,10 +123,11 @@ class Float64(_Stateless):
         return _U64.pack((~bits & _MASK) if bits & _SIGN else bits | _SIGN)
 
     def decode(self, data: BytesLike) -> float:
-        """Decode exactly 8 bytes."""
-        if len(data) != 8:
-            raise _corrupt(self, f"expected 8 bytes, got {len(data)}")
-        bits = int(_U64.unpack(data)[0])
+        """Decode exactly 8 bytes (any buffer: bytes, memoryview, a numpy array, ...)."""
+        view = byte_view(data)
+        if view.nbytes != 8:
+            raise _corrupt(self, f"expected 8 bytes, got {view.nbytes}")
+        bits = int(_U64.unpack(view.cast("B"))[0])
         bits = bits & ~_SIGN if bits & _SIGN else ~bits & _MASK
         return float(_F64.unpack(_U64.pack(bits))[0])
 
@@ -158,10 +160,13 @@ class Bytes(_Stateless):
     __slots__ = ()
 
     def encode(self, value: BytesLike) -> bytes:
-        """Accepts bytes, bytearray or memoryview."""
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise SerdeError(f"Bytes encodes bytes-like objects, not {type(value).__name__}")
-        return bytes(value)
+        """Accepts any buffer: bytes, bytearray, memoryview, a numpy array, ..."""
+        try:
+            return bytes(byte_view(value))
+        except TypeError:
+            raise SerdeError(
+                f"Bytes encodes bytes-like objects, not {type(value).__name__}"
+            ) from None
 
     def decode(self, data: BytesLike) -> bytes:
         """Returns the bytes as they are."""
@@ -262,7 +267,7 @@ class Pickle:
     def decode(self, data: BytesLike) -> Any:
         """Unpickle ``data`` (trusted input only)."""
         try:
-            return pickle.loads(data)
+            return pickle.loads(byte_view(data))
         except Exception as exc:  # noqa: BLE001 - unpickling garbage can raise nearly anything
             raise _corrupt(self, f"{type(exc).__name__}: {exc}") from None
 

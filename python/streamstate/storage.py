@@ -32,7 +32,7 @@ from obstore import exceptions as obs_errors
 from obstore.store import LocalStore, MemoryStore, ObjectStore, from_url
 
 from ._core import sha256_hex
-from ._typing import BytesLike
+from ._typing import BytesLike, byte_view
 from .errors import StoreConfigurationError, StreamStateError
 from .retry import RetryPolicy, summary
 
@@ -325,7 +325,7 @@ class RetryingStorage:
             existing = self.storage.get(path).data
         except FileNotFoundError:
             return False
-        mine = memoryview(data)
+        mine = byte_view(data)
         return existing.nbytes == mine.nbytes and sha256_hex(existing) == sha256_hex(mine)
 
     def list_directory(self, prefix: str) -> list[str]:

@@ -5,7 +5,8 @@ For users who property-test their own operators and snapshot formats on top of s
 
 - Strategies: :func:`keys`, :func:`numeric_batches`, :func:`partials`,
   :func:`record_snapshots`, :func:`lcb1_batches` and :func:`store_operations` (sequences of
-  :class:`Fold` / :class:`Publish` / :class:`Snapshot` / :class:`Restore` for a store).
+  :class:`Fold` / :class:`Publish` / :class:`Snapshot` / :class:`SnapshotDelta` /
+  :class:`Restore` for a store, which :func:`run_operations` applies and checks).
 - Assertions: :func:`assert_snapshot_roundtrip`, :func:`assert_merge_laws`,
   :func:`assert_corruption_detected`.
 - :class:`OperatorMachine`: a ``hypothesis.stateful`` machine to subclass, which checks an
@@ -31,7 +32,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar, cast
 
 import numpy as np
@@ -46,19 +47,21 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _core
-from .aggregate import AggregateStore, KeyType, NumericAggregateStore
+from .aggregate import AggregateStore, KeyType, NanPolicy, NumericAggregateStore
 from .batcher import encode_batch
 from .codec import encode_records
 from .errors import CorruptDataError
 from .state import InMemoryStateBackend
 
 __all__ = [
+    "Captures",
     "Fold",
     "NumericBatch",
     "OperatorMachine",
     "Publish",
     "Restore",
     "Snapshot",
+    "SnapshotDelta",
     "StoreOperation",
     "assert_corruption_detected",
     "assert_merge_laws",
@@ -77,8 +80,9 @@ P = TypeVar("P")
 OperatorT = TypeVar("OperatorT")
 ModelT = TypeVar("ModelT")
 
-#: A batch's key column: an int64 array for ``"int64"`` keys, a list for ``"bytes"`` keys.
-KeyColumn: TypeAlias = "np.ndarray[Any, np.dtype[np.int64]] | list[bytes]"
+#: A batch's key column: an int64 array for ``"int64"`` keys, a list of bytes or str for
+#: ``"bytes"`` or ``"str"`` keys.
+KeyColumn: TypeAlias = "np.ndarray[Any, np.dtype[np.int64]] | list[bytes] | list[str]"
 FloatColumn: TypeAlias = "np.ndarray[Any, np.dtype[np.float64]]"
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -94,8 +98,8 @@ _EXTREME_VALUES = (
 
 
 def _check_key_type(key_type: str) -> KeyType:
-    if key_type not in ("int64", "bytes"):
-        raise ValueError(f"key_type must be 'int64' or 'bytes', got {key_type!r}")
+    if key_type not in ("int64", "bytes", "str"):
+        raise ValueError(f"key_type must be 'int64', 'bytes' or 'str', got {key_type!r}")
     return cast(KeyType, key_type)
 
 
@@ -103,10 +107,15 @@ def keys(key_type: KeyType = "int64", *, max_size: int = 16) -> st.SearchStrateg
     """Keys a :class:`~streamstate.NumericAggregateStore` of ``key_type`` accepts.
 
     ``"int64"``: any signed 64-bit integer (hypothesis favours 0 and the extremes);
-    ``"bytes"``: binary strings up to ``max_size`` bytes, the empty one included.
+    ``"bytes"``: binary strings up to ``max_size`` bytes, the empty one included;
+    ``"str"``: text of up to ``max_size`` characters that UTF-8 can encode (no lone
+    surrogates), the empty one included.
     """
-    if _check_key_type(key_type) == "int64":
+    checked = _check_key_type(key_type)
+    if checked == "int64":
         return st.integers(_INT64_MIN, _INT64_MAX)
+    if checked == "str":
+        return st.text(st.characters(codec="utf-8"), max_size=max_size)
     return st.binary(max_size=max_size)
 
 
@@ -114,8 +123,8 @@ def keys(key_type: KeyType = "int64", *, max_size: int = 16) -> st.SearchStrateg
 class NumericBatch:
     """One batch for ``PartitionAggregator.fold``: a key column and float64 value columns.
 
-    ``keys`` is an int64 array (``"int64"`` keys) or a list of bytes; ``columns`` holds one
-    float64 array per value column, each as long as ``keys``.
+    ``keys`` is an int64 array (``"int64"`` keys) or a list of bytes or str; ``columns``
+    holds one float64 array per value column, each as long as ``keys``.
     """
 
     keys: KeyColumn
@@ -132,7 +141,9 @@ class NumericBatch:
         return len(self.keys)
 
     def __repr__(self) -> str:
-        kind = "int64" if isinstance(self.keys, np.ndarray) else "bytes"
+        kind = "int64" if isinstance(self.keys, np.ndarray) else (
+            "str" if self.keys and isinstance(self.keys[0], str) else "bytes"
+        )
         return (
             f"NumericBatch(rows={len(self)}, key_type={kind!r}, keys={_plain(self.keys)!r}, "
             f"columns={[c.tolist() for c in self.columns]!r})"
@@ -251,6 +262,15 @@ def lcb1_batches(*, max_entries: int = 8, max_size: int = 256) -> st.SearchStrat
 # -- store operations ----------------------------------------------------------------------
 
 
+@dataclass
+class Captures:
+    """What a run of store operations captured so far, in order of capture: the full
+    snapshots (:class:`Snapshot`) and the deltas (:class:`SnapshotDelta`), numbered apart."""
+
+    snapshots: list[bytes] = field(default_factory=list)
+    deltas: list[bytes] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Fold:
     """Fold ``batch`` into partition ``partition``'s local state."""
@@ -258,7 +278,7 @@ class Fold:
     partition: int
     batch: NumericBatch
 
-    def apply(self, store: NumericAggregateStore, snapshots: list[bytes]) -> None:
+    def apply(self, store: NumericAggregateStore, captures: Captures) -> None:
         """Run the operation on ``store``."""
         store.partition(self.partition).fold(self.batch.keys, self.batch.values)
 
@@ -269,42 +289,58 @@ class Publish:
 
     partition: int
 
-    def apply(self, store: NumericAggregateStore, snapshots: list[bytes]) -> None:
+    def apply(self, store: NumericAggregateStore, captures: Captures) -> None:
         """Run the operation on ``store``."""
         store.partition(self.partition).publish()
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Snapshot the store; the bytes are appended to the run's list of snapshots."""
+    """Snapshot the store in full; the bytes are appended to ``captures.snapshots``."""
 
-    def apply(self, store: NumericAggregateStore, snapshots: list[bytes]) -> None:
+    def apply(self, store: NumericAggregateStore, captures: Captures) -> None:
         """Run the operation on ``store``."""
-        snapshots.append(store.snapshot())
+        captures.snapshots.append(store.snapshot())
+
+
+@dataclass(frozen=True)
+class SnapshotDelta:
+    """Capture what changed since the store's previous capture (``snapshot_delta()``); the
+    bytes are appended to ``captures.deltas``."""
+
+    def apply(self, store: NumericAggregateStore, captures: Captures) -> None:
+        """Run the operation on ``store``."""
+        captures.deltas.append(store.snapshot_delta())
 
 
 @dataclass(frozen=True)
 class Restore:
-    """Restore the run's snapshot number ``snapshot`` (0 is the first taken)."""
+    """Restore the run's full snapshot number ``snapshot`` (0 is the first taken), then apply
+    its later deltas numbered ``deltas``, in order: the chain a checkpoint recovers."""
 
     snapshot: int
+    deltas: tuple[int, ...] = ()
 
-    def apply(self, store: NumericAggregateStore, snapshots: list[bytes]) -> None:
+    def apply(self, store: NumericAggregateStore, captures: Captures) -> None:
         """Run the operation on ``store``."""
-        store.restore(snapshots[self.snapshot])
+        store.restore(captures.snapshots[self.snapshot])
+        for number in self.deltas:
+            store.apply_delta(captures.deltas[number])
 
 
-StoreOperation: TypeAlias = Fold | Publish | Snapshot | Restore
+StoreOperation: TypeAlias = Fold | Publish | Snapshot | SnapshotDelta | Restore
 
 
 def store_operations(
     store: NumericAggregateStore, *, max_operations: int = 20, max_rows: int = 16,
     extreme: bool = False,
 ) -> st.SearchStrategy[list[StoreOperation]]:
-    """Sequences of fold / publish / snapshot / restore operations valid for ``store``.
+    """Sequences of fold / publish / snapshot / delta / restore operations valid for ``store``.
 
-    Folds use ``store``'s key type and partitions; a :class:`Restore` only names a snapshot
-    taken earlier in the same sequence. Apply them with :func:`run_operations`.
+    Folds use ``store``'s key type and partitions. A :class:`Restore` names a full snapshot
+    taken earlier in the same sequence and, optionally, deltas that were taken on top of it
+    in that order (each delta's parent is the state the ones before leave), so every
+    restore succeeds. Apply them with :func:`run_operations`.
     """
     if not isinstance(store, NumericAggregateStore):
         raise TypeError(f"store must be a NumericAggregateStore, got {type(store).__name__}")
@@ -315,9 +351,14 @@ def store_operations(
     @st.composite
     def draw_operations(draw: st.DrawFn) -> list[StoreOperation]:
         operations: list[StoreOperation] = []
-        taken = 0
+        # Every state a Restore can bring back: a full snapshot and a chain of its deltas.
+        restorable: list[Restore] = []
+        # Where the store's last capture or restore left it (None: not a chain of this
+        # sequence, so a delta taken now has no parent a Restore could name).
+        position: Restore | None = None
+        snapshots = deltas = 0
         for _ in range(draw(st.integers(0, max_operations))):
-            choices = ["fold", "publish", "snapshot"] + (["restore"] if taken else [])
+            choices = ["fold", "publish", "snapshot", "delta"] + (["restore"] if restorable else [])
             choice = draw(st.sampled_from(choices))
             if choice == "fold":
                 operations.append(Fold(draw(partition_ids), draw(batches)))
@@ -325,22 +366,65 @@ def store_operations(
                 operations.append(Publish(draw(partition_ids)))
             elif choice == "snapshot":
                 operations.append(Snapshot())
-                taken += 1
+                position = Restore(snapshots)
+                restorable.append(position)
+                snapshots += 1
+            elif choice == "delta":
+                operations.append(SnapshotDelta())
+                if position is not None:
+                    position = Restore(position.snapshot, (*position.deltas, deltas))
+                    restorable.append(position)
+                deltas += 1
             else:
-                operations.append(Restore(draw(st.integers(0, taken - 1))))
+                position = draw(st.sampled_from(restorable))
+                operations.append(position)
         return operations
 
     return draw_operations()
 
 
 def run_operations(
-    store: NumericAggregateStore, operations: Sequence[StoreOperation]
+    store: NumericAggregateStore,
+    operations: Sequence[StoreOperation],
+    *,
+    check_deltas: bool = True,
 ) -> list[bytes]:
-    """Apply ``operations`` to ``store`` in order; returns the snapshots they took."""
-    snapshots: list[bytes] = []
+    """Apply ``operations`` to ``store`` in order; returns the full snapshots they took.
+
+    With ``check_deltas`` (the default), after every :class:`SnapshotDelta` whose chain
+    starts at a full snapshot of this run, that snapshot and the deltas on top of it are
+    restored into a fresh store, whose snapshot must equal the live store's byte for byte
+    (else ``AssertionError``). Taking the live store's snapshot starts a new chain, so the
+    live store is then put back on the delta's chain by restoring that same chain into it
+    (its state is the one just checked equal), and later deltas keep chaining on.
+    """
+    captures = Captures()
+    position: Restore | None = None
     for operation in operations:
-        operation.apply(store, snapshots)
-    return snapshots
+        operation.apply(store, captures)
+        if isinstance(operation, Snapshot):
+            position = Restore(len(captures.snapshots) - 1)
+        elif isinstance(operation, Restore):
+            position = operation
+        elif isinstance(operation, SnapshotDelta) and position is not None:
+            position = Restore(position.snapshot, (*position.deltas, len(captures.deltas) - 1))
+            if check_deltas:
+                _check_chain(store, position, captures)
+    return captures.snapshots
+
+
+def _check_chain(store: NumericAggregateStore, chain: Restore, captures: Captures) -> None:
+    recovered = type(store)(
+        store.num_partitions, store.key_type, cast(NanPolicy, store.nan_policy)
+    )
+    chain.apply(recovered, captures)
+    expected, got = store.snapshot(), recovered.snapshot()
+    assert got == expected, (
+        f"snapshot {chain.snapshot} with deltas {list(chain.deltas)} restores to a state "
+        f"other than the live store's ({len(got)} vs {len(expected)} snapshot bytes, first "
+        f"difference at byte {_first_difference(got, expected)})"
+    )
+    chain.apply(store, captures)
 
 
 # -- assertions ----------------------------------------------------------------------------

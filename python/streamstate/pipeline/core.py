@@ -30,7 +30,7 @@ from .checkpoints import (
     summarize_checkpoints,
 )
 from .contents import check_newest, state_chain_bytes, unpack_state
-from .fingerprint import JobFingerprint, JobRecord
+from .fingerprint import JobFingerprint, JobRecord, key_types_compatible
 from .routing import partition_batch
 from .sources import (
     Batch,
@@ -55,7 +55,7 @@ __all__ = ["CheckpointStats", "Pipeline", "PipelineRun", "Transform"]
 #: A per-batch transform: a batch's columns (name -> array) to the columns to fold.
 Transform = Callable[[dict[str, Any]], Mapping[str, Any]]
 
-_KEY_TYPES = ("int64", "bytes")
+_KEY_TYPES = ("int64", "bytes", "str")
 _NAN_POLICIES = ("skip", "propagate", "raise")
 _MAX_PARTITIONS = 65536  # NumericAggregateStore's limit
 # An idle source is polled again after 1 ms, then 2, 4, ... up to ``max_idle_sleep``.
@@ -152,13 +152,28 @@ def _value_columns(values: str | Sequence[str]) -> list[str]:
 
 
 def _key_type_of(keys: Any) -> KeyType | None:
-    """The store key type for keys of this dtype, or None if they cannot be keys."""
+    """The store key type for keys of this dtype, or None if they cannot be keys.
+
+    Text (numpy ``U``/``T``, an Arrow string array, or an object array such as a list
+    converts to, whose first key is a ``str``) is ``"str"``, so results hand back ``str``;
+    numpy ``S``, Arrow binary and other object arrays are ``"bytes"``. Only the first key of
+    an object array is looked at (a per-row Python check would cost what the fold saves):
+    the store checks every key's type as it folds.
+    """
     if not isinstance(keys, np.ndarray):  # an Arrow string/binary array (see key_column)
-        return "bytes"
-    if keys.dtype.kind in "iu":
+        import pyarrow as pa  # present: the array is one
+
+        text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+        return "str" if any(is_text(keys.type) for is_text in text) else "bytes"
+    kind = keys.dtype.kind
+    if kind in "iu":
         return "int64"
-    if keys.dtype.kind in "SUO":
+    if kind in "UT":
+        return "str"
+    if kind == "S":
         return "bytes"
+    if kind == "O":
+        return "str" if keys.size and isinstance(keys.flat[0], str) else "bytes"
     return None
 
 
@@ -168,7 +183,7 @@ class Pipeline:
 
     Args:
         source: where events come from (replayable: see :class:`Source`).
-        key: the column to group by (integers, or str/bytes).
+        key: the column to group by (integers, str or bytes).
         values: the float column(s) to aggregate (one name or several); each gets
             count/sum/min/max/mean/var/std.
         partitions: number of partition threads. It may change between runs of a job.
@@ -181,7 +196,9 @@ class Pipeline:
             full one also comes sooner when the deltas since the last outgrow it.
         batch_size: rows per micro-batch.
         keep_checkpoints: older checkpoints are pruned beyond this many (0 keeps all).
-        key_type: ``"int64"`` or ``"bytes"``; default: inferred from the keys.
+        key_type: ``"int64"``, ``"str"`` or ``"bytes"``; default: inferred from the keys
+            (text keys, numpy ``U``, lists of str or Arrow strings, are ``"str"`` and come
+            back as ``str``; numpy ``S`` and lists of bytes are ``"bytes"``).
         nan_policy: what folding does with NaN values: ``"skip"`` them, ``"propagate"``
             them into the key's statistics, or ``"raise"`` (the run fails).
         checkpoint_prefix: where in the store the checkpoints live.
@@ -462,7 +479,11 @@ class Pipeline:
         if key_type is None:
             keys = self._peek_keys(offset)
             inferred = None if keys is None else self._inferred_key_type(keys)
-            if inferred is not None and recorded_type not in (None, inferred):
+            if (
+                inferred is not None
+                and recorded_type is not None
+                and not key_types_compatible(recorded_type, inferred)
+            ):
                 difference = (
                     f"key_type: checkpoint has {recorded_type!r}, this job has {inferred!r}"
                 )
@@ -755,7 +776,10 @@ class Pipeline:
         return report
 
     def _check_keys(self, keys: Any) -> None:
-        if _key_type_of(keys) != self._key_type:
+        found = _key_type_of(keys)
+        # A bytes job folds str keys as their UTF-8 bytes; a str job refuses bytes keys
+        # here rather than when results() finds one that is not UTF-8 text.
+        if found != self._key_type and not (found == "str" and self._key_type == "bytes"):
             raise SourceError(
                 f"source {self._source.name!r}: the batch at offset {self._offset!r} has "
                 f"{describe_keys(keys)} keys in column {self._key!r}, but this job's keys are "

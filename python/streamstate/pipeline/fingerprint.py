@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import IncompatibleCheckpointError
 from ..storage import default_store_path
 
-__all__ = ["FINGERPRINT_OPERATOR", "JobFingerprint", "JobRecord"]
+__all__ = ["FINGERPRINT_OPERATOR", "JobFingerprint", "JobRecord", "key_types_compatible"]
 
 #: The operator under which every pipeline checkpoint stores its job record (partition 0).
 FINGERPRINT_OPERATOR = "job"
@@ -35,6 +35,16 @@ FINGERPRINT_OPERATOR = "job"
 _FORMAT = 1
 # NumericAggregateStore's own limit.
 _MAX_PARTITIONS = 65536
+
+
+def key_types_compatible(recorded: str, current: str) -> bool:
+    """Whether state recorded under key type ``recorded`` means the same under ``current``.
+
+    ``"str"`` and ``"bytes"`` stores hold the same state (byte-string keys, str as UTF-8)
+    and differ only in how results hand keys back; pipelines before str keys recorded text
+    keys as ``"bytes"``, and those checkpoints resume as ``"str"`` jobs.
+    """
+    return recorded == current or {recorded, current} == {"str", "bytes"}
 
 
 def _canonical(document: Mapping[str, Any]) -> bytes:
@@ -82,13 +92,18 @@ class JobFingerprint:
     def differences(self, recorded: Mapping[str, Any]) -> tuple[str, ...]:
         """One ``"field: checkpoint has X, this job has Y"`` line per field in which a
         recorded fingerprint differs. An unresolved ``key_type`` (None) on either side
-        matches any key type; a field this version does not know is a difference unless
+        matches any key type, and ``"str"`` matches ``"bytes"`` (see
+        :func:`key_types_compatible`); a field this version does not know is a difference unless
         the checkpoint left it empty."""
         ours = self.as_dict()
         lines = []
         for name in sorted(set(ours) | set(recorded)):
             theirs, mine = recorded.get(name), ours.get(name)
-            if name == "key_type" and (theirs is None or mine is None):
+            if name == "key_type" and (
+                theirs is None
+                or mine is None
+                or key_types_compatible(str(theirs), str(mine))
+            ):
                 continue
             if theirs != mine:
                 lines.append(f"{name}: checkpoint has {theirs!r}, this job has {mine!r}")
