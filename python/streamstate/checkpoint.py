@@ -221,10 +221,7 @@ class ObjectStoreCheckpointer:
         # Workers get the configuration, not the caches: a fresh lock, and the newest
         # committed checkpoint looked up again where it is needed.
         require_portable(self._storage, repr(self))
-        state = dict(self.__dict__)
-        del state["_newest_lock"]
-        state["_newest"] = None
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_newest", "_newest_lock")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
