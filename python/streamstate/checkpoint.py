@@ -776,7 +776,7 @@ class ObjectStoreCheckpointer:
             chains = self._chains(manifest, manifests)
             needed = list({e.path: e for chain in chains.values() for e in chain}.values())
             if verify:
-                self._parallel(self._fetch_verified, needed)
+                self._verify_all(needed)
             else:
                 missing = next((e.path for e in needed if e.path not in stored), None)
                 if missing is not None:
@@ -825,7 +825,7 @@ class ObjectStoreCheckpointer:
         manifest = self._manifest_cached(checkpoint_id, manifests)
         chains = self._chains(manifest, manifests)
         needed = {entry.path: entry for chain in chains.values() for entry in chain}
-        self._parallel(self._fetch_verified, list(needed.values()))
+        self._verify_all(list(needed.values()))
         return manifest
 
     def _fetch_chains(
@@ -873,12 +873,19 @@ class ObjectStoreCheckpointer:
         return delta_chains(manifest, lambda cid: self._manifest_cached(cid, manifests))
 
     def _fetch_verified(self, entry: PartitionSnapshotEntry) -> bytes:
+        return bytes(self._read_checked(entry))
+
+    def _verify_all(self, entries: Sequence[PartitionSnapshotEntry]) -> None:
+        """Check every artifact, holding no more than one per thread in memory."""
+        self._parallel(lambda entry: self._read_checked(entry).nbytes, entries)
+
+    def _read_checked(self, entry: PartitionSnapshotEntry) -> memoryview:
         try:
             data = self._io.get(entry.path).data
         except FileNotFoundError:
             raise CheckpointError(f"{entry.path}: artifact is missing") from None
         check_artifact(entry, data)
-        return bytes(data)
+        return data
 
     # -- helpers -------------------------------------------------------------------------
 
