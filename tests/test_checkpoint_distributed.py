@@ -405,3 +405,21 @@ def test_any_interleaving_recovers_the_newest_committed_checkpoint(
         newest = ck.list_checkpoints()[-1]
         leftovers = {ck.paths.id_of(p) for p in all_paths(store)} - {None}
         assert all(cid >= newest for cid in leftovers if cid is not None)
+
+
+def test_commit_entries_then_prune_when_asked(tmp_path: Path) -> None:
+    ck = checkpointer(tmp_path)
+    m1 = ck.commit(1, [("agg", 0, False, b"a")])
+    m2 = ck.commit(2, [("agg", 0, False, b"b")], keep_last=2)
+    assert ck.list_checkpoints() == [m1.checkpoint_id, m2.checkpoint_id]
+    pending = ck.begin(3)
+    entry = pending.upload("agg", 0, b"c")
+    before = all_paths(ck.store)
+    with pytest.raises(ValueError, match="keep_last"):
+        ck.commit_entries(pending, [entry], keep_last=0)
+    assert all_paths(ck.store) == before  # refused before the commit point
+    m3 = ck.commit_entries(pending, [entry], keep_last=1)
+    assert ck.list_checkpoints() == [m3.checkpoint_id]
+    with pytest.raises(ValueError, match="keep_last"):
+        ck.commit(4, [("agg", 0, False, b"d")], keep_last=True)
+    assert ck.list_checkpoints() == [m3.checkpoint_id]

@@ -153,6 +153,13 @@ def _optional_id(name: str, value: CheckpointId | str | None) -> CheckpointId | 
     return value
 
 
+def _check_keep_last(keep_last: object, *, none_ok: bool) -> None:
+    if keep_last is None and none_ok:
+        return
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+
+
 def _partitions_of(manifest: CheckpointManifest) -> frozenset[tuple[str, int]]:
     return frozenset(
         (op, part.partition_id)
@@ -398,8 +405,7 @@ class ObjectStoreCheckpointer:
         checkpoint newer than the newest committed one may still commit and is left alone.
         Returns the ids deleted, oldest first.
         """
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        _check_keep_last(keep_last, none_ok=False)
         committed, dirs = self._scan()
         keep: set[CheckpointId] = set()
         intact = 0
@@ -486,6 +492,8 @@ class ObjectStoreCheckpointer:
         watermark: int | None = None,
         validate_delta: DeltaValidator | None = validate_record_delta,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        keep_last: int | None = None,
     ) -> CheckpointManifest:
         """Commit one checkpoint: upload every artifact, then the manifest, then ``_latest``.
 
@@ -504,12 +512,15 @@ class ObjectStoreCheckpointer:
         committed manifest. On failure before the manifest is written nothing is committed
         (uploaded artifacts are cleaned up best effort); a failure to move ``_latest``
         afterwards raises :class:`~streamstate.CheckpointError` although the checkpoint is
-        committed and will be recovered.
+        committed and will be recovered. With ``keep_last``, :meth:`prune` follows
+        (``prune(keep_last)``); a failing prune raises :class:`~streamstate.CheckpointError`
+        saying the checkpoint is committed.
 
         This is :meth:`begin`, the uploads on this process's threads, and
         :meth:`commit_entries`' commit, in one call.
         """
         items = list(snapshots)
+        _check_keep_last(keep_last, none_ok=True)
         fields = _commit_fields(source_offsets, watermark, metadata)
         pending = self.begin(epoch, parent=parent)
         placed = pending.place(items, validate_delta)
@@ -521,7 +532,7 @@ class ObjectStoreCheckpointer:
         except BaseException:
             self._io.delete_quietly([entry.path for _, entry in entries])
             raise
-        return self._publish(manifest)
+        return self._publish(manifest, keep_last)
 
     def commit_entries(
         self,
@@ -531,6 +542,7 @@ class ObjectStoreCheckpointer:
         source_offsets: Mapping[str, Any] | None = None,
         watermark: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        keep_last: int | None = None,
     ) -> CheckpointManifest:
         """Commit a :meth:`begin`-ed checkpoint from the entries its uploads returned.
 
@@ -543,9 +555,10 @@ class ObjectStoreCheckpointer:
         failure raises and leaves the store as it was; the uploaded artifacts stay, so a
         corrected call may follow, and :meth:`prune` removes them if none does.
 
-        Then the manifest is created (the commit point) and ``_latest`` moved, as by
-        :meth:`commit` (``source_offsets``, ``watermark`` and ``metadata`` as there).
-        Pruning is the caller's, as after :meth:`commit`. Returns the committed manifest.
+        Then the manifest is created (the commit point), ``_latest`` moved and, with
+        ``keep_last``, old checkpoints pruned, as by :meth:`commit` (``source_offsets``,
+        ``watermark``, ``metadata`` and ``keep_last`` as there). Returns the committed
+        manifest.
         """
         if not isinstance(pending, PendingCheckpoint):
             raise TypeError(f"pending must be a PendingCheckpoint, got {type(pending).__name__}")
@@ -554,9 +567,10 @@ class ObjectStoreCheckpointer:
                 f"{pending!r} was begun under base_prefix {pending.paths.base_prefix!r}, not "
                 f"this checkpointer's {self.paths.base_prefix!r}"
             )
+        _check_keep_last(keep_last, none_ok=True)
         fields = _commit_fields(source_offsets, watermark, metadata)
         checked = self._checked_entries(pending, entries)
-        return self._publish(self._seal(pending, checked, fields))
+        return self._publish(self._seal(pending, checked, fields), keep_last)
 
     def _checked_entries(
         self, pending: PendingCheckpoint, entries: Iterable[PartitionSnapshotEntry]
@@ -620,8 +634,9 @@ class ObjectStoreCheckpointer:
         self.save_manifest(manifest)
         return manifest
 
-    def _publish(self, manifest: CheckpointManifest) -> CheckpointManifest:
-        """After the commit point: remember the new floor for epochs, move ``_latest``."""
+    def _publish(self, manifest: CheckpointManifest, keep_last: int | None) -> CheckpointManifest:
+        """After the commit point: remember the new floor for epochs, move ``_latest``,
+        prune if asked to."""
         self._note_committed(manifest.checkpoint_id, manifest.epoch)
         try:
             self.update_latest(manifest.checkpoint_id)
@@ -629,6 +644,13 @@ class ObjectStoreCheckpointer:
             raise CheckpointError(
                 f"checkpoint {manifest.checkpoint_id} is committed but _latest was not moved: {exc}"
             ) from exc
+        if keep_last is not None:
+            try:
+                self.prune(keep_last)
+            except CheckpointError as exc:
+                raise CheckpointError(
+                    f"checkpoint {manifest.checkpoint_id} is committed but pruning failed: {exc}"
+                ) from exc
         return manifest
 
     @staticmethod
