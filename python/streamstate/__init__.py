@@ -35,7 +35,9 @@ from .aggregate import AggregateStore, NumericAggregateStore, PartitionAggregato
 from .batcher import BatchMetrics, CheckpointBatcher, decode_batch, encode_batch
 from .checkpoint import (
     ObjectStoreCheckpointer,
+    PendingCheckpoint,
     RecoveredCheckpoint,
+    RecoveryPlan,
     apply_record_delta,
     encode_delta,
     verify_integrity,
@@ -97,9 +99,11 @@ __all__ = [
     "ParquetSource",
     "PartitionAggregator",
     "PartitionSnapshotEntry",
+    "PendingCheckpoint",
     "Pipeline",
     "PipelineRun",
     "RecoveredCheckpoint",
+    "RecoveryPlan",
     "RetryPolicy",
     "SourceError",
     "SpillError",

@@ -9,8 +9,14 @@ The commit protocol (:meth:`ObjectStoreCheckpointer.commit`):
    manifest is never overwritten;
 3. move ``_latest`` forward to the new id (never backwards).
 
+The same protocol spans processes: :meth:`~ObjectStoreCheckpointer.begin` mints the id
+and returns a picklable :class:`~streamstate.pending.PendingCheckpoint`; workers upload
+their own partitions through it (step 1, anywhere) and return the entries; the coordinator's
+:meth:`~ObjectStoreCheckpointer.commit_entries` checks them and makes steps 2 and 3.
+:meth:`~ObjectStoreCheckpointer.commit` is the three on one process.
+
 A crash before step 2 leaves unreferenced artifacts that :meth:`~ObjectStoreCheckpointer.prune`
-removes later; a crash between 2 and 3 leaves a committed checkpoint the pointer does not
+removes later (once a newer checkpoint commits); a crash between 2 and 3 leaves a committed checkpoint the pointer does not
 name yet, which recovery still finds because it considers every manifest. ``_latest`` is
 the quick answer to "which checkpoint is current" for readers that do not list; recovery
 itself never trusts it over the manifests.
@@ -19,7 +25,10 @@ Recovery (:meth:`~ObjectStoreCheckpointer.recover`) tries the newest checkpoint 
 verifies every byte against the manifest's SHA-256 digests, rebuilds delta partitions along
 the ``parent_id`` chain (or, with ``rebuild=False``, hands back each verified chain, a full
 snapshot and its deltas in order, for a caller whose state applies deltas in place), and
-falls back to older checkpoints on any failure.
+falls back to older checkpoints on any failure. Across processes,
+:meth:`~ObjectStoreCheckpointer.recover_entries` picks the checkpoint once, for every
+worker, and each worker reads its own partitions with
+:meth:`~ObjectStoreCheckpointer.load_partition` / :meth:`~ObjectStoreCheckpointer.load_verified`.
 
 Deltas. A partition artifact saved with ``is_delta=True`` holds the changes since the same
 partition in the parent checkpoint. Recovery rebuilds the partition as
@@ -39,7 +48,6 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._core import sha256_hex
 from ._typing import BytesLike
 from .batcher import DEFAULT_MAX_DECODED_SIZE
 from .delta import (
@@ -48,7 +56,6 @@ from .delta import (
     DeltaValidator,
     apply_record_delta,
     encode_delta,
-    require_delta,
     validate_record_delta,
 )
 from .errors import (
@@ -57,7 +64,7 @@ from .errors import (
     NoValidCheckpointError,
     StreamStateError,
 )
-from .layout import SnapshotItem, place_snapshots, shape_snapshots
+from .layout import SnapshotItem, place_snapshots
 from .manifest import (
     CheckpointId,
     CheckpointManifest,
@@ -66,9 +73,18 @@ from .manifest import (
     plain_json,
     validate_name,
 )
+from .pending import (
+    PendingCheckpoint,
+    create_or_fail,
+    require_parent,
+    require_portable,
+    upload_artifacts,
+)
 from .pointer import LatestPointer
 from .recovery import (
     RecoveredCheckpoint,
+    RecoveryPlan,
+    apply_chain,
     check_artifact,
     delta_chains,
     rebuild_state,
@@ -92,7 +108,9 @@ __all__ = [
     "CheckpointStorage",
     "DeltaFunction",
     "ObjectStoreCheckpointer",
+    "PendingCheckpoint",
     "RecoveredCheckpoint",
+    "RecoveryPlan",
     "SnapshotItem",
     "StoredObject",
     "apply_record_delta",
@@ -102,9 +120,52 @@ __all__ = [
 
 T = TypeVar("T")
 U = TypeVar("U")
+# What one recovery attempt makes: a checkpoint's state, or the plan to restore it.
+R = TypeVar("R", RecoveredCheckpoint, RecoveryPlan)
 
 # The newest committed checkpoint is not known yet (see ObjectStoreCheckpointer._newest).
 _UNKNOWN = object()
+
+
+def _commit_fields(
+    source_offsets: Mapping[str, Any] | None,
+    watermark: int | None,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A commit's manifest fields besides the artifacts, checked (watermark, source names),
+    offsets as plain JSON values: keyword arguments for :meth:`CheckpointManifest.build`."""
+    if watermark is not None and (isinstance(watermark, bool) or not isinstance(watermark, int)):
+        raise ValueError(f"watermark must be an int or None, got {watermark!r}")
+    offsets = {source: plain_json(value) for source, value in (source_offsets or {}).items()}
+    for source in offsets:
+        validate_name("source", source)
+    return {"source_offsets": offsets, "watermark": watermark, "metadata": metadata}
+
+
+def _optional_id(name: str, value: CheckpointId | str | None) -> CheckpointId | None:
+    """``value`` as a :class:`CheckpointId` (parsed from its string form), or None."""
+    if isinstance(value, str):
+        return CheckpointId.parse(value)
+    if value is not None and not isinstance(value, CheckpointId):
+        raise TypeError(
+            f"{name} must be a CheckpointId or its str form, got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_keep_last(keep_last: object, *, none_ok: bool) -> None:
+    if keep_last is None and none_ok:
+        return
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+
+
+def _partitions_of(manifest: CheckpointManifest) -> frozenset[tuple[str, int]]:
+    return frozenset(
+        (op, part.partition_id)
+        for op, entry in manifest.operators.items()
+        for part in entry.partitions
+    )
 
 
 # -- the checkpointer --------------------------------------------------------------------
@@ -163,6 +224,17 @@ class ObjectStoreCheckpointer:
             f"{self.paths.base_prefix!r}, max_concurrent_uploads={self.max_concurrent_uploads})"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers get the configuration, not the caches: a fresh lock, and the newest
+        # committed checkpoint looked up again where it is needed.
+        require_portable(self._storage, repr(self))
+        return {k: v for k, v in self.__dict__.items() if k not in ("_newest", "_newest_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._newest = _UNKNOWN
+        self._newest_lock = threading.Lock()
+
     # -- artifacts ----------------------------------------------------------------------
 
     def save_partitions_concurrent(
@@ -175,34 +247,8 @@ class ObjectStoreCheckpointer:
         artifacts this call already wrote are deleted (best effort) and
         :class:`~streamstate.CheckpointError` is raised.
         """
-        return self._upload(checkpoint_id, snapshots, fresh=False)
-
-    def _upload(
-        self, checkpoint_id: CheckpointId, snapshots: Iterable[SnapshotItem], *, fresh: bool
-    ) -> list[tuple[str, PartitionSnapshotEntry]]:
-        # ``fresh``: the id was minted by this very commit, so nothing can exist under it and
-        # a plain put is as safe as a conditional create. It is also faster: obstore writes
-        # a conditional put in one piece from a private copy, a plain one in parallel chunks.
-        items = place_snapshots(self.paths, checkpoint_id, snapshots)
-        written: list[str] = []
-
-        def upload(
-            item: tuple[str, int, bool, memoryview, str],
-        ) -> tuple[str, PartitionSnapshotEntry]:
-            operator, partition, is_delta, view, path = item
-            digest = sha256_hex(view)
-            if fresh:
-                self._io.put(path, view)
-            else:
-                self._create(path, view)
-            written.append(path)  # list.append is atomic; read only after the pool drains
-            return operator, PartitionSnapshotEntry(partition, is_delta, path, view.nbytes, digest)
-
-        try:
-            return self._parallel(upload, items)
-        except BaseException:
-            self._io.delete_quietly(written)
-            raise
+        placed = place_snapshots(self.paths, checkpoint_id, snapshots)
+        return upload_artifacts(self._io, placed, self.max_concurrent_uploads, fresh=False)
 
     def save_snapshot(
         self, checkpoint_id: CheckpointId, operator: str, partition: int, data: BytesLike
@@ -223,8 +269,50 @@ class ObjectStoreCheckpointer:
         return entry.sha256
 
     def load_artifact(self, path: str) -> bytes:
-        """Read one artifact's bytes (unverified; see :func:`verify_integrity`)."""
+        """Read one artifact's bytes (unverified; see :meth:`load_verified`)."""
         return bytes(self._io.get(path).data)
+
+    def load_verified(self, entry: PartitionSnapshotEntry) -> bytes:
+        """Read the artifact a manifest ``entry`` names and check its size and SHA-256.
+
+        For a worker restoring only its own partitions (see :meth:`recover_entries`). A
+        wrong size raises :class:`~streamstate.CorruptDataError`, a wrong digest
+        :class:`~streamstate.IntegrityError` (both naming the path), a missing artifact
+        :class:`~streamstate.CheckpointError`; an entry outside this checkpointer's layout
+        raises ``ValueError`` before anything is read.
+        """
+        if not isinstance(entry, PartitionSnapshotEntry):
+            raise TypeError(f"entry must be a PartitionSnapshotEntry, got {type(entry).__name__}")
+        entry.check()
+        if self.paths.parse_artifact(entry.path) is None:
+            raise ValueError(
+                f"{entry.path}: not a checkpoint artifact under {self.paths.base_prefix!r}"
+            )
+        return self._fetch_verified(entry)
+
+    def load_partition(
+        self,
+        chain: Sequence[PartitionSnapshotEntry],
+        apply_delta: DeltaFunction = apply_record_delta,
+        max_size: int | None = DEFAULT_MAX_DECODED_SIZE,
+    ) -> bytes:
+        """One partition's state from its chain (:meth:`RecoveryPlan.chain`): every artifact
+        read with :meth:`load_verified`, then the deltas applied to the full snapshot in
+        order, as :meth:`recover` does (``apply_delta`` and ``max_size`` as there)."""
+        entries = list(chain)
+        total = sum(entry.size_bytes for entry in entries)
+        if max_size is not None and total > max_size:
+            raise CheckpointError(
+                f"{entries[-1].path}: the chain needs {total} bytes, more than max_size {max_size}"
+            )
+        blobs = dict(
+            zip(
+                (entry.path for entry in entries),
+                self._parallel(self.load_verified, entries),
+                strict=True,
+            )
+        )
+        return apply_chain(entries, blobs, apply_delta, max_size)
 
     # -- manifests and the latest pointer ------------------------------------------------
 
@@ -237,7 +325,7 @@ class ObjectStoreCheckpointer:
         """
         manifest.check_paths(self.paths)
         data = manifest.to_json().encode("ascii")
-        self._create(self.paths.manifest(manifest.checkpoint_id), data)
+        create_or_fail(self._io, self.paths.manifest(manifest.checkpoint_id), data)
 
     def load_manifest(self, checkpoint_id: CheckpointId) -> CheckpointManifest:
         """Read and validate one manifest.
@@ -309,13 +397,15 @@ class ObjectStoreCheckpointer:
         """Delete old checkpoints, keeping the newest ``keep_last`` with intact manifests.
 
         Also kept: any newer checkpoint (even a damaged one), and every older checkpoint a
-        kept one's delta chain needs. Leftovers of uncommitted checkpoints older than the
-        newest committed one are removed too: a writer mints ids above the newest committed
-        checkpoint, so only a failed or crashed commit leaves those behind. Returns the ids
-        deleted, oldest first.
+        kept one's delta chain needs. Artifacts of uncommitted checkpoints are removed when
+        their id is older than the newest committed checkpoint's: :meth:`begin` mints ids
+        above every committed one and :meth:`commit_entries` refuses a pending checkpoint
+        older than the newest committed, so those can never commit (a crashed commit, a
+        coordinator that died after :meth:`begin`, uploads that came too late). A pending
+        checkpoint newer than the newest committed one may still commit and is left alone.
+        Returns the ids deleted, oldest first.
         """
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        _check_keep_last(keep_last, none_ok=False)
         committed, dirs = self._scan()
         keep: set[CheckpointId] = set()
         intact = 0
@@ -358,6 +448,41 @@ class ObjectStoreCheckpointer:
 
     # -- the commit protocol -------------------------------------------------------------
 
+    def begin(self, epoch: int, *, parent: CheckpointId | str | None = None) -> PendingCheckpoint:
+        """Start a checkpoint whose artifacts any process may upload; return its handle.
+
+        Mints the checkpoint id and checks up front what :meth:`commit_entries` checks again
+        at the commit: ``epoch`` is greater than the newest committed checkpoint's (or the
+        recovered one's, after :meth:`recover`), and ``parent`` (needed for deltas, a
+        :class:`CheckpointId` or its string form) is a committed checkpoint. Writes nothing:
+        a checkpoint that is begun and never committed leaves only the artifacts uploaded
+        for it, which :meth:`prune` removes once a newer checkpoint commits.
+
+        The handle pickles unless the store is a ``MemoryStore``; workers call
+        :meth:`PendingCheckpoint.upload` and return the entries to the coordinator::
+
+            pending = ckpt.begin(epoch=7, parent=last.checkpoint_id)
+            entries = [pending.upload("agg", p, snapshot_of(p)) for p in parts]  # anywhere
+            ckpt.commit_entries(pending, entries, source_offsets={"kafka": {"0": 2077}})
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        parent = _optional_id("parent", parent)
+        parent_partitions: frozenset[tuple[str, int]] = frozenset()
+        if parent is not None:
+            parent_partitions = _partitions_of(self.load_manifest(parent))
+        self._check_advances(epoch)
+        floor = max((c for c in (self._latest_or_none(), parent) if c is not None), default=None)
+        return PendingCheckpoint(
+            CheckpointId.now(after=floor),
+            epoch,
+            parent,
+            parent_partitions,
+            storage=self._storage,
+            paths=self.paths,
+            retry=self.retry,
+        )
+
     def commit(
         self,
         epoch: int,
@@ -367,6 +492,8 @@ class ObjectStoreCheckpointer:
         watermark: int | None = None,
         validate_delta: DeltaValidator | None = validate_record_delta,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        keep_last: int | None = None,
     ) -> CheckpointManifest:
         """Commit one checkpoint: upload every artifact, then the manifest, then ``_latest``.
 
@@ -385,78 +512,167 @@ class ObjectStoreCheckpointer:
         committed manifest. On failure before the manifest is written nothing is committed
         (uploaded artifacts are cleaned up best effort); a failure to move ``_latest``
         afterwards raises :class:`~streamstate.CheckpointError` although the checkpoint is
-        committed and will be recovered.
+        committed and will be recovered. With ``keep_last``, :meth:`prune` follows
+        (``prune(keep_last)``); a failing prune raises :class:`~streamstate.CheckpointError`
+        saying the checkpoint is committed.
+
+        This is :meth:`begin`, the uploads on this process's threads, and
+        :meth:`commit_entries`' commit, in one call.
         """
         items = list(snapshots)
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        if watermark is not None and (
-            isinstance(watermark, bool) or not isinstance(watermark, int)
-        ):
-            raise ValueError(f"watermark must be an int or None, got {watermark!r}")
-        offsets = {source: plain_json(value) for source, value in (source_offsets or {}).items()}
-        for source in offsets:
-            validate_name("source", source)
-        if isinstance(parent, str):
-            parent = CheckpointId.parse(parent)
-        if parent is not None and not isinstance(parent, CheckpointId):
-            raise TypeError(
-                f"parent must be a CheckpointId or its str form, got {type(parent).__name__}"
+        _check_keep_last(keep_last, none_ok=True)
+        fields = _commit_fields(source_offsets, watermark, metadata)
+        pending = self.begin(epoch, parent=parent)
+        placed = pending.place(items, validate_delta)
+        # Check the manifest can be written before uploading anything.
+        self._manifest(pending, [], fields)
+        entries = upload_artifacts(self._io, placed, self.max_concurrent_uploads, fresh=True)
+        try:
+            manifest = self._seal(pending, entries, fields)
+        except BaseException:
+            self._io.delete_quietly([entry.path for _, entry in entries])
+            raise
+        return self._publish(manifest, keep_last)
+
+    def commit_entries(
+        self,
+        pending: PendingCheckpoint,
+        entries: Iterable[PartitionSnapshotEntry],
+        *,
+        source_offsets: Mapping[str, Any] | None = None,
+        watermark: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        keep_last: int | None = None,
+    ) -> CheckpointManifest:
+        """Commit a :meth:`begin`-ed checkpoint from the entries its uploads returned.
+
+        The entries are checked before anything is written: each is a
+        :class:`PartitionSnapshotEntry` with a size and a SHA-256, at an artifact path of
+        this pending checkpoint, whose object exists; no ``(operator, partition)`` appears
+        twice; deltas have a parent holding their partition. Then, as for :meth:`commit`,
+        ``epoch`` must still advance past the newest committed checkpoint, and the pending
+        id must be newer than it (an older pending checkpoint may have been pruned). Any
+        failure raises and leaves the store as it was; the uploaded artifacts stay, so a
+        corrected call may follow, and :meth:`prune` removes them if none does.
+
+        Then the manifest is created (the commit point), ``_latest`` moved and, with
+        ``keep_last``, old checkpoints pruned, as by :meth:`commit` (``source_offsets``,
+        ``watermark``, ``metadata`` and ``keep_last`` as there). Returns the committed
+        manifest.
+        """
+        if not isinstance(pending, PendingCheckpoint):
+            raise TypeError(f"pending must be a PendingCheckpoint, got {type(pending).__name__}")
+        if pending.paths != self.paths:
+            raise ValueError(
+                f"{pending!r} was begun under base_prefix {pending.paths.base_prefix!r}, not "
+                f"this checkpointer's {self.paths.base_prefix!r}"
             )
-        deltas = [(op, p, data) for op, p, is_delta, data in shape_snapshots(items) if is_delta]
+        _check_keep_last(keep_last, none_ok=True)
+        fields = _commit_fields(source_offsets, watermark, metadata)
+        checked = self._checked_entries(pending, entries)
+        return self._publish(self._seal(pending, checked, fields), keep_last)
+
+    def _checked_entries(
+        self, pending: PendingCheckpoint, entries: Iterable[PartitionSnapshotEntry]
+    ) -> list[tuple[str, PartitionSnapshotEntry]]:
+        """``(operator, entry)`` for each entry, after the checks :meth:`commit_entries`
+        lists (all but the parent's, which :meth:`_seal` makes)."""
+        checked: list[tuple[str, PartitionSnapshotEntry]] = []
+        seen: set[tuple[str, int]] = set()
+        for entry in entries:
+            if not isinstance(entry, PartitionSnapshotEntry):
+                raise TypeError(
+                    f"entries must be PartitionSnapshotEntry items, got {type(entry).__name__}"
+                )
+            entry.check()
+            parsed = self.paths.parse_artifact(entry.path)
+            if parsed is None or parsed[0] != pending.checkpoint_id:
+                raise ValueError(
+                    f"{entry.path}: not an artifact of pending checkpoint {pending.checkpoint_id}"
+                )
+            _, operator, partition, is_delta = parsed
+            if (partition, is_delta) != (entry.partition_id, entry.is_delta):
+                raise ValueError(
+                    f"{entry.path}: entry says partition {entry.partition_id}, "
+                    f"is_delta={entry.is_delta}, its path does not"
+                )
+            if (operator, partition) in seen:
+                raise ValueError(f"{operator}/partition-{partition} appears twice")
+            seen.add((operator, partition))
+            checked.append((operator, entry))
+        stored = set(self._io.list(self.paths.checkpoint_dir(pending.checkpoint_id)))
+        missing = [entry.path for _, entry in checked if entry.path not in stored]
+        if missing:
+            raise CheckpointError(
+                f"{missing[0]}: artifact is missing (never uploaded, or removed by prune)"
+                + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
+        return checked
+
+    def _seal(
+        self,
+        pending: PendingCheckpoint,
+        entries: list[tuple[str, PartitionSnapshotEntry]],
+        fields: dict[str, Any],
+    ) -> CheckpointManifest:
+        """The commit point: recheck what may have changed since :meth:`begin`, then create
+        the manifest."""
+        newest = self._check_advances(pending.epoch)
+        if newest is not None and pending.checkpoint_id <= newest[0]:
+            raise CheckpointError(
+                f"pending checkpoint {pending.checkpoint_id} is older than committed checkpoint "
+                f"{newest[0]}: prune may have removed its artifacts; begin a new checkpoint"
+            )
+        deltas = [(op, entry.partition_id) for op, entry in entries if entry.is_delta]
         if deltas:
-            if parent is None:
-                raise ValueError("delta snapshots need a parent checkpoint")
-            parent_manifest = self.load_manifest(parent)
-            for op, p, data in deltas:
-                entry = parent_manifest.operators.get(op)
-                if entry is None or entry.partition(p) is None:
-                    raise ValueError(
-                        f"parent {parent} has no {op}/partition-{p} to apply a delta to"
-                    )
-                if validate_delta is not None:
-                    require_delta(f"{op}/partition-{p}", data, validate_delta)
+            # The parent may have been deleted since begin(): read it again.
+            parent = pending.parent_id
+            held = None if parent is None else _partitions_of(self.load_manifest(parent))
+            for op, partition in deltas:
+                require_parent(parent, held, op, partition)
+        manifest = self._manifest(pending, entries, fields)
+        self.save_manifest(manifest)
+        return manifest
+
+    def _publish(self, manifest: CheckpointManifest, keep_last: int | None) -> CheckpointManifest:
+        """After the commit point: remember the new floor for epochs, move ``_latest``,
+        prune if asked to."""
+        self._note_committed(manifest.checkpoint_id, manifest.epoch)
+        try:
+            self.update_latest(manifest.checkpoint_id)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"checkpoint {manifest.checkpoint_id} is committed but _latest was not moved: {exc}"
+            ) from exc
+        if keep_last is not None:
+            try:
+                self.prune(keep_last)
+            except CheckpointError as exc:
+                raise CheckpointError(
+                    f"checkpoint {manifest.checkpoint_id} is committed but pruning failed: {exc}"
+                ) from exc
+        return manifest
+
+    @staticmethod
+    def _manifest(
+        pending: PendingCheckpoint,
+        entries: list[tuple[str, PartitionSnapshotEntry]],
+        fields: dict[str, Any],
+    ) -> CheckpointManifest:
+        return CheckpointManifest.build(
+            pending.checkpoint_id, pending.epoch, entries, parent_id=pending.parent_id, **fields
+        )
+
+    def _check_advances(self, epoch: int) -> tuple[CheckpointId, int] | None:
+        """Raise unless ``epoch`` is above the newest committed checkpoint's; return that
+        checkpoint's ``(id, epoch)``."""
         newest = self._newest_committed()
         if newest is not None and epoch <= newest[1]:
             raise CheckpointError(
                 f"epoch {epoch} does not advance: checkpoint {newest[0]} already holds epoch "
                 f"{newest[1]}, and epochs must increase"
             )
-        floor = max((c for c in (self._latest_or_none(), parent) if c is not None), default=None)
-        checkpoint_id = CheckpointId.now(after=floor)
-        # Check the manifest can be written before uploading anything.
-        CheckpointManifest.build(
-            checkpoint_id,
-            epoch,
-            [],
-            source_offsets=offsets,
-            parent_id=parent,
-            watermark=watermark,
-            metadata=metadata,
-        )
-        entries = self._upload(checkpoint_id, items, fresh=True)
-        manifest = CheckpointManifest.build(
-            checkpoint_id,
-            epoch,
-            entries,
-            source_offsets=offsets,
-            parent_id=parent,
-            watermark=watermark,
-            metadata=metadata,
-        )
-        try:
-            self.save_manifest(manifest)
-        except BaseException:
-            self._io.delete_quietly([entry.path for _, entry in entries])
-            raise
-        self._note_committed(checkpoint_id, epoch)
-        try:
-            self.update_latest(checkpoint_id)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"checkpoint {checkpoint_id} is committed but _latest was not moved: {exc}"
-            ) from exc
-        return manifest
+        return newest
 
     def _newest_committed(self) -> tuple[CheckpointId, int] | None:
         """``(id, epoch)`` of the newest checkpoint whose manifest reads, cached."""
@@ -523,29 +739,100 @@ class ObjectStoreCheckpointer:
         ):
             raise ValueError(f"max_size must be an int >= 0 or None, got {max_size!r}")
         candidates, _ = self._scan()
+        manifests: dict[CheckpointId, CheckpointManifest] = {}
+
+        def attempt(
+            cid: CheckpointId, failures: tuple[tuple[str, str], ...]
+        ) -> RecoveredCheckpoint:
+            manifest, chains, blobs = self._fetch_chains(cid, manifests, max_size)
+            deltas: dict[str, dict[int, tuple[bytes, ...]]] = {}
+            if rebuild:
+                state = rebuild_state(manifest, chains, blobs, apply_delta, max_size)
+            else:
+                state, deltas = split_chains(manifest, chains, blobs)
+            return RecoveredCheckpoint(
+                manifest, state, dict(manifest.source_offsets), failures, deltas
+            )
+
+        return self._newest_valid(candidates, max_fallback, attempt)
+
+    def recover_entries(
+        self,
+        max_fallback: int = 3,
+        *,
+        before: CheckpointId | str | None = None,
+        verify: bool = True,
+    ) -> RecoveryPlan | None:
+        """Choose the checkpoint every worker restores from, or None on an empty store.
+
+        The distributed form of :meth:`recover`: the same candidates, newest first, and the
+        same fallback, but instead of every partition's bytes it returns a
+        :class:`RecoveryPlan`, each partition's chain of entries, for the coordinator to
+        hand out; each worker then reads only its own partitions with
+        :meth:`load_partition` (or :meth:`load_verified`). With ``verify`` (the default)
+        every artifact of the chosen checkpoint is read here and checked against its
+        SHA-256, so the plan names the newest checkpoint whose every artifact verifies;
+        ``verify=False`` checks only the manifests, the delta chains and that every
+        artifact exists (no artifact is read), leaving the digests to the workers.
+
+        The recovery protocol: the coordinator calls ``plan = ckpt.recover_entries()`` once
+        and sends every worker ``plan`` (or its chains). If any worker's restore fails (an
+        artifact damaged since), the coordinator calls
+        ``ckpt.recover_entries(before=plan.checkpoint_id)`` and *all* workers restore again
+        from that older plan, so no two workers ever resume from different checkpoints;
+        every source rewinds to ``plan.source_offsets``. Only checkpoints older than
+        ``before`` are candidates. When every candidate fails,
+        :class:`~streamstate.NoValidCheckpointError` lists each with its reason.
+        """
+        if isinstance(max_fallback, bool) or not isinstance(max_fallback, int) or max_fallback < 0:
+            raise ValueError(f"max_fallback must be an int >= 0, got {max_fallback!r}")
+        before = _optional_id("before", before)
+        candidates, dirs = self._scan()
+        if before is not None:
+            candidates = [cid for cid in candidates if cid < before]
+        stored = {path for paths in dirs.values() for path in paths}
+        manifests: dict[CheckpointId, CheckpointManifest] = {}
+
+        def attempt(cid: CheckpointId, failures: tuple[tuple[str, str], ...]) -> RecoveryPlan:
+            manifest = self._manifest_cached(cid, manifests)
+            chains = self._chains(manifest, manifests)
+            needed = list({e.path: e for chain in chains.values() for e in chain}.values())
+            if verify:
+                self._verify_all(needed)
+            else:
+                missing = next((e.path for e in needed if e.path not in stored), None)
+                if missing is not None:
+                    raise CheckpointError(f"{missing}: artifact is missing")
+            return RecoveryPlan(
+                manifest, {key: tuple(chain) for key, chain in chains.items()}, failures
+            )
+
+        return self._newest_valid(candidates, max_fallback, attempt)
+
+    def _newest_valid(
+        self,
+        candidates: Sequence[CheckpointId],
+        max_fallback: int,
+        attempt: Callable[[CheckpointId, tuple[tuple[str, str], ...]], R],
+    ) -> R | None:
+        """The fallback of recovery: ``attempt`` each of the newest ``max_fallback + 1``
+        candidates, newest first, until one succeeds (``attempt`` gets the failures so
+        far); None when there are no candidates."""
         if not candidates:
             with self._newest_lock:
                 self._newest = None
             return None
         failures: list[tuple[str, str]] = []
-        manifests: dict[CheckpointId, CheckpointManifest] = {}
         for cid in reversed(candidates[-(max_fallback + 1) :]):
             try:
-                manifest, chains, blobs = self._fetch_chains(cid, manifests, max_size)
-                deltas: dict[str, dict[int, tuple[bytes, ...]]] = {}
-                if rebuild:
-                    state = rebuild_state(manifest, chains, blobs, apply_delta, max_size)
-                else:
-                    state, deltas = split_chains(manifest, chains, blobs)
+                result = attempt(cid, tuple(failures))
             except (StreamStateError, ValueError) as exc:
                 failures.append((str(cid), str(exc)))
                 continue
             with self._newest_lock:
                 # Writers resume from here: newer checkpoints did not verify.
-                self._newest = (manifest.checkpoint_id, manifest.epoch)
-            return RecoveredCheckpoint(
-                manifest, state, dict(manifest.source_offsets), tuple(failures), deltas
-            )
+                self._newest = (cid, result.epoch)
+            return result
         raise NoValidCheckpointError(failures)
 
     def verify_checkpoint(self, checkpoint_id: CheckpointId) -> CheckpointManifest:
@@ -560,7 +847,7 @@ class ObjectStoreCheckpointer:
         manifest = self._manifest_cached(checkpoint_id, manifests)
         chains = self._chains(manifest, manifests)
         needed = {entry.path: entry for chain in chains.values() for entry in chain}
-        self._parallel(self._fetch_verified, list(needed.values()))
+        self._verify_all(list(needed.values()))
         return manifest
 
     def _fetch_chains(
@@ -608,22 +895,21 @@ class ObjectStoreCheckpointer:
         return delta_chains(manifest, lambda cid: self._manifest_cached(cid, manifests))
 
     def _fetch_verified(self, entry: PartitionSnapshotEntry) -> bytes:
+        return bytes(self._read_checked(entry))
+
+    def _verify_all(self, entries: Sequence[PartitionSnapshotEntry]) -> None:
+        """Check every artifact, holding no more than one per thread in memory."""
+        self._parallel(lambda entry: self._read_checked(entry).nbytes, entries)
+
+    def _read_checked(self, entry: PartitionSnapshotEntry) -> memoryview:
         try:
             data = self._io.get(entry.path).data
         except FileNotFoundError:
             raise CheckpointError(f"{entry.path}: artifact is missing") from None
         check_artifact(entry, data)
-        return bytes(data)
+        return data
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _create(self, path: str, data: BytesLike) -> None:
-        """Create ``path`` holding ``data``; never overwrite different content."""
-        if not self._io.create(path, data):
-            raise CheckpointError(
-                f"{path}: already exists with different content; committed objects are "
-                "never overwritten"
-            )
 
     def _parallel(self, fn: Callable[[T], U], items: Sequence[T]) -> list[U]:
         return parallel_map(fn, items, self.max_concurrent_uploads)

@@ -131,6 +131,26 @@ class CheckpointPaths:
         except ValueError:
             return None
 
+    def parse_artifact(self, path: str) -> tuple[CheckpointId, str, int, bool] | None:
+        """``(checkpoint_id, operator, partition, is_delta)`` of the artifact at ``path``, or
+        None unless ``path`` is exactly where :meth:`artifact` puts one."""
+        cid = self.id_of(path)
+        if cid is None:
+            return None
+        rest = path[len(self.checkpoint_dir(cid)) :]
+        head, _, name = rest.rpartition("/")
+        section, _, operator = head.partition("/")
+        stem, _, ext = name.rpartition(".")
+        number = stem.removeprefix("partition-")
+        if section != "operators" or ext not in ("snap", "delta") or not number.isdigit():
+            return None
+        try:
+            parsed = (cid, operator, int(number), ext == "delta")
+            canonical = self.artifact(*parsed)
+        except (TypeError, ValueError):
+            return None
+        return parsed if canonical == path else None
+
     def is_manifest(self, path: str) -> bool:
         """Whether ``path`` is some checkpoint's manifest."""
         cid = self.id_of(path)

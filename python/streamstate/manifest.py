@@ -67,9 +67,30 @@ class PartitionSnapshotEntry:
             size_bytes=_int(o, "size_bytes", where),
             sha256=_field(o, "sha256", str, where),
         )
-        if len(entry.sha256) != 64 or entry.sha256.strip("0123456789abcdef"):
+        if not _is_sha256_hex(entry.sha256):
             raise CorruptDataError(f"manifest: {where}.sha256 is not 64 lowercase hex digits")
         return entry
+
+    def check(self) -> PartitionSnapshotEntry:
+        """Raise ``TypeError``/``ValueError`` unless every field has the type and range a
+        manifest can hold (an entry built in code, not read from JSON); return it."""
+        for name, kind in (("partition_id", int), ("is_delta", bool), ("size_bytes", int)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TypeError(f"{self.path!r}: {name} must be {kind.__name__}")
+        if not isinstance(self.path, str):
+            raise TypeError(f"entry path must be a str, got {type(self.path).__name__}")
+        if not 0 <= self.partition_id <= MAX_PARTITION:
+            raise ValueError(f"{self.path}: partition_id {self.partition_id} is out of range")
+        if self.size_bytes < 0:
+            raise ValueError(f"{self.path}: size_bytes {self.size_bytes} is negative")
+        if not isinstance(self.sha256, str) or not _is_sha256_hex(self.sha256):
+            raise ValueError(f"{self.path}: sha256 is not 64 lowercase hex digits")
+        return self
+
+
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and not text.strip("0123456789abcdef")
 
 
 @dataclass(frozen=True)

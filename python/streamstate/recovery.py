@@ -19,6 +19,8 @@ from .manifest import CheckpointManifest, PartitionSnapshotEntry
 
 __all__ = [
     "RecoveredCheckpoint",
+    "RecoveryPlan",
+    "apply_chain",
     "check_artifact",
     "delta_chains",
     "rebuild_state",
@@ -34,8 +36,24 @@ def verify_integrity(path: str, data: BytesLike, expected_sha256: str) -> None:
         raise IntegrityError(path, expected_sha256, actual)
 
 
+class _ChosenCheckpoint:
+    """What recovery chose: a checkpoint, known by its manifest."""
+
+    manifest: CheckpointManifest
+
+    @property
+    def checkpoint_id(self) -> CheckpointId:
+        """The chosen checkpoint's id."""
+        return self.manifest.checkpoint_id
+
+    @property
+    def epoch(self) -> int:
+        """The chosen checkpoint's epoch."""
+        return self.manifest.epoch
+
+
 @dataclass(frozen=True)
-class RecoveredCheckpoint:
+class RecoveredCheckpoint(_ChosenCheckpoint):
     """A verified checkpoint: its manifest, every partition's state, and source offsets.
 
     ``state[operator][partition]`` is the partition's bytes with any deltas applied.
@@ -56,16 +74,6 @@ class RecoveredCheckpoint:
     deltas: dict[str, dict[int, tuple[bytes, ...]]] = field(default_factory=dict)
 
     @property
-    def checkpoint_id(self) -> CheckpointId:
-        """The recovered checkpoint's id."""
-        return self.manifest.checkpoint_id
-
-    @property
-    def epoch(self) -> int:
-        """The recovered checkpoint's epoch."""
-        return self.manifest.epoch
-
-    @property
     def delta_count(self) -> int:
         """How many deltas are left to apply, over every partition (0 when rebuilt)."""
         return sum(len(chain) for parts in self.deltas.values() for chain in parts.values())
@@ -76,6 +84,46 @@ class RecoveredCheckpoint:
             f"RecoveredCheckpoint(checkpoint_id='{self.checkpoint_id}', epoch={self.epoch}, "
             f"partitions={shape}, bytes={self.manifest.total_size_bytes}, "
             f"deltas={self.delta_count}, fallbacks={len(self.fallbacks)})"
+        )
+
+
+@dataclass(frozen=True)
+class RecoveryPlan(_ChosenCheckpoint):
+    """Which checkpoint every worker restores from, and each partition's artifacts.
+
+    Chosen once by a coordinator (:meth:`ObjectStoreCheckpointer.recover_entries
+    <streamstate.checkpoint.ObjectStoreCheckpointer.recover_entries>`) and handed out, so all
+    workers fall back together to the same checkpoint. ``chains[(operator, partition)]`` is
+    the partition's full snapshot followed by its deltas, oldest first; a worker restores it
+    with :meth:`~streamstate.checkpoint.ObjectStoreCheckpointer.load_partition` (or
+    :meth:`~streamstate.checkpoint.ObjectStoreCheckpointer.load_verified` per entry).
+    ``fallbacks`` lists ``(checkpoint_id, reason)`` for newer checkpoints passed over. The
+    plan pickles.
+    """
+
+    manifest: CheckpointManifest
+    chains: dict[tuple[str, int], tuple[PartitionSnapshotEntry, ...]]
+    fallbacks: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def source_offsets(self) -> dict[str, Any]:
+        """Where each source resumes."""
+        return dict(self.manifest.source_offsets)
+
+    def chain(self, operator: str, partition: int) -> tuple[PartitionSnapshotEntry, ...]:
+        """The artifacts one partition restores from; ``KeyError`` if the checkpoint does not
+        hold it."""
+        try:
+            return self.chains[(operator, partition)]
+        except KeyError:
+            raise KeyError(
+                f"checkpoint {self.checkpoint_id} holds no {operator}/partition-{partition}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"RecoveryPlan(checkpoint_id='{self.checkpoint_id}', epoch={self.epoch}, "
+            f"partitions={len(self.chains)}, fallbacks={len(self.fallbacks)})"
         )
 
 
@@ -130,19 +178,33 @@ def rebuild_state(
     growing past ``max_size`` bytes :class:`~streamstate.CheckpointError`."""
     state: dict[str, dict[int, bytes]] = {op: {} for op in manifest.operators}
     for (op, partition), chain in chains.items():
-        data = blobs[chain[0].path]
-        for delta in chain[1:]:
-            try:
-                data = apply_delta(data, blobs[delta.path])
-            except Exception as exc:
-                raise CorruptDataError(f"{delta.path}: applying the delta failed: {exc}") from exc
-            if max_size is not None and len(data) > max_size:
-                raise CheckpointError(
-                    f"{delta.path}: the rebuilt state of {len(data)} bytes exceeds "
-                    f"max_size {max_size}"
-                )
-        state[op][partition] = data
+        state[op][partition] = apply_chain(chain, blobs, apply_delta, max_size)
     return state
+
+
+def apply_chain(
+    chain: Sequence[PartitionSnapshotEntry],
+    blobs: Mapping[str, bytes],
+    apply_delta: DeltaFunction,
+    max_size: int | None = None,
+) -> bytes:
+    """One partition's state: the full snapshot ``chain[0]`` with the deltas after it
+    applied in order (``blobs`` maps each entry's path to its verified bytes). A failing
+    ``apply_delta`` raises :class:`~streamstate.CorruptDataError`, a state growing past
+    ``max_size`` bytes :class:`~streamstate.CheckpointError`."""
+    if not chain or chain[0].is_delta:
+        raise CorruptDataError("a delta chain must start with a full snapshot")
+    data = blobs[chain[0].path]
+    for delta in chain[1:]:
+        try:
+            data = apply_delta(data, blobs[delta.path])
+        except Exception as exc:
+            raise CorruptDataError(f"{delta.path}: applying the delta failed: {exc}") from exc
+        if max_size is not None and len(data) > max_size:
+            raise CheckpointError(
+                f"{delta.path}: the rebuilt state of {len(data)} bytes exceeds max_size {max_size}"
+            )
+    return data
 
 
 def split_chains(
