@@ -329,7 +329,7 @@ def _frame(rows: int, seed: int = 0) -> pd.DataFrame:
 def _totals(pipe: Pipeline, value: str = "amount") -> dict[Any, tuple[int, float, float, float]]:
     got = pipe.to_pandas(value)
     return {
-        (k.decode() if isinstance(k, bytes) else int(k)): (
+        (k.decode() if isinstance(k, bytes) else k if isinstance(k, str) else int(k)): (
             int(r["count"]), float(r["sum"]), float(r["min"]), float(r["max"])
         )
         for k, r in got.iterrows()

@@ -782,8 +782,8 @@ class Pipeline:
         if found != self._key_type and not (found == "str" and self._key_type == "bytes"):
             raise SourceError(
                 f"source {self._source.name!r}: the batch at offset {self._offset!r} has "
-                f"{describe_keys(keys)} keys in column {self._key!r}, but this job's keys are "
-                f"{self._key_type}"
+                f"{found or 'no valid'} keys ({describe_keys(keys)}) in column {self._key!r}, "
+                f"but this job's keys are {self._key_type}"
             )
 
     def _dispatch(
