@@ -4,6 +4,7 @@
 #include <cmath>
 #include <algorithm>
 #include <stdexcept>
+#include <limits>
 #include <string>
 
 #include "core/errors.h"
@@ -71,7 +72,8 @@ template <class K>
 std::size_t PartitionAggregator<K>::memory_bytes() const noexcept {
   std::size_t n = shards_.capacity() * sizeof(Shard);
   for (const Shard& sh : shards_) {
-    n += sh.table.memory_bytes() - sizeof(sh.table) + sh.changed.capacity() * sizeof(std::uint64_t);
+    n += sh.table.memory_bytes() - sizeof(sh.table) + sh.changed.capacity() * sizeof(std::uint64_t) +
+         sh.more.capacity() * sizeof(Moments);
   }
   return n;
 }
@@ -129,9 +131,11 @@ void PartitionAggregator<K>::drain() noexcept {
   for (Shard& sh : shards_) {
     if (sh.table.size() <= kKeepDrainedEntries) {
       sh.table.clear();
+      sh.more.clear();
     } else {
       sh.table.release();
       std::vector<std::uint64_t>().swap(sh.changed);
+      std::vector<Moments>().swap(sh.more);
     }
     sh.changed.clear();
     sh.watermark = 0;
@@ -140,9 +144,15 @@ void PartitionAggregator<K>::drain() noexcept {
 }
 
 template <class K>
-void PartitionAggregator<K>::replace(std::vector<Table>&& tables) noexcept {
+void PartitionAggregator<K>::replace(std::vector<Table>&& tables,
+                                     std::vector<std::vector<Moments>>&& more) noexcept {
   for (std::size_t s = 0; s < kShards; ++s) {
     shards_[s].table = std::move(tables[s]);
+    if (width_ > 1) {
+      shards_[s].more = std::move(more[s]);
+    } else {
+      shards_[s].more.clear();
+    }
     shards_[s].changed.clear();
     shards_[s].watermark = 0;
   }
@@ -150,11 +160,27 @@ void PartitionAggregator<K>::replace(std::vector<Table>&& tables) noexcept {
 }
 
 template <class K>
-void PartitionAggregator<K>::assign(View key, const Moments& m) {
+void PartitionAggregator<K>::assign(View key, const Moments& first, const Moments* more) {
   const std::uint64_t h = K::hash(key);
   Shard& sh = shards_[shard_of(h)];
-  const std::size_t idx = emplace_in(sh, key, h);
-  sh.table.value_at(idx) = m;
+  if (width_ == 1) {
+    sh.table.value_at(emplace_in(sh, key, h)) = first;
+    return;
+  }
+  const std::size_t idx = emplace_wide(sh, key, h);
+  sh.table.value_at(idx) = first;
+  std::copy(more, more + (width_ - 1), sh.more.begin() + static_cast<std::ptrdiff_t>(idx * (width_ - 1)));
+}
+
+template <class K>
+std::size_t PartitionAggregator<K>::emplace_wide(Shard& shard, View key, std::uint64_t hash) {
+  const std::size_t w = width_ - 1;
+  const std::size_t want = (shard.table.size() + 1) * w;
+  if (shard.more.capacity() < want) shard.more.reserve(std::max(want, 2 * shard.more.capacity()));
+  const std::size_t idx = emplace_in(shard, key, hash);
+  // Reserved above: growing to cover a new entry cannot throw.
+  if (shard.more.size() < (idx + 1) * w) shard.more.resize((idx + 1) * w);
+  return idx;
 }
 
 template <class K>
@@ -173,6 +199,10 @@ template <class K>
 void PartitionAggregator<K>::fold(const View* keys, const double* values, std::size_t n,
                                   NanPolicy policy) {
   if (n == 0) return;
+  if (width_ > 1) {
+    fold_wide(keys, values, n, policy);
+    return;
+  }
   const bool has_nan = any_nan(values, n);
   if (has_nan) {
     if (policy == NanPolicy::kRaise) {
@@ -304,6 +334,71 @@ void PartitionAggregator<K>::fold_with_nan(const View* keys, const double* value
     Shard& sh = shards_[shard_of(h)];
     const std::size_t idx = emplace_in(sh, keys[i], h);
     sh.table.value_at(idx).add(values[i]);
+    sh.mark(idx);
+  }
+}
+
+template <class K>
+void PartitionAggregator<K>::fold_wide(const View* keys, const double* values, std::size_t n,
+                                       NanPolicy policy) {
+  const std::size_t w = width_;
+  if (n > std::numeric_limits<std::size_t>::max() / w) {
+    throw InvalidArgument("partition aggregator: batch too large");
+  }
+  const bool has_nan = any_nan(values, n * w);
+  if (has_nan && policy == NanPolicy::kRaise) {
+    for (std::size_t i = 0; i < n * w; ++i) {
+      if (std::isnan(values[i])) {
+        throw InvalidArgument("NaN value at row " + std::to_string(i / w) + ", column " +
+                              std::to_string(i % w) +
+                              " (nan_policy='raise'); nothing from this batch was folded");
+      }
+    }
+  }
+  const bool skip = has_nan && policy == NanPolicy::kSkip;
+  // One column's value into its partial: NaN is skipped or (propagate) poisons it.
+  const auto add = [has_nan](Moments& m, double x) noexcept {
+    if (has_nan && std::isnan(x)) {
+      m.add(x);  // only reached under kPropagate: skipped NaNs never get here
+    } else {
+      add_number(m, x);
+    }
+  };
+  std::uint64_t ring[kRing];
+  const std::size_t warm = n < kAhead ? n : kAhead;
+  for (std::size_t j = 0; j < warm; ++j) {
+    ring[j] = K::hash(keys[j]);
+    shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      const std::uint64_t h = K::hash(keys[i + kAhead]);
+      ring[(i + kAhead) & (kRing - 1)] = h;
+      shards_[shard_of(h)].table.prefetch_slot(h);
+    }
+    if (i + kAhead / 2 < n) {
+      const std::uint64_t h = ring[(i + kAhead / 2) & (kRing - 1)];
+      shards_[shard_of(h)].table.prefetch_entry(h);
+    }
+    const double* row = values + i * w;
+    if (skip) {
+      std::size_t present = 0;
+      for (std::size_t c = 0; c < w; ++c) present += std::isnan(row[c]) ? 0 : 1;
+      if (present == 0) continue;
+    }
+    const std::uint64_t h = ring[i & (kRing - 1)];
+    Shard& sh = shards_[shard_of(h)];
+    const std::size_t idx = emplace_wide(sh, keys[i], h);
+    Moments* more = sh.more.data() + idx * (w - 1);
+    if (skip) {
+      if (!std::isnan(row[0])) add_number(sh.table.value_at(idx), row[0]);
+      for (std::size_t c = 1; c < w; ++c) {
+        if (!std::isnan(row[c])) add_number(more[c - 1], row[c]);
+      }
+    } else {
+      add(sh.table.value_at(idx), row[0]);
+      for (std::size_t c = 1; c < w; ++c) add(more[c - 1], row[c]);
+    }
     sh.mark(idx);
   }
 }
