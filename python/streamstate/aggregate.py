@@ -110,7 +110,9 @@ class NumericAggregateStore(_core.NumericAggregateStore):
     (both reset the change tracking), naming its parent; ``apply_delta(data)`` applies it
     to a store in that parent's state (``restore(full)`` then the earlier deltas in order),
     all or nothing. A publish merges the partition's local partials into the shared map
-    and empties its tables, so each key's partial is held once.
+    and empties its tables, so each key's partial is held once. ``restore_columns(parts)``
+    joins one one-column snapshot per value column (how several columns were held before
+    one store could) into this store.
 
     Several value columns: :meth:`result`, :meth:`results`, :meth:`to_pandas`,
     :meth:`to_arrow` and :meth:`to_polars` take a ``column`` name, and each then equals
@@ -131,7 +133,8 @@ class NumericAggregateStore(_core.NumericAggregateStore):
         values: Sequence[str] | None = None,
     ) -> None:
         # The core knows two flavours; str keys are its byte-string keys, read back as text.
-        names = list(values) if isinstance(values, tuple) else values
+        # Lists and tuples of names; anything else reaches the core, which names the type.
+        names = list(values) if isinstance(values, (list, tuple)) else cast("list[str] | None", values)
         super().__init__(
             num_partitions, "bytes" if key_type == "str" else key_type, nan_policy, names
         )
@@ -178,7 +181,7 @@ class NumericAggregateStore(_core.NumericAggregateStore):
         # A published key has values of at least one column (an all-NaN row creates none).
         return out if any(stats is not None for stats in out.values()) else None
 
-    def results(self, column: str | None = None) -> StatResults:  # type: ignore[override]
+    def results(self, column: str | None = None) -> StatResults:
         """Every published key's statistics as columns (see :class:`~streamstate.StatResults`):
         keys an int64 array, or a list of ``bytes`` / ``str`` by ``key_type``. With several
         value columns ``column`` (required) names the one, and only the keys with a value

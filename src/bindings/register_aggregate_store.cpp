@@ -686,6 +686,27 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           "Replace all state (shared and every partition's) with a snapshot's. Corrupt or\n"
           "foreign bytes raise CorruptDataError and leave the store as it was.")
       .def(
+          "restore_columns",
+          [](const NumericStoreHandle& self, const py::object& parts) {
+            if (PyList_Check(parts.ptr()) == 0 && PyTuple_Check(parts.ptr()) == 0) {
+              throw py::type_error("parts must be a list of bytes-like snapshots, not " +
+                                   type_name(parts));
+            }
+            std::vector<ImmutableInput> inputs;  // each keeps its bytes alive and unchanged
+            std::vector<std::string_view> views;
+            for (const py::handle part : parts) {
+              require_buffer(part, "parts[i]");
+              views.push_back(inputs.emplace_back(part).view());
+            }
+            const py::gil_scoped_release release;  // decodes memory no other thread can change
+            self.visit([&](auto& s) { s.restore_columns(views); });
+          },
+          py::arg("parts"),
+          "Replace all state with one snapshot per value column (in order), each written by\n"
+          "a store of one unnamed column (how pipelines checkpointed before one store held\n"
+          "every column). Corrupt or foreign bytes raise CorruptDataError and leave the\n"
+          "store as it was.")
+      .def(
           "memory_bytes",
           [](const NumericStoreHandle& self) {
             const py::gil_scoped_release release;

@@ -830,6 +830,66 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
 }
 
 template <class K>
+void NumericAggregateStore<K>::restore_columns(const std::vector<std::string_view>& parts) {
+  if (parts.size() != width_) {
+    corrupt(std::to_string(parts.size()) + " column snapshots for a store of " +
+            std::to_string(width_) + " value columns");
+  }
+  const std::uint32_t np = num_partitions();
+  const std::size_t extra = width_ - 1;
+  SharedMap fresh_shared;
+  std::vector<StagedLocal<Local>> fresh_local(np);
+  for (auto& staged : fresh_local) staged.allocate();
+  // Column c of a staged row: column 0 is the entry's (or slot's) own partial.
+  const auto at = [](Moments& first, Moments* more, std::size_t c) -> Moments& {
+    return c == 0 ? first : more[c - 1];
+  };
+  for (std::size_t c = 0; c < width_; ++c) {
+    NumericAggregateStore part(np, policy_);
+    part.restore(parts[c]);  // every check a restore makes, layouts 1 and 2 alike
+    for (const auto& item : part.shared_) {
+      typename SharedMap::accessor entry;
+      fresh_shared.insert(entry, item.first);
+      for (const Slot& in_slot : item.second) {
+        Slot* slot = entry->second.slot(in_slot.partition, extra).first;
+        at(slot->partial, extra > 0 ? entry->second.more(slot, extra) : nullptr, c) =
+            in_slot.partial;
+      }
+    }
+    for (std::uint32_t pid = 0; pid < np; ++pid) {
+      StagedLocal<Local>& staged = fresh_local[pid];
+      for (std::size_t s = 0; s < Local::kShards; ++s) {
+        const auto& from = part.partitions_[pid]->local.shard(s);
+        auto& table = staged.tables[s];
+        auto& more = staged.more[s];
+        for (std::size_t i = 0; i < from.size(); ++i) {
+          const auto [idx, inserted] = table.emplace(from.key_at(i), from.hash_at(i));
+          if (table.size() > Local::kMaxPerShard) corrupt("too many local entries in a shard");
+          if (inserted && extra > 0) more.resize((idx + 1) * extra);
+          at(table.value_at(idx), extra > 0 ? more.data() + idx * extra : nullptr, c) =
+              from.value_at(i);
+        }
+      }
+    }
+  }
+  std::vector<std::size_t> published(np, 0);
+  for (const auto& item : fresh_shared) {
+    for (const Slot& s : item.second) ++published[s.partition];
+  }
+
+  const Quiescent quiescent(epoch_, partitions_);
+  shared_.swap(fresh_shared);
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    Partition& p = *partitions_[pid];
+    p.dirty.clear();
+    p.published = published[pid];
+    p.local.replace(std::move(fresh_local[pid].tables), std::move(fresh_local[pid].more));
+  }
+  identity_ = 0;
+  sequence_ = 0;
+}
+
+template <class K>
 std::size_t NumericAggregateStore<K>::memory_bytes() const {
   std::size_t total = sizeof(*this);
   for (const auto& p : partitions_) {

@@ -137,6 +137,14 @@ class NumericAggregateStore {
   // restore).
   void restore(std::string_view data);
 
+  // Restores from one snapshot per value column (parts[c] for column c), each written by
+  // a store of one unnamed column with this store's key type: how a pipeline held its
+  // value columns before one store held them all. Each part is validated as restore()
+  // does, then the columns are joined key by key (a key missing from a column has an empty
+  // partial there); CorruptDataError and the store is unchanged on any problem. The
+  // result is no capture's state: the store's identity is that of a fresh store.
+  void restore_columns(const std::vector<std::string_view>& parts);
+
   // The slots and local entries created or changed since the previous capture, in
   // O(changed) (kind kNumericAggregateStoreDelta); resets the change tracking.
   [[nodiscard]] std::string snapshot_delta();
