@@ -735,6 +735,25 @@ void NumericAggregateStore<K>::apply_delta(std::string_view data) {
 }
 
 template <class K>
+template <class Staged>
+void NumericAggregateStore<K>::install(SharedMap& fresh_shared, std::vector<Staged>& fresh_local) {
+  const std::uint32_t np = num_partitions();
+  std::vector<std::size_t> published(np, 0);
+  for (const auto& item : fresh_shared) {
+    for (const Slot& s : item.second) ++published[s.partition];
+  }
+
+  const Quiescent quiescent(epoch_, partitions_);
+  shared_.swap(fresh_shared);
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    Partition& p = *partitions_[pid];
+    p.dirty.clear();  // they point into the old map; the new one is clean
+    p.published = published[pid];
+    p.local.replace(std::move(fresh_local[pid].tables), std::move(fresh_local[pid].more));
+  }
+}
+
+template <class K>
 void NumericAggregateStore<K>::restore(std::string_view data) {
   RecordReader reader(data);
   reader.expect_kind(RecordKind::kNumericAggregateStore);
@@ -812,19 +831,7 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
       }
     }
   }
-  std::vector<std::size_t> published(np, 0);
-  for (const auto& item : fresh_shared) {
-    for (const Slot& s : item.second) ++published[s.partition];
-  }
-
-  const Quiescent quiescent(epoch_, partitions_);
-  shared_.swap(fresh_shared);
-  for (std::uint32_t pid = 0; pid < np; ++pid) {
-    Partition& p = *partitions_[pid];
-    p.dirty.clear();  // they point into the old map; the new one is clean
-    p.published = published[pid];
-    p.local.replace(std::move(fresh_local[pid].tables), std::move(fresh_local[pid].more));
-  }
+  install(fresh_shared, fresh_local);
   identity_ = record_identity(data);
   sequence_ = 0;
 }
@@ -872,19 +879,7 @@ void NumericAggregateStore<K>::restore_columns(const std::vector<std::string_vie
       }
     }
   }
-  std::vector<std::size_t> published(np, 0);
-  for (const auto& item : fresh_shared) {
-    for (const Slot& s : item.second) ++published[s.partition];
-  }
-
-  const Quiescent quiescent(epoch_, partitions_);
-  shared_.swap(fresh_shared);
-  for (std::uint32_t pid = 0; pid < np; ++pid) {
-    Partition& p = *partitions_[pid];
-    p.dirty.clear();
-    p.published = published[pid];
-    p.local.replace(std::move(fresh_local[pid].tables), std::move(fresh_local[pid].more));
-  }
+  install(fresh_shared, fresh_local);
   identity_ = 0;
   sequence_ = 0;
 }

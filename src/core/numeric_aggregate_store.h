@@ -250,6 +250,10 @@ class NumericAggregateStore {
   [[nodiscard]] Moments merged(const Slots& slots, std::size_t column) const noexcept;
   // Sets a slot's partials from column 0's and columns 1..'s.
   void put(Slots& slots, std::uint32_t partition, const Moments& first, const Moments* more);
+  // Swaps in state a restore validated (a fresh map, and every partition's staged local
+  // tables), with the map quiescent and every partition stopped; nothing is dirty after.
+  template <class Staged>
+  void install(SharedMap& fresh_shared, std::vector<Staged>& fresh_local);
   // Clears every dirty flag and list and every partition's change tracking, and takes the
   // capture's identity. Callers hold the exclusive epoch and every partition's lock.
   void reset_tracking(std::string_view capture, std::uint64_t sequence) noexcept;

@@ -10,16 +10,6 @@
 #include "core/errors.h"
 
 namespace streamstate {
-namespace {
-
-// Rows looked ahead: the slot of row i + kAhead is prefetched, and the entry of row
-// i + kAhead / 2 (whose slot should be cached by then). At ~1M keys every lookup would
-// otherwise be two dependent cache misses; this keeps ~16 of them in flight.
-constexpr std::size_t kAhead = 16;
-constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead, reused
-static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
-
-}  // namespace
 
 bool any_nan(const double* values, std::size_t n) noexcept {
   // Branch-free OR of "x != x" over blocks so the compiler can vectorise it, with an
@@ -246,32 +236,16 @@ void PartitionAggregator<K>::fold_sliced(const View* keys, const double* values,
 template <class K>
 template <bool kSkipNan>
 void PartitionAggregator<K>::fold_rows(const View* keys, const double* values, std::size_t n) {
-  std::uint64_t ring[kRing];
-  const std::size_t warm = n < kAhead ? n : kAhead;
-  for (std::size_t j = 0; j < warm; ++j) {
-    ring[j] = K::hash(keys[j]);
-    shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) {
-      const std::uint64_t h = K::hash(keys[i + kAhead]);
-      ring[(i + kAhead) & (kRing - 1)] = h;
-      shards_[shard_of(h)].table.prefetch_slot(h);
-    }
-    if (i + kAhead / 2 < n) {
-      const std::uint64_t h = ring[(i + kAhead / 2) & (kRing - 1)];
-      shards_[shard_of(h)].table.prefetch_entry(h);
-    }
+  prefetched_rows(keys, n, [&](std::size_t i, std::uint64_t h) {
     const double x = values[i];
     if constexpr (kSkipNan) {
-      if (std::isnan(x)) continue;
+      if (std::isnan(x)) return;
     }
-    const std::uint64_t h = ring[i & (kRing - 1)];
     Shard& sh = shards_[shard_of(h)];
     const std::size_t idx = emplace_in(sh, keys[i], h);
     add_number(sh.table.value_at(idx), x);
     sh.mark(idx);
-  }
+  });
 }
 
 template <class K>
@@ -364,29 +338,13 @@ void PartitionAggregator<K>::fold_wide(const View* keys, const double* values, s
       add_number(m, x);
     }
   };
-  std::uint64_t ring[kRing];
-  const std::size_t warm = n < kAhead ? n : kAhead;
-  for (std::size_t j = 0; j < warm; ++j) {
-    ring[j] = K::hash(keys[j]);
-    shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) {
-      const std::uint64_t h = K::hash(keys[i + kAhead]);
-      ring[(i + kAhead) & (kRing - 1)] = h;
-      shards_[shard_of(h)].table.prefetch_slot(h);
-    }
-    if (i + kAhead / 2 < n) {
-      const std::uint64_t h = ring[(i + kAhead / 2) & (kRing - 1)];
-      shards_[shard_of(h)].table.prefetch_entry(h);
-    }
+  prefetched_rows(keys, n, [&](std::size_t i, std::uint64_t h) {
     const double* row = values + i * w;
     if (skip) {
       std::size_t present = 0;
       for (std::size_t c = 0; c < w; ++c) present += std::isnan(row[c]) ? 0 : 1;
-      if (present == 0) continue;
+      if (present == 0) return;
     }
-    const std::uint64_t h = ring[i & (kRing - 1)];
     Shard& sh = shards_[shard_of(h)];
     const std::size_t idx = emplace_wide(sh, keys[i], h);
     Moments* more = sh.more.data() + idx * (w - 1);
@@ -400,7 +358,7 @@ void PartitionAggregator<K>::fold_wide(const View* keys, const double* values, s
       for (std::size_t c = 1; c < w; ++c) add(more[c - 1], row[c]);
     }
     sh.mark(idx);
-  }
+  });
 }
 
 template class PartitionAggregator<Int64Keys>;

@@ -159,6 +159,35 @@ class PartitionAggregator {
     return width_ == 1 ? nullptr : sh.more.data() + i * (width_ - 1);
   }
 
+  // Calls row(i, hash of keys[i]) for i in [0, n) in order, hashing each key once, kAhead
+  // rows ahead, and prefetching its slot and then its entry so row()'s lookup hits cache.
+  // Rows looked ahead: the slot of row i + kAhead is prefetched, and the entry of row
+  // i + kAhead / 2 (whose slot should be cached by then). At ~1M keys every lookup would
+  // otherwise be two dependent cache misses; this keeps ~16 of them in flight.
+  static constexpr std::size_t kAhead = 16;
+  static constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead
+  static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
+  template <class Row>
+  [[gnu::always_inline]] void prefetched_rows(const View* keys, std::size_t n, Row&& row) {
+    std::uint64_t ring[kRing];
+    const std::size_t warm = n < kAhead ? n : kAhead;
+    for (std::size_t j = 0; j < warm; ++j) {
+      ring[j] = K::hash(keys[j]);
+      shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        const std::uint64_t h = K::hash(keys[i + kAhead]);
+        ring[(i + kAhead) & (kRing - 1)] = h;
+        shards_[shard_of(h)].table.prefetch_slot(h);
+      }
+      if (i + kAhead / 2 < n) {
+        const std::uint64_t h = ring[(i + kAhead / 2) & (kRing - 1)];
+        shards_[shard_of(h)].table.prefetch_entry(h);
+      }
+      row(i, ring[i & (kRing - 1)]);
+    }
+  }
   // Row by row while the table is small, shard by shard once it is big.
   template <bool kSkipNan>
   void fold_sliced(const View* keys, const double* values, std::size_t n);
