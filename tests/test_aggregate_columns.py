@@ -341,3 +341,27 @@ def test_repr_and_values_property() -> None:
     plain = ss.NumericAggregateStore(1)
     assert plain.values is None
     assert "values" not in repr(plain)
+
+
+@pytest.mark.parametrize("nan_policy", ["skip", "propagate"])
+def test_big_tables_fold_shard_by_shard_like_one_column_stores(nan_policy: str) -> None:
+    # Past ~400K keys a partition folds big batches shard by shard (scattered first).
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 600_000, 1_000_000, dtype=np.int64)
+    block = rng.standard_normal((len(keys), 2))
+    block[rng.random(block.shape) < 0.05] = np.nan
+    block[::97] = np.nan  # whole rows of NaN
+    wide = ss.NumericAggregateStore(1, nan_policy=nan_policy, values=["x", "y"])
+    singles = [ss.NumericAggregateStore(1, nan_policy=nan_policy) for _ in range(2)]
+    wide.partition(0).fold(keys, block)
+    for c, single in enumerate(singles):
+        single.partition(0).fold(keys, block[:, c].copy())
+    assert wide.partition(0).pending > 400_000
+    wide.partition(0).fold(keys, block)  # the table is big now: the scattered path
+    for c, single in enumerate(singles):
+        single.partition(0).fold(keys, block[:, c].copy())
+    wide.partition(0).publish()
+    for single in singles:
+        single.partition(0).publish()
+    for name, single in zip(["x", "y"], singles, strict=True):
+        _assert_same_results(wide.results(name), single.results())

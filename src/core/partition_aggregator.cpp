@@ -330,35 +330,87 @@ void PartitionAggregator<K>::fold_wide(const View* keys, const double* values, s
     }
   }
   const bool skip = has_nan && policy == NanPolicy::kSkip;
-  // One column's value into its partial: NaN is skipped or (propagate) poisons it.
-  const auto add = [has_nan](Moments& m, double x) noexcept {
+  // Row slices as fold_sliced cuts them: row by row while the table is small, scattered
+  // by shard once it is big (the rows' values travel with their keys).
+  std::size_t done = 0;
+  while (done < n) {
+    const std::size_t left = n - done;
+    if (size() >= kScatterMinKeys && left >= kRowSlice) {
+      const std::size_t chunk = std::min(left, kScatterMaxRows / w);
+      fold_wide_scattered(keys + done, values + done * w, chunk, has_nan, skip);
+      done += chunk;
+    } else {
+      const std::size_t chunk = std::min(left, kRowSlice);
+      prefetched_rows(keys + done, chunk, [&](std::size_t i, std::uint64_t h) {
+        const double* row = values + (done + i) * w;
+        if (skip && all_nan(row)) return;
+        fold_wide_row(shards_[shard_of(h)], keys[done + i], h, row, has_nan, skip);
+      });
+      done += chunk;
+    }
+  }
+}
+
+template <class K>
+bool PartitionAggregator<K>::all_nan(const double* row) const noexcept {
+  std::size_t present = 0;
+  for (std::size_t c = 0; c < width_; ++c) present += std::isnan(row[c]) ? 0 : 1;
+  return present == 0;
+}
+
+template <class K>
+void PartitionAggregator<K>::fold_wide_row(Shard& sh, View key, std::uint64_t hash,
+                                           const double* row, bool has_nan, bool skip) {
+  // A NaN is left out (kSkip) or poisons its column's partial (kPropagate).
+  const auto add = [has_nan, skip](Moments& m, double x) noexcept {
     if (has_nan && std::isnan(x)) {
-      m.add(x);  // only reached under kPropagate: skipped NaNs never get here
+      if (!skip) m.add(x);
     } else {
       add_number(m, x);
     }
   };
-  prefetched_rows(keys, n, [&](std::size_t i, std::uint64_t h) {
-    const double* row = values + i * w;
-    if (skip) {
-      std::size_t present = 0;
-      for (std::size_t c = 0; c < w; ++c) present += std::isnan(row[c]) ? 0 : 1;
-      if (present == 0) return;
+  const std::size_t idx = emplace_wide(sh, key, hash);
+  Moments* more = sh.more.data() + idx * (width_ - 1);
+  add(sh.table.value_at(idx), row[0]);
+  for (std::size_t c = 1; c < width_; ++c) add(more[c - 1], row[c]);
+  sh.mark(idx);
+}
+
+template <class K>
+void PartitionAggregator<K>::fold_wide_scattered(const View* keys, const double* values,
+                                                 std::size_t n, bool has_nan, bool skip) {
+  const std::size_t w = width_;
+  // Pass 1: each row's shard and the shard sizes (all-NaN rows skipped are left out).
+  HugePageBuffer<std::uint8_t> shard_ids(n);
+  std::size_t start[kShards + 1] = {};
+  for (std::size_t i = 0; i < n; ++i) {
+    if (skip && all_nan(values + i * w)) continue;
+    const auto s = static_cast<std::uint8_t>(shard_of(K::hash(keys[i])));
+    shard_ids[i] = s;
+    ++start[s + 1];
+  }
+  for (std::size_t s = 0; s < kShards; ++s) start[s + 1] += start[s];
+  // Pass 2: keys and their rows of values into one contiguous run per shard.
+  HugePageBuffer<View> run_keys(start[kShards]);
+  HugePageBuffer<double> run_values(start[kShards] * w);
+  std::size_t at[kShards];
+  std::copy(start, start + kShards, at);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (skip && all_nan(values + i * w)) continue;
+    const std::size_t to = at[shard_ids[i]]++;
+    run_keys[to] = keys[i];
+    std::copy(values + i * w, values + (i + 1) * w, run_values.data() + to * w);
+  }
+  // Pass 3: fold shard by shard; each shard's table and columns are reused from cache.
+  for (std::size_t s = 0; s < kShards; ++s) {
+    Shard& sh = shards_[s];
+    const View* run = run_keys.data() + start[s];
+    const double* rows = run_values.data() + start[s] * w;
+    const std::size_t m = start[s + 1] - start[s];
+    for (std::size_t j = 0; j < m; ++j) {
+      fold_wide_row(sh, run[j], K::hash(run[j]), rows + j * w, has_nan, skip);
     }
-    Shard& sh = shards_[shard_of(h)];
-    const std::size_t idx = emplace_wide(sh, keys[i], h);
-    Moments* more = sh.more.data() + idx * (w - 1);
-    if (skip) {
-      if (!std::isnan(row[0])) add_number(sh.table.value_at(idx), row[0]);
-      for (std::size_t c = 1; c < w; ++c) {
-        if (!std::isnan(row[c])) add_number(more[c - 1], row[c]);
-      }
-    } else {
-      add(sh.table.value_at(idx), row[0]);
-      for (std::size_t c = 1; c < w; ++c) add(more[c - 1], row[c]);
-    }
-    sh.mark(idx);
-  });
+  }
 }
 
 template class PartitionAggregator<Int64Keys>;

@@ -198,6 +198,13 @@ class PartitionAggregator {
   void fold_with_nan(const View* keys, const double* values, std::size_t n);
   // Rows of width() > 1 values: one hash and one probe a row, every column folded.
   void fold_wide(const View* keys, const double* values, std::size_t n, NanPolicy policy);
+  // fold_scattered for rows of width() values.
+  void fold_wide_scattered(const View* keys, const double* values, std::size_t n, bool has_nan,
+                           bool skip);
+  // One row of width() values into the key's entry (NaN left out when `skip`).
+  void fold_wide_row(Shard& sh, View key, std::uint64_t hash, const double* row, bool has_nan,
+                     bool skip);
+  [[nodiscard]] bool all_nan(const double* row) const noexcept;
 
   std::vector<Shard> shards_;
   std::size_t width_;
