@@ -407,8 +407,22 @@ void PartitionAggregator<K>::fold_wide_scattered(const View* keys, const double*
     const View* run = run_keys.data() + start[s];
     const double* rows = run_values.data() + start[s] * w;
     const std::size_t m = start[s + 1] - start[s];
+    // Slots prefetched kNear rows ahead, entries and their columns half way (as in
+    // prefetched_rows, within the shard).
+    constexpr std::size_t kNear = 8;
+    std::uint64_t ring[kRing];
+    for (std::size_t j = 0; j < std::min(m, kNear); ++j) {
+      ring[j] = K::hash(run[j]);
+      sh.table.prefetch_slot(ring[j]);
+    }
     for (std::size_t j = 0; j < m; ++j) {
-      fold_wide_row(sh, run[j], K::hash(run[j]), rows + j * w, has_nan, skip);
+      if (j + kNear < m) {
+        const std::uint64_t h = K::hash(run[j + kNear]);
+        ring[(j + kNear) & (kRing - 1)] = h;
+        sh.table.prefetch_slot(h);
+      }
+      if (j + kNear / 2 < m) sh.table.prefetch_entry(ring[(j + kNear / 2) & (kRing - 1)]);
+      fold_wide_row(sh, run[j], ring[j & (kRing - 1)], rows + j * w, has_nan, skip);
     }
   }
 }
