@@ -17,6 +17,13 @@ Figures:
 - 2 threads against 1 thread for the same end-to-end fold.
 - ``publish_many`` from 2 threads against a ``dict`` guarded by a ``threading.Lock``.
 - memory per group at 1M groups.
+- value columns (issue 12): two value columns folded as one (n, 2) block into one store
+  against the same two columns folded into two one-column stores (fold + publish +
+  results, 64K-row batches, 2 threads), at 1M and at 10K keys.
+
+``--one-column`` prints only the one-column fold + publish + results time (64K-row
+batches, 2 threads, 10M rows / 1M keys), with ``--repeats`` runs each: run it alternately
+against two builds (``PYTHONPATH=<tree>/python``) to compare them, medians of the runs.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import median_seconds, row
+from _harness import interleaved_medians, median_seconds, row, timed
 
 try:
     import streamstate as ss
@@ -70,6 +77,88 @@ def streamstate_fold(
     else:
         _run_threads([lambda pid=pid: work(pid) for pid in range(len(parts))])
     return store, store.results()
+
+
+def columns_fold(
+    parts: list[tuple[np.ndarray, np.ndarray]], batch: int, one_store: bool
+) -> tuple[list[ss.NumericAggregateStore], list[dict[str, Any]]]:
+    """Fold each (keys, (n, M) block) part in its own partition on its own thread, in calls
+    of ``batch`` rows, publish, and read every column's results: into one store of M value
+    columns (``one_store``), or into M one-column stores, one column each."""
+    width = parts[0][1].shape[1]
+    names = [f"v{c}" for c in range(width)]
+    if one_store:
+        stores = [ss.NumericAggregateStore(len(parts), values=names)]
+    else:
+        stores = [ss.NumericAggregateStore(len(parts)) for _ in names]
+        # One contiguous column each, as a caller holding separate columns has them.
+        parts = [(k, np.ascontiguousarray(block.T)) for k, block in parts]
+
+    def work(pid: int) -> None:
+        keys, block = parts[pid]
+        aggregators = [store.partition(pid) for store in stores]
+        for start in range(0, len(keys), batch):
+            chunk = keys[start : start + batch]
+            if one_store:
+                aggregators[0].fold(chunk, block[start : start + batch])
+            else:
+                for c, aggregator in enumerate(aggregators):
+                    aggregator.fold(chunk, block[c, start : start + batch])
+        for aggregator in aggregators:
+            aggregator.publish()
+
+    _run_threads([lambda pid=pid: work(pid) for pid in range(len(parts))])
+    if one_store:
+        return stores, [stores[0].results(name) for name in names]
+    return stores, [store.results() for store in stores]
+
+
+def bench_columns(quick: bool) -> list[dict[str, Any]]:
+    rows_n = 1_000_000 if quick else 10_000_000
+    repeats = 1 if quick else 5
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((rows_n, 2))
+    out = []
+    for keys_n in ((100_000, 1_000) if quick else (1_000_000, 10_000)):
+        keys = rng.integers(0, keys_n, rows_n, dtype=np.int64)
+        half = rows_n // 2
+        parts = [(keys[:half], values[:half]), (keys[half:], values[half:])]
+        # Cross-check once: both forms give the same statistics.
+        _, wide = columns_fold(parts, 65536, one_store=True)
+        _, split = columns_fold(parts, 65536, one_store=False)
+        for a, b in zip(wide, split, strict=True):
+            assert np.array_equal(np.sort(a["key"]), np.sort(b["key"]))
+            assert np.isclose(a["sum"].sum(), b["sum"].sum())
+        t_wide, t_split = interleaved_medians(
+            [
+                lambda parts=parts: columns_fold(parts, 65536, one_store=True),
+                lambda parts=parts: columns_fold(parts, 65536, one_store=False),
+            ],
+            repeats,
+            warmup=0,
+        )
+        out.append(
+            row(
+                f"2 value columns, {rows_n // 1_000_000 or rows_n / 1e6}M rows/"
+                f"{keys_n // 1000}K keys, 64K-row batches, 2 threads: one store vs two",
+                f"{t_wide:.3f} s",
+                f"{t_split:.3f} s",
+                t_split / t_wide,
+                "> 1x",
+            )
+        )
+    return out
+
+
+def one_column_seconds(repeats: int) -> list[float]:
+    """The times of ``repeats`` one-column fold + publish + results runs (64K-row batches,
+    2 threads, 10M rows / 1M int64 keys): the figure compared across builds."""
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 1_000_000, 10_000_000, dtype=np.int64)
+    values = rng.standard_normal(10_000_000)
+    halves = [(keys[:5_000_000], values[:5_000_000]), (keys[5_000_000:], values[5_000_000:])]
+    streamstate_fold(halves, 65536)  # warm-up
+    return [timed(lambda: streamstate_fold(halves, 65536)) for _ in range(repeats)]
 
 
 def python_dict_fold(keys: list[int], values: list[float]) -> dict[int, tuple[float, ...]]:
@@ -320,14 +409,22 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """All figures as rows: operation, streamstate, baseline, ratio, target."""
-    return bench_fold(quick) + bench_publish_many(quick) + bench_memory(quick)
+    return bench_fold(quick) + bench_publish_many(quick) + bench_memory(quick) + bench_columns(quick)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument(
+        "--one-column", action="store_true", help="only the one-column time, to compare builds"
+    )
+    parser.add_argument("--columns", action="store_true", help="only the value-column rows")
+    parser.add_argument("--repeats", type=int, default=3, help="runs for --one-column")
     args = parser.parse_args()
-    rows = run(args.quick)
+    if args.one_column:
+        print(" ".join(f"{t:.4f}" for t in one_column_seconds(args.repeats)))
+        return
+    rows = bench_columns(args.quick) if args.columns else run(args.quick)
     widths = [max(len(str(r[c])) for r in rows) for c in ("operation", "streamstate", "baseline")]
     print(
         f"{'operation':<{widths[0]}}  {'streamstate':>{widths[1]}}  {'baseline':>{widths[2]}}  ratio  target"

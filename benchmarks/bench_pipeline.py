@@ -92,18 +92,17 @@ def _scratch() -> str:
 
 
 def bare_core_fold(columns: dict[str, np.ndarray], key: str, key_type: str) -> Any:
-    """One thread, one partition, no routing: the core's fold of the same batches."""
-    stores = [ss.NumericAggregateStore(1, key_type=key_type) for _ in METRICS]
-    parts = [s.partition(0) for s in stores]
+    """One thread, one partition, no routing: the core's fold of the same batches, every
+    value column in one store (one (n, M) block a batch, stacked once up front)."""
+    store = ss.NumericAggregateStore(1, key_type=key_type, values=list(METRICS))
+    part = store.partition(0)
     keys = columns[key]
-    values = [columns[m] for m in METRICS]
+    block = np.column_stack([columns[m] for m in METRICS])
     for start in range(0, len(keys), BATCH):
         end = start + BATCH
-        for part, vals in zip(parts, values, strict=True):
-            part.fold(keys[start:end], vals[start:end])
-    for part in parts:
-        part.publish()
-    return [s.results() for s in stores]
+        part.fold(keys[start:end], block[start:end])
+    part.publish()
+    return [store.results(m) for m in METRICS]
 
 
 # ----------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from streamstate import (
     IncompatibleCheckpointError,
     NumericAggregateStore,
     ObjectStoreCheckpointer,
+    decode_batch,
     encode_batch,
 )
 from streamstate.pipeline import ArraySource, Batch, JobFingerprint, JobRecord, Pipeline
+from streamstate.pipeline.contents import STORE_ENTRY
 
 
 class CountingSource:
@@ -208,3 +210,72 @@ def test_a_foreign_job_is_refused_from_its_job_record_before_its_state_is_downlo
         Pipeline(_events(), key="j", values=["v"], nan_policy="raise", store=store).run()
     assert [line.split(":")[0] for line in info.value.differences] == ["key", "nan_policy"]
     assert "key: checkpoint has 'k', this job has 'j'" in str(info.value)
+
+
+def _stats_frame(pipe: Pipeline, metric: str) -> dict[int, tuple[float, ...]]:
+    results = pipe.results(metric)
+    columns = ("count", "sum", "min", "max", "mean", "var")
+    return {
+        int(k): tuple(float(results[c][i]) for c in columns)  # type: ignore[literal-required]
+        for i, k in enumerate(results["key"])
+    }
+
+
+def test_a_checkpoint_of_one_store_per_value_column_resumes_into_the_one_store() -> None:
+    # What pipelines wrote before one store held every value column: under "aggregates"
+    # one one-column store's snapshot per column, then deltas of each, packed per column
+    # (partials both published and still local, NaN in one column only).
+    rows = 120
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 9, rows)
+    v = rng.normal(0, 1, rows)
+    w = np.where(rng.random(rows) < 0.3, np.nan, rng.normal(5, 2, rows))
+    source = ArraySource("events", {"k": keys, "v": v, "w": w})
+    store = MemoryStore()
+    checkpointer = ObjectStoreCheckpointer(store)
+    old = {metric: NumericAggregateStore(2) for metric in ("v", "w")}
+    columns = {"v": v, "w": w}
+    record = JobRecord.encode(JobFingerprint.of("events", "k", ["v", "w"], "int64", "skip"), 2)
+
+    def fold(begin: int, end: int, publish: bool) -> None:
+        for metric, state in old.items():
+            for p in range(2):
+                mine = keys[begin:end] % 2 == p
+                state.partition(p).fold(keys[begin:end][mine], columns[metric][begin:end][mine])
+                if publish:
+                    state.partition(p).publish()
+
+    fold(0, 50, publish=True)
+    fold(50, 60, publish=False)
+    full = encode_batch([(m, s.snapshot()) for m, s in old.items()])
+    first = checkpointer.commit(
+        1, [("aggregates", 0, False, full), ("job", 0, False, record)],
+        source_offsets={"events": 60}, metadata={"partitions": 2},
+    )
+    fold(60, 80, publish=False)
+    delta = encode_batch([(m, s.snapshot_delta()) for m, s in old.items()])
+    checkpointer.commit(
+        2, [("aggregates", 0, True, delta), ("job", 0, False, record)],
+        source_offsets={"events": 80}, parent=first.checkpoint_id, validate_delta=None,
+        metadata={"partitions": 2},
+    )
+    with Pipeline(source, key="k", values=["v", "w"], partitions=2, store=store) as pipe:
+        report = pipe.run()
+        assert report.recovered_epoch == 2 and report.start_offset == 80
+        resumed = {m: _stats_frame(pipe, m) for m in ("v", "w")}
+    with Pipeline(source, key="k", values=["v", "w"], partitions=2,
+                  store=MemoryStore()) as fresh:
+        fresh.run()
+        expected = {m: _stats_frame(fresh, m) for m in ("v", "w")}
+    for metric in ("v", "w"):
+        assert resumed[metric].keys() == expected[metric].keys()
+        for key, stats in expected[metric].items():
+            np.testing.assert_allclose(resumed[metric][key], stats, rtol=1e-12, equal_nan=True)
+    # The checkpoint written after the migration is a full one in the one-store layout,
+    # and it resumes as such.
+    recovered = ObjectStoreCheckpointer(store).recover(rebuild=False)
+    assert recovered is not None and recovered.deltas["aggregates"][0] == ()
+    assert [name for name, _ in decode_batch(recovered.state["aggregates"][0])] == [STORE_ENTRY]
+    with Pipeline(source, key="k", values=["v", "w"], partitions=2, store=store) as again:
+        assert again.run().start_offset == rows
+        assert _stats_frame(again, "w") == resumed["w"]

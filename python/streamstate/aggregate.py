@@ -19,7 +19,8 @@ it was.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from . import _core
 from .stats import (
@@ -30,6 +31,9 @@ from .stats import (
     columns_to_pandas,
     columns_to_polars,
     list_key_format,
+    multi_columns_to_arrow,
+    multi_columns_to_pandas,
+    present_rows,
 )
 
 if TYPE_CHECKING:
@@ -48,7 +52,8 @@ NanPolicy = Literal["skip", "propagate", "raise"]
 
 #: A partition's single-writer local accumulator; get one from
 #: :meth:`NumericAggregateStore.partition`. ``fold(keys, values)`` folds a batch (GIL
-#: released), ``publish()`` pushes the partials changed since the last publish and returns
+#: released; ``values`` a 1-D float64 array for one value column, an ``(n, M)`` array or a
+#: mapping ``{name: array}`` for M named ones), ``publish()`` pushes the partials changed since the last publish and returns
 #: how many; ``len()`` is the number of keys held locally and ``pending`` how many changed
 #: since the last publish. As a context manager it publishes on a clean exit.
 PartitionAggregator = _core.PartitionAggregator
@@ -85,9 +90,15 @@ class NumericAggregateStore(_core.NumericAggregateStore):
             results hand back ``bytes``, Arrow ``binary``) or ``"str"`` (the same keys,
             handed back as ``str``, Arrow ``string``; every key must be UTF-8 text, else
             reading results raises :class:`~streamstate.CorruptDataError`).
-        nan_policy: ``"skip"`` (default; NaN rows are ignored and create no key),
-            ``"propagate"`` (the key's sum, mean, min, max and var become NaN) or
-            ``"raise"`` (a batch containing NaN raises ``ValueError`` and folds nothing).
+        nan_policy: ``"skip"`` (default; NaN values are ignored, each value column on its
+            own, and a row whose values are all NaN creates no key), ``"propagate"`` (the
+            key's sum, mean, min, max and var become NaN) or ``"raise"`` (a batch
+            containing NaN raises ``ValueError`` and folds nothing).
+        values: the value columns' names (``["dep_delay", "arr_delay"]``): every row then
+            carries one value per column, folded in one call with one hash and one table
+            probe per key (``fold(keys, block)`` with an ``(n, M)`` float64 block, or a
+            mapping ``{name: array}``). ``None`` (default): one unnamed column, folded from
+            a 1-D array.
 
     Partitions fold locally and publish (``store.partition(pid).fold(keys, values)``, then
     ``.publish()``); :meth:`result`, :meth:`results`, :meth:`to_pandas`, :meth:`to_arrow`
@@ -99,16 +110,34 @@ class NumericAggregateStore(_core.NumericAggregateStore):
     (both reset the change tracking), naming its parent; ``apply_delta(data)`` applies it
     to a store in that parent's state (``restore(full)`` then the earlier deltas in order),
     all or nothing. A publish merges the partition's local partials into the shared map
-    and empties its tables, so each key's partial is held once.
+    and empties its tables, so each key's partial is held once. ``restore_columns(parts)``
+    joins one one-column snapshot per value column (how several columns were held before
+    one store could) into this store.
+
+    Several value columns: :meth:`result`, :meth:`results`, :meth:`to_pandas`,
+    :meth:`to_arrow` and :meth:`to_polars` take a ``column`` name, and each then equals
+    what a one-column store fed that column alone would give (:meth:`results` requires
+    it); :meth:`to_pandas` without one gives every column under a ``(value, stat)`` column
+    MultiIndex, :meth:`to_arrow` flat ``{value}_{stat}`` names. Snapshots and deltas carry
+    the column names: restoring into a store with other value columns raises
+    :class:`~streamstate.CorruptDataError` and leaves it as it was.
     """
 
     __slots__ = ("_text_keys",)
 
     def __init__(
-        self, num_partitions: int, key_type: KeyType = "int64", nan_policy: NanPolicy = "skip"
+        self,
+        num_partitions: int,
+        key_type: KeyType = "int64",
+        nan_policy: NanPolicy = "skip",
+        values: Sequence[str] | None = None,
     ) -> None:
         # The core knows two flavours; str keys are its byte-string keys, read back as text.
-        super().__init__(num_partitions, "bytes" if key_type == "str" else key_type, nan_policy)
+        # Lists and tuples of names; anything else reaches the core, which names the type.
+        names = list(values) if isinstance(values, (list, tuple)) else cast("list[str] | None", values)
+        super().__init__(
+            num_partitions, "bytes" if key_type == "str" else key_type, nan_policy, names
+        )
         self._text_keys = key_type == "str"
 
     @property
@@ -117,33 +146,96 @@ class NumericAggregateStore(_core.NumericAggregateStore):
         core = super().key_type  # first: refuses an uninitialised instance
         return "str" if self._text_keys else cast(KeyType, core)
 
-    def result(self, key: int | bytes | str) -> Stats | None:
-        """The key's statistics merged across all published partials, or ``None``."""
-        values = self._result_tuple(key)
-        return None if values is None else Stats.from_tuple(values)
+    @property
+    def columns(self) -> list[str]:
+        """The value columns' names (``[]`` for the one unnamed column)."""
+        return self.values or []
 
-    def results(self) -> StatResults:
+    def _column_index(self, column: str | None) -> int | None:
+        """The index of ``column``; for None, 0 with one column and None with several."""
+        names = self.columns
+        if column is None:
+            return 0 if len(names) <= 1 else None
+        if not isinstance(column, str):
+            raise TypeError(f"column must be a str (one of {names}), not {type(column).__name__}")
+        if column not in names:
+            raise ValueError(f"unknown value column {column!r}; the store's are {names}")
+        return names.index(column)
+
+    def result(
+        self, key: int | bytes | str, column: str | None = None
+    ) -> Stats | dict[str, Stats | None] | None:
+        """The key's statistics merged across all published partials, or ``None``.
+
+        With several value columns and no ``column``: ``{name: Stats or None}`` (None for
+        a column none of whose values counted), or ``None`` for a key nobody published.
+        """
+        index = self._column_index(column)
+        if index is not None:
+            values = self._result_tuple(key, index)
+            return None if values is None else Stats.from_tuple(values)
+        out: dict[str, Stats | None] = {}
+        for i, name in enumerate(self.columns):
+            values = self._result_tuple(key, i)
+            out[name] = None if values is None else Stats.from_tuple(values)
+        # A published key has values of at least one column (an all-NaN row creates none).
+        return out if any(stats is not None for stats in out.values()) else None
+
+    def results(self, column: str | None = None) -> StatResults:
         """Every published key's statistics as columns (see :class:`~streamstate.StatResults`):
-        keys an int64 array, or a list of ``bytes`` / ``str`` by ``key_type``."""
-        return cast(StatResults, self._columns(list_key_format(self.key_type)))
+        keys an int64 array, or a list of ``bytes`` / ``str`` by ``key_type``. With several
+        value columns ``column`` (required) names the one, and only the keys with a value
+        of it counted are listed."""
+        return cast(StatResults, self._column_results(list_key_format(self.key_type), column))
 
-    def to_pandas(self) -> pd.DataFrame:
-        """:meth:`results` as a pandas DataFrame indexed by key (needs pandas)."""
-        return columns_to_pandas(self.results())
+    def _column_results(self, key_format: str, column: str | None) -> dict[str, Any]:
+        index = self._column_index(column)
+        if index is None:
+            raise ValueError(
+                f"results() needs column=... with several value columns: one of {self.columns}"
+            )
+        raw = self._columns(key_format)
+        if "values" not in raw:
+            return raw
+        return present_rows(raw["key"], raw["values"][index])
 
-    def to_arrow(self) -> pa.Table:
+    def to_pandas(self, column: str | None = None) -> pd.DataFrame:
+        """:meth:`results` as a pandas DataFrame indexed by key (needs pandas). With several
+        value columns and no ``column``: every key, every column's statistics under a
+        ``(value, stat)`` column MultiIndex (count 0 and NaN where a key has no value of a
+        column)."""
+        if self._column_index(column) is None:
+            raw = self._columns(list_key_format(self.key_type))
+            return multi_columns_to_pandas(raw["key"], dict(zip(self.columns, raw["values"], strict=True)))
+        return columns_to_pandas(self.results(column))
+
+    def to_arrow(self, column: str | None = None) -> pa.Table:
         """:meth:`results` as a ``pyarrow.Table`` (columns ``key, count, sum, min, max, mean,
         var, std``) over the core's buffers, without copying them: ``key`` is int64,
         ``binary`` or ``string`` by ``key_type`` (``large_*`` past 2 GiB of keys), ``count``
-        int64, the rest float64. Needs pyarrow."""
-        return columns_to_arrow(self._columns("arrow"), self.key_type)
+        int64, the rest float64. Needs pyarrow. With several value columns and no
+        ``column``: ``key`` then ``{value}_{stat}`` for every column (``dep_delay_count``,
+        ``dep_delay_sum``, ...)."""
+        index = self._column_index(column)
+        raw = self._columns("arrow")
+        if "values" not in raw:
+            return columns_to_arrow(raw, self.key_type)
+        if index is None:
+            per_column = dict(zip(self.columns, raw["values"], strict=True))
+            return multi_columns_to_arrow(raw["key"], per_column, self.key_type)
+        stats = raw["values"][index]
+        table = columns_to_arrow({"key": raw["key"], **stats}, self.key_type)
+        present = stats["count"] > 0
+        return table if bool(present.all()) else table.filter(present)
 
-    def to_polars(self) -> pl.DataFrame:
+    def to_polars(self, column: str | None = None) -> pl.DataFrame:
         """:meth:`to_arrow` as a Polars DataFrame (needs polars and pyarrow)."""
-        return columns_to_polars(self._columns("arrow"), self.key_type)
+        return columns_to_polars(self.to_arrow(column), self.key_type)
 
     def __repr__(self) -> str:
+        values = f", values={self.columns!r}" if self.values is not None else ""
         return (
             f"NumericAggregateStore(num_partitions={self.num_partitions}, "
-            f"key_type={self.key_type!r}, nan_policy={self.nan_policy!r}, keys={len(self)})"
+            f"key_type={self.key_type!r}, nan_policy={self.nan_policy!r}{values}, "
+            f"keys={len(self)})"
         )

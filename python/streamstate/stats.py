@@ -27,6 +27,9 @@ __all__ = [
     "columns_to_arrow",
     "columns_to_pandas",
     "columns_to_polars",
+    "multi_columns_to_arrow",
+    "multi_columns_to_pandas",
+    "present_rows",
     "require_modules",
 ]
 
@@ -124,7 +127,13 @@ def columns_to_arrow(columns: Mapping[str, Any], key_type: ResultKeyType) -> pa.
     """
     require_modules("to_arrow()", "pyarrow")
     import pyarrow as pa
-    keys = columns["key"]
+    key_array = _arrow_keys(pa, columns["key"], key_type)
+    arrays = [key_array, *(_arrow_numeric(pa, columns[name]) for name in STAT_COLUMNS[1:])]
+    return pa.Table.from_arrays(arrays, names=list(STAT_COLUMNS))
+
+
+def _arrow_keys(pa: Any, keys: Any, key_type: ResultKeyType) -> Any:
+    # Byte-string keys arrive as Arrow (offsets, data) buffers, int64 keys as an array.
     if isinstance(keys, tuple):
         offsets, data = keys
         large = offsets.dtype == np.int64
@@ -143,10 +152,54 @@ def columns_to_arrow(columns: Mapping[str, Any], key_type: ResultKeyType) -> pa.
                     "a key of a key_type='str' result is not UTF-8 text (fold byte-string "
                     f"keys into key_type='bytes'): {exc}"
                 ) from exc
+        return key_array
+    return _arrow_numeric(pa, keys)
+
+
+def present_rows(keys: Any, stats: Mapping[str, npt.NDArray[Any]]) -> dict[str, Any]:
+    """One value column of a multi-column result as a ``results()`` dict, keeping only the
+    keys with a value of that column counted (what a one-column store of it would hold).
+    ``keys`` is an int64 array or a list; ``stats`` the column's stat arrays."""
+    present = stats["count"] > 0
+    if bool(present.all()):
+        return {"key": keys, **stats}
+    if isinstance(keys, np.ndarray):
+        kept_keys: Any = keys[present]
     else:
-        key_array = _arrow_numeric(pa, keys)
-    arrays = [key_array, *(_arrow_numeric(pa, columns[name]) for name in STAT_COLUMNS[1:])]
-    return pa.Table.from_arrays(arrays, names=list(STAT_COLUMNS))
+        kept_keys = [k for k, keep in zip(keys, present.tolist(), strict=True) if keep]
+    return {"key": kept_keys, **{name: column[present] for name, column in stats.items()}}
+
+
+def multi_columns_to_pandas(
+    keys: Any, per_column: Mapping[str, Mapping[str, npt.NDArray[Any]]]
+) -> pd.DataFrame:
+    """Every value column's statistics in one DataFrame indexed by key, under a
+    ``(value, stat)`` column MultiIndex."""
+    require_modules("to_pandas()", "pandas")
+    import pandas as pd
+    index = pd.Index(np.asarray(keys) if isinstance(keys, np.ndarray) else list(keys), name="key")
+    data = {
+        (value, stat): stats[stat] for value, stats in per_column.items() for stat in STAT_COLUMNS[1:]
+    }
+    frame = pd.DataFrame(data, index=index)
+    frame.columns = pd.MultiIndex.from_tuples(list(data), names=["value", "stat"])
+    return frame
+
+
+def multi_columns_to_arrow(
+    keys: Any, per_column: Mapping[str, Mapping[str, npt.NDArray[Any]]], key_type: ResultKeyType
+) -> pa.Table:
+    """A ``pyarrow.Table`` of ``key`` then ``{value}_{stat}`` for every value column (the
+    flat form of :func:`multi_columns_to_pandas`), over the core's buffers."""
+    require_modules("to_arrow()", "pyarrow")
+    import pyarrow as pa
+    names = ["key"]
+    arrays = [_arrow_keys(pa, keys, key_type)]
+    for value, stats in per_column.items():
+        for stat in STAT_COLUMNS[1:]:
+            names.append(f"{value}_{stat}")
+            arrays.append(_arrow_numeric(pa, stats[stat]))
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def _arrow_numeric(pa: Any, column: npt.NDArray[Any]) -> Any:
@@ -155,10 +208,13 @@ def _arrow_numeric(pa: Any, column: npt.NDArray[Any]) -> Any:
     return pa.Array.from_buffers(arrow_type, len(column), [None, pa.py_buffer(column)])
 
 
-def columns_to_polars(columns: Mapping[str, Any], key_type: ResultKeyType) -> pl.DataFrame:
-    """:func:`columns_to_arrow` as a Polars DataFrame (numeric columns are not copied)."""
+def columns_to_polars(
+    columns: Mapping[str, Any] | pa.Table, key_type: ResultKeyType
+) -> pl.DataFrame:
+    """:func:`columns_to_arrow` (or an Arrow table already built) as a Polars DataFrame
+    (numeric columns are not copied)."""
     require_modules("to_polars()", "polars")
     import polars as pl
 
-    table = columns_to_arrow(columns, key_type)
+    table = columns if not isinstance(columns, Mapping) else columns_to_arrow(columns, key_type)
     return cast("pl.DataFrame", pl.from_arrow(table, rechunk=False))

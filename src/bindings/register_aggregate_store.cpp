@@ -11,6 +11,7 @@
 #include "core/numeric_aggregate_store.h"
 #include "core/stats.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -46,6 +47,122 @@ py::tuple stats_tuple(const Moments& m) {
   return py::make_tuple(m.count, m.sum, m.min, m.max, m.mean(), m.var(), m.stddev());
 }
 
+// The store's value column names, "name" quoted and comma-separated (for error messages).
+std::string quoted_names(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& name : names) {
+    if (!out.empty()) out += ", ";
+    out += "'" + name + "'";
+  }
+  return out;
+}
+
+// A fold's values as n rows of `width` float64s, row-major, whatever form they came in:
+// a 1-D array (one column; the only form for the one unnamed column), a 2-D (n, width)
+// array (converted to C-contiguous float64 if it is not), or a mapping {name: 1-D array}
+// whose names are exactly the store's value columns (interleaved here into one block).
+// Everything is checked before any row folds.
+class ValueBlock {
+ public:
+  ValueBlock(py::handle values, const std::vector<std::string>& names, std::size_t width) {
+    if (PyDict_Check(values.ptr()) != 0 ||
+        (!py::isinstance<py::array>(values) && py::hasattr(values, "keys") &&
+         py::hasattr(values, "__getitem__"))) {
+      from_mapping(py::reinterpret_borrow<py::object>(values), names, width);
+      return;
+    }
+    array_ = Float64Array::ensure(values);
+    if (!array_) {
+      PyErr_Clear();
+      throw py::type_error("values must be a float64 array-like (numbers), a 2-D (n, columns) "
+                           "array or a mapping {column: array}, got " + type_name(values));
+    }
+    if (names.empty() && array_.ndim() != 1) {
+      // The one unnamed column takes a 1-D array, as it always did.
+      throw InvalidArgument("values must be one-dimensional, got " +
+                            std::to_string(array_.ndim()) + " dimensions");
+    }
+    if (array_.ndim() == 1) {
+      if (width != 1) {
+        throw InvalidArgument("values is one-dimensional but the store has " +
+                              std::to_string(width) + " value columns (" + quoted_names(names) +
+                              "): pass an (n, " + std::to_string(width) +
+                              ") array or a mapping {column: array}");
+      }
+      rows_ = static_cast<std::size_t>(array_.shape(0));
+    } else if (array_.ndim() == 2) {
+      const auto columns = static_cast<std::size_t>(array_.shape(1));
+      if (columns != width) {
+        throw InvalidArgument("values has " + std::to_string(columns) + " columns, the store " +
+                              std::to_string(width) + " value column" + (width == 1 ? "" : "s") +
+                              (names.empty() ? std::string() : " (" + quoted_names(names) + ")"));
+      }
+      rows_ = static_cast<std::size_t>(array_.shape(0));
+    } else {
+      throw InvalidArgument("values must be one- or two-dimensional, got " +
+                            std::to_string(array_.ndim()) + " dimensions");
+    }
+    data_ = array_.data();
+  }
+
+  [[nodiscard]] const double* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t rows() const noexcept { return rows_; }
+
+ private:
+  void from_mapping(const py::object& mapping, const std::vector<std::string>& names,
+                    std::size_t width) {
+    if (names.empty()) {
+      throw InvalidArgument("values is a mapping but the store has one unnamed value column: "
+                            "pass an array, or name the columns with values=[...]");
+    }
+    std::vector<std::string> given;
+    for (const py::handle name : mapping.attr("keys")()) {
+      if (!PyUnicode_Check(name.ptr())) {
+        throw py::type_error("the names of a values mapping must be str, not " + type_name(name));
+      }
+      given.push_back(name.cast<std::string>());
+    }
+    std::vector<std::string> missing;
+    std::vector<std::string> extra;
+    for (const std::string& name : names) {
+      if (std::find(given.begin(), given.end(), name) == given.end()) missing.push_back(name);
+    }
+    for (const std::string& name : given) {
+      if (std::find(names.begin(), names.end(), name) == names.end()) extra.push_back(name);
+    }
+    if (!missing.empty() || !extra.empty()) {
+      std::string message = "values mapping does not match the store's value columns (" +
+                            quoted_names(names) + ")";
+      if (!missing.empty()) message += "; missing: " + quoted_names(missing);
+      if (!extra.empty()) message += "; unknown: " + quoted_names(extra);
+      throw InvalidArgument(message);
+    }
+    std::vector<Float64Array> columns;
+    columns.reserve(width);
+    for (const std::string& name : names) {
+      columns.push_back(float_values(mapping[py::str(name)]));
+      const auto n = static_cast<std::size_t>(columns.back().size());
+      if (columns.size() == 1) {
+        rows_ = n;
+      } else if (n != rows_) {
+        throw InvalidArgument("values mapping: column '" + name + "' has " + std::to_string(n) +
+                              " values, '" + names[0] + "' " + std::to_string(rows_));
+      }
+    }
+    block_.resize(rows_ * width);
+    for (std::size_t c = 0; c < width; ++c) {
+      const double* column = columns[c].data();
+      for (std::size_t i = 0; i < rows_; ++i) block_[i * width + c] = column[i];
+    }
+    data_ = block_.data();
+  }
+
+  Float64Array array_;
+  std::vector<double> block_;
+  const double* data_ = nullptr;
+  std::size_t rows_ = 0;
+};
+
 // Folds in chunks of kInterruptRows (arrays.h), checking for signals between chunks, so
 // Ctrl-C stops a long fold quickly. On KeyboardInterrupt the chunks already folded stay
 // folded (as if the batch had been cut short there); nothing is half-folded. A batch the
@@ -53,43 +170,51 @@ py::tuple stats_tuple(const Moments& m) {
 // rejects it before any row is folded.
 void fold_into(const NumericStoreHandle& handle, std::uint32_t pid, py::handle keys,
                py::handle values) {
-  const Float64Array vals = float_values(values);
-  const auto n = static_cast<std::size_t>(vals.size());
-  const double* v = vals.data();
+  const std::size_t width = handle.visit([](const auto& s) { return s.width(); });
+  const ValueBlock block(values, handle.visit([](const auto& s) -> const std::vector<std::string>& {
+    return s.columns();
+  }), width);
+  const std::size_t n = block.rows();
+  const double* v = block.data();
   const NanPolicy policy = handle.visit([](const auto& s) { return s.nan_policy(); });
-  const std::size_t chunk = policy == NanPolicy::kRaise && any_nan(v, n) ? n + 1 : kInterruptRows;
+  const std::size_t chunk =
+      policy == NanPolicy::kRaise && any_nan(v, n * width) ? n + 1 : kInterruptRows;
   if (handle.is_bytes()) {
     const ByteKeyColumn column(keys, "keys");
     check_lengths(column.size(), n);
     std::vector<std::string_view> scratch;
     // Only the column's pinned buffers and C++ state are touched while released.
-    run_interruptible(n, 16 + column.total_bytes() / (n == 0 ? 1 : n), chunk,
+    run_interruptible(n, 8 + 8 * width + column.total_bytes() / (n == 0 ? 1 : n), chunk,
                       [&](std::size_t begin, std::size_t end) {
                         const std::string_view* views = column.chunk_views(begin, end, scratch);
-                        handle.bytes().fold(pid, views, v + begin, end - begin);
+                        handle.bytes().fold(pid, views, v + begin * width, end - begin);
                       });
   } else {
     const Int64Array ks = int_keys(keys);
     check_lengths(static_cast<std::size_t>(ks.size()), n);
     const std::int64_t* k = ks.data();
     // Only the arrays (kept alive by this frame) and C++ state are touched while released.
-    run_interruptible(n, 16, chunk, [&](std::size_t begin, std::size_t end) {
-      handle.int64().fold(pid, k + begin, v + begin, end - begin);
+    run_interruptible(n, 8 + 8 * width, chunk, [&](std::size_t begin, std::size_t end) {
+      handle.int64().fold(pid, k + begin, v + begin * width, end - begin);
     });
   }
 }
 
-py::object result_tuple(const NumericStoreHandle& handle, py::handle key) {
+// The key's statistics of value column `column`, or None (no such key, or none of its
+// values of that column counted).
+py::object result_tuple(const NumericStoreHandle& handle, py::handle key, py::handle column) {
+  const std::size_t width = handle.visit([](const auto& s) { return s.width(); });
+  const auto c = int_arg<std::size_t>(column, "column", 0, width - 1);
   std::optional<Moments> m;
   if (handle.is_bytes()) {
     const KeyBytes k(key, ByteItems::kKeysOrText, "key");
-    m = handle.bytes().result(k.view());
+    m = handle.bytes().result(k.view(), c);
   } else {
     const std::optional<std::int64_t> k = int64_key(key);
     if (!k) return py::none();  // outside int64: no such key can exist
-    m = handle.int64().result(*k);
+    m = handle.int64().result(*k, c);
   }
-  if (!m) return py::none();
+  if (!m || m->count == 0) return py::none();
   return stats_tuple(*m);
 }
 
@@ -99,7 +224,7 @@ py::object result_tuple(const NumericStoreHandle& handle, py::handle key) {
 py::dict adopt_columns(py::object keys, StatArrays&& c) {
   const std::size_t n = c.size;
   py::dict out;
-  out["key"] = std::move(keys);
+  if (!keys.is_none()) out["key"] = std::move(keys);
   out["count"] = adopt(std::move(c.count), n);
   out["sum"] = adopt(std::move(c.sum), n);
   out["min"] = adopt(std::move(c.min), n);
@@ -130,23 +255,53 @@ py::object bytes_key_column(BytesKeys::KeyColumn&& keys, KeyFormat format) {
   return column.take();
 }
 
+// One column: the flat {"key", "count", ...} dict. Several: {"key": keys, "values":
+// [{"count", ...} per value column, in order]}, every value column over the same keys.
 py::dict results_columns(const NumericStoreHandle& handle, KeyFormat format) {
-  StatArrays columns;
+  const std::size_t width = handle.visit([](const auto& s) { return s.width(); });
+  std::vector<StatArrays> columns(width);
+  py::object key_column;
   if (handle.is_bytes()) {
     BytesKeys::KeyColumn keys;
     {
       // Copies out under the store's lock; Python objects are built after it is released.
       const py::gil_scoped_release release;
-      handle.bytes().result_columns(keys, columns);
+      handle.bytes().result_columns(keys, columns.data());
     }
-    return adopt_columns(bytes_key_column(std::move(keys), format), std::move(columns));
+    key_column = bytes_key_column(std::move(keys), format);
+  } else {
+    Int64Keys::KeyColumn keys;
+    {
+      const py::gil_scoped_release release;  // pure C++ copy-out under the store's lock
+      handle.int64().result_columns(keys, columns.data());
+    }
+    key_column = adopt_container<std::int64_t>(std::move(keys.keys));
   }
-  Int64Keys::KeyColumn keys;
-  {
-    const py::gil_scoped_release release;  // pure C++ copy-out under the store's lock
-    handle.int64().result_columns(keys, columns);
+  if (width == 1) return adopt_columns(std::move(key_column), std::move(columns[0]));
+  py::list values;
+  for (StatArrays& c : columns) values.append(adopt_columns(py::none(), std::move(c)));
+  py::dict out;
+  out["key"] = std::move(key_column);
+  out["values"] = std::move(values);
+  return out;
+}
+
+// None (one unnamed column) or a list/tuple of distinct non-empty str.
+std::vector<std::string> value_names_arg(py::handle values) {
+  std::vector<std::string> names;
+  if (values.is_none()) return names;
+  if (PyList_Check(values.ptr()) == 0 && PyTuple_Check(values.ptr()) == 0) {
+    throw py::type_error("values must be None or a list of str (the value column names), not " +
+                         type_name(values));
   }
-  return adopt_columns(adopt_container<std::int64_t>(std::move(keys.keys)), std::move(columns));
+  for (const py::handle name : values) {
+    if (!PyUnicode_Check(name.ptr())) {
+      throw py::type_error("values must be a list of str, got an item of type " + type_name(name));
+    }
+    names.push_back(name.cast<std::string>());
+  }
+  if (names.empty()) throw InvalidArgument("values must name at least one column (or be None)");
+  return names;
 }
 
 struct PartitionHandle {
@@ -407,16 +562,29 @@ count/sum/min/max/mean/var per key, folded per partition and merged across them.
 NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
 )doc")
       .def(py::init([](const py::object& num_partitions, const py::object& key_type,
-                       const py::object& nan_policy) {
+                       const py::object& nan_policy, const py::object& values) {
              const std::uint32_t np = num_partitions_arg(num_partitions);
              const KeyType type = key_type_arg(key_type);
              const NanPolicy policy = nan_policy_arg(nan_policy);
-             return std::make_shared<NumericStoreHandle>(type, np, policy);
+             return std::make_shared<NumericStoreHandle>(type, np, policy,
+                                                         value_names_arg(values));
            }),
            py::arg("num_partitions"), py::arg("key_type") = "int64",
-           py::arg("nan_policy") = "skip",
+           py::arg("nan_policy") = "skip", py::arg("values") = py::none(),
            "``num_partitions`` 1 to 65536; ``key_type`` 'int64' or 'bytes'; ``nan_policy``\n"
-           "'skip', 'propagate' or 'raise'.")
+           "'skip', 'propagate' or 'raise'; ``values`` None (one unnamed value column) or\n"
+           "the value columns' names.")
+      .def_property_readonly(
+          "values",
+          [](const NumericStoreHandle& self) -> py::object {
+            const auto& names =
+                self.visit([](const auto& s) -> const std::vector<std::string>& { return s.columns(); });
+            if (names.empty()) return py::none();
+            py::list out;
+            for (const std::string& name : names) out.append(py::str(name));
+            return out;
+          },
+          "The value columns' names, or None for the one unnamed column.")
       .def_property_readonly(
           "num_partitions",
           [](const NumericStoreHandle& self) {
@@ -452,13 +620,15 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
             return self.visit([](const auto& s) { return s.size(); });
           },
           "Keys with a published partial.")
-      .def("_result_tuple", &result_tuple, py::arg("key"),
-           "(count, sum, min, max, mean, var, std) of ``key`` merged across partitions, or None.")
+      .def("_result_tuple", &result_tuple, py::arg("key"), py::arg("column") = 0,
+           "(count, sum, min, max, mean, var, std) of ``key``'s value column ``column`` (an\n"
+           "index) merged across partitions, or None.")
       .def(
           "results",
           [](const NumericStoreHandle& self) { return results_columns(self, KeyFormat::kBytes); },
           "Every published key's statistics as columns: {'key', 'count', 'sum', 'min', 'max',\n"
-          "'mean', 'var', 'std'} (keys an int64 array or a list of bytes; count int64).")
+          "'mean', 'var', 'std'} (keys an int64 array or a list of bytes; count int64); with\n"
+          "several value columns {'key', 'values': [one such dict without 'key' per column]}.")
       .def(
           "_columns",
           [](const NumericStoreHandle& self, const py::object& key_format) {
@@ -515,6 +685,27 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           py::arg("data"),
           "Replace all state (shared and every partition's) with a snapshot's. Corrupt or\n"
           "foreign bytes raise CorruptDataError and leave the store as it was.")
+      .def(
+          "restore_columns",
+          [](const NumericStoreHandle& self, const py::object& parts) {
+            if (PyList_Check(parts.ptr()) == 0 && PyTuple_Check(parts.ptr()) == 0) {
+              throw py::type_error("parts must be a list of bytes-like snapshots, not " +
+                                   type_name(parts));
+            }
+            std::vector<ImmutableInput> inputs;  // each keeps its bytes alive and unchanged
+            std::vector<std::string_view> views;
+            for (const py::handle part : parts) {
+              require_buffer(part, "parts[i]");
+              views.push_back(inputs.emplace_back(part).view());
+            }
+            const py::gil_scoped_release release;  // decodes memory no other thread can change
+            self.visit([&](auto& s) { s.restore_columns(views); });
+          },
+          py::arg("parts"),
+          "Replace all state with one snapshot per value column (in order), each written by\n"
+          "a store of one unnamed column (how pipelines checkpointed before one store held\n"
+          "every column). Corrupt or foreign bytes raise CorruptDataError and leave the\n"
+          "store as it was.")
       .def(
           "memory_bytes",
           [](const NumericStoreHandle& self) {

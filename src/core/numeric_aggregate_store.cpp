@@ -27,6 +27,11 @@ namespace {
 // folded since the partition's last publish; layout 1 local entries were the partition's
 // full partials (restore publishes them).
 //
+// Layout 3 (written when the store has named value columns, or more than one): the header
+// goes on with u32 width, width x (u32 length + name bytes), and every Moments above
+// becomes width Moments (column 0 first). A one unnamed column store still writes layout 2,
+// byte for byte as before columns existed.
+//
 // Delta layout (kind kNumericAggregateStoreDelta):
 //   "streamstate.numeric_aggregate_store.delta": u32 layout version, u32 num_partitions,
 //        u8 key type, u32 parent identity, u64 sequence
@@ -34,6 +39,8 @@ namespace {
 //   "reset" + u32 partition (empty): the partition published since the parent, so its
 //        local tables are emptied before its "local" entries apply
 //   "local" + u32 partition (chunks): u32 n, n x (key, Moments): local entries to set
+// Delta layout 2 is layout 1 with the value columns after the header's sequence, and width
+// Moments per entry (as snapshot layout 3 extends layout 2).
 constexpr std::string_view kHeaderKey = "streamstate.numeric_aggregate_store";
 constexpr std::string_view kDeltaHeaderKey = "streamstate.numeric_aggregate_store.delta";
 constexpr std::string_view kSharedKey = "shared";
@@ -41,7 +48,9 @@ constexpr std::string_view kLocalPrefix = "local";
 constexpr std::string_view kResetPrefix = "reset";
 constexpr std::uint32_t kLayoutVersion = 2;
 constexpr std::uint32_t kFullPartialsLayout = 1;
+constexpr std::uint32_t kColumnsLayout = 3;
 constexpr std::uint32_t kDeltaLayoutVersion = 1;
+constexpr std::uint32_t kDeltaColumnsLayout = 2;
 constexpr std::uint32_t kMaxPartitions = 65536;
 constexpr std::size_t kChunkEntries = 1 << 16;
 
@@ -108,19 +117,84 @@ void check_key_type(std::uint8_t tag) {
   }
 }
 
-// A "local" chunk (u32 n, n x (key, Moments)) into a partition's kShards tables.
+// A row's columns 1..: `extra` Moments appended to `out`.
+void decode_more(ByteReader& in, std::vector<Moments>& out, std::size_t extra) {
+  for (std::size_t c = 0; c < extra; ++c) out.push_back(Moments::decode(in));
+}
+
+void encode_more(std::string& out, const Moments* more, std::size_t extra) {
+  for (std::size_t c = 0; c < extra; ++c) more[c].encode(out);
+}
+
+// Staged local state of a partition: kShards tables and (width > 1) their columns 1...
 template <class Local>
-void read_local_chunk(ByteReader& in, std::vector<typename Local::Table>& shards,
-                      std::uint32_t pid) {
-  const std::uint32_t n = chunk_count(in, 4 + Moments::kEncodedSize);
+struct StagedLocal {
+  std::vector<typename Local::Table> tables;
+  std::vector<std::vector<Moments>> more;
+  void allocate() {
+    tables.resize(Local::kShards);
+    more.resize(Local::kShards);
+  }
+  [[nodiscard]] bool empty() const noexcept { return tables.empty(); }
+};
+
+// A "local" chunk (u32 n, n x (key, 1 + extra Moments)) into a partition's staged tables.
+template <class Local>
+void read_local_chunk(ByteReader& in, StagedLocal<Local>& staged, std::uint32_t pid,
+                      std::size_t extra) {
+  const std::uint32_t n = chunk_count(in, 4 + (1 + extra) * Moments::kEncodedSize);
   for (std::uint32_t i = 0; i < n; ++i) {
     const auto key = Local::Keys::decode(in);
     const std::uint64_t hash = Local::Keys::hash(key);
-    auto& table = shards[Local::shard_of(hash)];
+    const std::size_t s = Local::shard_of(hash);
+    auto& table = staged.tables[s];
     if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
     const auto [idx, inserted] = table.emplace(key, hash);
     if (!inserted) corrupt("duplicate local entry in partition " + std::to_string(pid));
     table.value_at(idx) = Moments::decode(in);
+    decode_more(in, staged.more[s], extra);
+  }
+}
+
+// The value columns a header names (layout 3 / delta layout 2), read once each, bounded
+// by the bytes present.
+std::vector<std::string> read_columns(ByteReader& in, std::size_t max_columns) {
+  const std::uint32_t width = in.u32();
+  if (width == 0 || width > max_columns || width > in.remaining() / 4) {
+    corrupt("a header with " + std::to_string(width) + " value columns");
+  }
+  std::vector<std::string> columns;
+  columns.reserve(width);
+  for (std::uint32_t c = 0; c < width; ++c) {
+    const std::uint32_t length = in.u32();
+    if (length > in.remaining()) corrupt("a value column name longer than the header");
+    columns.emplace_back(in.take(length));
+  }
+  return columns;
+}
+
+void put_columns(std::string& header, const std::vector<std::string>& columns) {
+  put_u32(header, static_cast<std::uint32_t>(columns.size()));
+  for (const std::string& name : columns) {
+    put_u32(header, static_cast<std::uint32_t>(name.size()));
+    header += name;
+  }
+}
+
+std::string describe_columns(const std::vector<std::string>& columns) {
+  if (columns.empty()) return "one unnamed value column";
+  std::string out = "value columns [";
+  for (std::size_t c = 0; c < columns.size(); ++c) {
+    if (c > 0) out += ", ";
+    out += "'" + columns[c] + "'";
+  }
+  return out + "]";
+}
+
+void check_columns(const std::vector<std::string>& written, const std::vector<std::string>& mine) {
+  if (written != mine) {
+    corrupt("written by a store with " + describe_columns(written) + " (this store has " +
+            describe_columns(mine) + ")");
   }
 }
 
@@ -151,15 +225,27 @@ class Quiescent {
 }  // namespace
 
 template <class K>
-NumericAggregateStore<K>::NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy)
-    : policy_(policy) {
+NumericAggregateStore<K>::NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy,
+                                                std::vector<std::string> columns)
+    : policy_(policy), columns_(std::move(columns)), width_(std::max<std::size_t>(1, columns_.size())) {
   if (num_partitions == 0 || num_partitions > kMaxPartitions) {
     throw InvalidArgument("num_partitions must be between 1 and 65536, got " +
                           std::to_string(num_partitions));
   }
+  if (columns_.size() > kMaxColumns) {
+    throw InvalidArgument("at most " + std::to_string(kMaxColumns) + " value columns, got " +
+                          std::to_string(columns_.size()));
+  }
+  for (std::size_t c = 0; c < columns_.size(); ++c) {
+    if (columns_[c].empty()) throw InvalidArgument("a value column name is empty");
+    if (std::find(columns_.begin(), columns_.begin() + static_cast<std::ptrdiff_t>(c),
+                  columns_[c]) != columns_.begin() + static_cast<std::ptrdiff_t>(c)) {
+      throw InvalidArgument("value column '" + columns_[c] + "' is named twice");
+    }
+  }
   partitions_.reserve(num_partitions);
   for (std::uint32_t i = 0; i < num_partitions; ++i) {
-    partitions_.push_back(std::make_unique<Partition>());
+    partitions_.push_back(std::make_unique<Partition>(width_));
   }
 }
 
@@ -195,21 +281,32 @@ void NumericAggregateStore<K>::fold(std::uint32_t partition_id, const View* keys
 
 template <class K>
 std::pair<typename NumericAggregateStore<K>::Slot*, bool> NumericAggregateStore<K>::Slots::slot(
-    std::uint32_t partition_id) {
+    std::uint32_t partition_id, std::size_t extra) {
   Slot* slots = data();
   std::uint32_t at = 0;
   while (at < size_ && slots[at].partition < partition_id) ++at;
   if (at < size_ && slots[at].partition == partition_id) return {slots + at, false};
+  if (extra > 0 && !more_) more_ = std::make_unique<Moments[]>(capacity_ * extra);
   if (size_ == capacity_) {
     const std::uint32_t grown = capacity_ * 2;
+    // Both arrays are allocated before either is replaced.
     auto bigger = std::make_unique<Slot[]>(grown);
+    std::unique_ptr<Moments[]> bigger_more;
+    if (extra > 0) bigger_more = std::make_unique<Moments[]>(grown * extra);
     std::copy(slots, slots + size_, bigger.get());
+    if (extra > 0) std::copy(more_.get(), more_.get() + size_ * extra, bigger_more.get());
     heap_ = std::move(bigger);
+    if (extra > 0) more_ = std::move(bigger_more);
     capacity_ = grown;
     slots = heap_.get();
   }
   std::copy_backward(slots + at, slots + size_, slots + size_ + 1);
   slots[at] = Slot{partition_id, false, Moments{}};
+  if (extra > 0) {
+    Moments* more = more_.get();
+    std::copy_backward(more + at * extra, more + size_ * extra, more + (size_ + 1) * extra);
+    std::fill(more + at * extra, more + (at + 1) * extra, Moments{});
+  }
   ++size_;
   return {slots + at, true};
 }
@@ -225,10 +322,24 @@ typename NumericAggregateStore<K>::Slot* NumericAggregateStore<K>::Slots::find(
 }
 
 template <class K>
-Moments NumericAggregateStore<K>::merged(const Slots& slots) noexcept {
+Moments NumericAggregateStore<K>::merged(const Slots& slots, std::size_t column) const noexcept {
   Moments out;
-  for (const Slot& s : slots) out.merge(s.partial);
+  if (column == 0) {
+    for (const Slot& s : slots) out.merge(s.partial);
+  } else {
+    const std::size_t extra = width_ - 1;
+    for (const Slot& s : slots) out.merge(slots.more(&s, extra)[column - 1]);
+  }
   return out;
+}
+
+template <class K>
+void NumericAggregateStore<K>::put(Slots& slots, std::uint32_t partition, const Moments& first,
+                                   const Moments* more) {
+  const std::size_t extra = width_ - 1;
+  Slot* slot = slots.slot(partition, extra).first;
+  slot->partial = first;
+  if (extra > 0) std::copy(more, more + extra, slots.more(slot, extra));
 }
 
 template <class K>
@@ -275,6 +386,7 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
   const std::size_t start = static_cast<std::size_t>(
       static_cast<std::uint64_t>(n) * partition_id / num_partitions());
   constexpr std::size_t kAhead = 8;
+  const std::size_t extra = width_ - 1;
   for (std::size_t step = 0; step < n; ++step) {
     std::size_t j = start + step;
     if (j >= n) j -= n;
@@ -284,8 +396,13 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
     const auto ref = static_cast<Ref>(order[j]);
     typename SharedMap::accessor entry;
     shared_.insert(entry, local.key_at(ref));
-    const auto [slot, created] = entry->second.slot(partition_id);
+    const auto [slot, created] = entry->second.slot(partition_id, extra);
     slot->partial.merge(local.value_at(ref));
+    if (extra > 0) {
+      Moments* into = entry->second.more(slot, extra);
+      const Moments* from = local.more_at(ref);
+      for (std::size_t c = 0; c < extra; ++c) into[c].merge(from[c]);
+    }
     if (created) ++p.published;
     if (!slot->dirty) {
       slot->dirty = true;
@@ -297,15 +414,25 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
 }
 
 template <class K>
-std::optional<Moments> NumericAggregateStore<K>::result(View key) const {
+std::optional<Moments> NumericAggregateStore<K>::result(View key, std::size_t column) const {
+  if (column >= width_) {
+    throw InvalidArgument("value column " + std::to_string(column) + " out of range [0, " +
+                          std::to_string(width_) + ")");
+  }
   const SharedEpoch epoch(epoch_);
   typename SharedMap::const_accessor entry;
   if (!shared_.find(entry, key)) return std::nullopt;
-  return merged(entry->second);
+  return merged(entry->second, column);
 }
 
 template <class K>
 void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatArrays& columns) const {
+  if (width_ != 1) throw InvalidArgument("result_columns: the store has several value columns");
+  result_columns(keys, &columns);
+}
+
+template <class K>
+void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatArrays* columns) const {
   const ExclusiveEpoch epoch(epoch_);
   // One serial walk collects the nodes (in bucket order, which publish made the memory
   // order too); the merge and the column writes then run in parallel by index, straight
@@ -314,12 +441,14 @@ void NumericAggregateStore<K>::result_columns(KeyColumn& keys, StatArrays& colum
   items.reserve(shared_.size());
   for (const auto& item : shared_) items.push_back(&item);
   const std::size_t n = items.size();
-  columns.allocate(n);
+  for (std::size_t c = 0; c < width_; ++c) columns[c].allocate(n);
   if constexpr (std::is_same_v<K, Int64Keys>) keys.keys.resize(n);
   streamstate::parallel_for(tbb::blocked_range<std::size_t>(0, n, 16384),
                     [&](const tbb::blocked_range<std::size_t>& r) {
                       for (std::size_t i = r.begin(); i != r.end(); ++i) {
-                        columns.set(i, merged(items[i]->second));
+                        for (std::size_t c = 0; c < width_; ++c) {
+                          columns[c].set(i, merged(items[i]->second, c));
+                        }
                         if constexpr (std::is_same_v<K, Int64Keys>) keys.keys[i] = items[i]->first;
                       }
                     });
@@ -365,7 +494,8 @@ template <class K>
 std::size_t NumericAggregateStore<K>::partition_memory_bytes(std::uint32_t partition_id) const {
   const Partition& p = partition(partition_id);
   const std::lock_guard<std::mutex> lock(p.mutex);
-  return p.local.memory_bytes() + p.published * sizeof(Slot) + p.dirty.capacity() * sizeof(Node*);
+  return p.local.memory_bytes() + p.published * (sizeof(Slot) + (width_ - 1) * sizeof(Moments)) +
+         p.dirty.capacity() * sizeof(Node*);
 }
 
 template <class K>
@@ -388,7 +518,14 @@ std::string NumericAggregateStore<K>::snapshot() {
   const Quiescent quiescent(epoch_, partitions_);
 
   RecordWriter writer(RecordKind::kNumericAggregateStore);
-  writer.add(kHeaderKey, store_header<K>(kLayoutVersion, num_partitions()));
+  if (columns_.empty()) {
+    writer.add(kHeaderKey, store_header<K>(kLayoutVersion, num_partitions()));
+  } else {
+    std::string header = store_header<K>(kColumnsLayout, num_partitions());
+    put_columns(header, columns_);
+    writer.add(kHeaderKey, header);
+  }
+  const std::size_t extra = width_ - 1;
 
   // Shared entries sorted by key, so equal contents give byte-identical snapshots.
   std::vector<const Node*> items;
@@ -408,6 +545,7 @@ std::string NumericAggregateStore<K>::snapshot() {
       for (const Slot& s : items[i]->second) {
         put_u32(chunk, s.partition);
         s.partial.encode(chunk);
+        if (extra > 0) encode_more(chunk, items[i]->second.more(&s, extra), extra);
       }
     }
     writer.add(kSharedKey, chunk);
@@ -426,6 +564,7 @@ std::string NumericAggregateStore<K>::snapshot() {
         for (std::size_t i = start; i < end; ++i) {
           K::encode(chunk, table.key_at(i));
           table.value_at(i).encode(chunk);
+          encode_more(chunk, partitions_[pid]->local.more_in(s, i), extra);
         }
         writer.add(key, chunk);
       }
@@ -440,10 +579,13 @@ template <class K>
 std::string NumericAggregateStore<K>::snapshot_delta() {
   const Quiescent quiescent(epoch_, partitions_);
   RecordWriter writer(RecordKind::kNumericAggregateStoreDelta);
-  std::string header = store_header<K>(kDeltaLayoutVersion, num_partitions());
+  std::string header = store_header<K>(
+      columns_.empty() ? kDeltaLayoutVersion : kDeltaColumnsLayout, num_partitions());
   put_u32(header, identity_);
   put_u64(header, sequence_ + 1);
+  if (!columns_.empty()) put_columns(header, columns_);
   writer.add(kDeltaHeaderKey, header);
+  const std::size_t extra = width_ - 1;
 
   std::string chunk;
   std::vector<std::uint64_t> refs;
@@ -457,7 +599,9 @@ std::string NumericAggregateStore<K>::snapshot_delta() {
       for (std::size_t i = start; i < end; ++i) {
         Node* node = p.dirty[i];
         K::encode(chunk, K::view_of(node->first));
-        node->second.find(pid)->partial.encode(chunk);  // listed nodes hold the slot
+        const Slot* slot = node->second.find(pid);  // listed nodes hold the slot
+        slot->partial.encode(chunk);
+        if (extra > 0) encode_more(chunk, node->second.more(slot, extra), extra);
       }
       writer.add(shared_key, chunk);
     }
@@ -473,6 +617,7 @@ std::string NumericAggregateStore<K>::snapshot_delta() {
         const auto ref = static_cast<Ref>(refs[i]);
         K::encode(chunk, p.local.key_at(ref));
         p.local.value_at(ref).encode(chunk);
+        encode_more(chunk, p.local.more_at(ref), extra);
       }
       writer.add(local_key, chunk);
     }
@@ -497,10 +642,14 @@ void NumericAggregateStore<K>::apply_delta(std::string_view data) {
     const auto tag = static_cast<std::uint8_t>(header.take(1)[0]);
     parent = header.u32();
     sequence = header.u64();
-    if (!header.at_end()) corrupt("delta: trailing bytes in the header");
-    if (version != kDeltaLayoutVersion) {
+    if (version != kDeltaLayoutVersion && version != kDeltaColumnsLayout) {
       corrupt("delta: unsupported layout version " + std::to_string(version));
     }
+    const std::vector<std::string> written = version == kDeltaColumnsLayout
+                                                 ? read_columns(header, kMaxColumns)
+                                                 : std::vector<std::string>{};
+    if (!header.at_end()) corrupt("delta: trailing bytes in the header");
+    check_columns(written, columns_);
     if (np != num_partitions()) {
       corrupt("delta of a store with " + std::to_string(np) + " partitions (this one has " +
               std::to_string(num_partitions()) + ")");
@@ -511,28 +660,33 @@ void NumericAggregateStore<K>::apply_delta(std::string_view data) {
   // Everything is decoded and checked into private structures first.
   const std::uint32_t np = num_partitions();
   SharedMap incoming;
-  std::vector<std::vector<typename Local::Table>> local(np);
+  std::vector<StagedLocal<Local>> local(np);
   std::vector<bool> reset(np, false);
-  constexpr std::size_t kMinEntry = 4 + Moments::kEncodedSize;
+  const std::size_t extra = width_ - 1;
+  const std::size_t min_entry = 4 + width_ * Moments::kEncodedSize;
+  std::vector<Moments> row;
   while (reader.next(record)) {
     ByteReader in(record.value, "numeric aggregate store delta chunk");
     if (const auto pid = partition_of(record.key, kSharedKey, np)) {
-      const std::uint32_t n = chunk_count(in, kMinEntry);
+      const std::uint32_t n = chunk_count(in, min_entry);
       for (std::uint32_t i = 0; i < n; ++i) {
         const View key = K::decode(in);
         typename SharedMap::accessor entry;
         incoming.insert(entry, key);
-        const auto [slot, created] = entry->second.slot(*pid);
+        const auto [slot, created] = entry->second.slot(*pid, extra);
         if (!created) corrupt("delta: a slot listed twice");
         slot->partial = Moments::decode(in);
+        row.clear();
+        decode_more(in, row, extra);
+        if (extra > 0) std::copy(row.begin(), row.end(), entry->second.more(slot, extra));
       }
     } else if (const auto reset_pid = partition_of(record.key, kResetPrefix, np)) {
       if (reset[*reset_pid] || !local[*reset_pid].empty()) corrupt("delta: misplaced reset");
       reset[*reset_pid] = true;
     } else if (const auto local_pid = partition_of(record.key, kLocalPrefix, np)) {
-      auto& shards = local[*local_pid];
-      if (shards.empty()) shards.resize(Local::kShards);
-      read_local_chunk<Local>(in, shards, *local_pid);
+      auto& staged = local[*local_pid];
+      if (staged.empty()) staged.allocate();
+      read_local_chunk<Local>(in, staged, *local_pid, extra);
     } else {
       corrupt("delta: unknown record");
     }
@@ -549,7 +703,7 @@ void NumericAggregateStore<K>::apply_delta(std::string_view data) {
     if (local[pid].empty()) continue;
     for (std::size_t s = 0; s < Local::kShards; ++s) {
       const std::size_t held = reset[pid] ? 0 : partitions_[pid]->local.shard_size(s);
-      if (held + local[pid][s].size() > Local::kMaxPerShard) {
+      if (held + local[pid].tables[s].size() > Local::kMaxPerShard) {
         corrupt("too many local entries in a shard");
       }
     }
@@ -559,19 +713,44 @@ void NumericAggregateStore<K>::apply_delta(std::string_view data) {
     typename SharedMap::accessor entry;
     shared_.insert(entry, item.first);
     for (const Slot& in_slot : item.second) {
-      const auto [slot, created] = entry->second.slot(in_slot.partition);
-      slot->partial = in_slot.partial;
+      const bool created = entry->second.find(in_slot.partition) == nullptr;
+      put(entry->second, in_slot.partition, in_slot.partial,
+          extra > 0 ? item.second.more(&in_slot, extra) : nullptr);
       if (created) ++partitions_[in_slot.partition]->published;
     }
   }
   for (std::uint32_t pid = 0; pid < np; ++pid) {
     Local& target = partitions_[pid]->local;
     if (reset[pid]) target.drain();
-    for (const auto& table : local[pid]) {
-      for (std::size_t i = 0; i < table.size(); ++i) target.assign(table.key_at(i), table.value_at(i));
+    if (local[pid].empty()) continue;
+    for (std::size_t s = 0; s < Local::kShards; ++s) {
+      const auto& table = local[pid].tables[s];
+      const Moments* more = local[pid].more[s].data();
+      for (std::size_t i = 0; i < table.size(); ++i) {
+        target.assign(table.key_at(i), table.value_at(i), extra > 0 ? more + i * extra : nullptr);
+      }
     }
   }
   reset_tracking(data, sequence);
+}
+
+template <class K>
+template <class Staged>
+void NumericAggregateStore<K>::install(SharedMap& fresh_shared, std::vector<Staged>& fresh_local) {
+  const std::uint32_t np = num_partitions();
+  std::vector<std::size_t> published(np, 0);
+  for (const auto& item : fresh_shared) {
+    for (const Slot& s : item.second) ++published[s.partition];
+  }
+
+  const Quiescent quiescent(epoch_, partitions_);
+  shared_.swap(fresh_shared);
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    Partition& p = *partitions_[pid];
+    p.dirty.clear();  // they point into the old map; the new one is clean
+    p.published = published[pid];
+    p.local.replace(std::move(fresh_local[pid].tables), std::move(fresh_local[pid].more));
+  }
 }
 
 template <class K>
@@ -586,21 +765,27 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
     version = header.u32();
     (void)header.u32();  // the writer's num_partitions; partition ids are checked below
     const auto tag = static_cast<std::uint8_t>(header.take(1)[0]);
-    if (version != kLayoutVersion && version != kFullPartialsLayout) {
+    if (version != kLayoutVersion && version != kFullPartialsLayout && version != kColumnsLayout) {
       corrupt("unsupported layout version " + std::to_string(version));
     }
     check_key_type<K>(tag);
+    const std::vector<std::string> written =
+        version == kColumnsLayout ? read_columns(header, kMaxColumns) : std::vector<std::string>{};
+    check_columns(written, columns_);
   }
 
   const std::uint32_t np = num_partitions();
+  const std::size_t extra = width_ - 1;
   SharedMap fresh_shared;
-  std::vector<std::vector<typename Local::Table>> fresh_local(np);
-  for (auto& shards : fresh_local) shards.resize(Local::kShards);
-  constexpr std::size_t kMinShared = 8 + 4 + 4 + Moments::kEncodedSize;  // int64 key lower bound
+  std::vector<StagedLocal<Local>> fresh_local(np);
+  for (auto& staged : fresh_local) staged.allocate();
+  // int64 key lower bound: key, partial count, one (partition, width Moments) slot.
+  const std::size_t min_shared = 8 + 4 + 4 + width_ * Moments::kEncodedSize;
+  std::vector<Moments> row;
   while (reader.next(record)) {
     ByteReader in(record.value, "numeric aggregate store snapshot chunk");
     if (record.key == kSharedKey) {
-      const std::uint32_t n = chunk_count(in, kMinShared - 4);
+      const std::uint32_t n = chunk_count(in, min_shared - 4);
       for (std::uint32_t i = 0; i < n; ++i) {
         const View key = K::decode(in);
         const std::uint32_t k = in.u32();
@@ -619,12 +804,14 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
             corrupt("shared partials not in strictly ascending partition order");
           }
           previous = pid;
-          slots.put(pid, Moments::decode(in));
+          const Moments first = Moments::decode(in);
+          row.clear();
+          decode_more(in, row, extra);
+          put(slots, pid, first, row.data());
         }
       }
     } else if (const auto pid = partition_of(record.key, kLocalPrefix, np)) {
-      auto& shards = fresh_local[*pid];
-      read_local_chunk<Local>(in, shards, *pid);
+      read_local_chunk<Local>(in, fresh_local[*pid], *pid, extra);
     } else {
       corrupt("unknown record");
     }
@@ -634,30 +821,66 @@ void NumericAggregateStore<K>::restore(std::string_view data) {
     // Layout 1 local tables held each partition's full partial of a key, ahead of (or
     // equal to) its published slot: they become the slot, so a key lives in one place.
     for (std::uint32_t pid = 0; pid < np; ++pid) {
-      for (auto& table : fresh_local[pid]) {
+      for (auto& table : fresh_local[pid].tables) {
         for (std::size_t i = 0; i < table.size(); ++i) {
           typename SharedMap::accessor entry;
           fresh_shared.insert(entry, table.key_at(i));
-          entry->second.put(pid, table.value_at(i));
+          put(entry->second, pid, table.value_at(i), nullptr);  // layout 1: one column
         }
         table.release();
       }
     }
   }
-  std::vector<std::size_t> published(np, 0);
-  for (const auto& item : fresh_shared) {
-    for (const Slot& s : item.second) ++published[s.partition];
-  }
-
-  const Quiescent quiescent(epoch_, partitions_);
-  shared_.swap(fresh_shared);
-  for (std::uint32_t pid = 0; pid < np; ++pid) {
-    Partition& p = *partitions_[pid];
-    p.dirty.clear();  // they point into the old map; the new one is clean
-    p.published = published[pid];
-    p.local.replace(std::move(fresh_local[pid]));
-  }
+  install(fresh_shared, fresh_local);
   identity_ = record_identity(data);
+  sequence_ = 0;
+}
+
+template <class K>
+void NumericAggregateStore<K>::restore_columns(const std::vector<std::string_view>& parts) {
+  if (parts.size() != width_) {
+    corrupt(std::to_string(parts.size()) + " column snapshots for a store of " +
+            std::to_string(width_) + " value columns");
+  }
+  const std::uint32_t np = num_partitions();
+  const std::size_t extra = width_ - 1;
+  SharedMap fresh_shared;
+  std::vector<StagedLocal<Local>> fresh_local(np);
+  for (auto& staged : fresh_local) staged.allocate();
+  // Column c of a staged row: column 0 is the entry's (or slot's) own partial.
+  const auto at = [](Moments& first, Moments* more, std::size_t c) -> Moments& {
+    return c == 0 ? first : more[c - 1];
+  };
+  for (std::size_t c = 0; c < width_; ++c) {
+    NumericAggregateStore part(np, policy_);
+    part.restore(parts[c]);  // every check a restore makes, layouts 1 and 2 alike
+    for (const auto& item : part.shared_) {
+      typename SharedMap::accessor entry;
+      fresh_shared.insert(entry, item.first);
+      for (const Slot& in_slot : item.second) {
+        Slot* slot = entry->second.slot(in_slot.partition, extra).first;
+        at(slot->partial, extra > 0 ? entry->second.more(slot, extra) : nullptr, c) =
+            in_slot.partial;
+      }
+    }
+    for (std::uint32_t pid = 0; pid < np; ++pid) {
+      StagedLocal<Local>& staged = fresh_local[pid];
+      for (std::size_t s = 0; s < Local::kShards; ++s) {
+        const auto& from = part.partitions_[pid]->local.shard(s);
+        auto& table = staged.tables[s];
+        auto& more = staged.more[s];
+        for (std::size_t i = 0; i < from.size(); ++i) {
+          const auto [idx, inserted] = table.emplace(from.key_at(i), from.hash_at(i));
+          if (table.size() > Local::kMaxPerShard) corrupt("too many local entries in a shard");
+          if (inserted && extra > 0) more.resize((idx + 1) * extra);
+          at(table.value_at(idx), extra > 0 ? more.data() + idx * extra : nullptr, c) =
+              from.value_at(i);
+        }
+      }
+    }
+  }
+  install(fresh_shared, fresh_local);
+  identity_ = 0;
   sequence_ = 0;
 }
 
@@ -676,7 +899,7 @@ std::size_t NumericAggregateStore<K>::memory_bytes() const {
   constexpr std::size_t kBucket = 2 * sizeof(void*);
   total += shared_.bucket_count() * kBucket;
   for (const auto& item : shared_) {
-    total += kNodeOverhead + sizeof(item) + item.second.heap_bytes();
+    total += kNodeOverhead + sizeof(item) + item.second.heap_bytes(width_ - 1);
     if constexpr (std::is_same_v<typename K::Key, std::string>) {
       if (item.first.capacity() > 15) total += item.first.capacity() + 1;
     }

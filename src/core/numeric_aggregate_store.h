@@ -15,6 +15,11 @@
 // slots sorted by partition: a merged read of one key is one lookup, and result_columns()
 // is one pass over the map, instead of num_partitions lookups per key.
 //
+// Value columns: a store folds rows of width() values (one per named column, or one
+// unnamed column, the default). Column 0 lives where the only column always lived (the
+// table entry, the slot's partial), so one column costs what it did; columns 1.. sit
+// side by side in arrays parallel to the entries and slots, reached by the same probe.
+//
 // Locking (always in this order, never while waiting for the GIL):
 //   epoch_ (store-wide EpochLock): shared for publish and point reads, exclusive for
 //     snapshot / restore / result_columns (which iterate the map);
@@ -26,6 +31,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -59,8 +65,9 @@ struct StatArrays {
   void set(std::size_t i, const Moments& m) noexcept {
     count[i] = static_cast<std::int64_t>(m.count);
     sum[i] = m.sum;
-    min[i] = m.min;
-    max[i] = m.max;
+    // A key none of whose values of this column counted (others did): no extremes.
+    min[i] = m.count == 0 ? std::numeric_limits<double>::quiet_NaN() : m.min;
+    max[i] = m.count == 0 ? std::numeric_limits<double>::quiet_NaN() : m.max;
     mean[i] = m.mean();
     var[i] = m.var();
     std[i] = std::sqrt(var[i]);
@@ -73,8 +80,18 @@ class NumericAggregateStore {
   using View = typename K::View;
   using KeyColumn = typename K::KeyColumn;
 
-  // Throws InvalidArgument unless 1 <= num_partitions <= 65536 (each has its own table).
-  NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy);
+  // Throws InvalidArgument unless 1 <= num_partitions <= 65536 (each has its own table),
+  // or when `columns` (the value columns' names; empty: one unnamed column) holds an empty
+  // or repeated name or more than kMaxColumns.
+  NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy,
+                        std::vector<std::string> columns = {});
+
+  static constexpr std::size_t kMaxColumns = 4096;
+
+  // The value columns' names (empty for the one unnamed column) and how many values a
+  // row carries (>= 1).
+  [[nodiscard]] const std::vector<std::string>& columns() const noexcept { return columns_; }
+  [[nodiscard]] std::size_t width() const noexcept { return width_; }
 
   [[nodiscard]] std::uint32_t num_partitions() const noexcept {
     return static_cast<std::uint32_t>(partitions_.size());
@@ -82,6 +99,7 @@ class NumericAggregateStore {
   [[nodiscard]] NanPolicy nan_policy() const noexcept { return policy_; }
 
   // Single writer per partition by design; concurrent calls on one partition serialise.
+  // `values` holds n rows of width() values, row-major.
   void fold(std::uint32_t partition_id, const View* keys, const double* values, std::size_t n);
 
   // Merges what the partition folded since its last publish into the shared map and
@@ -89,12 +107,16 @@ class NumericAggregateStore {
   // were pushed.
   std::size_t publish(std::uint32_t partition_id);
 
-  // The key's partials merged in ascending partition order; nullopt if nobody published it.
-  [[nodiscard]] std::optional<Moments> result(View key) const;
+  // The key's partials of value column `column` merged in ascending partition order;
+  // nullopt if nobody published the key.
+  [[nodiscard]] std::optional<Moments> result(View key, std::size_t column = 0) const;
 
   // Every published key and its merged statistics, in no particular order, as finished
   // columns (what Python receives) written straight into buffers the caller can hand over
-  // without copying. Readers run alone here, so the merge uses every core.
+  // without copying: `columns` points at width() StatArrays, one per value column. Readers
+  // run alone here, so the merge uses every core.
+  void result_columns(KeyColumn& keys, StatArrays* columns) const;
+  // The same for a one-column store.
   void result_columns(KeyColumn& keys, StatArrays& columns) const;
 
   // Published keys.
@@ -110,9 +132,18 @@ class NumericAggregateStore {
   // the change tracking. Equal contents give equal bytes.
   [[nodiscard]] std::string snapshot();
   // Validates everything into fresh structures, then swaps them in; CorruptDataError on
-  // any problem and the store is unchanged. Also reads layout 1 (whose local tables held
-  // full partials: they are published on restore).
+  // any problem (a snapshot of other value columns included) and the store is unchanged.
+  // Also reads layout 1 (whose local tables held full partials: they are published on
+  // restore).
   void restore(std::string_view data);
+
+  // Restores from one snapshot per value column (parts[c] for column c), each written by
+  // a store of one unnamed column with this store's key type: how a pipeline held its
+  // value columns before one store held them all. Each part is validated as restore()
+  // does, then the columns are joined key by key (a key missing from a column has an empty
+  // partial there); CorruptDataError and the store is unchanged on any problem. The
+  // result is no capture's state: the store's identity is that of a fresh store.
+  void restore_columns(const std::vector<std::string_view>& parts);
 
   // The slots and local entries created or changed since the previous capture, in
   // O(changed) (kind kNumericAggregateStoreDelta); resets the change tracking.
@@ -154,14 +185,21 @@ class NumericAggregateStore {
     [[nodiscard]] const Slot* end() const noexcept { return data() + size_; }
     [[nodiscard]] std::uint32_t size() const noexcept { return size_; }
     [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
-    [[nodiscard]] std::size_t heap_bytes() const noexcept {
-      return heap_ ? capacity_ * sizeof(Slot) : 0;
+    [[nodiscard]] std::size_t heap_bytes(std::size_t extra) const noexcept {
+      return (heap_ ? capacity_ * sizeof(Slot) : 0) +
+             (more_ ? capacity_ * extra * sizeof(Moments) : 0);
     }
     // The partition's slot, created empty (and clean) if absent; the bool tells which.
-    std::pair<Slot*, bool> slot(std::uint32_t partition);
+    // `extra` (width - 1, the same every call) Moments of columns 1.. go with each slot.
+    std::pair<Slot*, bool> slot(std::uint32_t partition, std::size_t extra);
     [[nodiscard]] Slot* find(std::uint32_t partition) noexcept;
-    // Inserts or overwrites the partition's partial.
-    void put(std::uint32_t partition, const Moments& m) { slot(partition).first->partial = m; }
+    // Columns 1.. of a slot of this list.
+    [[nodiscard]] Moments* more(const Slot* s, std::size_t extra) noexcept {
+      return more_.get() + static_cast<std::size_t>(s - data()) * extra;
+    }
+    [[nodiscard]] const Moments* more(const Slot* s, std::size_t extra) const noexcept {
+      return more_.get() + static_cast<std::size_t>(s - data()) * extra;
+    }
 
    private:
     [[nodiscard]] Slot* data() noexcept { return heap_ ? heap_.get() : inline_; }
@@ -171,6 +209,7 @@ class NumericAggregateStore {
     std::uint32_t capacity_ = kInline;
     Slot inline_[kInline];
     std::unique_ptr<Slot[]> heap_;
+    std::unique_ptr<Moments[]> more_;  // capacity_ * extra, parallel to the slots
   };
 
   struct KeyHash {
@@ -190,6 +229,7 @@ class NumericAggregateStore {
   using Ref = typename Local::Ref;
   using Node = typename SharedMap::value_type;
   struct Partition {
+    explicit Partition(std::size_t width) : local(width) {}
     mutable std::mutex mutex;
     Local local;
     // Shared nodes whose slot of this partition is dirty, each once.
@@ -206,12 +246,21 @@ class NumericAggregateStore {
   auto read_local(std::uint32_t partition_id, Read&& read) const;
   // Grows the map's bucket array before a publish that would overflow it (see publish).
   void reserve_for(Partition& p);
-  static Moments merged(const Slots& slots) noexcept;
+  // The slots' partials of `column`, merged in ascending partition order.
+  [[nodiscard]] Moments merged(const Slots& slots, std::size_t column) const noexcept;
+  // Sets a slot's partials from column 0's and columns 1..'s.
+  void put(Slots& slots, std::uint32_t partition, const Moments& first, const Moments* more);
+  // Swaps in state a restore validated (a fresh map, and every partition's staged local
+  // tables), with the map quiescent and every partition stopped; nothing is dirty after.
+  template <class Staged>
+  void install(SharedMap& fresh_shared, std::vector<Staged>& fresh_local);
   // Clears every dirty flag and list and every partition's change tracking, and takes the
   // capture's identity. Callers hold the exclusive epoch and every partition's lock.
   void reset_tracking(std::string_view capture, std::uint64_t sequence) noexcept;
 
   NanPolicy policy_;
+  std::vector<std::string> columns_;
+  std::size_t width_;
   std::vector<std::unique_ptr<Partition>> partitions_;
   mutable EpochLock epoch_;
   mutable SharedMap shared_;

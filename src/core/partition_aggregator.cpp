@@ -4,21 +4,12 @@
 #include <cmath>
 #include <algorithm>
 #include <stdexcept>
+#include <limits>
 #include <string>
 
 #include "core/errors.h"
 
 namespace streamstate {
-namespace {
-
-// Rows looked ahead: the slot of row i + kAhead is prefetched, and the entry of row
-// i + kAhead / 2 (whose slot should be cached by then). At ~1M keys every lookup would
-// otherwise be two dependent cache misses; this keeps ~16 of them in flight.
-constexpr std::size_t kAhead = 16;
-constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead, reused
-static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
-
-}  // namespace
 
 bool any_nan(const double* values, std::size_t n) noexcept {
   // Branch-free OR of "x != x" over blocks so the compiler can vectorise it, with an
@@ -71,7 +62,8 @@ template <class K>
 std::size_t PartitionAggregator<K>::memory_bytes() const noexcept {
   std::size_t n = shards_.capacity() * sizeof(Shard);
   for (const Shard& sh : shards_) {
-    n += sh.table.memory_bytes() - sizeof(sh.table) + sh.changed.capacity() * sizeof(std::uint64_t);
+    n += sh.table.memory_bytes() - sizeof(sh.table) + sh.changed.capacity() * sizeof(std::uint64_t) +
+         sh.more.capacity() * sizeof(Moments);
   }
   return n;
 }
@@ -129,9 +121,11 @@ void PartitionAggregator<K>::drain() noexcept {
   for (Shard& sh : shards_) {
     if (sh.table.size() <= kKeepDrainedEntries) {
       sh.table.clear();
+      sh.more.clear();
     } else {
       sh.table.release();
       std::vector<std::uint64_t>().swap(sh.changed);
+      std::vector<Moments>().swap(sh.more);
     }
     sh.changed.clear();
     sh.watermark = 0;
@@ -140,9 +134,15 @@ void PartitionAggregator<K>::drain() noexcept {
 }
 
 template <class K>
-void PartitionAggregator<K>::replace(std::vector<Table>&& tables) noexcept {
+void PartitionAggregator<K>::replace(std::vector<Table>&& tables,
+                                     std::vector<std::vector<Moments>>&& more) noexcept {
   for (std::size_t s = 0; s < kShards; ++s) {
     shards_[s].table = std::move(tables[s]);
+    if (width_ > 1) {
+      shards_[s].more = std::move(more[s]);
+    } else {
+      shards_[s].more.clear();
+    }
     shards_[s].changed.clear();
     shards_[s].watermark = 0;
   }
@@ -150,11 +150,27 @@ void PartitionAggregator<K>::replace(std::vector<Table>&& tables) noexcept {
 }
 
 template <class K>
-void PartitionAggregator<K>::assign(View key, const Moments& m) {
+void PartitionAggregator<K>::assign(View key, const Moments& first, const Moments* more) {
   const std::uint64_t h = K::hash(key);
   Shard& sh = shards_[shard_of(h)];
-  const std::size_t idx = emplace_in(sh, key, h);
-  sh.table.value_at(idx) = m;
+  if (width_ == 1) {
+    sh.table.value_at(emplace_in(sh, key, h)) = first;
+    return;
+  }
+  const std::size_t idx = emplace_wide(sh, key, h);
+  sh.table.value_at(idx) = first;
+  std::copy(more, more + (width_ - 1), sh.more.begin() + static_cast<std::ptrdiff_t>(idx * (width_ - 1)));
+}
+
+template <class K>
+std::size_t PartitionAggregator<K>::emplace_wide(Shard& shard, View key, std::uint64_t hash) {
+  const std::size_t w = width_ - 1;
+  const std::size_t want = (shard.table.size() + 1) * w;
+  if (shard.more.capacity() < want) shard.more.reserve(std::max(want, 2 * shard.more.capacity()));
+  const std::size_t idx = emplace_in(shard, key, hash);
+  // Reserved above: growing to cover a new entry cannot throw.
+  if (shard.more.size() < (idx + 1) * w) shard.more.resize((idx + 1) * w);
+  return idx;
 }
 
 template <class K>
@@ -173,6 +189,10 @@ template <class K>
 void PartitionAggregator<K>::fold(const View* keys, const double* values, std::size_t n,
                                   NanPolicy policy) {
   if (n == 0) return;
+  if (width_ > 1) {
+    fold_wide(keys, values, n, policy);
+    return;
+  }
   const bool has_nan = any_nan(values, n);
   if (has_nan) {
     if (policy == NanPolicy::kRaise) {
@@ -216,32 +236,16 @@ void PartitionAggregator<K>::fold_sliced(const View* keys, const double* values,
 template <class K>
 template <bool kSkipNan>
 void PartitionAggregator<K>::fold_rows(const View* keys, const double* values, std::size_t n) {
-  std::uint64_t ring[kRing];
-  const std::size_t warm = n < kAhead ? n : kAhead;
-  for (std::size_t j = 0; j < warm; ++j) {
-    ring[j] = K::hash(keys[j]);
-    shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) {
-      const std::uint64_t h = K::hash(keys[i + kAhead]);
-      ring[(i + kAhead) & (kRing - 1)] = h;
-      shards_[shard_of(h)].table.prefetch_slot(h);
-    }
-    if (i + kAhead / 2 < n) {
-      const std::uint64_t h = ring[(i + kAhead / 2) & (kRing - 1)];
-      shards_[shard_of(h)].table.prefetch_entry(h);
-    }
+  prefetched_rows(keys, n, [&](std::size_t i, std::uint64_t h) {
     const double x = values[i];
     if constexpr (kSkipNan) {
-      if (std::isnan(x)) continue;
+      if (std::isnan(x)) return;
     }
-    const std::uint64_t h = ring[i & (kRing - 1)];
     Shard& sh = shards_[shard_of(h)];
     const std::size_t idx = emplace_in(sh, keys[i], h);
     add_number(sh.table.value_at(idx), x);
     sh.mark(idx);
-  }
+  });
 }
 
 template <class K>
@@ -305,6 +309,121 @@ void PartitionAggregator<K>::fold_with_nan(const View* keys, const double* value
     const std::size_t idx = emplace_in(sh, keys[i], h);
     sh.table.value_at(idx).add(values[i]);
     sh.mark(idx);
+  }
+}
+
+template <class K>
+void PartitionAggregator<K>::fold_wide(const View* keys, const double* values, std::size_t n,
+                                       NanPolicy policy) {
+  const std::size_t w = width_;
+  if (n > std::numeric_limits<std::size_t>::max() / w) {
+    throw InvalidArgument("partition aggregator: batch too large");
+  }
+  const bool has_nan = any_nan(values, n * w);
+  if (has_nan && policy == NanPolicy::kRaise) {
+    for (std::size_t i = 0; i < n * w; ++i) {
+      if (std::isnan(values[i])) {
+        throw InvalidArgument("NaN value at row " + std::to_string(i / w) + ", column " +
+                              std::to_string(i % w) +
+                              " (nan_policy='raise'); nothing from this batch was folded");
+      }
+    }
+  }
+  const bool skip = has_nan && policy == NanPolicy::kSkip;
+  // Row slices as fold_sliced cuts them: row by row while the table is small, scattered
+  // by shard once it is big (the rows' values travel with their keys).
+  std::size_t done = 0;
+  while (done < n) {
+    const std::size_t left = n - done;
+    if (size() >= kScatterMinKeys && left >= kRowSlice) {
+      const std::size_t chunk = std::min(left, kScatterMaxRows / w);
+      fold_wide_scattered(keys + done, values + done * w, chunk, has_nan, skip);
+      done += chunk;
+    } else {
+      const std::size_t chunk = std::min(left, kRowSlice);
+      prefetched_rows(keys + done, chunk, [&](std::size_t i, std::uint64_t h) {
+        const double* row = values + (done + i) * w;
+        if (skip && all_nan(row)) return;
+        fold_wide_row(shards_[shard_of(h)], keys[done + i], h, row, has_nan, skip);
+      });
+      done += chunk;
+    }
+  }
+}
+
+template <class K>
+bool PartitionAggregator<K>::all_nan(const double* row) const noexcept {
+  std::size_t present = 0;
+  for (std::size_t c = 0; c < width_; ++c) present += std::isnan(row[c]) ? 0 : 1;
+  return present == 0;
+}
+
+template <class K>
+void PartitionAggregator<K>::fold_wide_row(Shard& sh, View key, std::uint64_t hash,
+                                           const double* row, bool has_nan, bool skip) {
+  // A NaN is left out (kSkip) or poisons its column's partial (kPropagate).
+  const auto add = [has_nan, skip](Moments& m, double x) noexcept {
+    if (has_nan && std::isnan(x)) {
+      if (!skip) m.add(x);
+    } else {
+      add_number(m, x);
+    }
+  };
+  const std::size_t idx = emplace_wide(sh, key, hash);
+  Moments* more = sh.more.data() + idx * (width_ - 1);
+  add(sh.table.value_at(idx), row[0]);
+  for (std::size_t c = 1; c < width_; ++c) add(more[c - 1], row[c]);
+  sh.mark(idx);
+}
+
+template <class K>
+void PartitionAggregator<K>::fold_wide_scattered(const View* keys, const double* values,
+                                                 std::size_t n, bool has_nan, bool skip) {
+  const std::size_t w = width_;
+  // Pass 1: each row's shard and the shard sizes (all-NaN rows skipped are left out).
+  HugePageBuffer<std::uint8_t> shard_ids(n);
+  std::size_t start[kShards + 1] = {};
+  for (std::size_t i = 0; i < n; ++i) {
+    if (skip && all_nan(values + i * w)) continue;
+    const auto s = static_cast<std::uint8_t>(shard_of(K::hash(keys[i])));
+    shard_ids[i] = s;
+    ++start[s + 1];
+  }
+  for (std::size_t s = 0; s < kShards; ++s) start[s + 1] += start[s];
+  // Pass 2: keys and their rows of values into one contiguous run per shard.
+  HugePageBuffer<View> run_keys(start[kShards]);
+  HugePageBuffer<double> run_values(start[kShards] * w);
+  std::size_t at[kShards];
+  std::copy(start, start + kShards, at);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (skip && all_nan(values + i * w)) continue;
+    const std::size_t to = at[shard_ids[i]]++;
+    run_keys[to] = keys[i];
+    std::copy(values + i * w, values + (i + 1) * w, run_values.data() + to * w);
+  }
+  // Pass 3: fold shard by shard; each shard's table and columns are reused from cache.
+  for (std::size_t s = 0; s < kShards; ++s) {
+    Shard& sh = shards_[s];
+    const View* run = run_keys.data() + start[s];
+    const double* rows = run_values.data() + start[s] * w;
+    const std::size_t m = start[s + 1] - start[s];
+    // Slots prefetched kNear rows ahead, entries and their columns half way (as in
+    // prefetched_rows, within the shard).
+    constexpr std::size_t kNear = 8;
+    std::uint64_t ring[kRing];
+    for (std::size_t j = 0; j < std::min(m, kNear); ++j) {
+      ring[j] = K::hash(run[j]);
+      sh.table.prefetch_slot(ring[j]);
+    }
+    for (std::size_t j = 0; j < m; ++j) {
+      if (j + kNear < m) {
+        const std::uint64_t h = K::hash(run[j + kNear]);
+        ring[(j + kNear) & (kRing - 1)] = h;
+        sh.table.prefetch_slot(h);
+      }
+      if (j + kNear / 2 < m) sh.table.prefetch_entry(ring[(j + kNear / 2) & (kRing - 1)]);
+      fold_wide_row(sh, run[j], ring[j & (kRing - 1)], rows + j * w, has_nan, skip);
+    }
   }
 }
 

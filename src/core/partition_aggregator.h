@@ -1,6 +1,11 @@
 // The partition-local fold: one writer folds batches of (key, value) rows into per-key
 // Moments in a flat hash table, with no locks and no allocation per row, and remembers
 // which keys changed so a publish pushes only those.
+//
+// A row carries `width` values (one per value column, row-major). Column 0's Moments live
+// in the table entry, exactly as with one column, so a one-column fold pays nothing for
+// the others; columns 1.. of entry i live side by side in a dense array parallel to the
+// entries ("more", at [i * (width - 1), (i + 1) * (width - 1))), found by the same probe.
 #pragma once
 
 #include <bit>
@@ -57,11 +62,16 @@ class PartitionAggregator {
     return static_cast<std::size_t>(hash >> (64 - kShardBits));
   }
 
-  PartitionAggregator() : shards_(kShards) {}
+  // `width` values a row (>= 1).
+  explicit PartitionAggregator(std::size_t width = 1) : shards_(kShards), width_(width) {}
 
-  // Folds n rows. With NanPolicy::kRaise a NaN anywhere in the batch throws InvalidArgument
-  // before any row is folded; kSkip ignores NaN rows entirely (the key is not created);
-  // kPropagate folds them (the key's sum/mean/min/max/var become NaN).
+  [[nodiscard]] std::size_t width() const noexcept { return width_; }
+
+  // Folds n rows of width() values each (values row-major: n * width doubles). With
+  // NanPolicy::kRaise a NaN anywhere in the batch throws InvalidArgument before any row is
+  // folded; kSkip ignores NaN values, each column on its own (a row whose values are all
+  // NaN is ignored entirely: the key is not created); kPropagate folds them (that column's
+  // sum/mean/min/max/var become NaN).
   void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy);
 
   // What the tables hold is only what was folded since the last publish: publish merges
@@ -93,17 +103,25 @@ class PartitionAggregator {
   [[nodiscard]] const Moments& value_at(Ref r) const noexcept {
     return table_of(r).value_at(index_of(r));
   }
+  // Columns 1 .. width()-1 of the entry (width() - 1 Moments; nullptr when width() is 1).
+  [[nodiscard]] const Moments* more_at(Ref r) const noexcept {
+    return more_of(shards_[r >> kIndexBits], index_of(r));
+  }
+  [[nodiscard]] const Moments* more_in(std::size_t s, std::size_t i) const noexcept {
+    return more_of(shards_[s], i);
+  }
   [[nodiscard]] std::uint64_t hash_at(Ref r) const noexcept {
     return table_of(r).hash_at(index_of(r));
   }
   void prefetch(Ref r) const noexcept { table_of(r).prefetch_index(index_of(r)); }
 
   // Replaces the contents (restore) with kShards tables whose keys each hash to their
-  // shard; nothing counts as changed afterwards.
-  void replace(std::vector<Table>&& tables) noexcept;
-  // Sets the key's entry to `m` (a delta being applied; the caller checked the shard has
-  // room). Not tracked as a change.
-  void assign(View key, const Moments& m);
+  // shard, and (width() > 1) their entries' columns 1.. (`more`, kShards arrays laid out
+  // as the shards'); nothing counts as changed afterwards.
+  void replace(std::vector<Table>&& tables, std::vector<std::vector<Moments>>&& more) noexcept;
+  // Sets the key's entry to `first` and columns 1.. to more[0 .. width()-1) (a delta being
+  // applied; the caller checked the shard has room). Not tracked as a change.
+  void assign(View key, const Moments& first, const Moments* more);
   [[nodiscard]] std::size_t shard_size(std::size_t s) const noexcept {
     return shards_[s].table.size();
   }
@@ -115,6 +133,8 @@ class PartitionAggregator {
     // since. Entries from watermark on are new and implicitly changed.
     std::vector<std::uint64_t> changed;
     std::size_t watermark = 0;
+    // Columns 1.. of every entry, width - 1 Moments each (empty for one column).
+    std::vector<Moments> more;
 
     void mark(std::size_t idx) noexcept {
       if (idx < watermark) changed[idx >> 6] |= std::uint64_t{1} << (idx & 63);
@@ -132,7 +152,42 @@ class PartitionAggregator {
   }
   // Inserts or finds the key in its shard; enforces the per-shard entry limit.
   std::size_t emplace_in(Shard& shard, View key, std::uint64_t hash);
+  // emplace_in for width() > 1: a new entry also gets its (empty) columns 1.., reserved
+  // before the insert so a failed allocation leaves the shard consistent.
+  std::size_t emplace_wide(Shard& shard, View key, std::uint64_t hash);
+  [[nodiscard]] const Moments* more_of(const Shard& sh, std::size_t i) const noexcept {
+    return width_ == 1 ? nullptr : sh.more.data() + i * (width_ - 1);
+  }
 
+  // Calls row(i, hash of keys[i]) for i in [0, n) in order, hashing each key once, kAhead
+  // rows ahead, and prefetching its slot and then its entry so row()'s lookup hits cache.
+  // Rows looked ahead: the slot of row i + kAhead is prefetched, and the entry of row
+  // i + kAhead / 2 (whose slot should be cached by then). At ~1M keys every lookup would
+  // otherwise be two dependent cache misses; this keeps ~16 of them in flight.
+  static constexpr std::size_t kAhead = 16;
+  static constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead
+  static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
+  template <class Row>
+  [[gnu::always_inline]] void prefetched_rows(const View* keys, std::size_t n, Row&& row) {
+    std::uint64_t ring[kRing];
+    const std::size_t warm = n < kAhead ? n : kAhead;
+    for (std::size_t j = 0; j < warm; ++j) {
+      ring[j] = K::hash(keys[j]);
+      shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        const std::uint64_t h = K::hash(keys[i + kAhead]);
+        ring[(i + kAhead) & (kRing - 1)] = h;
+        shards_[shard_of(h)].table.prefetch_slot(h);
+      }
+      if (i + kAhead / 2 < n) {
+        const std::uint64_t h = ring[(i + kAhead / 2) & (kRing - 1)];
+        shards_[shard_of(h)].table.prefetch_entry(h);
+      }
+      row(i, ring[i & (kRing - 1)]);
+    }
+  }
   // Row by row while the table is small, shard by shard once it is big.
   template <bool kSkipNan>
   void fold_sliced(const View* keys, const double* values, std::size_t n);
@@ -141,8 +196,18 @@ class PartitionAggregator {
   template <bool kSkipNan>
   void fold_scattered(const View* keys, const double* values, std::size_t n);
   void fold_with_nan(const View* keys, const double* values, std::size_t n);
+  // Rows of width() > 1 values: one hash and one probe a row, every column folded.
+  void fold_wide(const View* keys, const double* values, std::size_t n, NanPolicy policy);
+  // fold_scattered for rows of width() values.
+  void fold_wide_scattered(const View* keys, const double* values, std::size_t n, bool has_nan,
+                           bool skip);
+  // One row of width() values into the key's entry (NaN left out when `skip`).
+  void fold_wide_row(Shard& sh, View key, std::uint64_t hash, const double* row, bool has_nan,
+                     bool skip);
+  [[nodiscard]] bool all_nan(const double* row) const noexcept;
 
   std::vector<Shard> shards_;
+  std::size_t width_;
   bool drained_ = false;
 };
 

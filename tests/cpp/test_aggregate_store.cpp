@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -350,6 +351,87 @@ void test_numeric_store_threads() {
   CHECK(store.result(1234)->count == 100);
 }
 
+// Several value columns: each folded as if alone, captured and restored with its names,
+// and joined from one-column snapshots; partitions fold and publish from their own threads
+// while another thread captures.
+void test_numeric_store_columns() {
+  using Store = streamstate::NumericAggregateStore<streamstate::BytesKeys>;
+  const std::vector<std::string> names = {"dep", "arr", "air"};
+  constexpr std::uint32_t kThreads = 2;
+  Store wide(kThreads, streamstate::NanPolicy::kSkip, names);
+  std::vector<std::unique_ptr<Store>> singles;
+  std::vector<std::string> keys(300);
+  std::vector<std::string_view> views;
+  for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = "route-" + std::to_string(i % 37);
+  for (const auto& k : keys) views.push_back(k);
+  std::vector<double> block(keys.size() * names.size());
+  for (std::size_t i = 0; i < block.size(); ++i) {
+    block[i] = (i % 7 == 3) ? std::nan("") : static_cast<double>(i % 11) - 5.0;
+  }
+  std::vector<std::thread> workers;
+  std::atomic<int> running{kThreads};
+  for (std::uint32_t t = 0; t < kThreads; ++t) {
+    workers.emplace_back([&, t] {
+      for (int b = 0; b < 20; ++b) {
+        wide.fold(t, views.data(), block.data(), views.size());
+        if (b % 3 == 0) wide.publish(t);
+      }
+      --running;
+    });
+  }
+  do {
+    Store view(kThreads, streamstate::NanPolicy::kSkip, names);
+    view.restore(wide.snapshot());
+  } while (running.load() > 0);
+  for (auto& w : workers) w.join();
+
+  for (std::size_t c = 0; c < names.size(); ++c) {
+    singles.push_back(std::make_unique<Store>(kThreads, streamstate::NanPolicy::kSkip));
+    std::vector<double> column(keys.size());
+    for (std::size_t i = 0; i < keys.size(); ++i) column[i] = block[i * names.size() + c];
+    for (std::uint32_t t = 0; t < kThreads; ++t) {
+      for (int b = 0; b < 20; ++b) {
+        singles[c]->fold(t, views.data(), column.data(), views.size());
+        if (b % 3 == 0) singles[c]->publish(t);
+      }
+    }
+  }
+  // Joined from one-column snapshots (local partials included), the same store.
+  Store joined(kThreads, streamstate::NanPolicy::kSkip, names);
+  std::vector<std::string> parts;
+  for (auto& single : singles) parts.push_back(single->snapshot());
+  joined.restore_columns(std::vector<std::string_view>(parts.begin(), parts.end()));
+  CHECK(joined.size() == wide.size() && joined.partition_pending(0) == wide.partition_pending(0));
+  for (std::uint32_t t = 0; t < kThreads; ++t) {
+    wide.publish(t);
+    joined.publish(t);
+    for (auto& single : singles) single->publish(t);
+  }
+  const auto same = [](const auto& a, const auto& b) {
+    return a && b && a->count == b->count && a->sum == b->sum && a->min == b->min &&
+           a->max == b->max && a->mean() == b->mean();
+  };
+  for (std::size_t c = 0; c < names.size(); ++c) {
+    for (const auto& k : keys) {
+      CHECK(same(wide.result(k, c), singles[c]->result(k)));
+      CHECK(same(joined.result(k, c), singles[c]->result(k)));
+    }
+  }
+  // A snapshot names its columns; a delta continues it.
+  const std::string snap = wide.snapshot();
+  Store copy(kThreads, streamstate::NanPolicy::kSkip, names);
+  copy.restore(snap);
+  wide.fold(1, views.data(), block.data(), 5);
+  copy.apply_delta(wide.snapshot_delta());
+  CHECK(copy.snapshot() == wide.snapshot());
+  Store other(kThreads, streamstate::NanPolicy::kSkip, {"dep", "arr"});
+  CHECK(throws_corrupt([&] { other.restore(snap); }));
+  Store plain(kThreads, streamstate::NanPolicy::kSkip);
+  CHECK(throws_corrupt([&] { plain.restore(snap); }));
+  CHECK(throws_corrupt([&] { wide.restore(parts[0]); }));
+  CHECK(plain.size() == 0 && other.size() == 0);
+}
+
 void test_numeric_store_deltas() {
   using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
   constexpr std::uint32_t kThreads = 3;
@@ -464,6 +546,7 @@ int main() {
   test_numeric_store();
   test_numeric_store_big_batches();
   test_numeric_store_threads();
+  test_numeric_store_columns();
   test_numeric_store_deltas();
   test_opaque_store_deltas();
   return check_summary("test_aggregate_store");

@@ -1,10 +1,13 @@
 """How a pipeline lays its state out in a checkpoint, and the checks before resuming one.
 
 A pipeline checkpoint holds exactly two artifacts, both as partition 0: under
-``"aggregates"`` one LCB1 batch packing every value column's store snapshot (named after
-the column), and under ``"job"`` the :class:`~streamstate.pipeline.JobRecord`. In an
-incremental checkpoint the ``"aggregates"`` artifact is a delta (``is_delta``) packing every
-column's ``snapshot_delta()`` instead, applied by the stores themselves on recovery: read a
+``"aggregates"`` one LCB1 batch packing the snapshot of the one store holding every value
+column (under :data:`STORE_ENTRY`), and under ``"job"`` the
+:class:`~streamstate.pipeline.JobRecord`. In an incremental checkpoint the ``"aggregates"``
+artifact is a delta (``is_delta``) packing the store's ``snapshot_delta()`` instead,
+applied by the store itself on recovery. Checkpoints written before one store held every
+column pack one one-column store's snapshot (or delta) per value column, named after the
+column; they are still read (the pipeline joins them into one store). Read a
 pipeline's checkpoints with ``ObjectStoreCheckpointer.recover(rebuild=False)`` (the default
 rebuild applies record deltas, cannot apply these, and would fall back to the chain's
 full checkpoint). The source
@@ -26,6 +29,7 @@ from .sources import Offset, plain_offset
 
 __all__ = [
     "STATE_OPERATOR",
+    "STORE_ENTRY",
     "check_layout",
     "check_newest",
     "pack_state",
@@ -35,13 +39,16 @@ __all__ = [
 
 #: The operator under which a pipeline checkpoints its packed store snapshots.
 STATE_OPERATOR = "aggregates"
+#: The packed entry of the one store holding every value column (a NUL-led name, which
+#: no source column is given: older checkpoints name their entries after the columns).
+STORE_ENTRY = "\x00store"
 
 
 def pack_state(
     snapshots: Iterable[tuple[str, bytes]], record: bytes, is_delta: bool = False
 ) -> list[tuple[str, int, bool, bytes]]:
-    """The items to commit for ``(value column, store snapshot)`` pairs and a job record;
-    ``is_delta`` when the snapshots are the stores' deltas."""
+    """The items to commit for ``(entry, store snapshot)`` pairs (``STORE_ENTRY`` and the
+    store's snapshot) and a job record; ``is_delta`` when the snapshots are deltas."""
     return [
         (STATE_OPERATOR, 0, is_delta, encode_batch(list(snapshots))),
         (FINGERPRINT_OPERATOR, 0, False, record),
@@ -130,9 +137,12 @@ def check_newest(
     check_layout(fingerprint, where, partitions, manifest.source_offsets, record, start_offset)
 
 
-def _unpack(packed: bytes, where: str, what: str, values: Collection[str]) -> dict[str, bytes]:
-    """The per-column blobs of one packed ``"aggregates"`` artifact, after checking that it
-    holds exactly the columns ``values``."""
+def _unpack(
+    packed: bytes, where: str, what: str, values: Collection[str], layout: set[str] | None
+) -> dict[str, bytes]:
+    """The blobs of one packed ``"aggregates"`` artifact, after checking that it holds the
+    one store (``STORE_ENTRY``) or, in the older layout, exactly the columns ``values``;
+    and, when ``layout`` is given, that it holds the same entries (a chain keeps one)."""
     try:
         entries = decode_batch(packed)
     except CorruptDataError as exc:
@@ -141,10 +151,16 @@ def _unpack(packed: bytes, where: str, what: str, values: Collection[str]) -> di
             f"store state ({exc})"
         ) from exc
     blobs = dict(entries)
-    if len(blobs) != len(entries) or set(blobs) != set(values):
+    names = set(blobs)
+    if len(blobs) != len(entries) or names not in ({STORE_ENTRY}, set(values)):
         raise IncompatibleCheckpointError(
             f"checkpoint {where} holds state for {sorted(n for n, _ in entries)} in its "
             f"{what}; this job aggregates {sorted(values)}"
+        )
+    if layout is not None and names != layout:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where}: its {what} holds {sorted(names)}, its snapshot "
+            f"{sorted(layout)}; a chain keeps one layout"
         )
     return blobs
 
@@ -153,10 +169,10 @@ def unpack_state(
     recovered: RecoveredCheckpoint, fingerprint: JobFingerprint, start_offset: Offset = None
 ) -> tuple[JobRecord | None, Offset, dict[str, bytes], list[dict[str, bytes]]]:
     """Check a recovered checkpoint's layout and definition; return its job record, the
-    source offset, the full store snapshot of every value column, and (for a checkpoint
-    recovered with ``rebuild=False`` at the end of a delta chain) the store deltas of every
-    column to apply to those snapshots, oldest first. ``start_offset`` as for
-    :func:`check_layout`."""
+    source offset, the full store snapshot (under ``STORE_ENTRY``, or in the older layout
+    one per value column), and (for a checkpoint recovered with ``rebuild=False`` at the
+    end of a delta chain) the deltas to apply to it, oldest first, keyed alike.
+    ``start_offset`` as for :func:`check_layout`."""
     where = str(recovered.checkpoint_id)
     state = recovered.state
     record_bytes = state.get(FINGERPRINT_OPERATOR, {}).get(0)
@@ -164,10 +180,10 @@ def unpack_state(
         fingerprint, where, state, recovered.source_offsets, record_bytes, start_offset
     )
     values = fingerprint.values
-    snapshots = _unpack(state[STATE_OPERATOR][0], where, "snapshot", values)
+    snapshots = _unpack(state[STATE_OPERATOR][0], where, "snapshot", values, None)
     chain = recovered.deltas.get(STATE_OPERATOR, {}).get(0, ())
     deltas = [
-        _unpack(delta, where, f"delta {i} of {len(chain)}", values)
+        _unpack(delta, where, f"delta {i} of {len(chain)}", values, set(snapshots))
         for i, delta in enumerate(chain, 1)
     ]
     return record, offset, snapshots, deltas

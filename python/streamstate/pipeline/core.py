@@ -29,7 +29,7 @@ from .checkpoints import (
     commit_capture,
     summarize_checkpoints,
 )
-from .contents import check_newest, state_chain_bytes, unpack_state
+from .contents import STORE_ENTRY, check_newest, state_chain_bytes, unpack_state
 from .fingerprint import JobFingerprint, JobRecord, key_types_compatible
 from .routing import partition_batch
 from .sources import (
@@ -346,7 +346,8 @@ class Pipeline:
 
     def _discard_state(self) -> None:
         """Forget everything in memory; the next run recovers from the store."""
-        self._stores: dict[str, NumericAggregateStore] | None = None
+        # One store holds every value column (one fold per partition per batch).
+        self._aggregates: NumericAggregateStore | None = None
         self._store_partitions = self._partitions
         self._key_type: KeyType | None = self._given_key_type
         self._offset: Offset = self._start_offset
@@ -380,23 +381,20 @@ class Pipeline:
                 "new Pipeline on the same store to resume from its checkpoints"
             )
 
-    def _new_stores(self, key_type: KeyType, partitions: int) -> dict[str, NumericAggregateStore]:
-        return {
-            metric: NumericAggregateStore(partitions, key_type, self._nan_policy)
-            for metric in self._values
-        }
+    def _new_store(self, key_type: KeyType, partitions: int) -> NumericAggregateStore:
+        return NumericAggregateStore(partitions, key_type, self._nan_policy, values=self._values)
 
-    def _stores_for(self, keys: npt.NDArray[Any] | None) -> dict[str, NumericAggregateStore]:
-        """The stores, created on first use with the key type the keys call for."""
-        if self._stores is None:
+    def _store_for(self, keys: npt.NDArray[Any] | None) -> NumericAggregateStore:
+        """The store, created on first use with the key type the keys call for."""
+        if self._aggregates is None:
             key_type = self._key_type
             if key_type is None and keys is None:
                 keys = self._peek_keys(self._offset)
             if key_type is None:
                 key_type = "int64" if keys is None else self._inferred_key_type(keys)
             self._key_type = key_type
-            self._stores = self._new_stores(key_type, self._store_partitions)
-        return self._stores
+            self._aggregates = self._new_store(key_type, self._store_partitions)
+        return self._aggregates
 
     def _inferred_key_type(self, keys: npt.NDArray[Any]) -> KeyType:
         key_type = _key_type_of(keys)
@@ -500,71 +498,90 @@ class Pipeline:
         chain_partitions = store_partitions
         if deltas and record is not None:
             chain_partitions = record.store_partitions
-        stores = self._restored_stores(where, key_type, chain_partitions, snapshots, deltas)
+        store, migrated = self._restored_store(
+            where, key_type, chain_partitions, snapshots, deltas
+        )
         if chain_partitions != store_partitions:  # more partitions now: move the state over
-            stores = self._rehomed(where, stores, key_type, store_partitions)
-        self._stores = stores
+            store = self._rehomed(where, store, key_type, store_partitions)
+        self._aggregates = store
         self._unpublished = True
         self._key_type = key_type
         self._store_partitions = store_partitions
         self._offset = self._committed_offset = offset
         self._epoch = recovered.epoch
         self._recovered_epoch = recovered.epoch
-        # The stores' identity is the recovered checkpoint's, so the next checkpoint may be a
-        # delta on it, unless the state moved into other stores.
-        if chain_partitions == store_partitions:
+        # The store's identity is the recovered checkpoint's, so the next checkpoint may be a
+        # delta on it, unless the state moved into another store (or another layout).
+        if chain_partitions == store_partitions and not migrated:
             full_bytes, delta_bytes = state_chain_bytes(recovered)
             self._chain.resume(
                 recovered.checkpoint_id, full_bytes, sum(delta_bytes), len(delta_bytes)
             )
 
-    def _restored_stores(
+    def _restored_store(
         self,
         where: str,
         key_type: KeyType,
         partitions: int,
         snapshots: dict[str, bytes],
         deltas: list[dict[str, bytes]],
-    ) -> dict[str, NumericAggregateStore]:
-        """New stores of ``partitions`` holding each column's full snapshot with its deltas
-        applied in order, in place, by the store: no full state is rebuilt per delta."""
-        stores = self._new_stores(key_type, partitions)
-        for metric, store in stores.items():
+    ) -> tuple[NumericAggregateStore, bool]:
+        """A new store of ``partitions`` holding the checkpoint's full snapshot with its
+        deltas applied in order, in place, by the store (no full state is rebuilt per
+        delta); and whether the checkpoint was of the older layout, one store per value
+        column, whose state is then joined into the one store."""
+        store = self._new_store(key_type, partitions)
+        if STORE_ENTRY in snapshots:
+            self._restore_chain(where, store, "the store", snapshots[STORE_ENTRY],
+                                [delta[STORE_ENTRY] for delta in deltas])
+            return store, False
+        parts = []
+        for metric in self._values:
+            single = NumericAggregateStore(partitions, key_type, self._nan_policy)
+            self._restore_chain(where, single, repr(metric), snapshots[metric],
+                                [delta[metric] for delta in deltas])
+            parts.append(single.snapshot())
+        try:
+            store.restore_columns(parts)
+        except CorruptDataError as exc:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where}: the per-column states do not join into one store: {exc}"
+            ) from exc
+        return store, True
+
+    @staticmethod
+    def _restore_chain(
+        where: str, store: NumericAggregateStore, what: str, full: bytes, deltas: list[bytes]
+    ) -> None:
+        try:
+            store.restore(full)
+        except CorruptDataError as exc:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where}: the state of {what} does not restore into a "
+                f"{store.key_type} store of {store.num_partitions} partition(s): {exc}"
+            ) from exc
+        for number, delta in enumerate(deltas, 1):
             try:
-                store.restore(snapshots[metric])
+                store.apply_delta(delta)
             except CorruptDataError as exc:
-                raise IncompatibleCheckpointError(
-                    f"checkpoint {where}: the state of {metric!r} does not restore into a "
-                    f"{key_type} store of {partitions} partition(s): {exc}"
+                raise CorruptDataError(
+                    f"checkpoint {where}: delta {number} of {len(deltas)} of {what} "
+                    f"does not apply to the state before it: {exc}"
                 ) from exc
-            for number, delta in enumerate(deltas, 1):
-                try:
-                    store.apply_delta(delta[metric])
-                except CorruptDataError as exc:
-                    raise CorruptDataError(
-                        f"checkpoint {where}: delta {number} of {len(deltas)} of {metric!r} "
-                        f"does not apply to the state before it: {exc}"
-                    ) from exc
-        return stores
 
     def _rehomed(
-        self,
-        where: str,
-        stores: dict[str, NumericAggregateStore],
-        key_type: KeyType,
-        partitions: int,
-    ) -> dict[str, NumericAggregateStore]:
-        """The state of ``stores`` in new stores of ``partitions`` (more than they have): a
-        full snapshot of each restored into its new store, as rescaling up always did."""
-        rehomed = self._new_stores(key_type, partitions)
-        for metric, store in stores.items():
-            try:
-                rehomed[metric].restore(store.snapshot())
-            except CorruptDataError as exc:
-                raise IncompatibleCheckpointError(
-                    f"checkpoint {where}: the state of {metric!r} does not move into a "
-                    f"{key_type} store of {partitions} partition(s): {exc}"
-                ) from exc
+        self, where: str, store: NumericAggregateStore, key_type: KeyType, partitions: int
+    ) -> NumericAggregateStore:
+        """The state of ``store`` in a new store of ``partitions`` (more than it has): its
+        full snapshot restored into the new store, as rescaling up always did."""
+        rehomed = self._new_store(key_type, partitions)
+        try:
+            rehomed.restore(store.snapshot())
+        except CorruptDataError as exc:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where}: the state does not move into a "
+                f"{key_type} store of {partitions} partition(s): {exc}"
+            ) from exc
         return rehomed
 
     def checkpoint(self) -> CheckpointStats:
@@ -588,12 +605,9 @@ class Pipeline:
         """Capture every store's state (the partitions are quiesced, and stay stopped only
         for this), then commit it on a background thread. The caller holds no commit in
         flight: the epoch and a delta's parent are those of the last commit that landed."""
-        stores = self._stores_for(None)
+        store = self._store_for(None)
         is_delta = self._chain.next_is_delta()
-        snapshots = [
-            (metric, stores[metric].snapshot_delta() if is_delta else stores[metric].snapshot())
-            for metric in self._values
-        ]
+        snapshots = [(STORE_ENTRY, store.snapshot_delta() if is_delta else store.snapshot())]
         capture = Capture(
             epoch=self._epoch + 1,
             offset=self._offset,
@@ -733,12 +747,11 @@ class Pipeline:
                 idle_sleep = 0.0
                 columns = self._transformed(batch, self._offset, required)
                 keys = key_column(columns[self._key])
-                stores = self._stores_for(keys)
+                store = self._store_for(keys)
                 self._check_keys(keys)
                 if workers is None:
                     workers = [
-                        PartitionWorker(p, {m: s.partition(p) for m, s in stores.items()})
-                        for p in range(self._partitions)
+                        PartitionWorker(p, store.partition(p)) for p in range(self._partitions)
                     ]
                 self._dispatch(workers, keys, columns)
                 self._unpublished = True
@@ -789,22 +802,22 @@ class Pipeline:
     def _dispatch(
         self, workers: Sequence[PartitionWorker], keys: Any, columns: Mapping[str, Any]
     ) -> None:
-        values = {}
+        values = []
         for metric in self._values:
             try:
-                values[metric] = np.asarray(columns[metric], dtype=np.float64)
+                values.append(np.asarray(columns[metric], dtype=np.float64))
             except (TypeError, ValueError) as exc:
                 raise SourceError(
                     f"source {self._source.name!r}: column {metric!r} of the batch at offset "
                     f"{self._offset!r} is not numeric: {exc}"
                 ) from exc
         # One C++ pass routes the keys and every value column (a counting sort); each
-        # partition's slice then goes to its worker in one queue hand-off.
-        names = list(values)
-        routed = partition_batch(keys, self._partitions, *(values[m] for m in names))
+        # partition's slice then goes to its worker in one queue hand-off, and is folded
+        # there in one call (one probe per key for every column).
+        routed = partition_batch(keys, self._partitions, *values)
         for worker, (part_keys, *part_values) in zip(workers, routed, strict=True):
             if len(part_keys):
-                worker.fold(part_keys, dict(zip(names, part_values, strict=True)))
+                worker.fold(part_keys, part_values)
 
     # -- results -------------------------------------------------------------------------
 
@@ -829,21 +842,18 @@ class Pipeline:
         self._check_open(call)
         if metric not in self._values:
             raise KeyError(f"{metric!r} is not one of the aggregated values {self._values}")
-        if self._stores is None:  # nothing folded yet; do not fix the key type by asking
-            return NumericAggregateStore(1, key_type=self._key_type or "int64")
+        if self._aggregates is None:  # nothing folded yet; do not fix the key type by asking
+            return self._new_store(self._key_type or "int64", 1)
         if self._unpublished:
             self._publish()
-        return self._stores[metric]
+        return self._aggregates
 
     def _publish(self) -> None:
-        """Publish every partition of every store, partitions in parallel (the GIL is
-        released), so the shared maps the results read hold everything."""
-        assert self._stores is not None
-        aggregators = [
-            store.partition(p)
-            for store in self._stores.values()
-            for p in range(self._store_partitions)
-        ]
+        """Publish every partition of the store, in parallel (the GIL is released), so the
+        shared map the results read holds everything."""
+        assert self._aggregates is not None
+        store = self._aggregates
+        aggregators = [store.partition(p) for p in range(self._store_partitions)]
         if len(aggregators) == 1:
             aggregators[0].publish()
         else:
@@ -856,21 +866,23 @@ class Pipeline:
 
         Raises :class:`~streamstate.StreamStateError` after :meth:`close`.
         """
-        return self._store(metric, "results()").results()
+        return self._store(metric, "results()").results(metric)
 
     def to_pandas(self, metric: str) -> pd.DataFrame:
         """``results(metric)`` as a pandas DataFrame indexed by key."""
-        return self._store(metric, "to_pandas()").to_pandas()
+        return self._store(metric, "to_pandas()").to_pandas(metric)
 
     def to_arrow(self, value: str | None = None) -> pa.Table:
         """``results(value)`` as a ``pyarrow.Table`` built from the core's buffers (see
         :meth:`NumericAggregateStore.to_arrow`). ``value`` may be left out when the job
         aggregates a single column. Needs pyarrow."""
-        return self._store(self._value_or_only(value, "to_arrow()"), "to_arrow()").to_arrow()
+        metric = self._value_or_only(value, "to_arrow()")
+        return self._store(metric, "to_arrow()").to_arrow(metric)
 
     def to_polars(self, value: str | None = None) -> pl.DataFrame:
         """:meth:`to_arrow` as a Polars DataFrame (needs polars and pyarrow)."""
-        return self._store(self._value_or_only(value, "to_polars()"), "to_polars()").to_polars()
+        metric = self._value_or_only(value, "to_polars()")
+        return self._store(metric, "to_polars()").to_polars(metric)
 
     def _value_or_only(self, value: str | None, call: str) -> str:
         if value is not None:
@@ -885,7 +897,7 @@ class Pipeline:
             raise StreamStateError("close(): run() is in progress; close after it returns")
         try:
             self._closed = True
-            self._stores = None
+            self._aggregates = None
         finally:
             self._busy.release()
 

@@ -1,8 +1,9 @@
 """Partition threads and the barrier that quiesces them.
 
-Each partition has one thread, the single writer of its partition aggregators while a run
-lasts: it folds the slices the coordinator routes to it and, at a barrier, arrives once it
-folded everything queued before. A failure inside a worker is kept and surfaced by the
+Each partition has one thread, the single writer of its partition aggregator while a run
+lasts: it folds the slices the coordinator routes to it (every value column of a slice in
+one call, as one ``(n, M)`` block) and, at a barrier, arrives once it folded everything
+queued before. A failure inside a worker is kept and surfaced by the
 coordinator at the next barrier.
 
 Workers never publish. A store's capture (``snapshot`` / ``snapshot_delta``) holds every
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from ..aggregate import PartitionAggregator
@@ -57,11 +59,11 @@ _STOP = object()
 
 
 class PartitionWorker:
-    """One thread per partition, the single writer of its partition aggregators."""
+    """One thread per partition, the single writer of its partition aggregator."""
 
-    def __init__(self, partition: int, aggregators: Mapping[str, PartitionAggregator]) -> None:
+    def __init__(self, partition: int, aggregator: PartitionAggregator) -> None:
         self.partition = partition
-        self._aggregators = aggregators
+        self._aggregator = aggregator
         # Bounded, so a fast reader cannot queue the whole source in memory.
         self.inbox: queue.Queue[Any] = queue.Queue(maxsize=8)
         self.error: Exception | None = None
@@ -70,8 +72,9 @@ class PartitionWorker:
         )
         self._thread.start()
 
-    def fold(self, keys: npt.NDArray[Any], values: Mapping[str, npt.NDArray[Any]]) -> None:
-        """Queue one routed slice: ``keys`` and each value column's matching rows."""
+    def fold(self, keys: npt.NDArray[Any], values: Sequence[npt.NDArray[Any]]) -> None:
+        """Queue one routed slice: ``keys`` and each value column's matching rows, in the
+        store's column order."""
         self.inbox.put((keys, values))
 
     def _loop(self) -> None:
@@ -86,8 +89,9 @@ class PartitionWorker:
                 continue  # drain without folding after a failure; the run will raise
             keys, values = item
             try:
-                for metric, aggregator in self._aggregators.items():
-                    aggregator.fold(keys, values[metric])
+                # The (n, M) block is stacked here, on the partition's own thread.
+                block = values[0] if len(values) == 1 else np.column_stack(values)
+                self._aggregator.fold(keys, block)
             except Exception as exc:  # noqa: BLE001 - surfaced by the coordinator at the barrier
                 self.error = exc
 
