@@ -53,6 +53,7 @@ from .retry import RetryPolicy
 from .spill import SpillingAggregator
 from .state import (
     AggregatingState,
+    IncrementalStateBackend,
     InMemoryStateBackend,
     KeyedStateStore,
     ListState,
@@ -78,6 +79,7 @@ __all__ = [
     "CorruptDataError",
     "InMemoryStateBackend",
     "IncompatibleCheckpointError",
+    "IncrementalStateBackend",
     "IntegrityError",
     "KeyedStateStore",
     "ListState",

@@ -42,6 +42,7 @@ from .serde import Serde
 __all__ = [
     "AggregatingState",
     "InMemoryStateBackend",
+    "IncrementalStateBackend",
     "KeyedStateStore",
     "ListState",
     "MapState",
@@ -123,6 +124,27 @@ class StateBackend(Protocol):
     @property
     def version(self) -> int:
         """A counter that changes on every write."""
+        ...
+
+
+@runtime_checkable
+class IncrementalStateBackend(StateBackend, Protocol):
+    """A :class:`StateBackend` that can also checkpoint just what changed.
+    ``InMemoryStateBackend`` is one.
+
+    A separate protocol rather than two more ``StateBackend`` methods, so a backend written
+    against ``StateBackend`` (the typed handles need nothing more) still is one.
+    """
+
+    def checkpoint_delta(self, checkpoint_id: int, *, now: float | None = None) -> bytes:
+        """The entries created, changed or removed (expired ones included) since the
+        previous ``checkpoint()`` / ``checkpoint_delta()``, as of ``now``, tagged
+        ``checkpoint_id``; resets the change tracking."""
+        ...
+
+    def apply_delta(self, delta: bytes) -> int:
+        """Apply a delta taken from exactly this backend's state (all of it, or nothing and
+        CorruptDataError); returns its checkpoint id."""
         ...
 
 
