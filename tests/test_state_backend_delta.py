@@ -146,6 +146,9 @@ class DeltaMachine(RuleBasedStateMachine):
         expected = self.live.checkpoint(self._id(), now=self.now)
         assert replica.checkpoint(self.next_id, now=self.now) == expected
         assert self.follower.checkpoint(self.next_id, now=self.now) == expected
+        # Expiry is a removal too: the replicas store nothing a full checkpoint leaves out
+        # (not merely hide it at this `now`).
+        assert len(replica) == len(self.follower) == len(replay(expected, []))
         self.base, self.deltas = expected, []
         self.follower.restore(expected)
 
