@@ -22,7 +22,8 @@ from streamstate.testing import assert_corruption_detected
 
 REMOVED = b"\x02"  # a removal record's value: the flags byte alone
 HEADER_KEY = b"state_backend"
-HEADER = struct.Struct("<IQQIQd")  # layout, checkpoint id, parent id, parent identity, sequence, now
+# The delta header: layout, checkpoint id, parent id, parent identity, sequence, now.
+HEADER = struct.Struct("<IQQIQd")
 
 
 def replay(base: bytes | None, deltas: list[bytes]) -> ss.InMemoryStateBackend:
@@ -360,7 +361,7 @@ def test_malformed_contents_are_refused(edit: object) -> None:
 
 
 def test_header_names_the_parent() -> None:
-    base, d1, d2 = chain()
+    _, d1, d2 = chain()
     (header_key, header), *_ = decode_records(d1)[1]
     assert header_key == HEADER_KEY
     layout, checkpoint_id, parent_id, _identity, sequence, now = HEADER.unpack(header)

@@ -23,6 +23,12 @@ under a lock (they may run more than once under contention, so keep them pure).
 TTL is per state descriptor: ``ttl`` seconds after each write, on the handle's ``clock``
 (``time.time`` unless injected). Expired entries read as absent and are left out of the next
 checkpoint; ``backend.purge_expired()`` frees their memory.
+
+Incremental checkpoints (:class:`IncrementalStateBackend`): ``checkpoint_delta(id)`` writes
+only what changed since the previous ``checkpoint()`` / ``checkpoint_delta()``, expiries
+included, and names its parent; ``restore(full)`` then ``apply_delta(d1)`` ...
+``apply_delta(dn)`` rebuilds the state as of ``dn``, and a delta applied to any other state
+raises ``CorruptDataError``.
 """
 
 from __future__ import annotations

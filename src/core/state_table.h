@@ -622,7 +622,6 @@ class StateTable {
   struct DecodedDelta {
     DeltaHeader header;
     std::vector<DeltaEntry> entries;
-    std::size_t upserts = 0;
     std::size_t upsert_bytes = 0;
   };
 
@@ -671,7 +670,6 @@ class StateTable {
       const char* begin = record.key.data() - 4;
       const std::string_view bytes(begin, static_cast<std::size_t>(record.value.data() + record.value.size() - begin));
       delta.entries.push_back({record.key, bytes, shape, false});
-      ++delta.upserts;
       delta.upsert_bytes += bytes.size();
     }
     return delta;
@@ -680,24 +678,32 @@ class StateTable {
   // Applies a decoded delta, all of it or (on running out of memory) none: every
   // allocation is made before the first change. Requires the index (ensure_index).
   void apply_delta(const DecodedDelta& delta) {
-    if (delta.upserts > kMaxSlots - slots_.size()) {
+    // Keys are unique in a delta, so the slots found first stay right throughout.
+    std::vector<std::uint32_t> hashes(delta.entries.size());
+    std::vector<std::uint32_t> ids(delta.entries.size());
+    std::size_t new_keys = 0;
+    for (std::size_t i = 0; i < delta.entries.size(); ++i) {
+      hashes[i] = state_key_hash(delta.entries[i].key);
+      ids[i] = find(delta.entries[i].key, hashes[i]);
+      if (ids[i] == kNoSlot && !delta.entries[i].removed) ++new_keys;
+    }
+    if (new_keys > kMaxSlots - slots_.size()) {
       throw InvalidArgument("state backend: more than 2^32-2 entries");
     }
-    const std::size_t most = slots_.size() + delta.upserts;
+    const std::size_t most = slots_.size() + new_keys;
     index_.grow_for(most);
     grow_tracking(most);
-    slots_.reserve(most);
-    arena_.reserve(std::max<std::size_t>(delta.upsert_bytes, 1));
+    if (most > slots_.capacity()) slots_.reserve(std::max(most, 2 * slots_.capacity()));
+    if (delta.upsert_bytes != 0) arena_.reserve(delta.upsert_bytes);
     // Nothing below allocates: each place() finds its room already reserved, and new keys
     // join the tail unordered (no set nodes), ordered afterwards or by the next ordered read.
-    for (const DeltaEntry& e : delta.entries) {
-      const std::uint32_t hash = state_key_hash(e.key);
-      const std::uint32_t id = find(e.key, hash);
+    for (std::size_t i = 0; i < delta.entries.size(); ++i) {
+      const DeltaEntry& e = delta.entries[i];
       if (e.removed) {
-        if (id != kNoSlot) remove(id);
+        if (ids[i] != kNoSlot) remove(ids[i]);
         continue;
       }
-      place(id, e.key, hash, e.record.size(), e.shape.key_bits, e.shape.value_len,
+      place(ids[i], e.key, hashes[i], e.record.size(), e.shape.key_bits, e.shape.value_len,
             /*keep_order=*/false,
             [&e](char* out) noexcept { copy_bytes(out, e.record.data(), e.record.size()); });
     }
