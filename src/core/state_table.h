@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <set>
 #include <stdexcept>
@@ -537,36 +538,53 @@ class StateTable {
   };
 
   // Every key whose visible entry at `now` may differ from the last capture, taken at
-  // `captured_at` (-inf: unknown, after a restore), sorted by key, each key once.
+  // `captured_at` (-inf: unknown, after a restore), sorted by key, each key once. Slots of
+  // the run are in key order already, so only the tail's and the dropped keys are sorted.
   [[nodiscard]] std::vector<DeltaChange> changes_since_capture(double captured_at,
                                                                double now) const {
-    std::vector<DeltaChange> out;
-    out.reserve(changed_count_ + removed_key_sizes_.size());
+    std::vector<DeltaChange> in_run;
+    std::vector<DeltaChange> others;
+    const auto add = [&](std::uint32_t id) {
+      (id < run_ ? in_run : others).push_back({key(id), id});
+    };
     for (std::size_t w = 0; w < changed_.size(); ++w) {
       for (std::uint64_t word = changed_[w]; word != 0; word &= word - 1) {
-        const auto id = static_cast<std::uint32_t>(w * 64 + static_cast<std::size_t>(std::countr_zero(word)));
+        const auto id =
+            static_cast<std::uint32_t>(w * 64 + static_cast<std::size_t>(std::countr_zero(word)));
         // Created and gone again since the capture: the captured state never had it.
         if (bit(created_, id) && !visible(id, now)) continue;
-        out.push_back({key(id), id});
+        add(id);
       }
     }
+    bool run_in_id_order = true;
     if (expiring_ != 0 && captured_at != now) {
+      const std::size_t written = in_run.size();
       for (std::size_t i = 0; i < slots_.size(); ++i) {
         const auto id = static_cast<std::uint32_t>(i);
         if (bit(changed_, id) || !stored(id) || !has_expiry(slots_[id])) continue;
-        if (visible(id, captured_at) != visible(id, now)) out.push_back({key(id), id});
+        if (visible(id, captured_at) != visible(id, now)) add(id);
       }
+      run_in_id_order = in_run.size() == written;
+    }
+    if (!run_in_id_order) {
+      std::sort(in_run.begin(), in_run.end(),
+                [](const DeltaChange& a, const DeltaChange& b) { return a.id < b.id; });
     }
     std::size_t offset = 0;
     for (const std::uint32_t size : removed_key_sizes_) {
-      out.push_back({std::string_view(removed_key_bytes_).substr(offset, size), kNoSlot});
+      others.push_back({std::string_view(removed_key_bytes_).substr(offset, size), kNoSlot});
       offset += size;
     }
     // A key dropped by a compaction and stored again has a slot too: the slot is the truth.
-    std::sort(out.begin(), out.end(), [](const DeltaChange& a, const DeltaChange& b) {
+    const auto by_key = [](const DeltaChange& a, const DeltaChange& b) {
       if (a.key != b.key) return a.key < b.key;
       return a.id != kNoSlot && b.id == kNoSlot;
-    });
+    };
+    std::sort(others.begin(), others.end(), by_key);
+    std::vector<DeltaChange> out;
+    out.reserve(in_run.size() + others.size());
+    std::merge(in_run.begin(), in_run.end(), others.begin(), others.end(), std::back_inserter(out),
+               by_key);
     out.erase(std::unique(out.begin(), out.end(),
                           [](const DeltaChange& a, const DeltaChange& b) { return a.key == b.key; }),
               out.end());
