@@ -8,7 +8,8 @@ selects 1% of them) and 8-byte values. Every figure is the median of several rep
 repeat timing streamstate and then its baseline, so machine noise hits both alike. Rows with
 target "-" are context: they show the work the timed operations defer (the hash index a
 restore builds on the first point lookup; the sort a bulk put_many leaves for the first
-ordered read).
+ordered read). The last two rows compare an incremental checkpoint (checkpoint_delta after
+1% of the keys were rewritten) with a full one, in time and in bytes.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def _row(operation: str, ours: float, theirs: float, target: str) -> Row:
         "baseline": _fmt(theirs),
         "ratio": theirs / ours,
         "target": target,
+    }
+
+
+def _size_row(operation: str, ours: int, theirs: int) -> Row:
+    return {
+        "operation": operation,
+        "streamstate": f"{ours / 1e3:.1f} kB",
+        "baseline": f"{theirs / 1e6:.1f} MB",
+        "ratio": theirs / ours,
+        "target": "-",
     }
 
 
@@ -156,6 +167,32 @@ def run(quick: bool = False) -> list[Row]:
         repeats,
     )
     rows.append(_row(f"put_many {label} existing keys vs dict.update", ours, theirs, "-"))
+
+    # Incremental checkpoints (issue 13): 1% of the keys rewritten since the last capture,
+    # then a delta against a full checkpoint of the same state. Each factory rewrites the
+    # keys untimed; both captures reset the change tracking, so every repeat starts alike.
+    touched = keys[::100]
+    rewritten = [rng.randbytes(8) for _ in touched]
+
+    def touch_then(capture: Callable[[], bytes]) -> Callable[[], bytes]:
+        backend.checkpoint_delta(3)
+        backend.put_many(touched, rewritten)
+        return capture
+
+    ours, theirs = _pair(
+        lambda: touch_then(lambda: backend.checkpoint_delta(4)),
+        lambda: touch_then(lambda: backend.checkpoint(4)),
+        repeats,
+    )
+    rows.append(_row(f"checkpoint_delta, 1% of {label} touched, vs checkpoint", ours, theirs, "-"))
+    delta = touch_then(lambda: backend.checkpoint_delta(4))()
+    rows.append(
+        _size_row(
+            f"delta bytes, 1% of {label} touched, vs checkpoint",
+            len(delta),
+            len(touch_then(lambda: backend.checkpoint(4))()),
+        )
+    )
     return rows
 
 

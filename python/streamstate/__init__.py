@@ -62,6 +62,7 @@ from .retry import RetryPolicy
 from .spill import SpillingAggregator
 from .state import (
     AggregatingState,
+    IncrementalStateBackend,
     InMemoryStateBackend,
     KeyedStateStore,
     ListState,
@@ -88,6 +89,7 @@ __all__ = [
     "CorruptDataError",
     "InMemoryStateBackend",
     "IncompatibleCheckpointError",
+    "IncrementalStateBackend",
     "IntegrityError",
     "KeyedStateStore",
     "ListState",

@@ -23,6 +23,12 @@ under a lock (they may run more than once under contention, so keep them pure).
 TTL is per state descriptor: ``ttl`` seconds after each write, on the handle's ``clock``
 (``time.time`` unless injected). Expired entries read as absent and are left out of the next
 checkpoint; ``backend.purge_expired()`` frees their memory.
+
+Incremental checkpoints (:class:`IncrementalStateBackend`): ``checkpoint_delta(id)`` writes
+only what changed since the previous ``checkpoint()`` / ``checkpoint_delta()``, expiries
+included, and names its parent; ``restore(full)`` then ``apply_delta(d1)`` ...
+``apply_delta(dn)`` rebuilds the state as of ``dn``, and a delta applied to any other state
+raises ``CorruptDataError``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .serde import Serde
 __all__ = [
     "AggregatingState",
     "InMemoryStateBackend",
+    "IncrementalStateBackend",
     "KeyedStateStore",
     "ListState",
     "MapState",
@@ -123,6 +130,27 @@ class StateBackend(Protocol):
     @property
     def version(self) -> int:
         """A counter that changes on every write."""
+        ...
+
+
+@runtime_checkable
+class IncrementalStateBackend(StateBackend, Protocol):
+    """A :class:`StateBackend` that can also checkpoint just what changed.
+    ``InMemoryStateBackend`` is one.
+
+    A separate protocol rather than two more ``StateBackend`` methods, so a backend written
+    against ``StateBackend`` (the typed handles need nothing more) still is one.
+    """
+
+    def checkpoint_delta(self, checkpoint_id: int, *, now: float | None = None) -> bytes:
+        """The entries created, changed or removed (expired ones included) since the
+        previous ``checkpoint()`` / ``checkpoint_delta()``, as of ``now``, tagged
+        ``checkpoint_id``; resets the change tracking."""
+        ...
+
+    def apply_delta(self, delta: bytes) -> int:
+        """Apply a delta taken from exactly this backend's state (all of it, or nothing and
+        CorruptDataError); returns its checkpoint id."""
         ...
 
 

@@ -437,8 +437,7 @@ ordered index by the next ordered read (``range_scan``, ``checkpoint``, ``delete
           "Free the memory of entries expired at ``now``; returns how many were dropped.")
       .def(
           "checkpoint",
-          [](const InMemoryStateBackend& self, const py::handle& checkpoint_id,
-             const py::object& now) {
+          [](InMemoryStateBackend& self, const py::handle& checkpoint_id, const py::object& now) {
             const std::uint64_t id = checkpoint_id_from(checkpoint_id);
             const double t = now_arg(now);
             py::object result;
@@ -457,7 +456,35 @@ ordered index by the next ordered read (``range_scan``, ``checkpoint``, ``delete
           },
           py::arg("checkpoint_id"), py::kw_only(), py::arg("now") = py::none(),
           "Snapshot every entry visible at ``now`` into checksummed bytes tagged\n"
-          "``checkpoint_id``.")
+          "``checkpoint_id``; resets the change tracking of ``checkpoint_delta``.")
+      .def(
+          "checkpoint_delta",
+          [](InMemoryStateBackend& self, const py::handle& checkpoint_id, const py::object& now) {
+            const std::uint64_t id = checkpoint_id_from(checkpoint_id);
+            const double t = now_arg(now);
+            std::string delta;
+            {
+              const py::gil_scoped_release release;  // pure C++ under the backend's locks
+              delta = self.checkpoint_delta(id, t);
+            }
+            return py::bytes(delta);
+          },
+          py::arg("checkpoint_id"), py::kw_only(), py::arg("now") = py::none(),
+          "Only the entries created, changed or removed (expiry included) since the previous\n"
+          "``checkpoint()`` / ``checkpoint_delta()``, as of ``now``, as checksummed bytes\n"
+          "tagged ``checkpoint_id`` and naming their parent; resets the change tracking.")
+      .def(
+          "apply_delta",
+          [](InMemoryStateBackend& self, const py::object& delta) {
+            require_buffer(delta, "delta");
+            const ImmutableInput input(delta);
+            const py::gil_scoped_release release;  // decodes memory no other thread can change
+            return self.apply_delta(input.view());
+          },
+          py::arg("delta"),
+          "Apply a ``checkpoint_delta()`` taken from exactly this backend's state (restored or\n"
+          "applied from its chain, not written to since); returns its checkpoint id. Corrupt\n"
+          "bytes or a delta of another parent raise CorruptDataError and change nothing.")
       .def(
           "restore",
           [](InMemoryStateBackend& self, const py::object& snapshot) {

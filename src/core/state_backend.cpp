@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "core/errors.h"
+#include "core/record_codec.h"
 #include "core/state_table.h"
 
 namespace streamstate {
@@ -310,20 +311,76 @@ std::size_t InMemoryStateBackend::purge_expired(double now) {
   return purged;
 }
 
-std::size_t InMemoryStateBackend::checkpoint(
-    std::uint64_t checkpoint_id, double now,
-    const std::function<char*(std::size_t)>& allocate) const {
+std::unique_lock<std::mutex> InMemoryStateBackend::capture_lock() {
+  std::unique_lock lock(capture_mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    const WaitScope wait(options_.hooks);
+    lock.lock();
+  }
+  return lock;
+}
+
+void InMemoryStateBackend::captured(std::string_view data, std::uint64_t checkpoint_id,
+                                    std::uint64_t sequence, double captured_at) noexcept {
+  identity_ = record_identity(data);
+  checkpoint_id_ = checkpoint_id;
+  sequence_ = sequence;
+  captured_at_ = captured_at;
+  table_->reset_tracking();
+}
+
+std::size_t InMemoryStateBackend::checkpoint(std::uint64_t checkpoint_id, double now,
+                                             const std::function<char*(std::size_t)>& allocate) {
   check_now(now);
+  const auto capture = capture_lock();
   const auto lock = prepared_read_lock(/*need_index=*/false, /*need_order=*/true);
   const Table& t = *table_;
   const Table::CheckpointShape shape = t.checkpoint_shape(now);
   char* out = allocate(shape.bytes);
   const std::size_t written = t.write_checkpoint(out, shape.bytes, checkpoint_id, now);
   if (written != shape.bytes) throw std::logic_error("state backend: checkpoint size mismatch");
+  captured({out, written}, checkpoint_id, 0, now);
   return written;
 }
 
-std::string InMemoryStateBackend::checkpoint(std::uint64_t checkpoint_id, double now) const {
+std::string InMemoryStateBackend::checkpoint_delta(std::uint64_t checkpoint_id, double now) {
+  check_now(now);
+  const auto capture = capture_lock();
+  const auto lock = prepared_read_lock(/*need_index=*/false, /*need_order=*/false);
+  const Table& t = *table_;
+  const std::vector<Table::DeltaChange> changes = t.changes_since_capture(captured_at_, now);
+  std::string out =
+      t.write_delta({checkpoint_id, checkpoint_id_, identity_, sequence_ + 1, now}, changes);
+  captured(out, checkpoint_id, sequence_ + 1, now);
+  return out;
+}
+
+std::uint64_t InMemoryStateBackend::apply_delta(std::string_view delta) {
+  // Decoded and checked without the lock: nothing is touched until all of it passed.
+  const Table::DecodedDelta decoded = Table::decode_delta(delta);
+  const Table::DeltaHeader& header = decoded.header;
+  const auto lock = indexed_write_lock();
+  if (header.parent_identity != identity_ || header.parent_checkpoint_id != checkpoint_id_) {
+    throw CorruptDataError("state backend delta: delta " + std::to_string(header.sequence) +
+                           " (checkpoint " + std::to_string(header.checkpoint_id) +
+                           ") follows checkpoint " + std::to_string(header.parent_checkpoint_id) +
+                           ", not this backend's state (checkpoint " +
+                           std::to_string(checkpoint_id_) + ", delta " +
+                           std::to_string(sequence_) + " of its chain)");
+  }
+  if (table_->has_changes()) {
+    throw CorruptDataError("state backend delta: this backend was written to since checkpoint " +
+                           std::to_string(checkpoint_id_) +
+                           ", so it is no longer the state the delta follows");
+  }
+  table_->apply_delta(decoded);
+  captured(delta, header.checkpoint_id, header.sequence, header.now);
+  bump_version();
+  table_->maybe_compact();
+  return header.checkpoint_id;
+}
+
+std::string InMemoryStateBackend::checkpoint(std::uint64_t checkpoint_id, double now) {
   std::string out;
   checkpoint(checkpoint_id, now, [&out](std::size_t n) {
     out.resize(n);
@@ -342,6 +399,7 @@ std::uint64_t InMemoryStateBackend::restore(std::string_view snapshot,
   {
     const WriteGuard lock(*this);
     table_.swap(fresh);
+    captured(snapshot, checkpoint_id, 0, -kNeverExpires);
     bump_version();
   }
   return checkpoint_id;  // the old table is freed here, outside the lock

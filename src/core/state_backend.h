@@ -25,8 +25,20 @@
 // uses; the Python layer defaults to time.time()). Every read takes `now` and treats
 // entries with expires_at <= now as absent; checkpoint(now) leaves them out.
 //
+// Deltas. Every write marks its slot in a change bitmap (state_table.h says why a bitmap);
+// checkpoint_delta(now) writes just the keys whose visible entry at `now` differs from the
+// last capture (checkpoint, checkpoint_delta, restore or applied delta): their entries as
+// they are now, or removals (delete, delete_prefix, compare_and_set to absent, purges, and
+// entries that expired since the capture, exactly what checkpoint(now) would leave out).
+// Each capture gives the backend an identity, the CRC32C of the container written or read;
+// a delta names its parent's identity and checkpoint id, and apply_delta refuses any other
+// base. restore(full) then apply_delta(d1) ... apply_delta(dn) gives the state as of dn.
+//
 // Concurrency. One std::shared_mutex: readers shared, writers exclusive. No method calls
 // out to user code while holding it, except checkpoint's allocate callback, documented below.
+// Captures (checkpoint, checkpoint_delta) run under the shared lock, so reads go on while
+// they write, and reset the change tracking there: a second mutex serialises captures, and
+// writers, which hold the lock exclusively, never meet one.
 #pragma once
 
 #include <atomic>
@@ -135,10 +147,19 @@ class InMemoryStateBackend {
   // Writes a record-codec container (kind kStateBackend): a header record carrying
   // `checkpoint_id`, then every entry visible at `now` in key order. Under the read lock,
   // calls allocate(n) exactly once and then fills exactly n bytes at the returned address;
-  // `allocate` must not call back into this backend. Returns n.
+  // `allocate` must not call back into this backend. Returns n. Resets the change tracking.
   std::size_t checkpoint(std::uint64_t checkpoint_id, double now,
-                         const std::function<char*(std::size_t)>& allocate) const;
-  [[nodiscard]] std::string checkpoint(std::uint64_t checkpoint_id, double now) const;
+                         const std::function<char*(std::size_t)>& allocate);
+  [[nodiscard]] std::string checkpoint(std::uint64_t checkpoint_id, double now);
+  // The changes since the last capture as of `now` (kind kStateBackendDelta), tagged
+  // `checkpoint_id`: O(changed entries) bytes, plus a pass over the slot bitmap and, when
+  // entries carry expiry times, over those. Resets the change tracking.
+  [[nodiscard]] std::string checkpoint_delta(std::uint64_t checkpoint_id, double now);
+  // Validates the whole delta (container, header, every record) and that this backend is
+  // in the state it was taken from (its parent's identity, no write since), then applies
+  // all of it; on any error (CorruptDataError) the backend is untouched. Returns the
+  // delta's checkpoint id.
+  std::uint64_t apply_delta(std::string_view delta);
   // Validates the whole snapshot into a fresh table, then swaps it in; on any error
   // (CorruptDataError) the backend is untouched. Returns the snapshot's checkpoint id.
   // With `keep_alive`, the backend uses the snapshot's bytes in place instead of copying
@@ -167,11 +188,23 @@ class InMemoryStateBackend {
                                                                        bool need_order) const;
   [[nodiscard]] WriteGuard indexed_write_lock();
   void bump_version() noexcept { version_.fetch_add(1, std::memory_order_acq_rel); }
+  [[nodiscard]] std::unique_lock<std::mutex> capture_lock();
+  // A capture or restore of the container `data` (checkpoint id, deltas since the last
+  // full one, its `now`); resets the change tracking. Exclusive lock, or shared lock and
+  // capture lock, held.
+  void captured(std::string_view data, std::uint64_t checkpoint_id, std::uint64_t sequence,
+                double captured_at) noexcept;
 
   StateBackendOptions options_;
   std::unique_ptr<Table> table_;
   mutable std::shared_mutex mutex_;
   std::atomic<std::uint64_t> version_{0};
+  // The last capture (guarded as `captured` says): what the next delta names as its parent.
+  std::mutex capture_mutex_;
+  std::uint32_t identity_ = 0;  // CRC32C of its container; 0 for a fresh backend
+  std::uint64_t checkpoint_id_ = 0;
+  std::uint64_t sequence_ = 0;  // deltas since the last full checkpoint or restore
+  double captured_at_ = -kNeverExpires;  // its `now`; -inf when unknown (after a restore)
 };
 
 }  // namespace streamstate

@@ -24,6 +24,16 @@ inline constexpr unsigned char kFlagExpires = 1;
 inline constexpr std::size_t kEntryOverhead = 4 + 4 + 1;  // two lengths and the flags byte
 inline constexpr std::size_t kExpirySize = 8;
 
+// A checkpoint delta (kind kStateBackendDelta) is the same container: a header record
+//   key kHeaderKey, value u32 layout version, u64 checkpoint id, u64 parent checkpoint id,
+//                  u32 parent identity, u64 sequence, f64 now
+// then one record per changed key in key order: the entry as it is now, exactly as a full
+// checkpoint stores it, or a removal: the key with the one-byte value kFlagRemoved (a
+// flag a full checkpoint never carries, so neither kind of record passes for the other).
+inline constexpr std::uint32_t kDeltaLayoutVersion = 1;
+inline constexpr std::size_t kDeltaHeaderValueSize = 4 + 8 + 8 + 4 + 8 + 8;
+inline constexpr unsigned char kFlagRemoved = 2;
+
 // An entry: 16 bytes, 16-aligned, so a slot never straddles two cache lines. The key length
 // carries a flag in its top bit (the entry has an expiry field); a deleted slot keeps its
 // entry (its key still orders the run until the next compaction) and marks value_len.
@@ -36,6 +46,12 @@ static_assert(sizeof(Slot) == 16);
 
 inline constexpr std::uint32_t kHasExpiry = std::uint32_t{1} << 31;
 inline constexpr std::uint32_t kDead = std::numeric_limits<std::uint32_t>::max();
+
+// What a Slot records about an entry besides where it lies.
+struct EntryShape {
+  std::uint32_t key_bits = 0;
+  std::uint32_t value_len = 0;
+};
 
 [[nodiscard]] constexpr std::uint32_t key_len(const Slot& s) noexcept {
   return s.key_bits & ~kHasExpiry;

@@ -1,8 +1,10 @@
 // Unit tests for the keyed state backend core (plain executable; non-zero exit on failure).
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <string>
@@ -470,6 +472,147 @@ void test_concurrent_compare_and_set_increments() {
   CHECK(scan(b, "churn/").size() == static_cast<std::size_t>(kThreads * 500));
 }
 
+// ---- deltas -----------------------------------------------------------------------------
+
+// A delta header's sequence number (u32 layout, u64 id, u64 parent id, u32 parent identity,
+// then the u64 sequence).
+std::uint64_t delta_sequence(const std::string& delta) {
+  streamstate::RecordReader reader(delta);
+  streamstate::RecordView header;
+  CHECK(reader.next(header) && header.value.size() == 40);
+  return streamstate::load_u64(header.value.data() + 24);
+}
+std::uint32_t delta_parent(const std::string& delta) {
+  streamstate::RecordReader reader(delta);
+  streamstate::RecordView header;
+  CHECK(reader.next(header));
+  return streamstate::load_u32(header.value.data() + 20);
+}
+
+std::string replay(const std::optional<std::string>& base, const std::vector<std::string>& deltas,
+                   double now) {
+  InMemoryStateBackend replica;
+  if (base) replica.restore(*base);
+  for (const std::string& delta : deltas) replica.apply_delta(delta);
+  return replica.checkpoint(1, now);
+}
+
+void test_delta_chain_random() {
+  for (std::uint64_t seed = 0; seed < 30; ++seed) {
+    std::mt19937_64 rng(seed);
+    InMemoryStateBackend live(small(std::vector<std::size_t>{1, 2, 16}[seed % 3]));
+    std::optional<std::string> base;
+    std::vector<std::string> deltas;
+    double now = kNow;
+    const auto key = [&] { return numbered("k", static_cast<int>(rng() % 24)); };
+    for (int step = 0; step < 400; ++step) {
+      switch (rng() % 10) {
+        case 0:
+        case 1:
+          live.put(key(), std::string(rng() % 4, 'v'),
+                   rng() % 3 == 0 ? now + static_cast<double>(rng() % 5) : kNeverExpires);
+          break;
+        case 2:
+          live.erase(key(), now);
+          break;
+        case 3:
+          live.erase_prefix(numbered("k", static_cast<int>(rng() % 3)), now);
+          break;
+        case 4: {
+          const std::string k = key();
+          const auto current = live.get(k, now);
+          std::optional<std::string_view> expected;
+          if (current) expected = *current;
+          live.compare_and_set(k, expected, std::nullopt, kNeverExpires, now);
+          break;
+        }
+        case 5:
+          now += static_cast<double>(rng() % 3);
+          break;
+        case 6:
+          if (rng() % 4 == 0) live.purge_expired(now);
+          break;
+        case 7:
+          base = live.checkpoint(static_cast<std::uint64_t>(step), now);
+          deltas.clear();
+          break;
+        default:
+          deltas.push_back(live.checkpoint_delta(static_cast<std::uint64_t>(step), now));
+          break;
+      }
+    }
+    deltas.push_back(live.checkpoint_delta(9999, now));
+    CHECK(replay(base, deltas, now) == live.checkpoint(1, now));
+  }
+}
+
+void test_delta_refuses_a_wrong_base() {
+  InMemoryStateBackend live;
+  live.put("a", "1");
+  const std::string base = live.checkpoint(1, kNow);
+  live.put("b", "2");
+  const std::string d1 = live.checkpoint_delta(2, kNow);
+  live.erase("a", kNow);
+  const std::string d2 = live.checkpoint_delta(3, kNow);
+  InMemoryStateBackend replica;
+  CHECK(throws_corrupt([&] { replica.apply_delta(d1); }));  // fresh, not `base`
+  replica.restore(base);
+  CHECK(throws_corrupt([&] { replica.apply_delta(d2); }));  // d1 skipped
+  CHECK(replica.apply_delta(d1) == 2);
+  CHECK(throws_corrupt([&] { replica.apply_delta(d1); }));  // twice
+  CHECK(replica.apply_delta(d2) == 3);
+  CHECK(scan(replica, "") == scan(live, ""));
+}
+
+// Writers, readers and two capturing threads at once: every write lands in exactly one
+// delta, and the captures form one chain (each names a distinct parent).
+void test_concurrent_deltas() {
+  InMemoryStateBackend live(small(8));
+  const std::string base = live.checkpoint(0, kNow);
+  constexpr int kWriters = 3;
+  constexpr int kWrites = 4000;
+  std::atomic<int> writers_left{kWriters};
+  std::mutex captured_mutex;
+  std::vector<std::string> deltas;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kWriters; ++t) {
+    threads.emplace_back([&, t] {
+      std::string prefix = numbered("w", t);
+      prefix.push_back('/');
+      for (int i = 0; i < kWrites; ++i) {
+        live.put(numbered(prefix, i), std::to_string(i));
+        if (i % 5 == 0) live.erase(numbered(prefix, i / 2), kNow);
+      }
+      writers_left.fetch_sub(1);
+    });
+  }
+  for (int c = 0; c < 2; ++c) {
+    threads.emplace_back([&, c] {
+      while (writers_left.load() > 0) {
+        std::string delta = live.checkpoint_delta(static_cast<std::uint64_t>(c), kNow);
+        const std::lock_guard lock(captured_mutex);
+        deltas.push_back(std::move(delta));
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    while (writers_left.load() > 0) (void)scan(live, "w1/");
+  });
+  for (auto& thread : threads) thread.join();
+  deltas.push_back(live.checkpoint_delta(7, kNow));
+  std::sort(deltas.begin(), deltas.end(), [](const std::string& a, const std::string& b) {
+    return delta_sequence(a) < delta_sequence(b);
+  });
+  std::uint32_t parent = streamstate::record_identity(base);
+  bool linked = true;
+  for (const std::string& delta : deltas) {
+    linked = linked && delta_parent(delta) == parent;
+    parent = streamstate::record_identity(delta);
+  }
+  CHECK(linked);
+  CHECK(replay(base, deltas, kNow) == live.checkpoint(1, kNow));
+}
+
 }  // namespace
 
 int main() {
@@ -485,5 +628,8 @@ int main() {
   test_bulk_load_then_point_and_ordered_reads();
   test_restore_in_place_never_writes_the_snapshot();
   test_concurrent_compare_and_set_increments();
+  test_delta_chain_random();
+  test_delta_refuses_a_wrong_base();
+  test_concurrent_deltas();
   return check_summary("test_state_backend");
 }
