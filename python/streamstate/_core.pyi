@@ -4,7 +4,7 @@ import enum
 from collections.abc import Iterable
 from collections.abc import Sequence as _Sequence
 from types import TracebackType as _TracebackType
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 from typing import Any as _Any
 from typing import Protocol as _Protocol
 
@@ -201,5 +201,9 @@ def partition_batch(
 ) -> list[tuple[_Any, ...]]: ...
 
 # -- checkpoint batcher --
-def encode_batch(entries: Iterable[tuple[str, _BytesLike]]) -> bytes: ...
+def encode_batch(
+    entries: Iterable[tuple[str, _BytesLike]],
+    *,
+    compression: Literal["lz4", "stored", "auto"] = "lz4",
+) -> bytes: ...
 def decode_batch(raw: _BytesLike, max_size: int | None = 1073741824) -> list[tuple[str, bytes]]: ...

@@ -35,7 +35,22 @@ std::size_t size_limit_of(const py::object& value, const char* what) {
   return static_cast<std::size_t>(limit);
 }
 
-py::bytes encode_batch_py(const py::object& entries_arg) {
+// "lz4", "stored" or "auto" (see BatchCompression).
+BatchCompression compression_of(const py::object& value) {
+  if (!PyUnicode_Check(value.ptr())) {
+    throw py::type_error(std::string("encode_batch: compression must be a str, got ") +
+                         Py_TYPE(value.ptr())->tp_name);
+  }
+  const std::string_view name = utf8_of(value);
+  if (name == "lz4") return BatchCompression::kLz4;
+  if (name == "stored") return BatchCompression::kStored;
+  if (name == "auto") return BatchCompression::kAuto;
+  throw py::value_error("encode_batch: compression must be 'lz4', 'stored' or 'auto', got '" +
+                        std::string(name) + "'");
+}
+
+py::bytes encode_batch_py(const py::object& entries_arg, const py::object& compression_arg) {
+  const BatchCompression compression = compression_of(compression_arg);
   const py::iterable entries = iterable_arg(entries_arg, "entries");
   // Pin every key and buffer first (needs the GIL): the strong references keep them alive
   // even if the caller's list is mutated while the GIL is released below.
@@ -82,8 +97,9 @@ py::bytes encode_batch_py(const py::object& entries_arg) {
   // The fill runs without the GIL: it reads only the pinned buffers above and writes only the
   // new bytes object, which no other thread can see yet.
   return bytes_filled_by(batch_encoded_bound(body_size), body_size,
-                         [&views, body_size](char* dst, std::size_t capacity) {
-                           return encode_batch_into(views, body_size, dst, capacity);
+                         [&views, body_size, compression](char* dst, std::size_t capacity) {
+                           return encode_batch_into(views, body_size, dst, capacity,
+                                                    compression);
                          });
 }
 
@@ -128,9 +144,12 @@ py::list decode_batch_py(const py::object& raw, const py::object& max_size) {
 }  // namespace
 
 void register_checkpoint_batch(py::module_& m) {
-  m.def("encode_batch", &encode_batch_py, py::arg("entries"),
+  m.def("encode_batch", &encode_batch_py, py::arg("entries"), py::kw_only(),
+        py::arg("compression") = py::str("lz4"),
         "Encode (key: str, data: bytes-like) pairs as one LCB1 version-2 batch "
-        "(LZ4-compressed, CRC32C-checked).");
+        "(CRC32C-checked). compression: 'lz4' compresses the body, 'stored' writes it as "
+        "LZ4 literals (no match search; any LZ4 reader decodes it), 'auto' stores a large "
+        "body unless LZ4 halves a sample of it.");
   m.def("decode_batch", &decode_batch_py, py::arg("raw"),
         py::arg("max_size") = py::int_(kDefaultMaxDecompressedSize),
         "Validate and decode an LCB1 batch (version 1 or 2) into [(key, data), ...]; a body "
