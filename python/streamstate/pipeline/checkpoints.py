@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from .._typing import BytesLike
 from ..checkpoint import ObjectStoreCheckpointer
 from ..ids import CheckpointId
 from .contents import pack_state
@@ -72,7 +73,7 @@ class Capture:
     partitions: int
     is_delta: bool
     parent: CheckpointId | None
-    snapshots: list[tuple[str, bytes]]
+    snapshots: list[tuple[str, BytesLike]]
     record: bytes
     started: float  # perf_counter() at the barrier
     stall_seconds: float

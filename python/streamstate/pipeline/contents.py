@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from .._typing import BytesLike
 from ..batcher import decode_batch, encode_batch
 from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_integrity
 from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError
@@ -37,12 +38,17 @@ STATE_OPERATOR = "aggregates"
 
 
 def pack_state(
-    snapshots: Iterable[tuple[str, bytes]], record: bytes, is_delta: bool = False
+    snapshots: Iterable[tuple[str, BytesLike]], record: bytes, is_delta: bool = False
 ) -> list[tuple[str, int, bool, bytes]]:
     """The items to commit for ``(value column, store snapshot)`` pairs and a job record;
-    ``is_delta`` when the snapshots are the stores' deltas."""
+    ``is_delta`` when the snapshots are the stores' deltas.
+
+    Large float partials barely compress (LZ4 saved ~21% on a 1M-key snapshot), and on two
+    cores shared with the folding partitions the match search cost more than hashing and
+    writing those bytes: ``"auto"`` stores such a body as LZ4 literals instead.
+    """
     return [
-        (STATE_OPERATOR, 0, is_delta, encode_batch(list(snapshots))),
+        (STATE_OPERATOR, 0, is_delta, encode_batch(list(snapshots), compression="auto")),
         (FINGERPRINT_OPERATOR, 0, False, record),
     ]
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import numpy.typing as npt
 
+from .._typing import BytesLike
 from ..aggregate import KeyType, NanPolicy, NumericAggregateStore
 from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint
 from ..errors import CorruptDataError, IncompatibleCheckpointError, SourceError, StreamStateError
@@ -58,7 +59,8 @@ class PipelineRun:
     them. ``finished`` is True when the source reported its end. ``checkpoints`` lists
     the checkpoints that landed, in order; ``commit_wait_seconds`` is the time the run
     stood waiting for a background commit (at a barrier, the previous one; at the end, the
-    last one).
+    last one). ``deferred_checkpoints`` counts the checkpoints that came due while the one
+    before was still in flight and were taken once it landed (``defer_busy_checkpoints``).
     """
 
     events: int = 0
@@ -73,6 +75,7 @@ class PipelineRun:
     empty_batches: int = 0
     idle_seconds: float = 0.0
     commit_wait_seconds: float = 0.0
+    deferred_checkpoints: int = 0
 
     @property
     def events_per_second(self) -> float:
@@ -167,6 +170,12 @@ class Pipeline:
         checkpoint_prefix: where in the store the checkpoints live.
         max_idle_sleep: the longest pause, in seconds, between polls of a source that has
             nothing new (the pause doubles from 1 ms up to this).
+        defer_busy_checkpoints: when a checkpoint comes due while the previous one is still
+            in flight, keep folding and take it as soon as that one lands, instead of
+            stopping the partitions at the barrier until it has. Checkpoints then come at
+            least ``checkpoint_every`` batches apart, as far apart as their commits take
+            (a replay after a crash may be longer); the default waits, so every checkpoint
+            lands exactly ``checkpoint_every`` batches after the one before.
 
     Checkpoints are asynchronous: at the barrier the partitions stop only while the stores
     capture their state (their changes since the last checkpoint, or a full snapshot);
@@ -199,6 +208,7 @@ class Pipeline:
         nan_policy: NanPolicy = "skip",
         checkpoint_prefix: str = "checkpoints/",
         max_idle_sleep: float = 0.1,
+        defer_busy_checkpoints: bool = False,
     ) -> None:
         self._partitions = _positive_int("partitions", partitions)
         if self._partitions > _MAX_PARTITIONS:
@@ -219,6 +229,11 @@ class Pipeline:
         if not max_idle_sleep >= 0:
             raise ValueError(f"max_idle_sleep must be >= 0, got {max_idle_sleep}")
         self.max_idle_sleep = float(max_idle_sleep)
+        if not isinstance(defer_busy_checkpoints, bool):
+            raise TypeError(
+                f"defer_busy_checkpoints must be a bool, got {type(defer_busy_checkpoints)}"
+            )
+        self.defer_busy_checkpoints = defer_busy_checkpoints
         name = source.name
         if not isinstance(name, str) or not name:
             raise TypeError(f"the source's name must be a non-empty str, got {name!r}")
@@ -234,6 +249,8 @@ class Pipeline:
             store if store is not None else self._fingerprint.default_location(),
             CheckpointPaths(checkpoint_prefix),
         )
+        # Per value column, the buffer each checkpoint captures the store into.
+        self._capture_buffers: dict[str, bytearray] = {}
         # Held by run(), checkpoint() and recover(): one of them at a time, never nested.
         self._busy = threading.Lock()
         self._closed = False
@@ -499,10 +516,14 @@ class Pipeline:
         flight: the epoch and a delta's parent are those of the last commit that landed."""
         stores = self._stores_for(None)
         is_delta = self._chain.next_is_delta()
-        snapshots = [
-            (metric, stores[metric].snapshot_delta() if is_delta else stores[metric].snapshot())
-            for metric in self._values
-        ]
+        # Each column is captured into a buffer of its own, reused from the last checkpoint
+        # (whose commit has landed, so nothing reads it any more): its pages are mapped
+        # already, where a new object of tens of MB would fault in every page during the stall.
+        snapshots: list[tuple[str, BytesLike]] = []
+        for metric in self._values:
+            buffer = self._capture_buffers.setdefault(metric, bytearray())
+            stores[metric].snapshot_into(buffer, delta=is_delta)
+            snapshots.append((metric, buffer))
         capture = Capture(
             epoch=self._epoch + 1,
             offset=self._offset,
@@ -618,17 +639,22 @@ class Pipeline:
                 if in_flight is not None and in_flight.done():
                     land()  # a failed commit fails the run now, not at the next barrier
                 if since_checkpoint >= self.checkpoint_every:
-                    land()  # at most one in flight; a delta's parent must have landed
-                    started = time.perf_counter()
-                    quiesce(workers)
-                    in_flight = self._commit_in_background(started)
-                    since_checkpoint = 0
+                    if in_flight is not None and self.defer_busy_checkpoints:
+                        # Taken after the batch in which the commit in flight lands.
+                        if since_checkpoint == self.checkpoint_every:
+                            report.deferred_checkpoints += 1
+                    else:
+                        land()  # at most one in flight; a delta's parent must have landed
+                        barrier = time.perf_counter()
+                        quiesce(workers)
+                        in_flight = self._commit_in_background(barrier)
+                        since_checkpoint = 0
             if workers is not None:
                 land()
-                started = time.perf_counter()
+                barrier = time.perf_counter()
                 quiesce(workers)
                 if report.finished and since_checkpoint:
-                    in_flight = self._commit_in_background(started)
+                    in_flight = self._commit_in_background(barrier)
                 land()
         finally:
             if in_flight is not None:  # failing: a commit must not land behind the next run
@@ -748,6 +774,7 @@ class Pipeline:
         try:
             self._closed = True
             self._stores = None
+            self._capture_buffers = {}
         finally:
             self._busy.release()
 
