@@ -142,7 +142,7 @@ def test_a_checkpoint_due_while_one_is_in_flight_is_deferred_until_it_lands(
     offsets = [c.offset for c in report.checkpoints]
     assert offsets[0] == 5_000 and offsets[1] > 17_000 and offsets[-1] == 40_000
     apart = [b - a for a, b in itertools.pairwise(offsets)]
-    assert min(apart[:-1]) >= 5_000  # the final checkpoint may come sooner
+    assert all(gap >= 5_000 for gap in apart[:-1])  # the final checkpoint may come sooner
     assert report.deferred_checkpoints >= 1
     assert [c.epoch for c in report.checkpoints] == list(range(1, len(offsets) + 1))
     assert pipe.committed_offset == 40_000
