@@ -35,7 +35,7 @@ from streamstate import (
     decode_batch,
     encode_batch,
 )
-from streamstate.batcher import BatchCompression
+from streamstate.batcher import BatchCompression, encode_batch_into
 from streamstate.retry import RetryPolicy
 from streamstate.storage import CheckpointStorage
 
@@ -227,6 +227,32 @@ def test_auto_stores_what_does_not_halve_and_compresses_what_does() -> None:
     assert encode_batch(small, compression="auto") == encode_batch(small)
     for compression in ("stored", "auto"):
         assert decode_batch(encode_batch(entries, compression=compression)) == entries
+
+
+@given(entry_lists, st.sampled_from(["lz4", "stored", "auto"]))
+def test_encode_batch_into_writes_what_encode_batch_returns(
+    entries: list[tuple[str, bytes]], compression: BatchCompression
+) -> None:
+    out = bytearray(b"stale" * 1000)
+    encode_batch_into(entries, out, compression=compression)
+    assert bytes(out) == encode_batch(entries, compression=compression)
+    encode_batch_into(entries[:1], out, compression=compression)  # reused: shrinks or grows
+    assert bytes(out) == encode_batch(entries[:1], compression=compression)
+
+
+def test_encode_batch_into_refuses_what_it_cannot_resize() -> None:
+    with pytest.raises(TypeError, match="bytearray"):
+        encode_batch_into(ENTRIES, b"")  # type: ignore[arg-type]
+    out = bytearray(b"kept")
+    view = memoryview(out)
+    with pytest.raises(BufferError):
+        encode_batch_into(ENTRIES, out)
+    assert bytes(view) == b"kept"  # refused before anything was written
+    view.release()
+    with pytest.raises(BufferError):  # out cannot be one of its own entries either
+        encode_batch_into([("self", out)], out)
+    encode_batch_into(ENTRIES, out)
+    assert decode_batch(out) == ENTRIES
 
 
 def test_compression_is_validated() -> None:

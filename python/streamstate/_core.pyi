@@ -207,4 +207,10 @@ def encode_batch(
     *,
     compression: Literal["lz4", "stored", "auto"] = "lz4",
 ) -> bytes: ...
+def encode_batch_into(
+    entries: Iterable[tuple[str, _BytesLike]],
+    out: bytearray,
+    *,
+    compression: Literal["lz4", "stored", "auto"] = "lz4",
+) -> None: ...
 def decode_batch(raw: _BytesLike, max_size: int | None = 1073741824) -> list[tuple[str, bytes]]: ...

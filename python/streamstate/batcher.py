@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointBatcher",
     "decode_batch",
     "encode_batch",
+    "encode_batch_into",
 ]
 
 #: The largest body one batch can hold: LZ4's block limit (the format's own is 4 GiB).
@@ -72,6 +73,21 @@ def encode_batch(
     limit is 4 GiB).
     """
     return _core.encode_batch(entries, compression=compression)
+
+
+def encode_batch_into(
+    entries: Iterable[tuple[str, BytesLike]],
+    out: bytearray,
+    *,
+    compression: BatchCompression = "lz4",
+) -> None:
+    """:func:`encode_batch` written into ``out``, resized to the batch's length, rather than
+    into a new bytes object: a caller encoding tens of MB periodically reuses one buffer
+    whose pages are mapped already (a new object faults in every page afresh). Raises
+    :class:`BufferError` while someone holds a view of ``out``; on any failure ``out`` is
+    left empty.
+    """
+    _core.encode_batch_into(entries, out, compression=compression)
 
 
 def decode_batch(

@@ -249,8 +249,10 @@ class Pipeline:
             store if store is not None else self._fingerprint.default_location(),
             CheckpointPaths(checkpoint_prefix),
         )
-        # Per value column, the buffer each checkpoint captures the store into.
+        # Per value column, the buffer each checkpoint captures the store into, and the one
+        # its commit packs them into.
         self._capture_buffers: dict[str, bytearray] = {}
+        self._packed_buffer = bytearray()
         # Held by run(), checkpoint() and recover(): one of them at a time, never nested.
         self._busy = threading.Lock()
         self._closed = False
@@ -535,6 +537,7 @@ class Pipeline:
             record=JobRecord.encode(self.fingerprint, self._store_partitions),
             started=started,
             stall_seconds=time.perf_counter() - started,
+            packed=self._packed_buffer,
         )
         checkpointer, keep = self.checkpointer, self.keep_checkpoints
         return CommitInFlight(lambda: commit_capture(checkpointer, capture, keep))
@@ -775,6 +778,7 @@ class Pipeline:
             self._closed = True
             self._stores = None
             self._capture_buffers = {}
+            self._packed_buffer = bytearray()
         finally:
             self._busy.release()
 
