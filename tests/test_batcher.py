@@ -35,6 +35,7 @@ from streamstate import (
     decode_batch,
     encode_batch,
 )
+from streamstate.batcher import BatchCompression, encode_batch_into
 from streamstate.retry import RetryPolicy
 from streamstate.storage import CheckpointStorage
 
@@ -193,6 +194,72 @@ def test_round_trip(entries: list[tuple[str, bytes]]) -> None:
     raw = encode_batch(entries)
     assert decode_batch(raw) == entries
     assert ref_decode(raw) == (2, entries)
+
+
+@given(entry_lists, st.sampled_from(["lz4", "stored", "auto"]))
+def test_round_trip_in_every_compression(
+    entries: list[tuple[str, bytes]], compression: BatchCompression
+) -> None:
+    raw = encode_batch(entries, compression=compression)
+    assert decode_batch(raw) == entries
+    assert ref_decode(raw) == (2, entries)
+    if compression == "stored":  # one run of literals, byte for byte the reference layout
+        assert raw == literal_block_batch(ref_body(entries), len(entries))
+
+
+def test_auto_stores_what_does_not_halve_and_compresses_what_does() -> None:
+    rng = random.Random(3)
+    # Float partials (a key, a count and random doubles per entry) barely compress.
+    partials = b"".join(
+        struct.pack("<qq5d", rng.randrange(1 << 20), rng.randrange(9), *(rng.random() for _ in range(5)))
+        for _ in range(40_000)
+    )
+    entries = [("v", partials)]
+    stored = encode_batch(entries, compression="auto")
+    assert stored == encode_batch(entries, compression="stored")
+    assert len(encode_batch(entries)) < len(stored)  # LZ4 would save a little
+    assert lz4.block.decompress(stored[20:]) == ref_body(entries)
+    # Repetitive data halves easily, so auto compresses it.
+    repetitive = [("v", b"0123456789abcdef" * (1 << 17))]
+    assert encode_batch(repetitive, compression="auto") == encode_batch(repetitive)
+    # Below 1 MiB auto compresses whatever the data.
+    small = [("v", partials[: 100_000])]
+    assert encode_batch(small, compression="auto") == encode_batch(small)
+    for compression in ("stored", "auto"):
+        assert decode_batch(encode_batch(entries, compression=compression)) == entries
+
+
+@given(entry_lists, st.sampled_from(["lz4", "stored", "auto"]))
+def test_encode_batch_into_writes_what_encode_batch_returns(
+    entries: list[tuple[str, bytes]], compression: BatchCompression
+) -> None:
+    out = bytearray(b"stale" * 1000)
+    encode_batch_into(entries, out, compression=compression)
+    assert bytes(out) == encode_batch(entries, compression=compression)
+    encode_batch_into(entries[:1], out, compression=compression)  # reused: shrinks or grows
+    assert bytes(out) == encode_batch(entries[:1], compression=compression)
+
+
+def test_encode_batch_into_refuses_what_it_cannot_resize() -> None:
+    with pytest.raises(TypeError, match="bytearray"):
+        encode_batch_into(ENTRIES, b"")  # type: ignore[arg-type]
+    out = bytearray(b"kept")
+    view = memoryview(out)
+    with pytest.raises(BufferError):
+        encode_batch_into(ENTRIES, out)
+    assert bytes(view) == b"kept"  # refused before anything was written
+    view.release()
+    with pytest.raises(BufferError):  # out cannot be one of its own entries either
+        encode_batch_into([("self", out)], out)
+    encode_batch_into(ENTRIES, out)
+    assert decode_batch(out) == ENTRIES
+
+
+def test_compression_is_validated() -> None:
+    with pytest.raises(ValueError, match="compression must be"):
+        encode_batch(ENTRIES, compression="zstd")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="compression must be a str"):
+        encode_batch(ENTRIES, compression=1)  # type: ignore[arg-type]
 
 
 @given(entry_lists, st.sampled_from([1, 2]))

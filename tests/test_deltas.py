@@ -281,3 +281,42 @@ def test_opaque_deltas_stay_consistent_while_threads_publish() -> None:
         w.join()
     replica.apply_delta(store.snapshot_delta())
     assert replica.snapshot() == store.snapshot()
+
+
+def test_snapshot_into_reuses_one_buffer_for_the_same_captures() -> None:
+    def fold(store: ss.NumericAggregateStore, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for p in range(store.num_partitions):
+            store.partition(p).fold(rng.integers(0, 5_000, 20_000), rng.normal(0, 1, 20_000))
+
+    live, twin = ss.NumericAggregateStore(2), ss.NumericAggregateStore(2)
+    buffer = bytearray(b"left over from before" * 50_000)  # larger than a capture: it shrinks
+    fold(live, 1)
+    fold(twin, 1)
+    live.snapshot_into(buffer)
+    full = bytes(buffer)
+    assert full == twin.snapshot()
+    deltas = []
+    for seed in (2, 3):  # the buffer grows and shrinks with what each capture holds
+        fold(live, seed)
+        fold(twin, seed)
+        live.snapshot_into(buffer, delta=True)
+        deltas.append(bytes(buffer))
+        assert deltas[-1] == twin.snapshot_delta()
+    replayed = ss.NumericAggregateStore(2)
+    replayed.restore(full)
+    for delta in deltas:
+        replayed.apply_delta(delta)
+    assert replayed.snapshot() == live.snapshot() == twin.snapshot()  # all three in step
+
+    with pytest.raises(TypeError, match="bytearray"):
+        live.snapshot_into(b"immutable")  # type: ignore[arg-type]
+    # A buffer someone holds a view of is refused before anything is captured.
+    fold(live, 4)
+    fold(twin, 4)
+    view = memoryview(buffer)
+    with pytest.raises(BufferError):
+        live.snapshot_into(buffer, delta=True)
+    view.release()
+    live.snapshot_into(buffer, delta=True)
+    assert bytes(buffer) == twin.snapshot_delta()  # the refused call left the tracking alone

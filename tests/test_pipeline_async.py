@@ -4,6 +4,7 @@ the next run resumes from the last one that landed, and deltas chain to bounded 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -118,6 +119,40 @@ def test_partitions_fold_on_while_a_commit_uploads(tmp_path: Path) -> None:
     again = Pipeline(source, key="k", values="v", store=tmp_path / "store")
     assert again.recover() == 40_000
     _assert_one_shot(again, source)
+
+
+def test_a_checkpoint_due_while_one_is_in_flight_is_deferred_until_it_lands(
+    tmp_path: Path,
+) -> None:
+    source = _events(40_000)
+    storage = GatedStorage(tmp_path / "store")
+    pipe = Pipeline(source, key="k", values="v", store=storage, batch_size=1_000,
+                    checkpoint_every=5, defer_busy_checkpoints=True)
+    seen: list[int] = []
+
+    def on_batch(batch: Batch) -> None:
+        if batch.next_offset == 17_000:
+            # The first checkpoint (5,000) is stuck; the one due at 10,000 did not stop the
+            # partitions (waiting would never get here, the gate opens only now).
+            seen.append(pipe.committed_offset)
+            storage.gate.set()
+
+    report = pipe.run(on_batch=on_batch)
+    assert seen == [0]
+    offsets = [c.offset for c in report.checkpoints]
+    assert offsets[0] == 5_000 and offsets[1] > 17_000 and offsets[-1] == 40_000
+    apart = [b - a for a, b in itertools.pairwise(offsets)]
+    assert all(gap >= 5_000 for gap in apart[:-1])  # the final checkpoint may come sooner
+    assert report.deferred_checkpoints >= 1
+    assert [c.epoch for c in report.checkpoints] == list(range(1, len(offsets) + 1))
+    assert pipe.committed_offset == 40_000
+    _assert_one_shot(pipe, source)
+    again = Pipeline(source, key="k", values="v", store=tmp_path / "store")
+    assert again.recover() == 40_000
+    _assert_one_shot(again, source)
+    with pytest.raises(TypeError, match="defer_busy_checkpoints"):
+        Pipeline(source, key="k", values="v", store=MemoryStore(),
+                 defer_busy_checkpoints=1)  # type: ignore[arg-type]
 
 
 class InFlightStorage(CheckpointStorage):

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "bindings/prelude.h"
+#include "core/record_codec.h"
 
 #include <algorithm>
 #include <cstddef>
@@ -14,6 +15,14 @@
 #include <vector>
 
 namespace streamstate::bindings {
+
+// A finished record container as bytes; its buffer then goes back for the next large
+// container to be written into (see recycle_record_buffer).
+inline py::bytes bytes_recycling(std::string&& container) {
+  py::bytes out(container);
+  recycle_record_buffer(std::move(container));
+  return out;
+}
 
 // The Python type name of `object`, for error messages.
 inline std::string type_name(py::handle object) { return Py_TYPE(object.ptr())->tp_name; }

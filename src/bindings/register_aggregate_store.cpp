@@ -427,7 +427,7 @@ per group, snapshots consistently while others publish, and restores atomically.
               const py::gil_scoped_release release;  // pure C++ under the store's lock
               snap = self.snapshot();
             }
-            return py::bytes(snap);
+            return bytes_recycling(std::move(snap));
           },
           "Every partial as checksummed record-codec bytes; consistent while others publish\n"
           "(each publish_many call is in it entirely or not at all). Resets the change\n"
@@ -440,7 +440,7 @@ per group, snapshots consistently while others publish, and restores atomically.
               const py::gil_scoped_release release;  // pure C++ under the store's lock
               delta = self.snapshot_delta();
             }
-            return py::bytes(delta);
+            return bytes_recycling(std::move(delta));
           },
           "Only the entries published or removed since the previous snapshot() or\n"
           "snapshot_delta(), as checksummed bytes naming their parent; resets the change\n"
@@ -645,7 +645,7 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
               const py::gil_scoped_release release;  // pure C++ under the store's locks
               snap = self.visit([](auto& s) { return s.snapshot(); });
             }
-            return py::bytes(snap);
+            return bytes_recycling(std::move(snap));
           },
           "The shared map and every partition's local state as checksummed bytes; resets\n"
           "the change tracking of snapshot_delta().")
@@ -657,11 +657,48 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
               const py::gil_scoped_release release;  // pure C++ under the store's locks
               delta = self.visit([](auto& s) { return s.snapshot_delta(); });
             }
-            return py::bytes(delta);
+            return bytes_recycling(std::move(delta));
           },
           "Only the published slots and local entries created or changed since the previous\n"
           "snapshot() or snapshot_delta(), as checksummed bytes naming their parent; resets\n"
           "the change tracking. Consistent while others publish.")
+      .def(
+          "snapshot_into",
+          [](const NumericStoreHandle& self, const py::object& out, bool delta) {
+            if (!PyByteArray_Check(out.ptr())) {
+              throw py::type_error("snapshot_into: out must be a bytearray, got " +
+                                   type_name(out));
+            }
+            // A bytearray someone holds a view of cannot be resized (BufferError): found out
+            // here, before the capture resets the change tracking, by a resize to one more
+            // byte and back (within the allocation, so nothing moves).
+            const Py_ssize_t size = PyByteArray_GET_SIZE(out.ptr());
+            if (PyByteArray_Resize(out.ptr(), size + 1) != 0 ||
+                PyByteArray_Resize(out.ptr(), size) != 0) {
+              throw py::error_already_set();
+            }
+            std::string capture;
+            {
+              const py::gil_scoped_release release;  // pure C++ under the store's locks
+              capture = self.visit([delta](auto& s) {
+                return delta ? s.snapshot_delta() : s.snapshot();
+              });
+            }
+            // Only a view taken by another thread during the capture makes this fail; the
+            // capture is then lost with the change tracking it reset, as when snapshot()
+            // cannot allocate its bytes.
+            if (PyByteArray_Resize(out.ptr(), static_cast<Py_ssize_t>(capture.size())) != 0) {
+              throw py::error_already_set();
+            }
+            // With the GIL held: another thread could otherwise resize `out` under the copy.
+            std::memcpy(PyByteArray_AS_STRING(out.ptr()), capture.data(), capture.size());
+            recycle_record_buffer(std::move(capture));
+          },
+          py::arg("out"), py::kw_only(), py::arg("delta") = false,
+          "snapshot() (or, with delta=True, snapshot_delta()) written into the bytearray out,\n"
+          "resized to the capture's length, instead of into a new bytes object: a caller that\n"
+          "captures periodically reuses one buffer whose pages are mapped already, where a\n"
+          "new object of tens of MB faults in every page afresh.")
       .def(
           "apply_delta",
           [](const NumericStoreHandle& self, const py::object& data) {

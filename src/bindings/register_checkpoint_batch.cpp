@@ -35,17 +35,34 @@ std::size_t size_limit_of(const py::object& value, const char* what) {
   return static_cast<std::size_t>(limit);
 }
 
-py::bytes encode_batch_py(const py::object& entries_arg) {
-  const py::iterable entries = iterable_arg(entries_arg, "entries");
-  // Pin every key and buffer first (needs the GIL): the strong references keep them alive
-  // even if the caller's list is mutated while the GIL is released below.
+// "lz4", "stored" or "auto" (see BatchCompression).
+BatchCompression compression_of(const py::object& value) {
+  if (!PyUnicode_Check(value.ptr())) {
+    throw py::type_error(std::string("encode_batch: compression must be a str, got ") +
+                         Py_TYPE(value.ptr())->tp_name);
+  }
+  const std::string_view name = utf8_of(value);
+  if (name == "lz4") return BatchCompression::kLz4;
+  if (name == "stored") return BatchCompression::kStored;
+  if (name == "auto") return BatchCompression::kAuto;
+  throw py::value_error("encode_batch: compression must be 'lz4', 'stored' or 'auto', got '" +
+                        std::string(name) + "'");
+}
+
+// The entries of one encode, pinned (needs the GIL): the strong references keep every key
+// and buffer alive even if the caller's list is mutated while the GIL is released.
+struct PinnedEntries {
   std::vector<py::object> owners;
   std::deque<BufferView> pins;  // a deque never moves its elements
   std::vector<BatchEntryView> views;
+};
+
+void pin_entries(const py::object& entries_arg, PinnedEntries& pinned) {
+  const py::iterable entries = iterable_arg(entries_arg, "entries");
   if (py::isinstance<py::sequence>(entries)) {
     const auto n = static_cast<std::size_t>(py::len(entries));
-    owners.reserve(2 * n);
-    views.reserve(n);
+    pinned.owners.reserve(2 * n);
+    pinned.views.reserve(n);
   }
   for (const py::handle item : entries) {
     py::object key;
@@ -72,19 +89,56 @@ py::bytes encode_batch_py(const py::object& entries_arg) {
       view.data = {PyBytes_AS_STRING(data.ptr()),
                    static_cast<std::size_t>(PyBytes_GET_SIZE(data.ptr()))};
     } else {
-      view.data = pins.emplace_back(data).view();
+      view.data = pinned.pins.emplace_back(data).view();
     }
-    owners.push_back(std::move(key));
-    owners.push_back(std::move(data));
-    views.push_back(view);
+    pinned.owners.push_back(std::move(key));
+    pinned.owners.push_back(std::move(data));
+    pinned.views.push_back(view);
   }
+}
+
+py::bytes encode_batch_py(const py::object& entries_arg, const py::object& compression_arg) {
+  const BatchCompression compression = compression_of(compression_arg);
+  PinnedEntries pinned;
+  pin_entries(entries_arg, pinned);
+  const std::vector<BatchEntryView>& views = pinned.views;
   const std::size_t body_size = batch_body_size(views);
   // The fill runs without the GIL: it reads only the pinned buffers above and writes only the
   // new bytes object, which no other thread can see yet.
   return bytes_filled_by(batch_encoded_bound(body_size), body_size,
-                         [&views, body_size](char* dst, std::size_t capacity) {
-                           return encode_batch_into(views, body_size, dst, capacity);
+                         [&views, body_size, compression](char* dst, std::size_t capacity) {
+                           return encode_batch_into(views, body_size, dst, capacity,
+                                                    compression);
                          });
+}
+
+void encode_batch_into_py(const py::object& entries_arg, const py::object& out,
+                          const py::object& compression_arg) {
+  const BatchCompression compression = compression_of(compression_arg);
+  if (!PyByteArray_Check(out.ptr())) {
+    throw py::type_error("encode_batch_into: out must be a bytearray, got " + type_name(out));
+  }
+  PinnedEntries pinned;
+  pin_entries(entries_arg, pinned);
+  const std::size_t body_size = batch_body_size(pinned.views);
+  const std::size_t bound = batch_encoded_bound(body_size);
+  // Fails with BufferError while someone holds a view of `out` (or `out` is an entry).
+  if (PyByteArray_Resize(out.ptr(), static_cast<Py_ssize_t>(bound)) != 0) {
+    throw py::error_already_set();
+  }
+  std::size_t used = 0;
+  try {
+    const BufferView pin(out);  // nobody can resize `out` while the GIL is released
+    const MaybeReleaseGil release(body_size);
+    used = encode_batch_into(pinned.views, body_size, PyByteArray_AS_STRING(out.ptr()), bound,
+                             compression);
+  } catch (...) {
+    if (PyByteArray_Resize(out.ptr(), 0) != 0) PyErr_Clear();  // no half-written batch
+    throw;
+  }
+  if (PyByteArray_Resize(out.ptr(), static_cast<Py_ssize_t>(used)) != 0) {  // shrinks in place
+    throw py::error_already_set();
+  }
 }
 
 py::list decode_batch_py(const py::object& raw, const py::object& max_size) {
@@ -128,9 +182,17 @@ py::list decode_batch_py(const py::object& raw, const py::object& max_size) {
 }  // namespace
 
 void register_checkpoint_batch(py::module_& m) {
-  m.def("encode_batch", &encode_batch_py, py::arg("entries"),
+  m.def("encode_batch", &encode_batch_py, py::arg("entries"), py::kw_only(),
+        py::arg("compression") = py::str("lz4"),
         "Encode (key: str, data: bytes-like) pairs as one LCB1 version-2 batch "
-        "(LZ4-compressed, CRC32C-checked).");
+        "(CRC32C-checked). compression: 'lz4' compresses the body, 'stored' writes it as "
+        "LZ4 literals (no match search; any LZ4 reader decodes it), 'auto' stores a large "
+        "body unless LZ4 halves a sample of it.");
+  m.def("encode_batch_into", &encode_batch_into_py, py::arg("entries"), py::arg("out"),
+        py::kw_only(), py::arg("compression") = py::str("lz4"),
+        "encode_batch() written into the bytearray out (resized to the batch's length) "
+        "instead of a new bytes object: a caller encoding periodically reuses one buffer "
+        "whose pages are mapped already. BufferError while someone holds a view of out.");
   m.def("decode_batch", &decode_batch_py, py::arg("raw"),
         py::arg("max_size") = py::int_(kDefaultMaxDecompressedSize),
         "Validate and decode an LCB1 batch (version 1 or 2) into [(key, data), ...]; a body "

@@ -139,12 +139,12 @@ std::size_t batch_encoded_bound(std::size_t body_size) {
   return kBatchHeaderSizeV2 + lz4_compressed_bound(body_size);
 }
 
-std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size_t body_size,
-                              char* dst, std::size_t capacity) {
-  const std::size_t bound = batch_encoded_bound(body_size);
-  if (capacity < bound) {
-    throw InvalidArgument("checkpoint batch: output buffer smaller than batch_encoded_bound");
-  }
+namespace {
+
+// Body offsets of every entry (offsets[i] .. offsets[i + 1]), checking every key is UTF-8
+// and that the entries add up to `body_size`.
+std::vector<std::size_t> body_offsets(std::span<const BatchEntryView> entries,
+                                      std::size_t body_size) {
   std::vector<std::size_t> offsets(entries.size() + 1, 0);
   for (std::size_t i = 0; i < entries.size(); ++i) {
     if (!is_valid_utf8(entries[i].key)) {
@@ -157,37 +157,85 @@ std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size
   if (offsets.back() != body_size) {
     throw InvalidArgument("checkpoint batch: body_size does not match the entries");
   }
+  return offsets;
+}
 
-  // LZ4 compresses one block from contiguous input, so the body is assembled first (in
-  // parallel slices when large; each slice writes its own range of the scratch buffer).
-  // Compressing slices in parallel and splicing their blocks into one is possible, but walking
-  // every block to find its last sequence cost more CPU than the parallelism saved on a busy
-  // machine.
-  const ScratchLease body(body_size);
+// Renders the whole body into dst, in parallel slices when large (each slice writes its
+// own range of dst).
+void render_whole_body(std::span<const BatchEntryView> entries,
+                       const std::vector<std::size_t>& offsets, std::size_t body_size,
+                       char* dst) {
   if (body_size < kParallelCopyMin || tbb::this_task_arena::max_concurrency() == 1) {
-    render_body(entries, offsets, 0, body_size, body.data());
-  } else {
-    streamstate::parallel_for(tbb::blocked_range<std::size_t>(0, body_size, kParallelCopyGrain),
-                      [&](const tbb::blocked_range<std::size_t>& r) {
-                        render_body(entries, offsets, r.begin(), r.end(), body.data() + r.begin());
-                      });
+    render_body(entries, offsets, 0, body_size, dst);
+    return;
   }
-  const std::size_t compressed =
-      lz4_compress_into(std::string_view(body.data(), body_size), dst + kBatchHeaderSizeV2,
-                        bound - kBatchHeaderSizeV2);
+  streamstate::parallel_for(tbb::blocked_range<std::size_t>(0, body_size, kParallelCopyGrain),
+                            [&](const tbb::blocked_range<std::size_t>& r) {
+                              render_body(entries, offsets, r.begin(), r.end(),
+                                          dst + r.begin());
+                            });
+}
+
+BatchCompression choose(std::span<const BatchEntryView> entries,
+                        const std::vector<std::size_t>& offsets, std::size_t body_size) {
+  if (body_size < kAutoSampleMin) return BatchCompression::kLz4;
+  const std::size_t begin = body_size / 2 - kAutoSampleSize / 2;
+  std::string sample(kAutoSampleSize, '\0');
+  render_body(entries, offsets, begin, begin + kAutoSampleSize, sample.data());
+  std::string compressed(lz4_compressed_bound(kAutoSampleSize), '\0');
+  const std::size_t size =
+      lz4_compress_into(sample, compressed.data(), compressed.size()) - kLz4SizePrefix;
+  // Stored unless LZ4 halves the sample.
+  return 2 * size > kAutoSampleSize ? BatchCompression::kStored : BatchCompression::kLz4;
+}
+
+}  // namespace
+
+BatchCompression choose_batch_compression(std::span<const BatchEntryView> entries,
+                                          std::size_t body_size) {
+  return choose(entries, body_offsets(entries, body_size), body_size);
+}
+
+std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size_t body_size,
+                              char* dst, std::size_t capacity, BatchCompression compression) {
+  const std::size_t bound = batch_encoded_bound(body_size);
+  if (capacity < bound) {
+    throw InvalidArgument("checkpoint batch: output buffer smaller than batch_encoded_bound");
+  }
+  const std::vector<std::size_t> offsets = body_offsets(entries, body_size);
+  if (compression == BatchCompression::kAuto) compression = choose(entries, offsets, body_size);
+
+  std::size_t compressed = 0;
+  char* const block = dst + kBatchHeaderSizeV2;
+  if (compression == BatchCompression::kStored) {
+    // The body is rendered straight into the output, behind the literal run's header: one
+    // pass over the bytes, no scratch copy and no match search.
+    const std::size_t header = lz4_stored_header(body_size, block);
+    render_whole_body(entries, offsets, body_size, block + header);
+    compressed = header + body_size;
+  } else {
+    // LZ4 compresses one block from contiguous input, so the body is assembled first.
+    // Compressing slices in parallel and splicing their blocks into one is possible, but
+    // walking every block to find its last sequence cost more CPU than the parallelism saved
+    // on a busy machine.
+    const ScratchLease body(body_size);
+    render_whole_body(entries, offsets, body_size, body.data());
+    compressed = lz4_compress_into(std::string_view(body.data(), body_size), block,
+                                   bound - kBatchHeaderSizeV2);
+  }
   std::memcpy(dst, kBatchMagic, sizeof kBatchMagic);
   store_u32(dst + 4, kBatchVersionChecked);
   // Both fit: the body (>= 8 bytes per entry) is below LZ4's 2 GB limit.
   store_u32(dst + 8, static_cast<std::uint32_t>(entries.size()));
   store_u32(dst + 12, static_cast<std::uint32_t>(body_size));
-  store_u32(dst + 16, crc32c(std::string_view(dst + kBatchHeaderSizeV2, compressed)));
+  store_u32(dst + 16, crc32c(std::string_view(block, compressed)));
   return kBatchHeaderSizeV2 + compressed;
 }
 
-std::string encode_batch(std::span<const BatchEntryView> entries) {
+std::string encode_batch(std::span<const BatchEntryView> entries, BatchCompression compression) {
   const std::size_t body_size = batch_body_size(entries);
   std::string out(batch_encoded_bound(body_size), '\0');
-  out.resize(encode_batch_into(entries, body_size, out.data(), out.size()));
+  out.resize(encode_batch_into(entries, body_size, out.data(), out.size(), compression));
   return out;
 }
 

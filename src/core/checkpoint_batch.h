@@ -44,6 +44,13 @@ struct BatchEntryView {
 // format's 4 GiB limit or LZ4's block limit, naming both sizes.
 [[nodiscard]] std::size_t batch_body_size(std::span<const BatchEntryView> entries);
 
+// How the body is stored. kLz4 compresses it; kStored writes it as one run of LZ4 literals
+// (a valid block every reader decodes, at memcpy speed: see lz4_stored_header); kAuto
+// compresses a sample of a large body first and stores the body unless LZ4 halves it. On
+// float partials (a store snapshot: LZ4 saves 15-22%) the match search cost ~3x a stored
+// encode, more than hashing and writing the saved bytes; it pays for redundant data.
+enum class BatchCompression : std::uint8_t { kLz4, kStored, kAuto };
+
 // Capacity encode_batch_into needs for a body of `body_size` bytes (the worst case, for
 // incompressible data).
 [[nodiscard]] std::size_t batch_encoded_bound(std::size_t body_size);
@@ -52,9 +59,18 @@ struct BatchEntryView {
 // batch_body_size) into dst and returns its length. Throws InvalidArgument for a key that is
 // not valid UTF-8, so the encoder never writes a batch the decoder would refuse.
 std::size_t encode_batch_into(std::span<const BatchEntryView> entries, std::size_t body_size,
-                              char* dst, std::size_t capacity);
+                              char* dst, std::size_t capacity,
+                              BatchCompression compression = BatchCompression::kLz4);
 
-[[nodiscard]] std::string encode_batch(std::span<const BatchEntryView> entries);
+[[nodiscard]] std::string encode_batch(std::span<const BatchEntryView> entries,
+                                       BatchCompression compression = BatchCompression::kLz4);
+
+// What kAuto chooses for `entries` (kLz4 or kStored): bodies under kAutoSampleMin bytes are
+// compressed; larger ones by how well kAutoSampleSize bytes from their middle compress.
+inline constexpr std::size_t kAutoSampleMin = std::size_t{1} << 20;
+inline constexpr std::size_t kAutoSampleSize = std::size_t{64} << 10;
+[[nodiscard]] BatchCompression choose_batch_compression(std::span<const BatchEntryView> entries,
+                                                        std::size_t body_size);
 
 // A decoded batch: the decompressed body and views of its entries into it. Movable, not
 // copyable; the views stay valid while the object lives.

@@ -2,6 +2,8 @@
 
 #include <lz4.h>
 
+#include <cstring>
+
 #include "core/byte_io.h"
 #include "core/errors.h"
 
@@ -31,6 +33,35 @@ std::string lz4_compress(std::string_view input) {
   std::string out(lz4_compressed_bound(input.size()), '\0');
   out.resize(lz4_compress_into(input, out.data(), out.size()));
   return out;
+}
+
+namespace {
+
+// One literal run's length bytes after its token: the token holds 15 and then come
+// (n - 15) / 255 bytes of 255 and one of the rest (the LZ4 block format's length coding).
+std::size_t literal_length_bytes(std::size_t n) noexcept { return n < 15 ? 0 : (n - 15) / 255 + 1; }
+
+}  // namespace
+
+std::size_t lz4_stored_size(std::size_t input_size) {
+  (void)lz4_compressed_bound(input_size);  // the same limit as a compressed block
+  return kLz4SizePrefix + 1 + literal_length_bytes(input_size) + input_size;  // 1: the token
+}
+
+std::size_t lz4_stored_header(std::size_t input_size, char* dst) noexcept {
+  store_u32(dst, static_cast<std::uint32_t>(input_size));
+  std::size_t pos = kLz4SizePrefix;
+  if (input_size < 15) {
+    dst[pos++] = static_cast<char>(input_size << 4);
+    return pos;
+  }
+  dst[pos++] = static_cast<char>(0xF0);
+  std::size_t rest = input_size - 15;
+  const std::size_t full = rest / 255;
+  std::memset(dst + pos, 0xFF, full);
+  pos += full;
+  dst[pos++] = static_cast<char>(rest - full * 255);
+  return pos;
 }
 
 std::size_t lz4_claimed_size(std::string_view compressed, std::size_t max_size) {

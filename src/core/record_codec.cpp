@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 
 #include "core/byte_io.h"
@@ -62,9 +63,48 @@ RecordWriter::RecordWriter(std::uint16_t kind, std::size_t payload_size_hint) {
   write_header(out_.data(), kind);
 }
 
+namespace {
+
+struct SpareBuffer {
+  std::mutex mutex;
+  std::string buffer;
+};
+
+SpareBuffer& spare_buffer() {
+  static SpareBuffer spare;
+  return spare;
+}
+
+}  // namespace
+
+void recycle_record_buffer(std::string&& buffer) noexcept {
+  if (buffer.capacity() < kRecycledBufferMin || buffer.capacity() > kRecycledBufferMax) return;
+  SpareBuffer& spare = spare_buffer();
+  const std::lock_guard lock(spare.mutex);
+  if (buffer.capacity() > spare.buffer.capacity()) {
+    buffer.clear();
+    spare.buffer.swap(buffer);  // the smaller one is freed when `buffer` goes
+  }
+}
+
+void RecordWriter::reserve_for(std::size_t more) {
+  const std::size_t needed = out_.size() + more;
+  if (needed <= out_.capacity() || needed < kRecycledBufferMin) return;
+  std::string adopted;
+  {
+    SpareBuffer& spare = spare_buffer();
+    const std::lock_guard lock(spare.mutex);
+    if (spare.buffer.capacity() <= out_.capacity()) return;
+    adopted.swap(spare.buffer);
+  }
+  adopted.assign(out_);  // below the capacity it had: no allocation
+  out_.swap(adopted);
+}
+
 void RecordWriter::add(std::string_view key, std::string_view value) {
   check_field_sizes(key.size(), value.size());
   if (count_ == kMaxField) throw_too_many();
+  reserve_for(kRecordEntryOverhead + key.size() + value.size() + kRecordTrailerSize);
   put_u32(out_, static_cast<std::uint32_t>(key.size()));
   out_.append(key);
   put_u32(out_, static_cast<std::uint32_t>(value.size()));

@@ -135,8 +135,9 @@ std::vector<Entry> random_entries(std::mt19937_64& rng, std::size_t max_entries)
   return entries;
 }
 
-void check_round_trip(const std::vector<Entry>& entries) {
-  const std::string raw = encode_batch(views_of(entries));
+void check_round_trip(const std::vector<Entry>& entries,
+                      BatchCompression compression = BatchCompression::kLz4) {
+  const std::string raw = encode_batch(views_of(entries), compression);
   const DecodedBatch batch = decode_batch(raw);
   CHECK(batch.version() == 2);
   CHECK(same(batch, entries));
@@ -164,6 +165,38 @@ void test_round_trips() {
   two.execute([&] { check_round_trip(big); });
   tbb::task_arena one(1);
   one.execute([&] { check_round_trip(big); });
+}
+
+void test_stored_and_auto_bodies() {
+  std::mt19937_64 rng(7);
+  for (int trial = 0; trial < 100; ++trial) {
+    const std::vector<Entry> entries = random_entries(rng, 30);
+    check_round_trip(entries, BatchCompression::kStored);
+    check_round_trip(entries, BatchCompression::kAuto);
+    // Stored: the body as one literal run, so the block is the body plus its length bytes.
+    const std::string raw = encode_batch(views_of(entries), BatchCompression::kStored);
+    const std::size_t body = plain_body(entries).size();
+    CHECK(raw.size() == kBatchHeaderSizeV2 + lz4_stored_size(body));
+    CHECK(raw.substr(raw.size() - body) == plain_body(entries));
+  }
+  // Literal runs at the edges of the length coding (14, 15, 15 + 255, ...).
+  for (const std::size_t n : {0u, 1u, 14u, 15u, 16u, 269u, 270u, 271u, 524u, 525u}) {
+    check_round_trip({{"", std::string(n > 8 ? n - 8 : 0, 'q')}}, BatchCompression::kStored);
+  }
+  // Auto: incompressible bytes are stored, a run compresses, and small bodies always do.
+  std::vector<Entry> noise = {{"v", std::string(std::size_t{2} << 20, '\0')}};
+  for (char& c : noise[0].data) c = static_cast<char>(rng());
+  CHECK(choose_batch_compression(views_of(noise), plain_body(noise).size()) ==
+        BatchCompression::kStored);
+  CHECK(encode_batch(views_of(noise), BatchCompression::kAuto) ==
+        encode_batch(views_of(noise), BatchCompression::kStored));
+  const std::vector<Entry> run = {{"v", std::string(std::size_t{2} << 20, 'z')}};
+  CHECK(choose_batch_compression(views_of(run), plain_body(run).size()) ==
+        BatchCompression::kLz4);
+  noise[0].data.resize(1000);
+  CHECK(choose_batch_compression(views_of(noise), plain_body(noise).size()) ==
+        BatchCompression::kLz4);
+  check_round_trip(noise, BatchCompression::kAuto);
 }
 
 void test_empty_batch() {
@@ -391,6 +424,7 @@ void test_utf8() {
 int main() {
   test_known_answers();
   test_round_trips();
+  test_stored_and_auto_bodies();
   test_empty_batch();
   test_max_body_size_is_refused_before_decoding();
   test_header_errors();

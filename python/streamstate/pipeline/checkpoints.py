@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from .._typing import BytesLike
 from ..checkpoint import ObjectStoreCheckpointer
 from ..ids import CheckpointId
 from .contents import pack_state
@@ -73,10 +74,12 @@ class Capture:
     partitions: int
     is_delta: bool
     parent: CheckpointId | None
-    snapshots: list[tuple[str, bytes]]
+    snapshots: list[tuple[str, BytesLike]]
     record: bytes
     started: float  # perf_counter() at the barrier
     stall_seconds: float
+    #: Where to pack the state: a buffer reused across checkpoints (None: a new one).
+    packed: bytearray | None = None
 
 
 #: What a background commit returns: its stats and the id it committed under.
@@ -90,7 +93,10 @@ def commit_capture(
     return its stats and the committed id. The background half of a checkpoint: it touches
     only the captured bytes, never the stores."""
     begun = time.perf_counter()
-    items = pack_state(capture.snapshots, capture.record, capture.is_delta)
+    try:
+        items = pack_state(capture.snapshots, capture.record, capture.is_delta, capture.packed)
+    except BufferError:  # something still holds a view of the reused buffer: use a new one
+        items = pack_state(capture.snapshots, capture.record, capture.is_delta)
     manifest = checkpointer.commit(
         capture.epoch,
         items,

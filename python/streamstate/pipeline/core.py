@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import numpy.typing as npt
 
+from .._typing import BytesLike
 from ..aggregate import KeyType, NanPolicy, NumericAggregateStore
 from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint
 from ..errors import CorruptDataError, IncompatibleCheckpointError, SourceError, StreamStateError
@@ -74,7 +75,9 @@ class PipelineRun:
     same without one). The offsets are the source's (JSON values: row numbers for arrays).
     ``checkpoints`` lists the checkpoints that landed, in order; ``commit_wait_seconds`` is
     the time the run stood waiting for a background commit (at a barrier, the previous one;
-    at the end, the last one).
+    at the end, the last one). ``deferred_checkpoints`` counts the
+    checkpoints that came due while the one before was still in flight and were taken once
+    it landed (``defer_busy_checkpoints``).
     """
 
     events: int = 0
@@ -91,6 +94,7 @@ class PipelineRun:
     commit_wait_seconds: float = 0.0
     stopped: bool = False
     folded_events: int = 0
+    deferred_checkpoints: int = 0
 
     @property
     def events_per_second(self) -> float:
@@ -212,6 +216,12 @@ class Pipeline:
             deterministic (the same columns for the same batch, no clock, no randomness,
             no state carried between batches); changing it changes what the job's state
             means, as changing ``key`` would, though the fingerprint cannot tell.
+        defer_busy_checkpoints: when a checkpoint comes due while the previous one is still
+            in flight, keep folding and take it as soon as that one lands, instead of
+            stopping the partitions at the barrier until it has. Checkpoints then come at
+            least ``checkpoint_every`` batches apart, as far apart as their commits take
+            (a replay after a crash may be longer); the default waits, so every checkpoint
+            lands exactly ``checkpoint_every`` batches after the one before.
 
     The offset is the source's (see :class:`Source`): a JSON value, an int row number for
     :class:`ArraySource`. A source that follows new data (``ParquetSource(follow=True)``)
@@ -250,6 +260,7 @@ class Pipeline:
         checkpoint_prefix: str = "checkpoints/",
         max_idle_sleep: float = 0.1,
         transform: Transform | None = None,
+        defer_busy_checkpoints: bool = False,
     ) -> None:
         self._partitions = _positive_int("partitions", partitions)
         if self._partitions > _MAX_PARTITIONS:
@@ -270,6 +281,11 @@ class Pipeline:
         if not max_idle_sleep >= 0:
             raise ValueError(f"max_idle_sleep must be >= 0, got {max_idle_sleep}")
         self.max_idle_sleep = float(max_idle_sleep)
+        if not isinstance(defer_busy_checkpoints, bool):
+            raise TypeError(
+                f"defer_busy_checkpoints must be a bool, got {type(defer_busy_checkpoints)}"
+            )
+        self.defer_busy_checkpoints = defer_busy_checkpoints
         name = source.name
         if not isinstance(name, str) or not name:
             raise TypeError(f"the source's name must be a non-empty str, got {name!r}")
@@ -289,6 +305,10 @@ class Pipeline:
             store if store is not None else self._fingerprint.default_location(),
             CheckpointPaths(checkpoint_prefix),
         )
+        # The buffer each checkpoint captures the store into, and the one its commit packs
+        # the capture into (both reused across checkpoints).
+        self._capture_buffers: dict[str, bytearray] = {}
+        self._packed_buffer = bytearray()
         # Held by run(), checkpoint() and recover(): one of them at a time, never nested.
         self._busy = threading.Lock()
         # Set by stop() (any thread, or a signal handler) and cleared when the run it ended
@@ -607,7 +627,12 @@ class Pipeline:
         flight: the epoch and a delta's parent are those of the last commit that landed."""
         store = self._store_for(None)
         is_delta = self._chain.next_is_delta()
-        snapshots = [(STORE_ENTRY, store.snapshot_delta() if is_delta else store.snapshot())]
+        # The store is captured into a buffer reused from the last checkpoint (whose commit
+        # has landed, so nothing reads it any more): its pages are mapped already, where a
+        # new object of tens of MB would fault in every page during the stall.
+        buffer = self._capture_buffers.setdefault(STORE_ENTRY, bytearray())
+        store.snapshot_into(buffer, delta=is_delta)
+        snapshots: list[tuple[str, BytesLike]] = [(STORE_ENTRY, buffer)]
         capture = Capture(
             epoch=self._epoch + 1,
             offset=self._offset,
@@ -619,6 +644,7 @@ class Pipeline:
             record=JobRecord.encode(self.fingerprint, self._store_partitions),
             started=started,
             stall_seconds=time.perf_counter() - started,
+            packed=self._packed_buffer,
         )
         checkpointer, keep = self.checkpointer, self.keep_checkpoints
         return CommitInFlight(lambda: commit_capture(checkpointer, capture, keep))
@@ -765,17 +791,22 @@ class Pipeline:
                 if in_flight is not None and in_flight.done():
                     land()  # a failed commit fails the run now, not at the next barrier
                 if since_checkpoint >= self.checkpoint_every:
-                    land()  # at most one in flight; a delta's parent must have landed
-                    started_barrier = time.perf_counter()
-                    quiesce(workers)
-                    in_flight = self._commit_in_background(started_barrier)
-                    since_checkpoint = 0
+                    if in_flight is not None and self.defer_busy_checkpoints:
+                        # Taken after the batch in which the commit in flight lands.
+                        if since_checkpoint == self.checkpoint_every:
+                            report.deferred_checkpoints += 1
+                    else:
+                        land()  # at most one in flight; a delta's parent must have landed
+                        barrier = time.perf_counter()
+                        quiesce(workers)
+                        in_flight = self._commit_in_background(barrier)
+                        since_checkpoint = 0
             if workers is not None:
                 land()
-                started_barrier = time.perf_counter()
+                barrier = time.perf_counter()
                 quiesce(workers)
                 if (report.finished or report.stopped) and since_checkpoint:
-                    in_flight = self._commit_in_background(started_barrier)
+                    in_flight = self._commit_in_background(barrier)
                 land()
         finally:
             if in_flight is not None:  # failing: a commit must not land behind the next run
@@ -898,6 +929,8 @@ class Pipeline:
         try:
             self._closed = True
             self._aggregates = None
+            self._capture_buffers = {}
+            self._packed_buffer = bytearray()
         finally:
             self._busy.release()
 
