@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .._typing import BytesLike
+from .._typing import BytesLike, byte_view
 from ..checkpoint import ObjectStoreCheckpointer
 from ..ids import CheckpointId
 from .contents import pack_state
@@ -113,7 +113,7 @@ def commit_capture(
     stats = CheckpointStats(
         epoch=capture.epoch,
         offset=capture.offset,
-        bytes=sum(len(data) for *_, data in items),
+        bytes=sum(byte_view(data).nbytes for *_, data in items),
         seconds=time.perf_counter() - capture.started,
         is_delta=capture.is_delta,
         stall_seconds=capture.stall_seconds,
