@@ -341,3 +341,20 @@ def test_exactly_once_across_failures_and_rescaling(
     rescaled = Pipeline(inner, partitions=after, **common)  # a new process, other partitions
     assert rescaled.run().events == 0
     _assert_matches(rescaled.results("v"), _expected(keys, values))
+
+
+def test_pruning_runs_every_keep_checkpoints_commits_and_after_the_run(tmp_path: Path) -> None:
+    keys, values = _data(24_000, 50)
+    source = ArraySource("events", {"k": keys, "v": values})
+    seen: list[int] = []
+    with Pipeline(
+        source, key="k", values=["v"], partitions=2, store=LocalStore(str(tmp_path)),
+        checkpoint_every=1, full_checkpoint_every=1, batch_size=1_000, keep_checkpoints=3,
+    ) as pipe:
+        report = pipe.run(on_batch=lambda _batch: seen.append(len(pipe.checkpointer.list_checkpoints())))
+        assert len(report.checkpoints) == 24
+        # Between prunes (every 3 commits) at most 2 more than kept, plus the one landing.
+        assert max(seen) <= 3 + 2 + 1
+        assert max(seen) > 3  # pruning is amortized, not run after every commit
+        assert len(pipe.checkpointer.list_checkpoints()) == 3  # exact once the run ended
+        _assert_matches(pipe.results("v"), _expected(keys, values))

@@ -80,6 +80,10 @@ class Capture:
     stall_seconds: float
     #: Where to pack the state: a buffer reused across checkpoints (None: a new one).
     packed: bytearray | None = None
+    #: Whether this commit prunes (the pipeline prunes every few commits, see its
+    #: ``keep_checkpoints``): pruning reads a dozen manifests and costs more than a small
+    #: commit itself.
+    prune: bool = True
 
 
 #: What a background commit returns: its stats and the id it committed under.
@@ -89,7 +93,8 @@ CommitResult = tuple[CheckpointStats, CheckpointId]
 def commit_capture(
     checkpointer: ObjectStoreCheckpointer, capture: Capture, keep_checkpoints: int
 ) -> CommitResult:
-    """Pack, upload and commit ``capture``, then prune to ``keep_checkpoints`` (0 keeps all);
+    """Pack, upload and commit ``capture``, then (if ``capture.prune``) prune to
+    ``keep_checkpoints`` (0 keeps all);
     return its stats and the committed id. The background half of a checkpoint: it touches
     only the captured bytes, never the stores."""
     begun = time.perf_counter()
@@ -108,7 +113,7 @@ def commit_capture(
         metadata={"partitions": capture.partitions},
     )
     landed = time.perf_counter()
-    if keep_checkpoints > 0:
+    if keep_checkpoints > 0 and capture.prune:
         checkpointer.prune(keep_last=keep_checkpoints)
     stats = CheckpointStats(
         epoch=capture.epoch,

@@ -199,7 +199,12 @@ class Pipeline:
             others hold only what changed since the one before (1: every one is full). A
             full one also comes sooner when the deltas since the last outgrow it.
         batch_size: rows per micro-batch.
-        keep_checkpoints: older checkpoints are pruned beyond this many (0 keeps all).
+        keep_checkpoints: older checkpoints are pruned beyond this many (0 keeps all),
+            along with what their delta chains need. Pruning runs every
+            ``keep_checkpoints`` commits, not after each (it reads a dozen manifests, more
+            than a small commit costs), and after the last commit of a run that ends or is
+            stopped; so while a job runs, or after a crash, up to ``keep_checkpoints - 1``
+            more may be there until the next prune.
         key_type: ``"int64"``, ``"str"`` or ``"bytes"``; default: inferred from the keys
             (text keys, numpy ``U``, lists of str or Arrow strings, are ``"str"`` and come
             back as ``str``; numpy ``S`` and lists of bytes are ``"bytes"``).
@@ -373,6 +378,7 @@ class Pipeline:
         self._offset: Offset = self._start_offset
         self._committed_offset: Offset = self._start_offset
         self._epoch = 0
+        self._unpruned_commits = 0  # commits since the last one that pruned
         self._chain.reset()  # a chain continues only from state in memory (or restored)
         self._recovered = False
         # Folded or restored partials sit in the partitions' local state until published;
@@ -619,9 +625,11 @@ class Pipeline:
                 raise
 
     def _checkpoint(self) -> CheckpointStats:
-        return self._land(self._commit_in_background(time.perf_counter()))
+        return self._land(self._commit_in_background(time.perf_counter(), final=True))
 
-    def _commit_in_background(self, started: float) -> CommitInFlight[CommitResult]:
+    def _commit_in_background(
+        self, started: float, *, final: bool = False
+    ) -> CommitInFlight[CommitResult]:
         """Capture every store's state (the partitions are quiesced, and stay stopped only
         for this), then commit it on a background thread. The caller holds no commit in
         flight: the epoch and a delta's parent are those of the last commit that landed."""
@@ -633,6 +641,10 @@ class Pipeline:
         buffer = self._capture_buffers.setdefault(STORE_ENTRY, bytearray())
         store.snapshot_into(buffer, delta=is_delta)
         snapshots: list[tuple[str, BytesLike]] = [(STORE_ENTRY, buffer)]
+        self._unpruned_commits += 1
+        prune = final or self._unpruned_commits >= self.keep_checkpoints
+        if prune:
+            self._unpruned_commits = 0
         capture = Capture(
             epoch=self._epoch + 1,
             offset=self._offset,
@@ -645,6 +657,7 @@ class Pipeline:
             started=started,
             stall_seconds=time.perf_counter() - started,
             packed=self._packed_buffer,
+            prune=prune,
         )
         checkpointer, keep = self.checkpointer, self.keep_checkpoints
         return CommitInFlight(lambda: commit_capture(checkpointer, capture, keep))
@@ -805,9 +818,13 @@ class Pipeline:
                 land()
                 barrier = time.perf_counter()
                 quiesce(workers)
-                if (report.finished or report.stopped) and since_checkpoint:
-                    in_flight = self._commit_in_background(barrier)
+                ended = report.finished or report.stopped
+                if ended and since_checkpoint:
+                    in_flight = self._commit_in_background(barrier, final=True)
                 land()
+                if ended and self._unpruned_commits and self.keep_checkpoints:
+                    self._unpruned_commits = 0
+                    self.checkpointer.prune(keep_last=self.keep_checkpoints)
         finally:
             if in_flight is not None:  # failing: a commit must not land behind the next run
                 with suppress(BaseException):  # the run's own failure is what is raised
