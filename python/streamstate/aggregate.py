@@ -114,6 +114,11 @@ class NumericAggregateStore(_core.NumericAggregateStore):
     joins one one-column snapshot per value column (how several columns were held before
     one store could) into this store.
 
+    Rescaling: :meth:`repartitioned` gives the state in a store of another partition count,
+    each key held by exactly the partition it routes to; ``partitions_holding(key)`` (for
+    tests and operations) lists the partitions holding a published partial or a local
+    entry of ``key``, ascending.
+
     Several value columns: :meth:`result`, :meth:`results`, :meth:`to_pandas`,
     :meth:`to_arrow` and :meth:`to_polars` take a ``column`` name, and each then equals
     what a one-column store fed that column alone would give (:meth:`results` requires
@@ -150,6 +155,26 @@ class NumericAggregateStore(_core.NumericAggregateStore):
     def columns(self) -> list[str]:
         """The value columns' names (``[]`` for the one unnamed column)."""
         return self.values or []
+
+    def repartitioned(self, num_partitions: int) -> NumericAggregateStore:
+        """This store's state rescaled to ``num_partitions`` partitions, in a new store.
+
+        The new store has the same key type, ``nan_policy`` and value columns. Every key's
+        partials from every partition, published and unpublished alike, are merged into
+        one published partial of its owner: the partition :func:`streamstate.partition_batch`
+        routes the key to for ``num_partitions``. The merge runs in ascending partition
+        order (each partition's unpublished entry into its published one, as ``publish()``
+        does, then across partitions, as a read does), so the new store's results equal
+        this store's after every partition published, bit for bit. This store is
+        unchanged; the call is consistent while other threads publish (it locks as
+        ``snapshot()`` does) and releases the GIL. The new store is no capture's state:
+        its first capture must be ``snapshot()``, not ``snapshot_delta()``.
+        """
+        rescaled = NumericAggregateStore(
+            num_partitions, self.key_type, cast("NanPolicy", self.nan_policy), values=self.values
+        )
+        self._repartition_into(rescaled)
+        return rescaled
 
     def _column_index(self, column: str | None) -> int | None:
         """The index of ``column``; for None, 0 with one column and None with several."""

@@ -202,6 +202,20 @@ void fold_into(const NumericStoreHandle& handle, std::uint32_t pid, py::handle k
 
 // The key's statistics of value column `column`, or None (no such key, or none of its
 // values of that column counted).
+// The partitions holding a partial of `key` (see NumericAggregateStore::partitions_holding).
+py::list partitions_holding(const NumericStoreHandle& handle, py::handle key) {
+  std::vector<std::uint32_t> held;
+  if (handle.is_bytes()) {
+    const KeyBytes k(key, ByteItems::kKeysOrText, "key");
+    held = handle.bytes().partitions_holding(k.view());
+  } else if (const std::optional<std::int64_t> k = int64_key(key)) {
+    held = handle.int64().partitions_holding(*k);
+  }  // outside int64: no partition can hold such a key
+  py::list out;
+  for (const std::uint32_t p : held) out.append(p);
+  return out;
+}
+
 py::object result_tuple(const NumericStoreHandle& handle, py::handle key, py::handle column) {
   const std::size_t width = handle.visit([](const auto& s) { return s.width(); });
   const auto c = int_arg<std::size_t>(column, "column", 0, width - 1);
@@ -743,6 +757,26 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           "a store of one unnamed column (how pipelines checkpointed before one store held\n"
           "every column). Corrupt or foreign bytes raise CorruptDataError and leave the\n"
           "store as it was.")
+      .def(
+          "_repartition_into",
+          [](const NumericStoreHandle& self, const NumericStoreHandle& target) {
+            if (self.is_bytes() != target.is_bytes()) {
+              throw InvalidArgument("repartition: the target store has another key_type");
+            }
+            const py::gil_scoped_release release;  // pure C++ under the stores' locks
+            if (self.is_bytes()) {
+              self.bytes().repartition_into(target.bytes());
+            } else {
+              self.int64().repartition_into(target.int64());
+            }
+          },
+          py::arg("target"),
+          "Fill ``target`` (an empty store of any partition count with this store's key type,\n"
+          "nan_policy and value columns) with this store's state rescaled to its partitions\n"
+          "(see NumericAggregateStore.repartitioned, which calls this).")
+      .def("partitions_holding", &partitions_holding, py::arg("key"),
+           "The partitions (ascending) holding a partial of ``key``: a published one or a\n"
+           "local entry folded since the last publish. Empty for an unknown key.")
       .def(
           "memory_bytes",
           [](const NumericStoreHandle& self) {

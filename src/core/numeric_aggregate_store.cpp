@@ -3,15 +3,18 @@
 
 #include <algorithm>
 #include <bit>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 
 #include <oneapi/tbb/blocked_range.h>
 
 #include "core/byte_io.h"
 #include "core/errors.h"
+#include "core/partition_router.h"
 #include "core/record_codec.h"
 
 namespace streamstate {
@@ -335,7 +338,7 @@ Moments NumericAggregateStore<K>::merged(const Slots& slots, std::size_t column)
 
 template <class K>
 void NumericAggregateStore<K>::put(Slots& slots, std::uint32_t partition, const Moments& first,
-                                   const Moments* more) {
+                                   const Moments* more) const {
   const std::size_t extra = width_ - 1;
   Slot* slot = slots.slot(partition, extra).first;
   slot->partial = first;
@@ -882,6 +885,139 @@ void NumericAggregateStore<K>::restore_columns(const std::vector<std::string_vie
   install(fresh_shared, fresh_local);
   identity_ = 0;
   sequence_ = 0;
+}
+
+template <class K>
+std::unique_ptr<NumericAggregateStore<K>> NumericAggregateStore<K>::repartitioned(
+    std::uint32_t partitions) const {
+  auto out = std::make_unique<NumericAggregateStore>(partitions, policy_, columns_);
+  repartition_into(*out);
+  return out;
+}
+
+template <class K>
+void NumericAggregateStore<K>::repartition_into(NumericAggregateStore& target) const {
+  if (target.columns_ != columns_ || target.policy_ != policy_) {
+    throw InvalidArgument("repartition: the target store has other value columns or another "
+                          "nan_policy");
+  }
+  const std::uint32_t partitions = target.num_partitions();
+  // Staged without the target's locks, installed after this store's are released: two
+  // stores' locks are never held at once, so no order between stores can deadlock.
+  SharedMap fresh;
+  std::vector<std::size_t> published(partitions, 0);
+  stage_repartitioned(partitions, fresh, published);
+
+  const Quiescent quiescent(target.epoch_, target.partitions_);
+  const bool empty = target.shared_.empty() &&
+                     std::all_of(target.partitions_.begin(), target.partitions_.end(),
+                                 [](const auto& p) { return p->local.size() == 0; });
+  if (!empty) throw InvalidArgument("repartition: the target store must be empty");
+  target.shared_.swap(fresh);
+  for (std::uint32_t pid = 0; pid < partitions; ++pid) {
+    target.partitions_[pid]->published = published[pid];
+  }
+  target.identity_ = 0;  // no capture's state
+  target.sequence_ = 0;
+}
+
+template <class K>
+void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, SharedMap& fresh,
+                                                   std::vector<std::size_t>& published) const {
+  const std::size_t extra = width_ - 1;
+  const Quiescent quiescent(epoch_, partitions_);
+
+  // Every local entry by key, as (partition, Ref) in ascending partition order.
+  struct Hash {
+    std::size_t operator()(const typename K::Key& k) const noexcept {
+      return static_cast<std::size_t>(K::hash(View(k)));
+    }
+  };
+  struct Locals {
+    std::vector<std::pair<std::uint32_t, Ref>> entries;
+    bool merged = false;  // the key also has published slots, and went out with them
+  };
+  std::unordered_map<typename K::Key, Locals, Hash> locals;
+  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+    const Local& local = partitions_[pid]->local;
+    for (std::size_t s = 0; s < Local::kShards; ++s) {
+      for (std::size_t i = 0; i < local.shard(s).size(); ++i) {
+        const auto ref = static_cast<Ref>((s << Local::kIndexBits) | i);
+        locals[typename K::Key(local.key_at(ref))].entries.emplace_back(pid, ref);
+      }
+    }
+  }
+
+  std::vector<Moments> total(width_);
+  std::vector<Moments> share(width_);
+  // One source partition's share of a key (its slot, if any, with its local entry, if
+  // any, merged in) merged into the key's total.
+  const auto add_share = [&](const Slots* slots, const Slot* slot, std::uint32_t pid,
+                             const Ref* ref) {
+    const Local& local = partitions_[pid]->local;
+    for (std::size_t c = 0; c < width_; ++c) {
+      share[c] = slot == nullptr ? Moments{}
+                 : c == 0        ? slot->partial
+                                 : slots->more(slot, extra)[c - 1];
+      if (ref != nullptr) share[c].merge(c == 0 ? local.value_at(*ref) : local.more_at(*ref)[c - 1]);
+      total[c].merge(share[c]);
+    }
+  };
+  const auto emit = [&](View key) {
+    const std::uint32_t owner = partition_of<K>(key, partitions);
+    typename SharedMap::accessor entry;
+    fresh.insert(entry, key);
+    put(entry->second, owner, total[0], total.data() + 1);
+    ++published[owner];
+    std::fill(total.begin(), total.end(), Moments{});
+  };
+
+  for (const auto& item : shared_) {
+    const Slots& slots = item.second;
+    const auto found = locals.find(item.first);
+    const auto* pending = found == locals.end() ? nullptr : &found->second.entries;
+    const std::size_t n_pending = pending == nullptr ? 0 : pending->size();
+    if (pending != nullptr) found->second.merged = true;
+    // Both lists ascend by partition: walk them together.
+    constexpr std::uint32_t kNone = std::numeric_limits<std::uint32_t>::max();
+    const Slot* slot = slots.begin();
+    std::size_t j = 0;
+    while (slot != slots.end() || j < n_pending) {
+      const std::uint32_t next_slot = slot != slots.end() ? slot->partition : kNone;
+      const std::uint32_t next_local = j < n_pending ? (*pending)[j].first : kNone;
+      const std::uint32_t pid = std::min(next_slot, next_local);
+      add_share(&slots, next_slot == pid ? slot : nullptr, pid,
+                next_local == pid ? &(*pending)[j].second : nullptr);
+      if (next_slot == pid) ++slot;
+      if (next_local == pid) ++j;
+    }
+    emit(K::view_of(item.first));
+  }
+  for (const auto& [key, pending] : locals) {
+    if (pending.merged) continue;
+    for (const auto& [pid, ref] : pending.entries) add_share(nullptr, nullptr, pid, &ref);
+    emit(K::view_of(key));
+  }
+}
+
+template <class K>
+std::vector<std::uint32_t> NumericAggregateStore<K>::partitions_holding(View key) const {
+  const Quiescent quiescent(epoch_, partitions_);
+  std::vector<std::uint32_t> published;
+  {
+    typename SharedMap::const_accessor entry;
+    if (shared_.find(entry, key)) {
+      for (const Slot& s : entry->second) published.push_back(s.partition);
+    }
+  }
+  const std::uint64_t hash = K::hash(key);
+  std::vector<std::uint32_t> out;
+  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+    const bool in_shared = std::find(published.begin(), published.end(), pid) != published.end();
+    const auto& table = partitions_[pid]->local.shard(Local::shard_of(hash));
+    if (in_shared || table.find_index(key, hash) != Local::Table::npos) out.push_back(pid);
+  }
+  return out;
 }
 
 template <class K>

@@ -158,6 +158,26 @@ class NumericAggregateStore {
   [[nodiscard]] std::uint32_t identity() const noexcept { return identity_; }
   [[nodiscard]] std::uint64_t sequence() const noexcept { return sequence_; }
 
+  // Rescaling: a new store of `partitions` partitions (same key type, nan policy and
+  // value columns) holding this store's state with every key in one place: all of a key's
+  // partials, published slots and local entries alike, merged into one published slot of
+  // the partition partition_of<K> routes the key to. Per source partition, in ascending
+  // order, the local entry is merged into the slot (what publish() does) and the results
+  // into one partial (what result() does), so the new store's results equal this store's
+  // after every partition published, bit for bit. This store is unchanged; consistent
+  // while others publish (it locks as snapshot() does). The new store is a fresh one
+  // (identity 0, nothing tracked): its first capture must be a full snapshot.
+  // InvalidArgument unless 1 <= partitions <= 65536.
+  [[nodiscard]] std::unique_ptr<NumericAggregateStore> repartitioned(
+      std::uint32_t partitions) const;
+  // The same into `target`, a store with this one's value columns and nan policy that
+  // holds nothing yet (any number of partitions; InvalidArgument otherwise, `target`
+  // unchanged). Never holds both stores' locks at once.
+  void repartition_into(NumericAggregateStore& target) const;
+  // The partitions holding a partial of the key (a published slot or a local entry),
+  // ascending: after repartitioned(), exactly the key's owner.
+  [[nodiscard]] std::vector<std::uint32_t> partitions_holding(View key) const;
+
   // Heap held by the partitions' tables plus an estimate for the shared map's nodes.
   [[nodiscard]] std::size_t memory_bytes() const;
 
@@ -249,7 +269,11 @@ class NumericAggregateStore {
   // The slots' partials of `column`, merged in ascending partition order.
   [[nodiscard]] Moments merged(const Slots& slots, std::size_t column) const noexcept;
   // Sets a slot's partials from column 0's and columns 1..'s.
-  void put(Slots& slots, std::uint32_t partition, const Moments& first, const Moments* more);
+  void put(Slots& slots, std::uint32_t partition, const Moments& first, const Moments* more) const;
+  // repartition_into's work under this store's locks: every key's merged partials into
+  // `fresh` at its owner among `partitions`, counting each owner's slots in `published`.
+  void stage_repartitioned(std::uint32_t partitions, SharedMap& fresh,
+                           std::vector<std::size_t>& published) const;
   // Swaps in state a restore validated (a fresh map, and every partition's staged local
   // tables), with the map quiescent and every partition stopped; nothing is dirty after.
   template <class Staged>
