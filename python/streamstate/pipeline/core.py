@@ -517,28 +517,26 @@ class Pipeline:
                     (difference,),
                 )
             key_type = inferred or cast("KeyType | None", recorded_type) or "int64"
-        store_partitions = self._partitions
-        if record is not None:  # fewer partitions now: keep the old ones' published partials
-            store_partitions = max(store_partitions, record.store_partitions)
-        # A delta applies only to a store of the partition count it was taken from.
-        chain_partitions = store_partitions
-        if deltas and record is not None:
-            chain_partitions = record.store_partitions
+        # The state restores into a store of the partition count it was taken with (a delta
+        # applies to no other); another count now is a rescale: every key's partials move
+        # into one slot of the partition it routes to now.
+        chain_partitions = self._partitions if record is None else record.store_partitions
         store, migrated = self._restored_store(
             where, key_type, chain_partitions, snapshots, deltas
         )
-        if chain_partitions != store_partitions:  # more partitions now: move the state over
-            store = self._rehomed(where, store, key_type, store_partitions)
+        rescaled = chain_partitions != self._partitions
+        if rescaled:
+            store = store.repartitioned(self._partitions)
         self._aggregates = store
         self._unpublished = True
         self._key_type = key_type
-        self._store_partitions = store_partitions
+        self._store_partitions = self._partitions
         self._offset = self._committed_offset = offset
         self._epoch = recovered.epoch
         self._recovered_epoch = recovered.epoch
         # The store's identity is the recovered checkpoint's, so the next checkpoint may be a
         # delta on it, unless the state moved into another store (or another layout).
-        if chain_partitions == store_partitions and not migrated:
+        if not rescaled and not migrated:
             full_bytes, delta_bytes = state_chain_bytes(recovered)
             self._chain.resume(
                 recovered.checkpoint_id, full_bytes, sum(delta_bytes), len(delta_bytes)
@@ -594,21 +592,6 @@ class Pipeline:
                     f"checkpoint {where}: delta {number} of {len(deltas)} of {what} "
                     f"does not apply to the state before it: {exc}"
                 ) from exc
-
-    def _rehomed(
-        self, where: str, store: NumericAggregateStore, key_type: KeyType, partitions: int
-    ) -> NumericAggregateStore:
-        """The state of ``store`` in a new store of ``partitions`` (more than it has): its
-        full snapshot restored into the new store, as rescaling up always did."""
-        rehomed = self._new_store(key_type, partitions)
-        try:
-            rehomed.restore(store.snapshot())
-        except CorruptDataError as exc:
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where}: the state does not move into a "
-                f"{key_type} store of {partitions} partition(s): {exc}"
-            ) from exc
-        return rehomed
 
     def checkpoint(self) -> CheckpointStats:
         """Commit the current state and source offset now (recovering first if needed).

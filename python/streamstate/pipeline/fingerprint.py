@@ -127,8 +127,9 @@ class JobRecord:
     """The job artifact of one checkpoint: the fingerprint, and how the state is laid out.
 
     ``store_partitions`` is the partition count of the stores the snapshots came from. A
-    job resumed with fewer partitions restores into stores that keep that many: a store's
-    published partials merge across all of its partitions, so no key's history is lost.
+    job resumed with another partition count restores into a store of that many, then
+    rescales it (``NumericAggregateStore.repartitioned``): each key ends up held by the
+    partition it routes to now.
     """
 
     fingerprint: Mapping[str, Any]
