@@ -16,6 +16,7 @@
 #include "core/flat_table.h"
 #include "core/numeric_aggregate_store.h"
 #include "core/partition_aggregator.h"
+#include "core/partition_router.h"
 #include "core/record_codec.h"
 #include "core/stats.h"
 
@@ -534,6 +535,75 @@ void test_opaque_store_deltas() {
   CHECK(again.size() == 0);
 }
 
+// Rescaling: each key's partials (published and local, from every partition) end up in
+// one slot of the partition it routes to, with the results of the source after a publish;
+// repartitioned() runs while partitions fold and publish from their own threads.
+void test_numeric_store_repartition() {
+  using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
+  constexpr std::uint32_t kThreads = 3;
+  constexpr std::uint32_t kRescaled = 5;
+  Store store(kThreads, streamstate::NanPolicy::kSkip);
+  std::vector<std::thread> workers;
+  std::atomic<int> running{kThreads};
+  for (std::uint32_t t = 0; t < kThreads; ++t) {
+    workers.emplace_back([&store, &running, t] {
+      // Overlapping keys: every key is folded by every partition.
+      std::vector<std::int64_t> keys(300);
+      std::vector<double> values(300);
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        keys[i] = static_cast<std::int64_t>(i);
+        values[i] = static_cast<double>(t + 1) * 0.5;
+      }
+      for (int b = 0; b < 60; ++b) {
+        store.fold(t, keys.data(), values.data(), keys.size());
+        if (static_cast<std::uint32_t>(b % 3) == t) store.publish(t);  // partitions publish at different times
+      }
+      --running;
+    });
+  }
+  do {
+    const auto rescaled = store.repartitioned(kRescaled);
+    // Folds are whole, so every partition's rows of a key count alike.
+    const auto first = rescaled->result(0);
+    for (std::int64_t k = 0; k < 300; k += 37) {
+      const auto m = rescaled->result(k);
+      CHECK(m.has_value() == first.has_value() && (!m || m->count == first->count));
+      if (m) CHECK(rescaled->partitions_holding(k) == std::vector<std::uint32_t>{
+                       streamstate::partition_of<streamstate::Int64Keys>(k, kRescaled)});
+    }
+  } while (running.load() > 0);
+  for (auto& w : workers) w.join();
+
+  const auto rescaled = store.repartitioned(kRescaled);
+  CHECK(rescaled->num_partitions() == kRescaled && rescaled->identity() == 0);
+  CHECK(store.partitions_holding(7).size() == kThreads);
+  std::size_t held = 0;
+  for (std::uint32_t p = 0; p < kRescaled; ++p) {
+    CHECK(rescaled->partition_pending(p) == 0);
+    held += rescaled->partition_size(p);
+  }
+  CHECK(held == 300 && rescaled->size() == 300);
+  for (std::uint32_t t = 0; t < kThreads; ++t) store.publish(t);
+  for (std::int64_t k = 0; k < 300; ++k) {
+    const auto want = store.result(k);
+    const auto got = rescaled->result(k);
+    CHECK(got && want && got->count == 180 && got->count == want->count &&
+          got->sum == want->sum && got->min == want->min && got->max == want->max &&
+          got->var() == want->var());
+  }
+  Store busy(2, streamstate::NanPolicy::kSkip);
+  const std::int64_t one = 1;
+  const double value = 1.0;
+  busy.fold(1, &one, &value, 1);
+  bool refused = false;
+  try {
+    store.repartition_into(busy);
+  } catch (const streamstate::InvalidArgument&) {
+    refused = true;
+  }
+  CHECK(refused && busy.size() == 0 && busy.partition_pending(1) == 1);
+}
+
 }  // namespace
 
 int main() {
@@ -549,5 +619,6 @@ int main() {
   test_numeric_store_columns();
   test_numeric_store_deltas();
   test_opaque_store_deltas();
+  test_numeric_store_repartition();
   return check_summary("test_aggregate_store");
 }
