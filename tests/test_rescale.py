@@ -12,7 +12,7 @@ variances are compared to 1e-12 relative.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from obstore.store import MemoryStore
 
 from streamstate import NumericAggregateStore, ObjectStoreCheckpointer, partition_batch
+from streamstate.aggregate import KeyType, NanPolicy
 from streamstate.pipeline import ArraySource, JobRecord, Pipeline
 from streamstate.pipeline.fingerprint import FINGERPRINT_OPERATOR
 
@@ -46,8 +47,7 @@ def _frame(store: NumericAggregateStore) -> pd.DataFrame:
 def _published_copy(store: NumericAggregateStore) -> NumericAggregateStore:
     """A copy of ``store`` with every partition published (what reads then see)."""
     copy = NumericAggregateStore(store.num_partitions, store.key_type,
-                                 store.nan_policy,  # type: ignore[arg-type]
-                                 values=store.values)
+                                 cast("NanPolicy", store.nan_policy), values=store.values)
     copy.restore(store.snapshot())
     for p in range(copy.num_partitions):
         copy.partition(p).publish()
@@ -76,7 +76,7 @@ def test_repartitioned_holds_each_key_once_at_its_owner_with_the_same_results(
     before: int, after: int, key_type: str, columns: list[str] | None,
     batches: list[tuple[int, list[tuple[int, float, float]], bool]],
 ) -> None:
-    store = NumericAggregateStore(before, key_type, "skip", values=columns)  # type: ignore[arg-type]
+    store = NumericAggregateStore(before, cast("KeyType", key_type), "skip", values=columns)
     seen: list[Any] = []
     for pid, rows, publish in batches:
         keys: list[Any] = [k if key_type == "int64" else f"key{k}" for k, _, _ in rows]

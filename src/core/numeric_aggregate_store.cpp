@@ -948,6 +948,7 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
     }
   }
 
+  fresh.rehash(shared_.size() + locals.size());  // at most this many keys: no regrowth
   std::vector<Moments> total(width_);
   std::vector<Moments> share(width_);
   // One source partition's share of a key (its slot, if any, with its local entry, if
@@ -959,7 +960,9 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
       share[c] = slot == nullptr ? Moments{}
                  : c == 0        ? slot->partial
                                  : slots->more(slot, extra)[c - 1];
-      if (ref != nullptr) share[c].merge(c == 0 ? local.value_at(*ref) : local.more_at(*ref)[c - 1]);
+      if (ref != nullptr) {
+        share[c].merge(c == 0 ? local.value_at(*ref) : local.more_at(*ref)[c - 1]);
+      }
       total[c].merge(share[c]);
     }
   };

@@ -556,7 +556,8 @@ void test_numeric_store_repartition() {
       }
       for (int b = 0; b < 60; ++b) {
         store.fold(t, keys.data(), values.data(), keys.size());
-        if (static_cast<std::uint32_t>(b % 3) == t) store.publish(t);  // partitions publish at different times
+        // Partitions publish at different times.
+        if (static_cast<std::uint32_t>(b % 3) == t) store.publish(t);
       }
       --running;
     });
