@@ -7,13 +7,13 @@
 #include <optional>
 #include <string>
 #include <type_traits>
-#include <unordered_map>
 #include <utility>
 
 #include <oneapi/tbb/blocked_range.h>
 
 #include "core/byte_io.h"
 #include "core/errors.h"
+#include "core/flat_table.h"
 #include "core/partition_router.h"
 #include "core/record_codec.h"
 
@@ -56,6 +56,8 @@ constexpr std::uint32_t kDeltaLayoutVersion = 1;
 constexpr std::uint32_t kDeltaColumnsLayout = 2;
 constexpr std::uint32_t kMaxPartitions = 65536;
 constexpr std::size_t kChunkEntries = 1 << 16;
+// The end of a chain of links (repartition_into's local entries of a key).
+constexpr std::size_t kNoLink = std::numeric_limits<std::size_t>::max();
 
 // Sorts by bits [32, 32 + bits) (LSD radix, 11 bits a pass; std::sort for small inputs).
 void sort_by_high_word(std::vector<std::uint64_t>& v, unsigned bits) {
@@ -927,23 +929,30 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
   const std::size_t extra = width_ - 1;
   const Quiescent quiescent(epoch_, partitions_);
 
-  // Every local entry by key, as (partition, Ref) in ascending partition order.
-  struct Hash {
-    std::size_t operator()(const typename K::Key& k) const noexcept {
-      return static_cast<std::size_t>(K::hash(View(k)));
-    }
+  // Every local entry by key: a chain of (partition, Ref) links in ascending partition
+  // order, found through one flat table (a node-based map costs an allocation a key).
+  struct Link {
+    std::uint32_t partition;
+    Ref ref;
+    std::size_t next;
   };
-  struct Locals {
-    std::vector<std::pair<std::uint32_t, Ref>> entries;
+  struct Chain {
+    std::size_t head = kNoLink;
+    std::size_t tail = kNoLink;
     bool merged = false;  // the key also has published slots, and went out with them
   };
-  std::unordered_map<typename K::Key, Locals, Hash> locals;
+  FlatTable<K, Chain> locals;
+  std::vector<Link> links;
   for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
     const Local& local = partitions_[pid]->local;
     for (std::size_t s = 0; s < Local::kShards; ++s) {
-      for (std::size_t i = 0; i < local.shard(s).size(); ++i) {
+      const auto& table = local.shard(s);
+      for (std::size_t i = 0; i < table.size(); ++i) {
         const auto ref = static_cast<Ref>((s << Local::kIndexBits) | i);
-        locals[typename K::Key(local.key_at(ref))].entries.emplace_back(pid, ref);
+        Chain& chain = locals.find_or_insert(table.key_at(i), table.hash_at(i));
+        (chain.head == kNoLink ? chain.head : links[chain.tail].next) = links.size();
+        chain.tail = links.size();
+        links.push_back(Link{pid, ref, kNoLink});
       }
     }
   }
@@ -977,29 +986,34 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
 
   for (const auto& item : shared_) {
     const Slots& slots = item.second;
-    const auto found = locals.find(item.first);
-    const auto* pending = found == locals.end() ? nullptr : &found->second.entries;
-    const std::size_t n_pending = pending == nullptr ? 0 : pending->size();
-    if (pending != nullptr) found->second.merged = true;
+    const View key = K::view_of(item.first);
+    const std::size_t found = locals.find_index(key);
+    std::size_t link = kNoLink;
+    if (found != decltype(locals)::npos) {
+      locals.value_at(found).merged = true;
+      link = locals.value_at(found).head;
+    }
     // Both lists ascend by partition: walk them together.
     constexpr std::uint32_t kNone = std::numeric_limits<std::uint32_t>::max();
     const Slot* slot = slots.begin();
-    std::size_t j = 0;
-    while (slot != slots.end() || j < n_pending) {
+    while (slot != slots.end() || link != kNoLink) {
       const std::uint32_t next_slot = slot != slots.end() ? slot->partition : kNone;
-      const std::uint32_t next_local = j < n_pending ? (*pending)[j].first : kNone;
+      const std::uint32_t next_local = link != kNoLink ? links[link].partition : kNone;
       const std::uint32_t pid = std::min(next_slot, next_local);
       add_share(&slots, next_slot == pid ? slot : nullptr, pid,
-                next_local == pid ? &(*pending)[j].second : nullptr);
+                next_local == pid ? &links[link].ref : nullptr);
       if (next_slot == pid) ++slot;
-      if (next_local == pid) ++j;
+      if (next_local == pid) link = links[link].next;
     }
-    emit(K::view_of(item.first));
+    emit(key);
   }
-  for (const auto& [key, pending] : locals) {
-    if (pending.merged) continue;
-    for (const auto& [pid, ref] : pending.entries) add_share(nullptr, nullptr, pid, &ref);
-    emit(K::view_of(key));
+  for (std::size_t i = 0; i < locals.size(); ++i) {
+    const Chain& chain = locals.value_at(i);
+    if (chain.merged) continue;
+    for (std::size_t link = chain.head; link != kNoLink; link = links[link].next) {
+      add_share(nullptr, nullptr, links[link].partition, &links[link].ref);
+    }
+    emit(locals.key_at(i));
   }
 }
 
