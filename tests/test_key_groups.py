@@ -28,6 +28,7 @@ from streamstate import NumericAggregateStore, key_group_range
 from streamstate._core import RecordKind, _moments_of, decode_records, encode_records
 from streamstate.aggregate import KeyType, NanPolicy
 from streamstate.pipeline import ArraySource, JobRecord, Pipeline, route_partitions
+from streamstate.pipeline.contents import STORE_ENTRY, pack_state
 from streamstate.pipeline.fingerprint import FINGERPRINT_OPERATOR
 
 _int_keys = st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=80)
@@ -375,23 +376,36 @@ def _moments(values: list[float]) -> bytes:
     return _moments_of(np.array(values))
 
 
-def _old_snapshot(columns: list[str] | None) -> bytes:
-    """A layout 2 (one unnamed column) or 3 (named columns) snapshot of a 2-partition
-    int64 store: key 5 published by both partitions, key 9 local to partition 1."""
-    width = len(columns) if columns else 1
-    header = struct.pack("<IIB", 3 if columns else 2, 2, 0)
+def _old_layout(
+    partitions: int,
+    columns: list[str] | None,
+    shared: list[tuple[int, list[tuple[int, bytes]]]],
+    local: dict[int, list[tuple[int, bytes]]],
+) -> bytes:
+    """A layout 2 (one unnamed column) or 3 (named columns) snapshot of an int64 store, as
+    stores wrote them before key groups: ``shared`` lists (key, [(partition, partials)]),
+    ``local`` partition -> [(key, partials)] (partials: one encoded Moments per column)."""
+    header = struct.pack("<IIB", 3 if columns else 2, partitions, 0)
     if columns:
         header += struct.pack("<I", len(columns))
         header += b"".join(struct.pack("<I", len(c)) + c.encode() for c in columns)
-    shared = struct.pack("<I", 1) + struct.pack("<qI", 5, 2)
-    shared += struct.pack("<I", 0) + _moments([1.0, 2.0]) * width
-    shared += struct.pack("<I", 1) + _moments([3.0]) * width
-    local = struct.pack("<I", 1) + struct.pack("<q", 9) + _moments([4.0, 6.0]) * width
-    return encode_records(RecordKind.NUMERIC_AGGREGATE_STORE, [
-        (b"streamstate.numeric_aggregate_store", header),
-        (b"shared", shared),
-        (b"local" + struct.pack("<I", 1), local),
-    ])
+    body = struct.pack("<I", len(shared))
+    for key, slots in shared:
+        body += struct.pack("<qI", key, len(slots))
+        body += b"".join(struct.pack("<I", p) + partials for p, partials in slots)
+    records = [(b"streamstate.numeric_aggregate_store", header), (b"shared", body)]
+    for p, entries in local.items():
+        chunk = struct.pack("<I", len(entries))
+        chunk += b"".join(struct.pack("<q", key) + partials for key, partials in entries)
+        records.append((b"local" + struct.pack("<I", p), chunk))
+    return encode_records(RecordKind.NUMERIC_AGGREGATE_STORE, records)
+
+
+def _old_snapshot(columns: list[str] | None) -> bytes:
+    """A 2-partition store: key 5 published by both partitions, key 9 local to 1."""
+    width = len(columns) if columns else 1
+    shared = [(5, [(0, _moments([1.0, 2.0]) * width), (1, _moments([3.0]) * width)])]
+    return _old_layout(2, columns, shared, {1: [(9, _moments([4.0, 6.0]) * width)]})
 
 
 @pytest.mark.parametrize("columns", [None, ["a", "b"]])
@@ -463,3 +477,28 @@ def test_a_pipeline_rescales_a_full_checkpoint_through_restore_from(
     keys = list(want.index)
     owners = route_partitions(keys if str_keys else np.array(keys), after).tolist()
     assert [pipe_store.partitions_holding(k) for k in keys] == [[o] for o in owners]
+
+
+def test_a_checkpoint_from_before_key_groups_is_rehomed_for_a_count_not_dividing_them() -> None:
+    # Before key groups a key's partition was fast_range(fresh, P): key_groups=P now.
+    # For P = 3 a key in 256 routes elsewhere with 256 groups; recovering such a state
+    # with the same partition count moves those keys to their owners.
+    keys = np.arange(20_000)
+    source = ArraySource("events", {"k": keys, "v": np.ones(len(keys))})
+    then = route_partitions(keys, 3, key_groups=3)
+    one = _moments([1.0])
+    old = _old_layout(3, ["v"], [(int(k), [(int(p), one)]) for k, p in zip(keys, then, strict=True)], {})
+    store = MemoryStore()
+    pipe = Pipeline(source, key="k", values=["v"], partitions=3, store=store)
+    items = pack_state([(STORE_ENTRY, old)], JobRecord.encode(pipe.fingerprint, 3))
+    ss.ObjectStoreCheckpointer(store).commit(1, items, {"events": len(keys)})
+    moved = route_partitions(keys, 3) != then
+    assert 0 < moved.sum() < len(keys) // 100
+
+    assert pipe.recover() == len(keys)
+    restored = pipe._aggregates  # introspection only
+    assert restored is not None and restored.key_groups == 256
+    owners = route_partitions(keys, 3)
+    for k in keys[moved].tolist() + keys[:50].tolist():
+        assert restored.partitions_holding(k) == [owners[k]]
+    assert len(pipe.to_pandas("v")) == len(keys)

@@ -526,7 +526,11 @@ class Pipeline:
         chain_partitions = self._partitions if record is None else record.store_partitions
         recorded_groups = None if record is None else record.key_groups
         self._key_groups = recorded_groups or max(self._key_groups, chain_partitions)
-        rescaled = chain_partitions != self._partitions
+        # Routing before key groups differs for a partition count that does not divide
+        # them (a key in 256 moves for 3): such a state is rehomed as a rescale is.
+        rescaled = chain_partitions != self._partitions or (
+            recorded_groups is None and self._key_groups % chain_partitions != 0
+        )
         # A snapshot sectioned by key group (recorded key groups) with no delta after it is
         # read straight into the new partitions; anything else is rescaled once restored.
         sectioned = rescaled and recorded_groups is not None and not deltas
