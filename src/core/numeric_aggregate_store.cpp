@@ -955,15 +955,29 @@ struct NumericAggregateStore<K>::Layout {
   std::uint32_t key_groups = 0;  // 0: not recorded (layouts 1 to 3)
   bool exported = false;
   std::vector<Section> sections;  // layout 4
+  std::size_t bytes = 0;          // the snapshot's
+
+  // At most how many keys the sections `wanted` marks (empty: all) hold, for sizing a
+  // map once: what their index says, but never more than the bytes could hold (the
+  // counts are only checked as sections are decoded).
+  [[nodiscard]] std::size_t keys_bound(const std::vector<char>& wanted) const noexcept {
+    std::uint64_t entries = 0;
+    for (const Section& section : sections) {
+      if (wanted.empty() || wanted[section.group] != 0) entries += section.entries;
+    }
+    return static_cast<std::size_t>(
+        std::min<std::uint64_t>(entries, bytes / (4 + Moments::kEncodedSize)));
+  }
 };
 
 template <class K>
 typename NumericAggregateStore<K>::Layout NumericAggregateStore<K>::read_layout(
-    RecordReader& reader) const {
+    RecordReader& reader, std::size_t bytes) const {
   reader.expect_kind(RecordKind::kNumericAggregateStore);
   RecordView record;
   if (!reader.next(record) || record.key != kHeaderKey) corrupt("missing header record");
   Layout layout;
+  layout.bytes = bytes;
   {
     ByteReader header(record.value, "numeric aggregate store snapshot header");
     layout.version = header.u32();
@@ -1096,6 +1110,7 @@ void NumericAggregateStore<K>::decode_capture(RecordReader& reader, const Layout
     return n;
   };
   if (layout.version == kKeyGroupsLayout) {
+    shared.rehash(layout.keys_bound(wanted));  // no regrowth while decoding
     for (const Section& section : layout.sections) {
       const bool decode = wanted.empty() || wanted[section.group] != 0;
       std::uint64_t entries = 0;
@@ -1163,7 +1178,7 @@ void NumericAggregateStore<K>::decode_export(RecordReader& reader, const Layout&
 template <class K>
 void NumericAggregateStore<K>::restore(std::string_view data) {
   RecordReader reader(data);
-  const Layout layout = read_layout(reader);
+  const Layout layout = read_layout(reader, data.size());
   if (layout.exported) {
     restore_from({data}, std::nullopt);
     return;
@@ -1211,7 +1226,8 @@ void NumericAggregateStore<K>::restore_from(
   };
   for (const std::string_view data : artifacts) {
     RecordReader reader(data);
-    const Layout layout = read_layout(reader);
+    const Layout layout = read_layout(reader, data.size());
+    fresh.rehash(fresh.size() + layout.keys_bound(wanted));
     if (layout.exported) {
       decode_export(reader, layout, wanted, add);
       continue;

@@ -310,8 +310,9 @@ class NumericAggregateStore {
   void merge_partials(const std::vector<char>& listed, Reserve&& reserve, Emit&& emit) const;
   // What a snapshot's header says (defined with the layouts, in the .cpp).
   struct Layout;
-  // Reads and checks the header record (kind, key type, value columns, key groups).
-  [[nodiscard]] Layout read_layout(RecordReader& reader) const;
+  // Reads and checks the header record (kind, key type, value columns, key groups) and
+  // the section index of a snapshot of `bytes` bytes.
+  [[nodiscard]] Layout read_layout(RecordReader& reader, std::size_t bytes) const;
   // Decodes a snapshot (layout 1 to 4) into `shared` and `local` (one per partition, `np`
   // of them: partition ids must be below it), only the sections of groups `wanted` marks
   // (empty: every section; older layouts have none and decode whole). Layout 1's local
