@@ -716,10 +716,11 @@ void WindowedAggregateStore<K>::check_header(std::string_view value, bool delta,
 
 template <class K>
 void WindowedAggregateStore<K>::encode_window(std::string& chunk, const Window& w,
-                                              std::size_t begin, std::size_t end) const {
+                                              const std::size_t* order, std::size_t n) const {
   const std::size_t extra = width_ - 1;
-  put_u32(chunk, static_cast<std::uint32_t>(end - begin));
-  for (std::size_t i = begin; i < end; ++i) {
+  put_u32(chunk, static_cast<std::uint32_t>(n));
+  for (std::size_t r = 0; r < n; ++r) {
+    const std::size_t i = order[r];
     K::encode(chunk, w.table.key_at(i));
     w.table.value_at(i).encode(chunk);
     for (std::size_t c = 0; c < extra; ++c) w.more[i * extra + c].encode(chunk);
@@ -738,11 +739,27 @@ void WindowedAggregateStore<K>::encode_sessions(std::string& chunk, View key,
   }
 }
 
-// Session keys of one partition, chunked: `pick(i)` says whether entry i goes in.
+// Entries [0, n) of `table` ordered by key: captures list keys in key order, so equal
+// contents give equal bytes whatever order the keys were folded (or restored) in.
+template <class K, class Table>
+std::vector<std::size_t> key_order(const Table& table, std::size_t n, const std::size_t* pick) {
+  std::vector<std::size_t> order(n);
+  for (std::size_t r = 0; r < n; ++r) order[r] = pick == nullptr ? r : pick[r];
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return K::less(table.key_at(a), table.key_at(b));
+  });
+  return order;
+}
+
+// Session entries `indices` (all the live ones when null) of one partition, in key order
+// and chunks; entries without sessions are listed only when `indices` names them.
 template <class K>
-template <class Pick>
 void WindowedAggregateStore<K>::write_sessions(RecordWriter& writer, std::uint32_t pid,
-                                               const Partition& p, Pick&& pick) const {
+                                               const Partition& p,
+                                               const std::vector<std::size_t>* indices) const {
+  std::vector<std::size_t> order =
+      indices == nullptr ? key_order<K>(p.sessions, p.sessions.size(), nullptr)
+                         : key_order<K>(p.sessions, indices->size(), indices->data());
   const std::string key = partition_key(kSessionsPrefix, pid);
   std::string chunk;
   std::uint32_t count = 0;
@@ -752,15 +769,16 @@ void WindowedAggregateStore<K>::write_sessions(RecordWriter& writer, std::uint32
     writer.add(key, chunk);
     count = 0;
   };
-  const auto add = [&](std::size_t i) {
+  for (const std::size_t i : order) {
+    const KeySessions& ks = p.sessions.value_at(i);
+    if (indices == nullptr && ks.spans.empty()) continue;
     if (count == 0) {
       chunk.clear();
       put_u32(chunk, 0);  // the count, patched by flush
     }
-    encode_sessions(chunk, p.sessions.key_at(i), p.sessions.value_at(i));
+    encode_sessions(chunk, p.sessions.key_at(i), ks);
     if (++count == kChunkEntries) flush();
-  };
-  pick(add);
+  }
   flush();
 }
 
@@ -768,11 +786,12 @@ template <class K>
 void WindowedAggregateStore<K>::write_window(RecordWriter& writer, std::uint32_t pid,
                                              std::int64_t start, const Window& w) const {
   const std::string key = window_key(pid, start);
+  const std::vector<std::size_t> order = key_order<K>(w.table, w.table.size(), nullptr);
   std::string chunk;
-  for (std::size_t begin = 0; begin < w.table.size(); begin += kChunkEntries) {
-    const std::size_t end = std::min(w.table.size(), begin + kChunkEntries);
+  for (std::size_t begin = 0; begin < order.size(); begin += kChunkEntries) {
+    const std::size_t n = std::min(order.size() - begin, kChunkEntries);
     chunk.clear();
-    encode_window(chunk, w, begin, end);
+    encode_window(chunk, w, order.data() + begin, n);
     writer.add(key, chunk);
   }
 }
@@ -785,11 +804,7 @@ std::string WindowedAggregateStore<K>::snapshot() {
   for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
     const Partition& p = *partitions_[pid];
     for (const auto& [start, w] : p.windows) write_window(writer, pid, start, w);
-    write_sessions(writer, pid, p, [&](const auto& add) {
-      for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-        if (!p.sessions.value_at(i).spans.empty()) add(i);
-      }
-    });
+    if (sessions_kind()) write_sessions(writer, pid, p, nullptr);
   }
   std::string out = std::move(writer).finish();
   reset_tracking(out, 0);
@@ -812,17 +827,12 @@ std::string WindowedAggregateStore<K>::snapshot_delta() {
     for (const auto& [start, w] : p.windows) {
       if (w.dirty) write_window(writer, pid, start, w);
     }
+    if (!sessions_kind()) continue;
     if (p.rewritten) {
       writer.add(partition_key(kResetPrefix, pid), {});
-      write_sessions(writer, pid, p, [&](const auto& add) {
-        for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-          if (!p.sessions.value_at(i).spans.empty()) add(i);
-        }
-      });
+      write_sessions(writer, pid, p, nullptr);
     } else {
-      write_sessions(writer, pid, p, [&](const auto& add) {
-        for (const std::size_t i : p.dirty_keys) add(i);
-      });
+      write_sessions(writer, pid, p, &p.dirty_keys);
     }
   }
   std::string out = std::move(writer).finish();
