@@ -147,11 +147,11 @@ def assert_rows_equal(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -
 
 def assert_same_emission(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        if isinstance(a[name], list):
-            assert a[name] == b[name], name
+    for name, column in a.items():
+        if isinstance(column, list):
+            assert column == b[name], name
         else:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+            np.testing.assert_array_equal(column, b[name], err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ def test_wrong_types_raise_type_errors_naming_the_type() -> None:
         (lambda: WindowedAggregateStore(1, kind=3, size=1), "kind must be a str"),  # type: ignore[arg-type]
         (lambda: part.fold(np.array([1]), np.array([1.5]), np.array([1.0]), watermark=0), "times must be an int64"),
         (lambda: part.fold(np.array([1]), "x", np.array([1.0]), watermark=0), "times must be an int64"),
-        (lambda: part.fold(np.array([1]), np.array([1]), np.array([1.0]), watermark=1.0), "watermark must be an int"),
+        (lambda: part.fold(np.array([1]), np.array([1]), np.array([1.0]), watermark=1.0), "watermark must be an int"),  # type: ignore[arg-type]
         (lambda: part.fold(np.array([1.0]), np.array([1]), np.array([1.0]), watermark=0), "keys must be integers"),
         (lambda: part.fold(np.array([1]), np.array([1]), "x", watermark=0), "values must be a float64"),
         (lambda: store.emit("now"), "watermark must be an int"),  # type: ignore[arg-type]
@@ -516,7 +516,12 @@ def test_corrupt_or_truncated_bytes_raise_and_leave_the_store_as_it_was(kind: st
     delta_source.restore(before)
     delta_source.partition(1).fold([b"z"], np.array([40]), np.array([1.0]), watermark=-5)
     delta = delta_source.snapshot_delta()
-    assert_corruption_detected(lambda d: (target.restore(before), target.apply_delta(d)), delta, masks=(0x80,))
+
+    def restore_then_apply(data: bytes) -> None:
+        target.restore(before)
+        target.apply_delta(data)
+
+    assert_corruption_detected(restore_then_apply, delta, masks=(0x80,))
     target.restore(before)
     assert target.snapshot() == before
 
@@ -610,3 +615,28 @@ def test_repr_properties_and_exports() -> None:
     session = WindowedAggregateStore(1, kind="session", gap=5)
     assert "gap=5" in repr(session) and session.key_type == "bytes" and session.columns == []
     assert store.memory_bytes() > 0
+
+
+@pytest.mark.parametrize("key_type", ["int64", "bytes", "str"])
+def test_emit_arrow_matches_emit(key_type: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+
+    def loaded() -> WindowedAggregateStore:
+        store = WindowedAggregateStore(2, kind="tumbling", size=10, key_type=key_type, values=["x"])  # type: ignore[arg-type]
+        keys: Any = np.array([3, 1, 2]) if key_type == "int64" else ["c", "a", "b"]
+        store.partition(1).fold(keys, np.array([25, 5, 5]), np.array([[1.0], [2.0], [3.0]]), watermark=-5)
+        return store
+
+    plain, arrow = loaded(), loaded()
+    expected = plain.emit(10)
+    batch = arrow.emit_arrow(10)
+    assert isinstance(batch, pa.RecordBatch) and batch.schema.names == list(expected)
+    assert batch.schema.field("key").type == {"int64": pa.int64(), "bytes": pa.binary(), "str": pa.string()}[key_type]
+    for name, column in expected.items():
+        got = batch.column(name)
+        if isinstance(column, list):
+            assert got.to_pylist() == column
+        else:
+            np.testing.assert_array_equal(got.to_numpy(), column, err_msg=name)
+    assert arrow.emit_all_arrow().column("window_start").to_pylist() == [20]
+    assert len(arrow) == 0
