@@ -210,7 +210,11 @@ class WindowedAggregateStore {
   void add_row(Moments& first, Moments* more, const double* row) const noexcept;
   [[nodiscard]] bool skipped(const double* row) const noexcept;
   [[nodiscard]] WindowRows<K> take(std::int64_t watermark, bool everything);
-  [[nodiscard]] WindowRows<K> finish_rows(std::vector<RowRef>& rows) const;
+  // Emission: room for `rows` rows; rows of one or more windows sorted by (end, start,
+  // key, partition) and appended, a key's partitions merged; the columns' final size.
+  void allocate_rows(WindowRows<K>& out, std::size_t rows) const;
+  void append_rows(WindowRows<K>& out, std::vector<RowRef>& rows) const;
+  static void finish_rows(WindowRows<K>& out) noexcept;
   // Drops session keys without sessions once they outnumber the live ones.
   void compact_sessions(Partition& p);
   // Recomputes the partition's open and dead_keys counters (after a restore or delta).
