@@ -12,6 +12,7 @@ from .errors import (
     IncompatibleCheckpointError,
     IntegrityError,
     NoValidCheckpointError,
+    SinkError,
     SourceError,
     SpillError,
     StoreConfigurationError,
@@ -59,6 +60,7 @@ from .pipeline import (
     partition_batch,
 )
 from .retry import RetryPolicy
+from .sinks import CallableSink, ParquetSink, Sink
 from .spill import SpillingAggregator
 from .state import (
     AggregatingState,
@@ -81,6 +83,7 @@ __all__ = [
     "ArraySource",
     "ArrowSource",
     "BatchMetrics",
+    "CallableSink",
     "CheckpointBatcher",
     "CheckpointError",
     "CheckpointId",
@@ -98,6 +101,7 @@ __all__ = [
     "NumericAggregateStore",
     "ObjectStoreCheckpointer",
     "OperatorSnapshotEntry",
+    "ParquetSink",
     "ParquetSource",
     "PartitionAggregator",
     "PartitionSnapshotEntry",
@@ -107,6 +111,8 @@ __all__ = [
     "RecoveredCheckpoint",
     "RecoveryPlan",
     "RetryPolicy",
+    "Sink",
+    "SinkError",
     "SourceError",
     "SpillError",
     "SpillingAggregator",
