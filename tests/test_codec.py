@@ -116,13 +116,16 @@ def test_record_kind_is_the_one_defined_in_the_core() -> None:
     assert {k.name: int(k) for k in RecordKind} == {
         "USER": 0, "AGGREGATE_STORE": 1, "NUMERIC_AGGREGATE_STORE": 2, "STATE_BACKEND": 3,
         "SPILL_RUN": 4, "NUMERIC_AGGREGATE_STORE_DELTA": 5, "AGGREGATE_STORE_DELTA": 6,
-        "STATE_BACKEND_DELTA": 7, "DELTA": 0xDE17,
+        "STATE_BACKEND_DELTA": 7, "WINDOW_STORE": 8, "WINDOW_STORE_DELTA": 9, "DELTA": 0xDE17,
     }  # fmt: skip
     # What the C++ components write carries these tags.
     assert decode_records(streamstate.NumericAggregateStore(1).snapshot())[0] == (
         RecordKind.NUMERIC_AGGREGATE_STORE
     )
     assert decode_records(streamstate.encode_delta([]))[0] == RecordKind.DELTA
+    windows = streamstate.WindowedAggregateStore(1, kind="tumbling", size=10)
+    assert decode_records(windows.snapshot())[0] == RecordKind.WINDOW_STORE
+    assert decode_records(windows.snapshot_delta())[0] == RecordKind.WINDOW_STORE_DELTA
 
 
 @settings(max_examples=30)

@@ -74,6 +74,7 @@ from .state import (
     ValueState,
 )
 from .stats import StatResults, Stats
+from .window_store import WindowedAggregateStore, WindowPartition
 
 __version__ = "0.1.0"
 
@@ -123,6 +124,8 @@ __all__ = [
     "StoreConfigurationError",
     "StreamStateError",
     "ValueState",
+    "WindowPartition",
+    "WindowedAggregateStore",
     "__version__",
     "apply_record_delta",
     "codec",

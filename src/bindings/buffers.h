@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -26,6 +27,38 @@ inline py::bytes bytes_recycling(std::string&& container) {
 
 // The Python type name of `object`, for error messages.
 inline std::string type_name(py::handle object) { return Py_TYPE(object.ptr())->tp_name; }
+
+// A store capture (`capture()`, run with the GIL released: pure C++ under the store's
+// locks) written into the bytearray `out`, resized to the capture's length, instead of into
+// a new bytes object: a caller that captures periodically reuses one buffer whose pages are
+// mapped already, where a new object of tens of MB faults in every page afresh.
+template <class Capture>
+void capture_into(const py::object& out, Capture&& capture) {
+  if (!PyByteArray_Check(out.ptr())) {
+    throw py::type_error("snapshot_into: out must be a bytearray, got " + type_name(out));
+  }
+  // A bytearray someone holds a view of cannot be resized (BufferError): found out here,
+  // before the capture resets the change tracking, by a resize to one more byte and back
+  // (within the allocation, so nothing moves).
+  const Py_ssize_t size = PyByteArray_GET_SIZE(out.ptr());
+  if (PyByteArray_Resize(out.ptr(), size + 1) != 0 || PyByteArray_Resize(out.ptr(), size) != 0) {
+    throw py::error_already_set();
+  }
+  std::string bytes;
+  {
+    const py::gil_scoped_release release;
+    bytes = std::forward<Capture>(capture)();
+  }
+  // Only a view taken by another thread during the capture makes this fail; the capture
+  // is then lost with the change tracking it reset, as when snapshot() cannot allocate
+  // its bytes.
+  if (PyByteArray_Resize(out.ptr(), static_cast<Py_ssize_t>(bytes.size())) != 0) {
+    throw py::error_already_set();
+  }
+  // With the GIL held: another thread could otherwise resize `out` under the copy.
+  std::memcpy(PyByteArray_AS_STRING(out.ptr()), bytes.data(), bytes.size());
+  recycle_record_buffer(std::move(bytes));
+}
 
 // Releases the Python reference a keep-alive holds, from whichever thread drops it last.
 struct ReleasePyObject {

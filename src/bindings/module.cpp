@@ -43,5 +43,6 @@ PYBIND11_MODULE(_core, m) {
   register_spilling_aggregator(m);
   register_checkpoint_batch(m);
   register_partition_router(m);
+  register_window_store(m);
   refuse_uninitialized_instances(m);
 }

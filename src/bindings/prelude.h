@@ -97,5 +97,6 @@ void register_state_backend(py::module_& m);
 void register_spilling_aggregator(py::module_& m);
 void register_checkpoint_batch(py::module_& m);
 void register_partition_router(py::module_& m);
+void register_window_store(py::module_& m);
 
 }  // namespace streamstate::bindings

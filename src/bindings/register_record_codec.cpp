@@ -24,6 +24,8 @@ void register_record_codec(py::module_& m) {
       .value("NUMERIC_AGGREGATE_STORE_DELTA", RecordKind::kNumericAggregateStoreDelta)
       .value("AGGREGATE_STORE_DELTA", RecordKind::kAggregateStoreDelta)
       .value("STATE_BACKEND_DELTA", RecordKind::kStateBackendDelta)
+      .value("WINDOW_STORE", RecordKind::kWindowStore)
+      .value("WINDOW_STORE_DELTA", RecordKind::kWindowStoreDelta)
       .value("DELTA", RecordKind::kDelta, "an incremental checkpoint (streamstate.delta)")
       .finalize();
   m.def(

@@ -6,6 +6,7 @@
 #include "bindings/arguments.h"
 #include "bindings/prelude.h"
 #include "core/errors.h"
+#include "core/key_traits.h"
 #include "core/result_columns.h"
 
 #include <cstddef>
@@ -104,5 +105,25 @@ class KeyList {
   bool text_;
   Py_ssize_t next_ = 0;
 };
+
+// Byte-string keys in `format`; the Arrow form hands the key bytes over without a copy.
+inline py::object bytes_key_column(BytesKeys::KeyColumn&& keys, KeyFormat format) {
+  if (format == KeyFormat::kArrow) {
+    ArrowOffsets offsets = [&] {
+      const py::gil_scoped_release release;  // pure C++ over the column this call owns
+      return arrow_offsets(keys.ends);
+    }();
+    std::vector<std::size_t>().swap(keys.ends);
+    return arrow_key_buffers(offsets, adopt_container<std::uint8_t>(std::move(keys.bytes)));
+  }
+  KeyList column(keys.size(), format == KeyFormat::kStr);
+  const std::string_view bytes = keys.bytes;
+  std::size_t begin = 0;
+  for (const std::size_t end : keys.ends) {
+    column.append(bytes.substr(begin, end - begin));
+    begin = end;
+  }
+  return column.take();
+}
 
 }  // namespace streamstate::bindings

@@ -30,6 +30,8 @@ enum class RecordKind : std::uint16_t {
   kNumericAggregateStoreDelta = 5,  // a NumericAggregateStore's changes since its last capture
   kAggregateStoreDelta = 6,         // an AggregateStore's changes since its last capture
   kStateBackendDelta = 7,           // a state backend's changes since its last checkpoint
+  kWindowStore = 8,                 // a WindowedAggregateStore's windows
+  kWindowStoreDelta = 9,            // a WindowedAggregateStore's changes since its last capture
   kDelta = 0xDE17,             // an incremental checkpoint: ordered changes to a parent state
 };
 
