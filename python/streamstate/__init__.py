@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "liblz4-dev and libssl-dev."
     ) from exc
 
-from . import codec, serde
+from . import codec, serde, windows
 from .aggregate import AggregateStore, NumericAggregateStore, PartitionAggregator
 from .batcher import BatchMetrics, CheckpointBatcher, decode_batch, encode_batch
 from .checkpoint import (
@@ -75,6 +75,7 @@ from .state import (
 )
 from .stats import StatResults, Stats
 from .window_store import WindowedAggregateStore, WindowPartition
+from .windows import Hopping, Session, Tumbling, parse_duration
 
 __version__ = "0.1.0"
 
@@ -91,6 +92,7 @@ __all__ = [
     "CheckpointManifest",
     "CheckpointPaths",
     "CorruptDataError",
+    "Hopping",
     "InMemoryStateBackend",
     "IncompatibleCheckpointError",
     "IncrementalStateBackend",
@@ -112,6 +114,7 @@ __all__ = [
     "RecoveredCheckpoint",
     "RecoveryPlan",
     "RetryPolicy",
+    "Session",
     "Sink",
     "SinkError",
     "SourceError",
@@ -123,6 +126,7 @@ __all__ = [
     "Stats",
     "StoreConfigurationError",
     "StreamStateError",
+    "Tumbling",
     "ValueState",
     "WindowPartition",
     "WindowedAggregateStore",
@@ -135,8 +139,10 @@ __all__ = [
     "encode_delta",
     "lz4_compress",
     "lz4_decompress",
+    "parse_duration",
     "partition_batch",
     "serde",
     "sha256_hex",
     "verify_integrity",
+    "windows",
 ]

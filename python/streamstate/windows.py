@@ -7,7 +7,9 @@ Three kinds, all aligned to the Unix epoch and kept per key:
 * :class:`Hopping` ``(size, step)``: windows ``[k*step, k*step + size)`` every ``step``; an
   event is in ``size // step`` of them (``step`` divides ``size``).
 * :class:`Session` ``(gap)``: an event opens ``[t, t + gap)``; a key's overlapping windows
-  merge, so a session lasts from its first event to its last plus ``gap``.
+  merge, so a session lasts from its first event to its last plus ``gap``. A session that
+  has ended under the watermark is final: an on-time event overlapping it opens a session
+  of its own (as Flink does once a session window fired).
 
 Durations are int milliseconds, :class:`datetime.timedelta`, numpy ``timedelta64`` or
 strings such as ``"2d"``, ``"1h"``, ``"10min"``, ``"30s"``, ``"250ms"`` (see
@@ -33,6 +35,7 @@ import numpy.typing as npt
 from .errors import SourceError
 
 __all__ = [
+    "MAX_HOPS",
     "MAX_TIME_MS",
     "Hopping",
     "Session",
@@ -47,6 +50,8 @@ __all__ = [
 #: Event times and durations are kept below this magnitude (ms): exact as float64, and no
 #: sum of a time and a duration overflows int64.
 MAX_TIME_MS = 2**53
+#: A hopping window's ``size // step`` (the windows each event is in) is at most this.
+MAX_HOPS = 4096
 
 _UNITS_MS = {
     "d": 86_400_000,
@@ -149,11 +154,6 @@ class Tumbling:
         end = times // self.size * self.size + self.size
         return end <= watermark
 
-    def emit_watermark(self, watermark: int) -> int:
-        """Windows ending at or before this are final under ``watermark``: no on-time
-        event can reach them any more."""
-        return watermark
-
     def store_arguments(self) -> dict[str, Any]:
         """The ``WindowedAggregateStore`` keyword arguments of this window."""
         return {"kind": self.kind, "size": self.size}
@@ -191,6 +191,11 @@ class Hopping:
                 f"Hopping step ({format_duration(step_ms)}) must divide its size "
                 f"({format_duration(size_ms)})"
             )
+        if size_ms // step_ms > MAX_HOPS:
+            raise ValueError(
+                f"Hopping size / step must be at most {MAX_HOPS} (the windows each event is "
+                f"in), got {format_duration(size_ms)} / {format_duration(step_ms)}"
+            )
         object.__setattr__(self, "size", size_ms)
         object.__setattr__(self, "step", step_ms)
 
@@ -199,10 +204,6 @@ class Hopping:
         (the one starting at ``floor(t/step)*step``) has ended."""
         end = times // self.step * self.step + self.size
         return end <= watermark
-
-    def emit_watermark(self, watermark: int) -> int:
-        """As :meth:`Tumbling.emit_watermark`."""
-        return watermark
 
     def store_arguments(self) -> dict[str, Any]:
         """The ``WindowedAggregateStore`` keyword arguments of this window."""
@@ -229,16 +230,8 @@ class Session:
 
     def late_mask(self, times: Int64Array, watermark: int) -> BoolArray:
         """Which events are late under ``watermark``: their own window ``[t, t + gap)`` has
-        ended, so they could only have extended a session that may be gone."""
+        ended."""
         return times + self.gap <= watermark
-
-    def emit_watermark(self, watermark: int) -> int:
-        """Sessions ending at or before this are final under ``watermark``: one gap before
-        it. An on-time event (``t + gap > watermark``) may still start before a session's
-        end ``e <= watermark`` and extend it, but never before ``watermark - gap``; so a
-        session is emitted only once the watermark passed its end by a gap, which makes
-        the output independent of when checkpoints emit."""
-        return watermark - self.gap
 
     def store_arguments(self) -> dict[str, Any]:
         """The ``WindowedAggregateStore`` keyword arguments of this window."""
