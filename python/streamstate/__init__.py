@@ -12,6 +12,7 @@ from .errors import (
     IncompatibleCheckpointError,
     IntegrityError,
     NoValidCheckpointError,
+    SinkError,
     SourceError,
     SpillError,
     StoreConfigurationError,
@@ -30,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "liblz4-dev and libssl-dev."
     ) from exc
 
-from . import codec, serde
+from . import codec, serde, windows
 from .aggregate import AggregateStore, NumericAggregateStore, PartitionAggregator
 from .batcher import BatchMetrics, CheckpointBatcher, decode_batch, encode_batch
 from .checkpoint import (
@@ -60,6 +61,7 @@ from .pipeline import (
     partition_batch,
 )
 from .retry import RetryPolicy
+from .sinks import CallableSink, ParquetSink, Sink
 from .spill import SpillingAggregator
 from .state import (
     AggregatingState,
@@ -74,6 +76,7 @@ from .state import (
 )
 from .stats import StatResults, Stats
 from .window_store import WindowedAggregateStore, WindowPartition
+from .windows import Hopping, Session, Tumbling, parse_duration
 
 __version__ = "0.1.0"
 
@@ -83,12 +86,14 @@ __all__ = [
     "ArraySource",
     "ArrowSource",
     "BatchMetrics",
+    "CallableSink",
     "CheckpointBatcher",
     "CheckpointError",
     "CheckpointId",
     "CheckpointManifest",
     "CheckpointPaths",
     "CorruptDataError",
+    "Hopping",
     "InMemoryStateBackend",
     "IncompatibleCheckpointError",
     "IncrementalStateBackend",
@@ -100,6 +105,7 @@ __all__ = [
     "NumericAggregateStore",
     "ObjectStoreCheckpointer",
     "OperatorSnapshotEntry",
+    "ParquetSink",
     "ParquetSource",
     "PartitionAggregator",
     "PartitionSnapshotEntry",
@@ -109,6 +115,9 @@ __all__ = [
     "RecoveredCheckpoint",
     "RecoveryPlan",
     "RetryPolicy",
+    "Session",
+    "Sink",
+    "SinkError",
     "SourceError",
     "SpillError",
     "SpillingAggregator",
@@ -118,6 +127,7 @@ __all__ = [
     "Stats",
     "StoreConfigurationError",
     "StreamStateError",
+    "Tumbling",
     "ValueState",
     "WindowPartition",
     "WindowedAggregateStore",
@@ -131,8 +141,10 @@ __all__ = [
     "key_group_range",
     "lz4_compress",
     "lz4_decompress",
+    "parse_duration",
     "partition_batch",
     "serde",
     "sha256_hex",
     "verify_integrity",
+    "windows",
 ]

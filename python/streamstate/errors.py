@@ -8,6 +8,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "IntegrityError",
     "NoValidCheckpointError",
+    "SinkError",
     "SourceError",
     "SpillError",
     "StoreConfigurationError",
@@ -71,6 +72,12 @@ class IncompatibleCheckpointError(CheckpointError):
 class SourceError(StreamStateError, ValueError):
     """A source that broke its contract: a batch whose offsets disagree with its rows, that
     does not start where the previous one ended, or that lacks a column the job needs."""
+
+
+class SinkError(StreamStateError):
+    """A sink that could not stage, publish or recover an epoch's rows, or whose delivery
+    function raised (chained as ``__cause__``). The rows stay staged: the epoch's commit is
+    not undone, and a recovery publishes (or re-delivers) them."""
 
 
 class NoValidCheckpointError(CheckpointError):

@@ -166,6 +166,15 @@ class CheckpointStorage:
         except FileNotFoundError:
             pass
 
+    def rename(self, src: str, dst: str) -> None:
+        """Move one object to ``dst``, replacing any object there; ``FileNotFoundError``
+        when ``src`` is missing. One atomic rename on a local store (the directories it
+        leaves empty are removed); other stores copy then delete, so a failure between the
+        two leaves both objects, and repeating the call completes the move."""
+        obstore.rename(self.store, src, dst, overwrite=True)
+        if self._root is not None:
+            _remove_empty_parents(self._root, self._root / src)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({describe_store(self.store)})"
 
@@ -248,7 +257,12 @@ def _delete_local(root: Path, path: str) -> None:
         os.unlink(target)  # removes a link itself, never what it points to
     except FileNotFoundError:
         return
-    # What obstore's automatic_cleanup does: remove directories the deletion left empty.
+    _remove_empty_parents(root, target)
+
+
+def _remove_empty_parents(root: Path, target: Path) -> None:
+    """What obstore's automatic_cleanup does: remove the directories between ``root`` and
+    the removed ``target`` that its removal left empty."""
     parent = target.parent
     while parent != root and root in parent.parents:
         try:
@@ -339,6 +353,15 @@ class RetryingStorage:
     def delete(self, path: str) -> None:
         """Delete one object; a missing object is not an error."""
         self.retry.call(path, lambda _attempt: self.storage.delete(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move one object to ``dst``, replacing any object there; a missing ``src`` stays a
+        ``FileNotFoundError`` (an earlier attempt may have moved it already)."""
+        self.retry.call(
+            src,
+            lambda _attempt: self.storage.rename(src, dst),
+            passthrough=(FileNotFoundError,),
+        )
 
     def delete_quietly(self, paths: Sequence[str]) -> None:
         """Best-effort :meth:`delete` of each path, ignoring failures (used to clean up

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .._typing import BytesLike, byte_view
 from ..checkpoint import ObjectStoreCheckpointer
@@ -40,6 +40,15 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class EpochStaging(Protocol):
+    """What a checkpoint stages for its epoch before its manifest is written (a windowed
+    job's emitted rows, see :class:`~streamstate.pipeline.windowing.EpochOutput`)."""
+
+    def stage(self, epoch: int) -> dict[str, Any]:
+        """Stage the epoch's rows; return the manifest metadata recording them."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class Capture:
     #: ``keep_checkpoints``): pruning reads a dozen manifests and costs more than a small
     #: commit itself.
     prune: bool = True
+    #: A windowed job's rows to stage before the manifest (None: nothing to stage).
+    output: EpochStaging | None = None
 
 
 #: What a background commit returns: its stats and the id it committed under.
@@ -102,6 +113,9 @@ def commit_capture(
         items = pack_state(capture.snapshots, capture.record, capture.is_delta, capture.packed)
     except BufferError:  # something still holds a view of the reused buffer: use a new one
         items = pack_state(capture.snapshots, capture.record, capture.is_delta)
+    metadata: dict[str, Any] = {"partitions": capture.partitions}
+    if capture.output is not None:  # staged before the manifest: it records the staging
+        metadata.update(capture.output.stage(capture.epoch))
     manifest = checkpointer.commit(
         capture.epoch,
         items,
@@ -110,7 +124,7 @@ def commit_capture(
         # The stores' own delta format, applied by the stores on recovery (recover() with
         # rebuild=False), never by the record-delta overlay that validator checks for.
         validate_delta=None,
-        metadata={"partitions": capture.partitions},
+        metadata=metadata,
     )
     landed = time.perf_counter()
     if keep_checkpoints > 0 and capture.prune:

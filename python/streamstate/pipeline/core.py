@@ -43,6 +43,7 @@ from .sources import (
     key_column,
     start_offset_of,
 )
+from .windowing import Windowing
 from .workers import PartitionWorker, quiesce
 
 if TYPE_CHECKING:
@@ -50,6 +51,12 @@ if TYPE_CHECKING:
     import polars as pl
     import pyarrow as pa
     from typing_extensions import Self
+
+    from ..window_store import WindowedAggregateStore
+    from ..windows import Window
+
+    #: The store a pipeline folds into: running totals, or (windowed) per-window partials.
+    _Store = NumericAggregateStore | WindowedAggregateStore
 
 __all__ = ["CheckpointStats", "Pipeline", "PipelineRun", "Transform"]
 
@@ -77,7 +84,9 @@ class PipelineRun:
     the time the run stood waiting for a background commit (at a barrier, the previous one;
     at the end, the last one). ``deferred_checkpoints`` counts the
     checkpoints that came due while the one before was still in flight and were taken once
-    it landed (``defer_busy_checkpoints``).
+    it landed (``defer_busy_checkpoints``). In a windowed job ``late_events`` counts the
+    rows split off as late (replays included), and ``emitted_windows`` the windows emitted
+    to the sink by the run's checkpoints (those of a run that failed never publish).
     """
 
     events: int = 0
@@ -95,6 +104,8 @@ class PipelineRun:
     stopped: bool = False
     folded_events: int = 0
     deferred_checkpoints: int = 0
+    late_events: int = 0
+    emitted_windows: int = 0
 
     @property
     def events_per_second(self) -> float:
@@ -227,6 +238,30 @@ class Pipeline:
             least ``checkpoint_every`` batches apart, as far apart as their commits take
             (a replay after a crash may be longer); the default waits, so every checkpoint
             lands exactly ``checkpoint_every`` batches after the one before.
+        window: group events into event-time windows per key
+            (:class:`~streamstate.windows.Tumbling`, ``Hopping`` or ``Session``) instead of
+            running totals; the windows' statistics flow out to ``sink`` while the job
+            runs. Needs ``time`` and ``sink``.
+        time: the event-time column of a windowed job: int64 epoch milliseconds or
+            ``datetime64`` of any unit (then the emitted bounds are ``timestamp[ms]``).
+        allowed_lateness: how far behind the newest event time an event may be and still
+            count (a duration: int ms, ``timedelta``, ``timedelta64`` or ``"10min"``).
+        sink: where a windowed job's windows go: a :class:`~streamstate.sinks.Sink` such
+            as :class:`~streamstate.sinks.ParquetSink` (exactly-once), or a plain callable
+            taking a ``pyarrow.RecordBatch`` (wrapped in
+            :class:`~streamstate.sinks.CallableSink`: called after each checkpoint landed,
+            at-least-once after a crash).
+        late_sink: where a windowed job's late events go (a sink, or a callable), as
+            record batches of the batch's columns (after ``transform``).
+
+    Windows (the rules: :mod:`streamstate.pipeline.windowing`): each batch is judged under
+    the watermark before it, late events are split off (:attr:`PipelineRun.late_events`,
+    ``late_sink``), final windows are emitted at each checkpoint (every open one at the end
+    of a bounded source) and published once it landed: a
+    :class:`~streamstate.sinks.ParquetSink` holds every window exactly once after any crash.
+    A windowed job has no running totals (:meth:`results` and the other readers raise: read
+    the sink), resumes only with the partition count it was checkpointed with, and records
+    ``time``, ``window`` and ``allowed_lateness`` in its fingerprint.
 
     The offset is the source's (see :class:`Source`): a JSON value, an int row number for
     :class:`ArraySource`. A source that follows new data (``ParquetSource(follow=True)``)
@@ -266,6 +301,11 @@ class Pipeline:
         max_idle_sleep: float = 0.1,
         transform: Transform | None = None,
         defer_busy_checkpoints: bool = False,
+        window: Window | None = None,
+        time: str | None = None,
+        allowed_lateness: object = 0,
+        sink: object = None,
+        late_sink: object = None,
     ) -> None:
         self._partitions = _positive_int("partitions", partitions)
         if self._partitions > _MAX_PARTITIONS:
@@ -300,16 +340,18 @@ class Pipeline:
             raise TypeError(f"transform must be a callable, got {type(transform).__name__}")
         self._transform = transform
         self._start_offset = start_offset_of(source)
+        self._windowing = Windowing.of(window, time, allowed_lateness, sink, late_sink)
         columns = getattr(source, "column_names", None)
         if columns is not None and transform is None:  # a transform may derive columns
-            check_columns([key, *self._values], columns, f"source {name!r}")
-        self._fingerprint = JobFingerprint.of(
-            name, key, self._values, self._given_key_type, self._nan_policy
-        )
+            check_columns(self._required_columns(), columns, f"source {name!r}")
+        self._fingerprint = self._fingerprint_of(self._given_key_type)
         self.checkpointer = ObjectStoreCheckpointer(
             store if store is not None else self._fingerprint.default_location(),
             CheckpointPaths(checkpoint_prefix),
         )
+        # Sinks that keep things in the checkpoint store (CallableSink) do it under here,
+        # beside the checkpoints (which pruning never looks past).
+        self._sink_prefix = f"{self.checkpointer.paths.base_prefix}_sinks/"
         # The buffer each checkpoint captures the store into, and the one its commit packs
         # the capture into (both reused across checkpoints).
         self._capture_buffers: dict[str, bytearray] = {}
@@ -361,18 +403,33 @@ class Pipeline:
         return self._key_type
 
     @property
+    def window(self) -> Window | None:
+        """The event-time window of a windowed job (None: running totals)."""
+        return None if self._windowing is None else self._windowing.spec.window
+
+    @property
     def fingerprint(self) -> JobFingerprint:
         """The job's definition as recorded in its checkpoints."""
+        return self._fingerprint_of(self._key_type)
+
+    def _fingerprint_of(self, key_type: KeyType | None) -> JobFingerprint:
+        windowing = None if self._windowing is None else self._windowing.spec.fingerprint_fields()
         return JobFingerprint.of(
-            self._source.name, self._key, self._values, self._key_type, self._nan_policy
+            self._source.name, self._key, self._values, key_type, self._nan_policy, windowing
         )
+
+    def _required_columns(self) -> list[str]:
+        """The columns every batch (through the transform) must hold."""
+        time_column = [] if self._windowing is None else [self._windowing.spec.time]
+        return [self._key, *self._values, *time_column]
 
     # -- state ---------------------------------------------------------------------------
 
     def _discard_state(self) -> None:
         """Forget everything in memory; the next run recovers from the store."""
-        # One store holds every value column (one fold per partition per batch).
-        self._aggregates: NumericAggregateStore | None = None
+        # One store holds every value column (one fold per partition per batch); a windowed
+        # job's holds the partials of every open window.
+        self._aggregates: _Store | None = None
         self._store_partitions = self._partitions
         self._key_groups = max(DEFAULT_KEY_GROUPS, self._partitions)  # a checkpoint's wins
         self._key_type: KeyType | None = self._given_key_type
@@ -387,6 +444,8 @@ class Pipeline:
         self._unpublished = False
         self._recovered_epoch: int | None = None
         self._recovery_seconds = 0.0
+        if self._windowing is not None:
+            self._windowing.reset(self._partitions)
 
     @contextmanager
     def _exclusive(self, call: str) -> Iterator[None]:
@@ -408,12 +467,17 @@ class Pipeline:
                 "new Pipeline on the same store to resume from its checkpoints"
             )
 
-    def _new_store(self, key_type: KeyType, partitions: int) -> NumericAggregateStore:
+    def _new_store(self, key_type: KeyType, partitions: int) -> _Store:
+        if self._windowing is not None:
+            return self._windowing.new_store(key_type, partitions, self._nan_policy, self._values)
+        return self._new_totals_store(key_type, partitions)
+
+    def _new_totals_store(self, key_type: KeyType, partitions: int) -> NumericAggregateStore:
         return NumericAggregateStore(
             partitions, key_type, self._nan_policy, values=self._values, key_groups=self._key_groups
         )
 
-    def _store_for(self, keys: npt.NDArray[Any] | None) -> NumericAggregateStore:
+    def _store_for(self, keys: npt.NDArray[Any] | None) -> _Store:
         """The store, created on first use with the key type the keys call for."""
         if self._aggregates is None:
             key_type = self._key_type
@@ -488,6 +552,10 @@ class Pipeline:
         recovered = self.checkpointer.recover(rebuild=False)
         if recovered is not None:
             self._restore(recovered)
+        if self._windowing is not None:  # the sinks settle on what was restored, or on none
+            self._windowing.bind_sinks(self.checkpointer.store, self._sink_prefix)
+            metadata = None if recovered is None else recovered.manifest.metadata
+            self._windowing.recover_sinks(self._recovered_epoch, metadata)
         self._recovered = True
         self._recovery_seconds = time.perf_counter() - start
         return self._offset
@@ -531,14 +599,24 @@ class Pipeline:
         rescaled = chain_partitions != self._partitions or (
             recorded_groups is None and self._key_groups % chain_partitions != 0
         )
-        # A snapshot sectioned by key group (recorded key groups) with no delta after it is
-        # read straight into the new partitions; anything else is rescaled once restored.
-        sectioned = rescaled and recorded_groups is not None and not deltas
-        store, migrated = self._restored_store(
-            where, key_type, self._partitions if sectioned else chain_partitions, snapshots,
-            deltas, sectioned,
-        )
+        store: _Store
+        if self._windowing is not None:
+            store = self._restored_window_store(
+                recovered, key_type, chain_partitions, snapshots, deltas
+            )
+            migrated = False
+            sectioned = False
+        else:
+            # A snapshot sectioned by key group (recorded key groups) with no delta after it
+            # is read straight into the new partitions; anything else is rescaled once
+            # restored.
+            sectioned = rescaled and recorded_groups is not None and not deltas
+            store, migrated = self._restored_store(
+                where, key_type, self._partitions if sectioned else chain_partitions,
+                snapshots, deltas, sectioned,
+            )
         if rescaled and not sectioned:
+            assert isinstance(store, NumericAggregateStore)  # a windowed one refused above
             store = store.repartitioned(self._partitions)
         self._aggregates = store
         self._unpublished = True
@@ -555,6 +633,28 @@ class Pipeline:
                 recovered.checkpoint_id, full_bytes, sum(delta_bytes), len(delta_bytes)
             )
 
+    def _restored_window_store(
+        self,
+        recovered: RecoveredCheckpoint,
+        key_type: KeyType,
+        partitions: int,
+        snapshots: dict[str, bytes],
+        deltas: list[dict[str, bytes]],
+    ) -> WindowedAggregateStore:
+        """A windowed job's store (and watermark) restored from ``recovered``."""
+        assert self._windowing is not None
+        where = str(recovered.checkpoint_id)
+        store = self._windowing.restorable_store(
+            where, key_type, partitions, self._partitions, self._nan_policy, self._values,
+            STORE_ENTRY in snapshots,
+        )
+        self._restore_chain(
+            where, store, "the window store", snapshots[STORE_ENTRY],
+            [delta[STORE_ENTRY] for delta in deltas],
+        )
+        self._windowing.restore(recovered.manifest.metadata, where)
+        return store
+
     def _restored_store(
         self,
         where: str,
@@ -570,7 +670,7 @@ class Pipeline:
         ``partitions`` (``restore_from``); and whether the checkpoint was of the older
         layout, one store per value column, whose state is then joined into the one
         store."""
-        store = self._new_store(key_type, partitions)
+        store = self._new_totals_store(key_type, partitions)
         if sectioned:
             try:
                 store.restore_from([snapshots[STORE_ENTRY]])
@@ -602,7 +702,7 @@ class Pipeline:
 
     @staticmethod
     def _restore_chain(
-        where: str, store: NumericAggregateStore, what: str, full: bytes, deltas: list[bytes]
+        where: str, store: _Store, what: str, full: bytes, deltas: list[bytes]
     ) -> None:
         try:
             store.restore(full)
@@ -638,12 +738,17 @@ class Pipeline:
         return self._land(self._commit_in_background(time.perf_counter(), final=True))
 
     def _commit_in_background(
-        self, started: float, *, final: bool = False
+        self, started: float, *, final: bool = False, flush: bool = False
     ) -> CommitInFlight[CommitResult]:
         """Capture every store's state (the partitions are quiesced, and stay stopped only
         for this), then commit it on a background thread. The caller holds no commit in
-        flight: the epoch and a delta's parent are those of the last commit that landed."""
+        flight: the epoch and a delta's parent are those of the last commit that landed.
+        A windowed job first emits its final windows (every open one with ``flush``), so
+        the capture holds only what was not emitted."""
         store = self._store_for(None)
+        output = None
+        if self._windowing is not None:
+            output = self._windowing.output(cast("WindowedAggregateStore", store), flush=flush)
         is_delta = self._chain.next_is_delta()
         # The store is captured into a buffer reused from the last checkpoint (whose commit
         # has landed, so nothing reads it any more): its pages are mapped already, where a
@@ -668,6 +773,7 @@ class Pipeline:
             stall_seconds=time.perf_counter() - started,
             packed=self._packed_buffer,
             prune=prune,
+            output=output,
         )
         checkpointer, keep = self.checkpointer, self.keep_checkpoints
         return CommitInFlight(lambda: commit_capture(checkpointer, capture, keep))
@@ -682,6 +788,8 @@ class Pipeline:
         self._epoch = stats.epoch
         self._committed_offset = stats.offset
         self._chain.committed(checkpoint_id, stats.is_delta, stats.bytes)
+        if self._windowing is not None:  # the manifest is there: the rows may be seen
+            self._windowing.landed()
         return stats
 
     # -- running -------------------------------------------------------------------------
@@ -759,7 +867,10 @@ class Pipeline:
             recovery_seconds=self._recovery_seconds,
         )
         started = time.perf_counter()
-        required = [self._key, *self._values]
+        required = self._required_columns()
+        windowing = self._windowing
+        late_before = 0 if windowing is None else windowing.late_events
+        emitted_before = 0 if windowing is None else windowing.emitted_windows
         workers: list[PartitionWorker] | None = None
         since_checkpoint = 0
         idle_sleep = 0.0
@@ -824,17 +935,20 @@ class Pipeline:
                         quiesce(workers)
                         in_flight = self._commit_in_background(barrier)
                         since_checkpoint = 0
+            barrier = time.perf_counter()
             if workers is not None:
                 land()
-                barrier = time.perf_counter()
                 quiesce(workers)
-                ended = report.finished or report.stopped
-                if ended and since_checkpoint:
-                    in_flight = self._commit_in_background(barrier, final=True)
-                land()
-                if ended and self._unpruned_commits and self.keep_checkpoints:
-                    self._unpruned_commits = 0
-                    self.checkpointer.prune(keep_last=self.keep_checkpoints)
+            ended = report.finished or report.stopped
+            # At the end of a bounded source every open window is emitted, even when no
+            # batch came since the last checkpoint.
+            flush = report.finished and windowing is not None and self._open_windows() > 0
+            if ended and (since_checkpoint or flush):
+                in_flight = self._commit_in_background(barrier, final=True, flush=flush)
+            land()
+            if ended and self._unpruned_commits and self.keep_checkpoints:
+                self._unpruned_commits = 0
+                self.checkpointer.prune(keep_last=self.keep_checkpoints)
         finally:
             if in_flight is not None:  # failing: a commit must not land behind the next run
                 with suppress(BaseException):  # the run's own failure is what is raised
@@ -844,7 +958,13 @@ class Pipeline:
                     worker.stop()
         report.end_offset = self._offset
         report.seconds = time.perf_counter() - started
+        if windowing is not None:
+            report.late_events = windowing.late_events - late_before
+            report.emitted_windows = windowing.emitted_windows - emitted_before
         return report
+
+    def _open_windows(self) -> int:
+        return 0 if self._aggregates is None else len(self._aggregates)
 
     def _check_keys(self, keys: Any) -> None:
         found = _key_type_of(keys)
@@ -869,6 +989,10 @@ class Pipeline:
                     f"source {self._source.name!r}: column {metric!r} of the batch at offset "
                     f"{self._offset!r} is not numeric: {exc}"
                 ) from exc
+        if self._windowing is not None:
+            where = f"source {self._source.name!r}: the batch at offset {self._offset!r}"
+            self._windowing.fold_batch(workers, keys, values, columns, where, self._key_groups)
+            return
         # One C++ pass routes the keys and every value column (a counting sort); each
         # partition's slice then goes to its worker in one queue hand-off, and is folded
         # there in one call (one probe per key for every column).
@@ -898,18 +1022,24 @@ class Pipeline:
 
     def _store(self, metric: str, call: str) -> NumericAggregateStore:
         self._check_open(call)
+        if self._windowing is not None:
+            raise StreamStateError(
+                f"{call}: a windowed Pipeline keeps no running totals; its windows go to its "
+                "sink as they close (read them there, e.g. the ParquetSink's dataset)"
+            )
         if metric not in self._values:
             raise KeyError(f"{metric!r} is not one of the aggregated values {self._values}")
         if self._aggregates is None:  # nothing folded yet; do not fix the key type by asking
-            return self._new_store(self._key_type or "int64", 1)
+            return self._new_totals_store(self._key_type or "int64", 1)
         if self._unpublished:
             self._publish()
+        assert isinstance(self._aggregates, NumericAggregateStore)
         return self._aggregates
 
     def _publish(self) -> None:
         """Publish every partition of the store, in parallel (the GIL is released), so the
         shared map the results read holds everything."""
-        assert self._aggregates is not None
+        assert isinstance(self._aggregates, NumericAggregateStore)
         store = self._aggregates
         aggregators = [store.partition(p) for p in range(self._store_partitions)]
         if len(aggregators) == 1:
@@ -969,6 +1099,12 @@ class Pipeline:
 
     def __repr__(self) -> str:
         state = ", closed" if self._closed else ""
+        if self._windowing is not None:
+            spec = self._windowing.spec
+            state += (
+                f", window={spec.window!r}, time={spec.time!r}, "
+                f"allowed_lateness={spec.allowed_lateness} ms"
+            )
         return (
             f"Pipeline(source={self._source.name!r}, key={self._key!r}, values={self._values}, "
             f"partitions={self._partitions}, offset={self._offset}, epoch={self._epoch}, "

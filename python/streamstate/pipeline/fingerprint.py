@@ -57,7 +57,9 @@ class JobFingerprint:
 
     ``key_type`` is None while it is still to be inferred from the source's keys. ``values``
     is kept sorted: the state of each value column is stored under its name, so their order
-    does not matter.
+    does not matter. ``windowing`` is a windowed job's ``time``, ``window`` and
+    ``allowed_lateness`` (canonical JSON of them; None for a job without windows, whose
+    fingerprint, digest and default location stay what they were before windows existed).
     """
 
     source: str
@@ -65,18 +67,31 @@ class JobFingerprint:
     values: tuple[str, ...]
     key_type: str | None
     nan_policy: str
+    windowing: str | None = None
 
     @classmethod
     def of(
-        cls, source: str, key: str, values: Sequence[str], key_type: str | None, nan_policy: str
+        cls,
+        source: str,
+        key: str,
+        values: Sequence[str],
+        key_type: str | None,
+        nan_policy: str,
+        windowing: Mapping[str, Any] | None = None,
     ) -> JobFingerprint:
-        """The fingerprint of one definition (``values`` in any order)."""
-        return cls(source, key, tuple(sorted(values)), key_type, nan_policy)
+        """The fingerprint of one definition (``values`` in any order; ``windowing`` the
+        fields a windowed job adds: ``time``, ``window``, ``allowed_lateness``)."""
+        encoded = None if windowing is None else _canonical(windowing).decode()
+        return cls(source, key, tuple(sorted(values)), key_type, nan_policy, encoded)
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields as JSON values (``values`` a list)."""
+        """The fields as JSON values (``values`` a list; a windowed job's windowing fields
+        at the top level, as a checkpoint records them)."""
         document = asdict(self)
         document["values"] = list(self.values)
+        del document["windowing"]
+        if self.windowing is not None:
+            document.update(json.loads(self.windowing))
         return document
 
     def digest(self) -> str:

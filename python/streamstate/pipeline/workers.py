@@ -18,13 +18,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from ..aggregate import PartitionAggregator
 from ..errors import StreamStateError
+
+if TYPE_CHECKING:
+    from ..window_store import WindowPartition
 
 __all__ = ["PartitionBarrier", "PartitionWorker", "quiesce"]
 
@@ -59,9 +62,10 @@ _STOP = object()
 
 
 class PartitionWorker:
-    """One thread per partition, the single writer of its partition aggregator."""
+    """One thread per partition, the single writer of its partition aggregator (or, in a
+    windowed job, of its window store partition)."""
 
-    def __init__(self, partition: int, aggregator: PartitionAggregator) -> None:
+    def __init__(self, partition: int, aggregator: PartitionAggregator | WindowPartition) -> None:
         self.partition = partition
         self._aggregator = aggregator
         # Bounded, so a fast reader cannot queue the whole source in memory.
@@ -72,10 +76,17 @@ class PartitionWorker:
         )
         self._thread.start()
 
-    def fold(self, keys: npt.NDArray[Any], values: Sequence[npt.NDArray[Any]]) -> None:
+    def fold(
+        self,
+        keys: npt.NDArray[Any],
+        values: Sequence[npt.NDArray[Any]],
+        times: npt.NDArray[np.float64] | None = None,
+        watermark: int = 0,
+    ) -> None:
         """Queue one routed slice: ``keys`` and each value column's matching rows, in the
-        store's column order."""
-        self.inbox.put((keys, values))
+        store's column order; in a windowed job also their event times (routed as exact
+        float64 ms) and the watermark to fold them under."""
+        self.inbox.put((keys, values, times, watermark))
 
     def _loop(self) -> None:
         while True:
@@ -87,11 +98,21 @@ class PartitionWorker:
                 continue
             if self.error is not None:
                 continue  # drain without folding after a failure; the run will raise
-            keys, values = item
+            keys, values, times, watermark = item
             try:
                 # The (n, M) block is stacked here, on the partition's own thread.
                 block = values[0] if len(values) == 1 else np.column_stack(values)
-                self._aggregator.fold(keys, block)
+                if times is None:
+                    cast("PartitionAggregator", self._aggregator).fold(keys, block)
+                    continue
+                late = cast("WindowPartition", self._aggregator).fold(
+                    keys, times.astype(np.int64), block, watermark=watermark
+                )
+                if late:  # the coordinator split every late event off under this watermark
+                    raise StreamStateError(
+                        f"the window store found {late} late events in a slice the "
+                        f"pipeline judged on time under watermark {watermark}"
+                    )
             except Exception as exc:  # noqa: BLE001 - surfaced by the coordinator at the barrier
                 self.error = exc
 
