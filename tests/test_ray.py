@@ -109,7 +109,6 @@ def _expected_prefix(events: dict[str, np.ndarray], rows: int) -> dict[str, pd.D
 # -- a whole run, and its checkpoints -------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_a_run_equals_pandas_and_resumes_from_its_checkpoints(
     backend: str,
@@ -170,7 +169,6 @@ def test_checkpoints_during_a_run_and_a_resume_that_replays(
 # -- losing workers -------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_worker_killed_mid_run_is_replaced_and_the_results_still_equal(
     events: dict[str, np.ndarray], expected: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
@@ -201,7 +199,7 @@ def test_a_worker_killed_from_a_thread_and_too_many_restarts(
         killer: list[threading.Thread] = []
 
         def kill_from_a_thread(batch: Batch) -> None:
-            if batch.offset == 10 * 8192:
+            if batch.offset == 10 * 8192 and not killer:  # once: the replay passes here again
                 thread = threading.Thread(target=ray.kill, args=(pipe.workers[0],))
                 thread.start()
                 killer.append(thread)
@@ -265,7 +263,12 @@ def test_a_pipeline_and_a_one_worker_ray_pipeline_resume_each_other(
     events: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     rows = 30 * 8192
-    source = _source(events, rows)
+    # Many keys in the first checkpoint, few after: the deltas stay smaller than the full,
+    # so a chain continues (DeltaChain ends one whose deltas outgrow its full).
+    columns = {k: v[:rows].copy() for k, v in events.items()}
+    columns["user"][4 * 8192 :] %= 100
+    source = ArraySource("events", columns)
+    expected = pd.DataFrame(columns).groupby("user")["amount"].agg(STATS)
     store = resolve_store(tmp_path / "ckpt")
     common: dict[str, Any] = {
         "key": "user", "values": ["amount", "fee"], "partitions": 2, "store": store,
@@ -282,7 +285,8 @@ def test_a_pipeline_and_a_one_worker_ray_pipeline_resume_each_other(
     with Pipeline(source, **common) as local_again:
         rest = local_again.run()
         assert rest.recovered_epoch == 4 and rest.start_offset == 16 * 8192
-        _assert_equal(local_again.to_pandas("amount"), _expected_prefix(events, rows)["amount"])
+        assert rest.checkpoints[0].is_delta  # and the Pipeline continues the Ray chain
+        _assert_equal(local_again.to_pandas("amount"), expected)
 
 
 def test_a_pipeline_refuses_a_checkpoint_of_several_workers(
