@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Row, print_table, row
 
 try:
-    import streamstate as ss  # noqa: F401
+    import streamstate as ss
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    import streamstate as ss
 
 from streamstate.pipeline import ArraySource, Pipeline
 from streamstate.ray import MAX_BATCHES_IN_FLIGHT, RayPipeline

@@ -8,6 +8,7 @@ processes are started without it and could not load the instrumented core).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -342,3 +343,18 @@ def test_the_package_imports_without_ray() -> None:
         capture_output=True, text=True, check=True, env=os.environ.copy(),
     )
     assert "pip install 'streamstate[ray]'" in out.stdout
+
+
+@pytest.mark.slow
+def test_two_nodes_on_this_machine() -> None:
+    """Two Ray nodes (head + one joined to it), a worker on each, one killed mid-run."""
+    child = Path(__file__).with_name("ray_two_node_child.py")
+    env = os.environ.copy()
+    env.pop("RAY_ADDRESS", None)  # the child connects to its own cluster
+    out = subprocess.run(
+        [sys.executable, str(child)],
+        check=False, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"nodes": 2, "restarts": 1, "finished": True, "equal": True}

@@ -190,9 +190,11 @@ class PartitionsWorker:
         self._upload: CommitInFlight[_Uploaded] | None = None
         self._unpublished = False
 
-    def ready(self) -> int:
-        """The worker's process id, once it is constructed."""
-        return os.getpid()
+    def ready(self) -> tuple[str, int]:
+        """The Ray node id and process id of the worker, once it is constructed."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def _new_store(self, partitions: int) -> NumericAggregateStore:
         return NumericAggregateStore(
