@@ -728,27 +728,30 @@ class RayPipeline:
         on_batch: Callable[[Batch], None] | None,
         started: float,
     ) -> RayPipelineRun:
+        report: RayPipelineRun | None = None
+        restarts = 0
         try:
-            self._recover()
-            report = RayPipelineRun(
-                start_offset=self._offset,
-                recovered_epoch=self._recovered_epoch,
-                recovery_seconds=self._recovery_seconds,
-            )
             while True:
                 try:
+                    self._recover()  # a worker may die while restoring too
+                    if report is None:
+                        report = RayPipelineRun(
+                            start_offset=self._offset,
+                            recovered_epoch=self._recovered_epoch,
+                            recovery_seconds=self._recovery_seconds,
+                        )
+                    report.restarts = restarts
                     self._run(report, max_batches, on_batch)
                     break
                 except ray.exceptions.RayActorError as exc:
-                    report.restarts += 1
-                    if report.restarts > self.max_restarts:
+                    restarts += 1
+                    if restarts > self.max_restarts:
                         raise WorkersLostError(
-                            f"a worker died {report.restarts} times in this run (max_restarts="
+                            f"a worker died {restarts} times in this run (max_restarts="
                             f"{self.max_restarts}); last: {exc}"
                         ) from exc
                     self._abandon_checkpoint()
                     self._discard_state()
-                    self._recover()
         except BaseException:
             self._abandon_checkpoint()
             self._discard_state()
@@ -1030,9 +1033,15 @@ class RayPipeline:
 
     def close(self) -> None:
         """End the workers (checkpoints stay in the store). Later calls raise."""
-        self._closed = True
-        self._abandon_checkpoint()
-        self._end_workers()
+        if not self._job._busy.acquire(blocking=False):
+            raise StreamStateError("close(): run() is in progress; close after it returns")
+        try:
+            self._closed = True
+            self._abandon_checkpoint()
+            self._end_workers()
+        finally:
+            self._job._busy.release()
+        self._job.close()
 
     def __enter__(self) -> Self:
         return self
