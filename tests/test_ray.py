@@ -239,6 +239,32 @@ def test_a_worker_that_cannot_restore_fails_the_run_clearly(
         assert broken.workers == []  # the run failed: no worker is left behind
 
 
+def test_stop_ends_with_a_checkpoint_and_a_failing_worker_fails_the_run(
+    events: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    rows = 12 * 8192
+    columns = {k: v[:rows].copy() for k, v in events.items()}
+    columns["amount"][10 * 8192 + 5] = np.nan
+    source = ArraySource("events", columns)
+    store = resolve_store(tmp_path / "ckpt")
+    with _pipe(source, store, batch_size=8192, checkpoint_every=100, nan_policy="raise") as pipe:
+
+        def stop_at_three(batch: Batch) -> None:
+            if batch.offset == 2 * 8192:
+                pipe.stop()
+
+        stopped = pipe.run(on_batch=stop_at_three)
+        assert stopped.stopped and not stopped.finished and stopped.batches == 3
+        assert [c.offset for c in stopped.checkpoints] == [3 * 8192]  # the final checkpoint
+        # The NaN in batch 10 raises inside a worker: the run fails with the worker's error
+        # and ends the workers, discarding the state (as a Pipeline does).
+        with pytest.raises(ValueError, match="NaN"):
+            pipe.run()
+        assert pipe.workers == [] and pipe.epoch == 0
+        report = pipe.run(max_batches=2)  # resumes from the committed checkpoint
+        assert report.recovered_epoch == 1 and report.start_offset == 3 * 8192
+
+
 # -- rescaling, and Pipeline checkpoints ----------------------------------------------------
 
 
