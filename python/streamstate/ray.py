@@ -1033,15 +1033,10 @@ class RayPipeline:
 
     def close(self) -> None:
         """End the workers (checkpoints stay in the store). Later calls raise."""
-        if not self._job._busy.acquire(blocking=False):
-            raise StreamStateError("close(): run() is in progress; close after it returns")
-        try:
-            self._closed = True
-            self._abandon_checkpoint()
-            self._end_workers()
-        finally:
-            self._job._busy.release()
-        self._job.close()
+        self._job.close()  # refuses while run() is in progress; later runs find it closed
+        self._closed = True
+        self._abandon_checkpoint()
+        self._end_workers()
 
     def __enter__(self) -> Self:
         return self
