@@ -25,7 +25,11 @@ if "libasan" in os.environ.get("LD_PRELOAD", ""):
     pytest.skip("Ray's worker processes cannot preload ASan", allow_module_level=True)
 ray = pytest.importorskip("ray")
 
-from streamstate import IncompatibleCheckpointError, StoreConfigurationError
+from streamstate import (
+    IncompatibleCheckpointError,
+    NumericAggregateStore,
+    StoreConfigurationError,
+)
 from streamstate.pipeline import ArraySource, Batch, Pipeline
 from streamstate.ray import (
     RayPipeline,
@@ -39,6 +43,10 @@ EVENTS = 2_000_000
 KEYS = 100_000
 BATCH = 65_536
 STATS = ["count", "sum", "min", "max", "mean", "var"]
+needs_key_groups = pytest.mark.skipif(
+    not hasattr(NumericAggregateStore, "restore_from"),
+    reason="rescaling needs NumericAggregateStore.restore_from (key groups, w4/keygroups)",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -268,6 +276,7 @@ def test_stop_ends_with_a_checkpoint_and_a_failing_worker_fails_the_run(
 # -- rescaling, and Pipeline checkpoints ----------------------------------------------------
 
 
+@needs_key_groups
 @pytest.mark.parametrize(("before", "after"), [(3, 2), (2, 5)])
 def test_resuming_with_another_partition_count_is_exact(
     before: int, after: int, events: dict[str, np.ndarray], tmp_path: Path
@@ -316,6 +325,7 @@ def test_a_pipeline_and_a_one_worker_ray_pipeline_resume_each_other(
         _assert_equal(local_again.to_pandas("amount"), expected)
 
 
+@needs_key_groups
 def test_several_workers_resume_a_pipeline_checkpoint_of_another_partition_count(
     events: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
