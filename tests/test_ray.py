@@ -35,6 +35,7 @@ from streamstate.ray import (
     RayPipeline,
     WorkerRestoreError,
     WorkersLostError,
+    WorkerTimeoutError,
     owned_partitions,
 )
 from streamstate.storage import resolve_store
@@ -271,6 +272,17 @@ def test_stop_ends_with_a_checkpoint_and_a_failing_worker_fails_the_run(
         assert pipe.workers == [] and pipe.epoch == 0
         report = pipe.run(max_batches=2)  # resumes from the committed checkpoint
         assert report.recovered_epoch == 1 and report.start_offset == 3 * 8192
+
+
+def test_workers_the_cluster_cannot_place_time_out_instead_of_hanging(
+    events: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    source = _source(events, 4 * 8192)
+    with _pipe(source, resolve_store(tmp_path / "ckpt"), batch_size=8192, worker_timeout=3,
+               actor_options={"num_cpus": 64}) as pipe:
+        with pytest.raises(WorkerTimeoutError, match="worker_timeout=3.0 s"):
+            pipe.run()
+        assert pipe.workers == []  # the pending actors were ended
 
 
 # -- rescaling, and Pipeline checkpoints ----------------------------------------------------
