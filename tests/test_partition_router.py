@@ -55,10 +55,20 @@ def _representations(keys: list[str]) -> dict[str, Any]:
 def test_known_answer_partitions() -> None:
     # Computed once from the core's seedless hash (hash.h, kStableSeed) and the routing
     # re-mix (partition_router.h); tests/cpp/test_partition_router.cpp pins the same.
+    # With as many key groups as partitions a key's partition is its group, which is what
+    # routing gave before key groups existed: the pre-key-group answers still hold.
     byte_keys = [b"", b"a", b"JFK-LAX", b"EWR-ORD", b"a somewhat longer key of 33 bytes"]
-    assert route_partitions(byte_keys, 1000).tolist() == [59, 594, 39, 181, 943]
+    assert route_partitions(byte_keys, 1000, key_groups=1000).tolist() == [59, 594, 39, 181, 943]
     int_keys = np.array([0, 1, 2, -1, 2**62], dtype=np.int64)
-    assert route_partitions(int_keys, 1000).tolist() == [485, 162, 702, 926, 260]
+    assert route_partitions(int_keys, 1000, key_groups=1000).tolist() == [485, 162, 702, 926, 260]
+    # The default 256 groups (partitions == groups gives each key's group), and the owners
+    # of those groups for 4 partitions (which divides 256: as before key groups) and 3.
+    assert route_partitions(byte_keys, 256).tolist() == [15, 152, 10, 46, 241]
+    assert route_partitions(int_keys, 256).tolist() == [124, 41, 179, 237, 66]
+    assert route_partitions(byte_keys, 4).tolist() == [0, 2, 0, 0, 3]
+    assert route_partitions(int_keys, 4).tolist() == [1, 0, 2, 3, 1]
+    assert route_partitions(byte_keys, 3).tolist() == [0, 1, 0, 0, 2]
+    assert route_partitions(int_keys, 3).tolist() == [1, 0, 2, 2, 0]
 
 
 def test_routing_is_stable_and_fair() -> None:

@@ -56,6 +56,7 @@ from .pipeline import (
     ParquetSource,
     Pipeline,
     PipelineRun,
+    key_group_range,
     partition_batch,
 )
 from .retry import RetryPolicy
@@ -124,6 +125,7 @@ __all__ = [
     "decode_batch",
     "encode_batch",
     "encode_delta",
+    "key_group_range",
     "lz4_compress",
     "lz4_decompress",
     "partition_batch",

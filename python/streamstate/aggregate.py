@@ -19,10 +19,12 @@ it was.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from . import _core
+from ._typing import BytesLike
 from .stats import (
     ResultKeyType,
     StatResults,
@@ -99,6 +101,10 @@ class NumericAggregateStore(_core.NumericAggregateStore):
             probe per key (``fold(keys, block)`` with an ``(n, M)`` float64 block, or a
             mapping ``{name: array}``). ``None`` (default): one unnamed column, folded from
             a 1-D array.
+        key_groups: how many key groups keys hash to (default 256; 1 to 65536, at least
+            ``num_partitions``). Partition ``p`` owns the contiguous groups
+            :func:`streamstate.key_group_range` gives it; fixed for the life of a job
+            (snapshots record it, and stores of other key groups refuse them).
 
     Partitions fold locally and publish (``store.partition(pid).fold(keys, values)``, then
     ``.publish()``); :meth:`result`, :meth:`results`, :meth:`to_pandas`, :meth:`to_arrow`
@@ -117,7 +123,10 @@ class NumericAggregateStore(_core.NumericAggregateStore):
     Rescaling: :meth:`repartitioned` gives the state in a store of another partition count,
     each key held by exactly the partition it routes to; ``partitions_holding(key)`` (for
     tests and operations) lists the partitions holding a published partial or a local
-    entry of ``key``, ascending.
+    entry of ``key``, ascending. Snapshots are sectioned by key group:
+    ``snapshot(partitions=[...])`` exports only those partitions' keys, and
+    :meth:`restore_from` rebuilds a store of any partition count from snapshots or exports
+    taken at any other, reading only the sections its partitions own.
 
     Several value columns: :meth:`result`, :meth:`results`, :meth:`to_pandas`,
     :meth:`to_arrow` and :meth:`to_polars` take a ``column`` name, and each then equals
@@ -136,12 +145,14 @@ class NumericAggregateStore(_core.NumericAggregateStore):
         key_type: KeyType = "int64",
         nan_policy: NanPolicy = "skip",
         values: Sequence[str] | None = None,
+        key_groups: int = 256,
     ) -> None:
         # The core knows two flavours; str keys are its byte-string keys, read back as text.
         # Lists and tuples of names; anything else reaches the core, which names the type.
         names = list(values) if isinstance(values, (list, tuple)) else cast("list[str] | None", values)
         super().__init__(
-            num_partitions, "bytes" if key_type == "str" else key_type, nan_policy, names
+            num_partitions, "bytes" if key_type == "str" else key_type, nan_policy, names,
+            key_groups,
         )
         self._text_keys = key_type == "str"
 
@@ -170,11 +181,51 @@ class NumericAggregateStore(_core.NumericAggregateStore):
         ``snapshot()`` does) and releases the GIL. The new store is no capture's state:
         its first capture must be ``snapshot()``, not ``snapshot_delta()``.
         """
-        rescaled = NumericAggregateStore(
-            num_partitions, self.key_type, cast("NanPolicy", self.nan_policy), values=self.values
-        )
+        rescaled = self._empty_like(num_partitions)
         self._repartition_into(rescaled)
         return rescaled
+
+    def _empty_like(self, num_partitions: int) -> NumericAggregateStore:
+        """An empty store of ``num_partitions`` with this one's key type, ``nan_policy``,
+        value columns and key groups."""
+        return NumericAggregateStore(
+            num_partitions,
+            self.key_type,
+            cast("NanPolicy", self.nan_policy),
+            values=self.values,
+            key_groups=self.key_groups,
+        )
+
+    def snapshot(self, partitions: Sequence[int] | None = None) -> bytes:
+        """The state as checksummed bytes, sectioned by key group.
+
+        Without ``partitions``: the whole state, a capture (it resets the change tracking
+        of :meth:`snapshot_delta`; :meth:`restore` rebuilds exactly this state, and the
+        deltas taken after it apply to that). With ``partitions`` (ids of this store): an
+        export of the keys those partitions hold, each as one partial (its published and
+        local partials of those partitions merged), for :meth:`restore_from`; the change
+        tracking is left alone.
+        """
+        return super().snapshot(_partition_ids(partitions))
+
+    def restore_from(
+        self, artifacts: Sequence[BytesLike], partitions: Sequence[int] | None = None
+    ) -> None:
+        """Replace the state with the keys of ``artifacts`` that ``partitions`` own.
+
+        ``artifacts`` are :meth:`snapshot` bytes (whole or ``partitions=``) of stores with
+        this key type, value columns and :attr:`key_groups`, at any partition count (older
+        snapshots without key groups too). A key is kept when its key group belongs to one
+        of the listed partitions of this store (``None``: all of them), and lands as one
+        published partial of its owner: the merge of its partials over every artifact, in
+        the order given. Only the sections of those key groups are decoded. All or
+        nothing: a corrupt artifact raises :class:`~streamstate.CorruptDataError`, one of
+        other key groups ``ValueError``, and the store is left as it was. The store is then
+        no capture's state: its next capture must be :meth:`snapshot`.
+        """
+        if not isinstance(artifacts, list | tuple):
+            artifacts = list(artifacts)
+        super().restore_from(artifacts, _partition_ids(partitions))
 
     def _column_index(self, column: str | None) -> int | None:
         """The index of ``column``; for None, 0 with one column and None with several."""
@@ -262,5 +313,17 @@ class NumericAggregateStore(_core.NumericAggregateStore):
         return (
             f"NumericAggregateStore(num_partitions={self.num_partitions}, "
             f"key_type={self.key_type!r}, nan_policy={self.nan_policy!r}{values}, "
+            f"key_groups={self.key_groups}, "
             f"keys={len(self)})"
         )
+
+
+def _partition_ids(partitions: Sequence[int] | None) -> list[int] | None:
+    """``partitions`` as the list of ints the core takes (None stays None)."""
+    if partitions is None or isinstance(partitions, list):
+        return partitions
+    if isinstance(partitions, str | bytes) or not isinstance(partitions, Iterable):
+        raise TypeError(
+            f"partitions must be a sequence of partition ids, not {type(partitions).__name__}"
+        )
+    return [operator.index(p) for p in partitions]

@@ -35,6 +35,19 @@ std::uint32_t num_partitions_arg(py::handle n) {
   return int_arg<std::uint32_t>(n, "num_partitions", 1, kMaxPartitions);
 }
 
+// A list or tuple of partition ids of a store of `num_partitions` (snapshot(partitions=),
+// restore_from(partitions=)).
+std::vector<std::uint32_t> partition_list_arg(py::handle partitions, std::uint32_t num_partitions) {
+  if (PyList_Check(partitions.ptr()) == 0 && PyTuple_Check(partitions.ptr()) == 0 &&
+      PyObject_TypeCheck(partitions.ptr(), &PyRange_Type) == 0) {
+    throw py::type_error("partitions must be a list, tuple or range of partition ids, not " +
+                         type_name(partitions));
+  }
+  std::vector<std::uint32_t> out;
+  for (const py::handle pid : partitions) out.push_back(partition_arg(pid, num_partitions));
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Numeric store: one Python class over the two key flavours.
 
@@ -576,18 +589,29 @@ count/sum/min/max/mean/var per key, folded per partition and merged across them.
 NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
 )doc")
       .def(py::init([](const py::object& num_partitions, const py::object& key_type,
-                       const py::object& nan_policy, const py::object& values) {
+                       const py::object& nan_policy, const py::object& values,
+                       const py::object& key_groups) {
              const std::uint32_t np = num_partitions_arg(num_partitions);
              const KeyType type = key_type_arg(key_type);
              const NanPolicy policy = nan_policy_arg(nan_policy);
+             const auto groups = int_arg<std::uint32_t>(key_groups, "key_groups", 1, kMaxKeyGroups);
              return std::make_shared<NumericStoreHandle>(type, np, policy,
-                                                         value_names_arg(values));
+                                                         value_names_arg(values), groups);
            }),
            py::arg("num_partitions"), py::arg("key_type") = "int64",
            py::arg("nan_policy") = "skip", py::arg("values") = py::none(),
-           "``num_partitions`` 1 to 65536; ``key_type`` 'int64' or 'bytes'; ``nan_policy``\n"
-           "'skip', 'propagate' or 'raise'; ``values`` None (one unnamed value column) or\n"
-           "the value columns' names.")
+           py::arg("key_groups") = kDefaultKeyGroups,
+           "``num_partitions`` 1 to ``key_groups``; ``key_type`` 'int64' or 'bytes';\n"
+           "``nan_policy`` 'skip', 'propagate' or 'raise'; ``values`` None (one unnamed value\n"
+           "column) or the value columns' names; ``key_groups`` 1 to 65536 (default 256),\n"
+           "fixed for the life of a job.")
+      .def_property_readonly(
+          "key_groups",
+          [](const NumericStoreHandle& self) {
+            return self.visit([](const auto& s) { return s.key_groups(); });
+          },
+          "How many key groups keys hash to (recorded in snapshots); partition p owns the\n"
+          "contiguous groups key_group_range(p, num_partitions, key_groups).")
       .def_property_readonly(
           "values",
           [](const NumericStoreHandle& self) -> py::object {
@@ -653,16 +677,27 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           "(offsets, data) pair of arrays in Arrow's binary layout); int64 keys are an array.")
       .def(
           "snapshot",
-          [](const NumericStoreHandle& self) {
+          [](const NumericStoreHandle& self, const py::object& partitions) {
+            std::optional<std::vector<std::uint32_t>> listed;
+            if (!partitions.is_none()) {
+              listed = partition_list_arg(
+                  partitions, self.visit([](const auto& s) { return s.num_partitions(); }));
+            }
             std::string snap;
             {
               const py::gil_scoped_release release;  // pure C++ under the store's locks
-              snap = self.visit([](auto& s) { return s.snapshot(); });
+              snap = self.visit([&listed](auto& s) {
+                return listed ? s.snapshot_partitions(*listed) : s.snapshot();
+              });
             }
             return bytes_recycling(std::move(snap));
           },
-          "The shared map and every partition's local state as checksummed bytes; resets\n"
-          "the change tracking of snapshot_delta().")
+          py::arg("partitions") = py::none(),
+          "The shared map and every partition's local state as checksummed bytes, sectioned\n"
+          "by key group; resets the change tracking of snapshot_delta(). With ``partitions``\n"
+          "(ids of this store): an export of only the keys those partitions hold, one merged\n"
+          "partial (published and local) per key, sectioned by key group, for\n"
+          "restore_from(); the change tracking is left alone.")
       .def(
           "snapshot_delta",
           [](const NumericStoreHandle& self) {
@@ -736,6 +771,36 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           py::arg("data"),
           "Replace all state (shared and every partition's) with a snapshot's. Corrupt or\n"
           "foreign bytes raise CorruptDataError and leave the store as it was.")
+      .def(
+          "restore_from",
+          [](const NumericStoreHandle& self, const py::object& artifacts,
+             const py::object& partitions) {
+            if (PyList_Check(artifacts.ptr()) == 0 && PyTuple_Check(artifacts.ptr()) == 0) {
+              throw py::type_error("artifacts must be a list of bytes-like snapshots, not " +
+                                   type_name(artifacts));
+            }
+            std::optional<std::vector<std::uint32_t>> listed;
+            if (!partitions.is_none()) {
+              listed = partition_list_arg(
+                  partitions, self.visit([](const auto& s) { return s.num_partitions(); }));
+            }
+            std::vector<ImmutableInput> inputs;  // each keeps its bytes alive and unchanged
+            inputs.reserve(static_cast<std::size_t>(py::len(artifacts)));
+            std::vector<std::string_view> views;
+            for (const py::handle artifact : artifacts) {
+              require_buffer(artifact, "artifacts[i]");
+              views.push_back(inputs.emplace_back(artifact).view());
+            }
+            const py::gil_scoped_release release;  // decodes memory no other thread can change
+            self.visit([&](auto& s) { s.restore_from(views, listed); });
+          },
+          py::arg("artifacts"), py::arg("partitions") = py::none(),
+          "Replace all state with the keys of ``artifacts`` (snapshot() or\n"
+          "snapshot(partitions=...) bytes of stores of any partition count with this store's\n"
+          "key type, value columns and key_groups) whose key group a listed partition of\n"
+          "this store owns (None: all), each one published partial at its owner, merged\n"
+          "across artifacts; reads only the sections of those groups. All or nothing:\n"
+          "CorruptDataError (or ValueError for other key_groups) leaves the store as it was.")
       .def(
           "restore_columns",
           [](const NumericStoreHandle& self, const py::object& parts) {

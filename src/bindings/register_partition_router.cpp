@@ -126,7 +126,7 @@ py::list as_tuples(std::vector<py::list>& parts) {
   return out;
 }
 
-py::list route_int64(py::handle keys, std::uint32_t partitions,
+py::list route_int64(py::handle keys, std::uint32_t partitions, std::uint32_t key_groups,
                      const std::vector<py::handle>& column_args) {
   const Int64Array ks = int_keys(keys);
   const auto n = static_cast<std::size_t>(ks.size());
@@ -139,7 +139,8 @@ py::list route_int64(py::handle keys, std::uint32_t partitions,
   PartitionPlan plan;
   {
     const MaybeReleaseGil release(n * 8);  // reads the pinned array only
-    plan = plan_partitions<Int64Keys>([k](std::size_t i) { return k[i]; }, n, partitions);
+    plan = plan_partitions<Int64Keys>([k](std::size_t i) { return k[i]; }, n, partitions,
+                                      key_groups);
   }
   std::vector<py::list> parts(partitions);
   const std::vector<Gather> gathers = allocate_columns(columns, plan, partitions, parts);
@@ -153,7 +154,7 @@ py::list route_int64(py::handle keys, std::uint32_t partitions,
 // Keys come out as a fixed-width numpy 'S' array per partition (padding is not part of a
 // key, so this is lossless) unless a key ends in a NUL byte or padding would more than
 // quadruple the bytes, when they come out as a list of bytes.
-py::list route_bytes(py::handle keys, std::uint32_t partitions,
+py::list route_bytes(py::handle keys, std::uint32_t partitions, std::uint32_t key_groups,
                      const std::vector<py::handle>& column_args) {
   const ByteKeyColumn column(keys, "keys");
   const std::size_t n = column.size();
@@ -167,7 +168,7 @@ py::list route_bytes(py::handle keys, std::uint32_t partitions,
   {
     const MaybeReleaseGil release(n * 16 + column.total_bytes());  // `column` pins its buffers
     plan = plan_partitions<BytesKeys>([&column](std::size_t i) { return column.at(i); }, n,
-                                      partitions);
+                                      partitions, key_groups);
     for (std::size_t i = 0; i < n; ++i) {
       const std::string_view key = column.at(i);
       width = key.size() > width ? key.size() : width;
@@ -216,19 +217,44 @@ py::list route_bytes(py::handle keys, std::uint32_t partitions,
 
 void register_partition_router(py::module_& m) {
   m.def(
-      "partition_batch",
-      [](const py::object& keys, const py::object& partitions, const py::args& columns) {
+      "key_group_range",
+      [](const py::object& partition, const py::object& partitions, const py::object& key_groups) {
         const std::uint32_t p = int_arg<std::uint32_t>(partitions, "partitions", 1, kMaxPartitions);
-        std::vector<py::handle> column_args(columns.begin(), columns.end());
-        if (holds_byte_keys(keys)) return route_bytes(keys, p, column_args);
-        return route_int64(keys, p, column_args);
+        const auto g = int_arg<std::uint32_t>(key_groups, "key_groups", 1, kMaxKeyGroups);
+        check_key_groups(p, g);
+        const std::uint32_t pid = int_arg<std::uint32_t>(partition, "partition", 0, p - 1);
+        const KeyGroupRange r = key_group_range(pid, p, g);
+        return py::module_::import("builtins").attr("range")(r.first, r.end);
       },
-      py::arg("keys"), py::arg("partitions"), R"doc(
+      py::arg("partition"), py::arg("partitions"), py::arg("key_groups") = kDefaultKeyGroups,
+      R"doc(
+The key groups partition ``partition`` of ``partitions`` owns: ``range(ceil(p * G / P),
+ceil((p + 1) * G / P))`` for G = ``key_groups`` (Flink's contiguous ranges: group g belongs
+to partition ``g * P // G``). The ranges of all partitions cover ``range(key_groups)`` in
+order. ValueError unless 1 <= partitions <= key_groups <= 65536 and 0 <= partition <
+partitions.
+)doc");
+
+  m.def(
+      "partition_batch",
+      [](const py::object& keys, const py::object& partitions, const py::args& columns,
+         const py::object& key_groups) {
+        const std::uint32_t p = int_arg<std::uint32_t>(partitions, "partitions", 1, kMaxPartitions);
+        const auto g = int_arg<std::uint32_t>(key_groups, "key_groups", 1, kMaxKeyGroups);
+        check_key_groups(p, g);
+        std::vector<py::handle> column_args(columns.begin(), columns.end());
+        if (holds_byte_keys(keys)) return route_bytes(keys, p, g, column_args);
+        return route_int64(keys, p, g, column_args);
+      },
+      py::arg("keys"), py::arg("partitions"), py::kw_only(), py::arg("key_groups") = kDefaultKeyGroups,
+      R"doc(
 Split a batch by partition in one pass: ``[(keys_p, *columns_p) for p in range(partitions)]``.
 
-Each key goes to the partition its stable hash picks: the core's seedless hash (the one the
-aggregation tables use), so a key lands in the same partition in every process, run,
-version and machine, and whatever its representation (str, bytes, numpy 'U'/'S', Arrow
+Each key goes to the owner of its key group: the group is picked by the key's stable hash
+(the core's seedless hash, the one the aggregation tables use, re-mixed), one of
+``key_groups`` (default 256, at least ``partitions``), and partition p owns the contiguous
+groups ``key_group_range(p, partitions, key_groups)``. So a key lands in the same
+partition in every process, run, version and machine, and whatever its representation (str, bytes, numpy 'U'/'S', Arrow
 string/binary arrays: the partition of a str is that of its UTF-8 bytes; numpy padding NULs
 are not part of a key). Integer keys (any signed dtype, unsigned up to 32 bits) come back
 as int64 arrays; byte-string keys as a fixed-width numpy 'S' array per partition, or a

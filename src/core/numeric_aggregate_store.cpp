@@ -35,6 +35,17 @@ namespace {
 // becomes width Moments (column 0 first). A one unnamed column store still writes layout 2,
 // byte for byte as before columns existed.
 //
+// Layout 4 (every snapshot since key groups): the header is u32 version, u32
+// num_partitions, u8 key type, u32 key_groups, u8 form (0 a capture, 1 an export of some
+// partitions), u32 width (0: the one unnamed column), width x (u32 length + name bytes),
+// and for an export u32 n, n x u32 partition (the partitions exported). Then one
+// "sections" record: u32 n, n x (u32 group, u32 records, u64 entries), groups strictly
+// ascending, and the sections' records follow in that order, `records` of them each, so a
+// reader skips a section it does not want without decoding it. A capture's section holds
+// "shared" chunks (as above, width Moments per slot) and "local" + u32 partition chunks;
+// an export's holds "merged" chunks: u32 n, n x (key, width Moments). Every key of a
+// section belongs to its group.
+//
 // Delta layout (kind kNumericAggregateStoreDelta):
 //   "streamstate.numeric_aggregate_store.delta": u32 layout version, u32 num_partitions,
 //        u8 key type, u32 parent identity, u64 sequence
@@ -49,9 +60,16 @@ constexpr std::string_view kDeltaHeaderKey = "streamstate.numeric_aggregate_stor
 constexpr std::string_view kSharedKey = "shared";
 constexpr std::string_view kLocalPrefix = "local";
 constexpr std::string_view kResetPrefix = "reset";
-constexpr std::uint32_t kLayoutVersion = 2;
+constexpr std::string_view kSectionsKey = "sections";
+constexpr std::string_view kMergedKey = "merged";
+constexpr std::uint32_t kLayoutVersion = 2;  // read only, as layouts 1 and 3
 constexpr std::uint32_t kFullPartialsLayout = 1;
 constexpr std::uint32_t kColumnsLayout = 3;
+constexpr std::uint32_t kKeyGroupsLayout = 4;
+constexpr std::uint8_t kCaptureForm = 0;
+constexpr std::uint8_t kExportForm = 1;
+// A chunk decoded outside a section (older layouts): its keys may be of any group.
+constexpr std::uint32_t kAnyGroup = std::numeric_limits<std::uint32_t>::max();
 constexpr std::uint32_t kDeltaLayoutVersion = 1;
 constexpr std::uint32_t kDeltaColumnsLayout = 2;
 constexpr std::uint32_t kMaxPartitions = 65536;
@@ -144,13 +162,23 @@ struct StagedLocal {
 };
 
 // A "local" chunk (u32 n, n x (key, 1 + extra Moments)) into a partition's staged tables.
+// In a section (`group` not kAnyGroup) every key must be of that group of `key_groups`.
+void check_group(std::uint64_t hash, std::uint32_t group, std::uint32_t key_groups) {
+  if (group != kAnyGroup && key_group_of_hash(hash, key_groups) != group) {
+    corrupt("a key in the section of key group " + std::to_string(group) +
+            " belongs to another group");
+  }
+}
+
 template <class Local>
-void read_local_chunk(ByteReader& in, StagedLocal<Local>& staged, std::uint32_t pid,
-                      std::size_t extra) {
+std::size_t read_local_chunk(ByteReader& in, StagedLocal<Local>& staged, std::uint32_t pid,
+                             std::size_t extra, std::uint32_t group = kAnyGroup,
+                             std::uint32_t key_groups = 1) {
   const std::uint32_t n = chunk_count(in, 4 + (1 + extra) * Moments::kEncodedSize);
   for (std::uint32_t i = 0; i < n; ++i) {
     const auto key = Local::Keys::decode(in);
     const std::uint64_t hash = Local::Keys::hash(key);
+    check_group(hash, group, key_groups);
     const std::size_t s = Local::shard_of(hash);
     auto& table = staged.tables[s];
     if (table.size() >= Local::kMaxPerShard) corrupt("too many local entries in a shard");
@@ -159,12 +187,16 @@ void read_local_chunk(ByteReader& in, StagedLocal<Local>& staged, std::uint32_t 
     table.value_at(idx) = Moments::decode(in);
     decode_more(in, staged.more[s], extra);
   }
+  return n;
 }
 
 // The value columns a header names (layout 3 / delta layout 2), read once each, bounded
-// by the bytes present.
-std::vector<std::string> read_columns(ByteReader& in, std::size_t max_columns) {
+// by the bytes present. With `zero_is_unnamed` (layout 4) a width of 0 names the one
+// unnamed column.
+std::vector<std::string> read_columns(ByteReader& in, std::size_t max_columns,
+                                      bool zero_is_unnamed = false) {
   const std::uint32_t width = in.u32();
+  if (width == 0 && zero_is_unnamed) return {};
   if (width == 0 || width > max_columns || width > in.remaining() / 4) {
     corrupt("a header with " + std::to_string(width) + " value columns");
   }
@@ -213,6 +245,88 @@ std::string store_header(std::uint32_t version, std::uint32_t num_partitions) {
   return header;
 }
 
+// A layout 4 section as its index lists it.
+struct Section {
+  std::uint32_t group;
+  std::uint32_t records;
+  std::uint64_t entries;
+};
+
+// Entries [begin, end) of one source of a section (0: the shared map or an export's
+// rows, pid + 1: partition pid's local entries).
+struct Run {
+  std::uint32_t group;
+  std::uint32_t source;
+  std::size_t begin;
+  std::size_t end;
+};
+
+// The runs of equal groups in n entries already in ascending group order.
+template <class GroupAt>
+void add_runs(std::vector<Run>& runs, std::size_t n, std::uint32_t source, GroupAt&& group_at) {
+  for (std::size_t i = 0; i < n;) {
+    const std::uint32_t group = group_at(i);
+    std::size_t end = i + 1;
+    while (end < n && group_at(end) == group) ++end;
+    runs.push_back(Run{group, source, i, end});
+    i = end;
+  }
+}
+
+std::size_t chunks_of(const Run& run) noexcept {
+  return (run.end - run.begin + kChunkEntries - 1) / kChunkEntries;
+}
+
+// The "sections" record of runs sorted by (group, source).
+std::string section_index(const std::vector<Run>& runs) {
+  std::vector<Section> sections;
+  for (const Run& run : runs) {
+    if (sections.empty() || sections.back().group != run.group) {
+      sections.push_back(Section{run.group, 0, 0});
+    }
+    // The container holds fewer than 2^32 records, so a section's count fits.
+    sections.back().records += static_cast<std::uint32_t>(chunks_of(run));
+    sections.back().entries += run.end - run.begin;
+  }
+  std::string out;
+  put_u32(out, static_cast<std::uint32_t>(sections.size()));
+  for (const Section& section : sections) {
+    put_u32(out, section.group);
+    put_u32(out, section.records);
+    put_u64(out, section.entries);
+  }
+  return out;
+}
+
+// A run's entries as chunks of at most kChunkEntries under `name`; encode(chunk, i)
+// appends entry i.
+template <class Encode>
+void write_run(RecordWriter& writer, std::string_view name, const Run& run, std::string& chunk,
+               Encode&& encode) {
+  for (std::size_t start = run.begin; start < run.end; start += kChunkEntries) {
+    const std::size_t end = std::min(run.end, start + kChunkEntries);
+    chunk.clear();
+    put_u32(chunk, static_cast<std::uint32_t>(end - start));
+    for (std::size_t i = start; i < end; ++i) encode(chunk, i);
+    writer.add(name, chunk);
+  }
+}
+
+// Layout 4's header: the common fields, key groups, form and value columns.
+template <class K>
+std::string sectioned_header(std::uint32_t num_partitions, std::uint32_t key_groups,
+                             std::uint8_t form, const std::vector<std::string>& columns) {
+  std::string header = store_header<K>(kKeyGroupsLayout, num_partitions);
+  put_u32(header, key_groups);
+  header.push_back(static_cast<char>(form));
+  put_u32(header, static_cast<std::uint32_t>(columns.size()));
+  for (const std::string& name : columns) {
+    put_u32(header, static_cast<std::uint32_t>(name.size()));
+    header += name;
+  }
+  return header;
+}
+
 // Both captures lock the same way: the map quiescent, every partition stopped.
 class Quiescent {
  public:
@@ -231,12 +345,17 @@ class Quiescent {
 
 template <class K>
 NumericAggregateStore<K>::NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy,
-                                                std::vector<std::string> columns)
-    : policy_(policy), columns_(std::move(columns)), width_(std::max<std::size_t>(1, columns_.size())) {
+                                                std::vector<std::string> columns,
+                                                std::uint32_t key_groups)
+    : policy_(policy),
+      key_groups_(key_groups),
+      columns_(std::move(columns)),
+      width_(std::max<std::size_t>(1, columns_.size())) {
   if (num_partitions == 0 || num_partitions > kMaxPartitions) {
     throw InvalidArgument("num_partitions must be between 1 and 65536, got " +
                           std::to_string(num_partitions));
   }
+  check_key_groups(num_partitions, key_groups);
   if (columns_.size() > kMaxColumns) {
     throw InvalidArgument("at most " + std::to_string(kMaxColumns) + " value columns, got " +
                           std::to_string(columns_.size()));
@@ -344,7 +463,7 @@ void NumericAggregateStore<K>::put(Slots& slots, std::uint32_t partition, const 
   const std::size_t extra = width_ - 1;
   Slot* slot = slots.slot(partition, extra).first;
   slot->partial = first;
-  if (extra > 0) std::copy(more, more + extra, slots.more(slot, extra));
+  if (extra > 0 && more != nullptr) std::copy(more, more + extra, slots.more(slot, extra));
 }
 
 template <class K>
@@ -521,63 +640,134 @@ void NumericAggregateStore<K>::reset_tracking(std::string_view capture,
 template <class K>
 std::string NumericAggregateStore<K>::snapshot() {
   const Quiescent quiescent(epoch_, partitions_);
-
-  RecordWriter writer(RecordKind::kNumericAggregateStore);
-  if (columns_.empty()) {
-    writer.add(kHeaderKey, store_header<K>(kLayoutVersion, num_partitions()));
-  } else {
-    std::string header = store_header<K>(kColumnsLayout, num_partitions());
-    put_columns(header, columns_);
-    writer.add(kHeaderKey, header);
-  }
+  const std::uint32_t np = num_partitions();
   const std::size_t extra = width_ - 1;
 
-  // Shared entries sorted by key, so equal contents give byte-identical snapshots.
-  std::vector<const Node*> items;
+  // Shared entries by (group, key), so equal contents give byte-identical snapshots.
+  struct Item {
+    std::uint32_t group;
+    const Node* node;
+  };
+  std::vector<Item> items;
   items.reserve(shared_.size());
-  for (const auto& item : shared_) items.push_back(&item);
-  std::sort(items.begin(), items.end(), [](const auto* a, const auto* b) {
-    return K::less(K::view_of(a->first), K::view_of(b->first));
+  for (const auto& item : shared_) {
+    items.push_back(Item{key_group_of<K>(K::view_of(item.first), key_groups_), &item});
+  }
+  std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    if (a.group != b.group) return a.group < b.group;
+    return K::less(K::view_of(a.node->first), K::view_of(b.node->first));
   });
-  std::string chunk;
-  for (std::size_t start = 0; start < items.size(); start += kChunkEntries) {
-    const std::size_t end = std::min(items.size(), start + kChunkEntries);
-    chunk.clear();
-    put_u32(chunk, static_cast<std::uint32_t>(end - start));
-    for (std::size_t i = start; i < end; ++i) {
-      K::encode(chunk, K::view_of(items[i]->first));
-      put_u32(chunk, static_cast<std::uint32_t>(items[i]->second.size()));
-      for (const Slot& s : items[i]->second) {
-        put_u32(chunk, s.partition);
-        s.partial.encode(chunk);
-        if (extra > 0) encode_more(chunk, items[i]->second.more(&s, extra), extra);
+  std::vector<Run> runs;
+  add_runs(runs, items.size(), 0, [&](std::size_t i) { return items[i].group; });
+
+  // Local entries by group, each group's in table order (shard by shard, insertion order,
+  // a stable sort): restoring rebuilds the tables in that order, so a restored store
+  // snapshots to the same bytes.
+  const auto group_bits = static_cast<unsigned>(std::bit_width(key_groups_ - 1));
+  std::vector<std::vector<std::uint64_t>> local(np);  // (group << 32) | Ref
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    const Local& table = partitions_[pid]->local;
+    std::vector<std::uint64_t>& refs = local[pid];
+    refs.reserve(table.size());
+    for (std::size_t s = 0; s < Local::kShards; ++s) {
+      const auto& shard = table.shard(s);
+      for (std::size_t i = 0; i < shard.size(); ++i) {
+        const std::uint64_t group = key_group_of_hash(shard.hash_at(i), key_groups_);
+        refs.push_back((group << 32) | (s << Local::kIndexBits) | i);
       }
     }
-    writer.add(kSharedKey, chunk);
+    sort_by_high_word(refs, group_bits);
+    add_runs(runs, refs.size(), pid + 1,
+             [&](std::size_t i) { return static_cast<std::uint32_t>(refs[i] >> 32); });
   }
+  std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) {
+    return a.group != b.group ? a.group < b.group : a.source < b.source;
+  });
 
-  // Local tables shard by shard, each in insertion order: restoring rebuilds them in the
-  // same order, so a restored store snapshots to the same bytes.
-  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
-    const std::string key = partition_key(kLocalPrefix, pid);
-    for (std::size_t s = 0; s < Local::kShards; ++s) {
-      const auto& table = partitions_[pid]->local.shard(s);
-      for (std::size_t start = 0; start < table.size(); start += kChunkEntries) {
-        const std::size_t end = std::min(table.size(), start + kChunkEntries);
-        chunk.clear();
-        put_u32(chunk, static_cast<std::uint32_t>(end - start));
-        for (std::size_t i = start; i < end; ++i) {
-          K::encode(chunk, table.key_at(i));
-          table.value_at(i).encode(chunk);
-          encode_more(chunk, partitions_[pid]->local.more_in(s, i), extra);
+  RecordWriter writer(RecordKind::kNumericAggregateStore);
+  writer.add(kHeaderKey, sectioned_header<K>(np, key_groups_, kCaptureForm, columns_));
+  writer.add(kSectionsKey, section_index(runs));
+  std::string chunk;
+  for (const Run& run : runs) {
+    if (run.source == 0) {
+      write_run(writer, kSharedKey, run, chunk, [&](std::string& out, std::size_t i) {
+        const Node& node = *items[i].node;
+        K::encode(out, K::view_of(node.first));
+        put_u32(out, node.second.size());
+        for (const Slot& slot : node.second) {
+          put_u32(out, slot.partition);
+          slot.partial.encode(out);
+          if (extra > 0) encode_more(out, node.second.more(&slot, extra), extra);
         }
-        writer.add(key, chunk);
-      }
+      });
+    } else {
+      const std::uint32_t pid = run.source - 1;
+      const Local& table = partitions_[pid]->local;
+      const std::vector<std::uint64_t>& refs = local[pid];
+      write_run(writer, partition_key(kLocalPrefix, pid), run, chunk,
+                [&](std::string& out, std::size_t i) {
+                  const auto ref = static_cast<Ref>(refs[i]);
+                  K::encode(out, table.key_at(ref));
+                  table.value_at(ref).encode(out);
+                  encode_more(out, table.more_at(ref), extra);
+                });
     }
   }
   std::string out = std::move(writer).finish();
   reset_tracking(out, 0);
   return out;
+}
+
+template <class K>
+std::string NumericAggregateStore<K>::snapshot_partitions(
+    const std::vector<std::uint32_t>& partitions) {
+  const std::uint32_t np = num_partitions();
+  std::vector<char> listed(np, 0);
+  for (const std::uint32_t pid : partitions) {
+    check_partition(pid);
+    listed[pid] = 1;
+  }
+  const Quiescent quiescent(epoch_, partitions_);
+  struct Row {
+    std::uint32_t group;
+    View key;  // into this store's map or tables, which stay put while it is quiescent
+    std::size_t at;
+  };
+  std::vector<Row> rows;
+  std::vector<Moments> values;
+  merge_partials(
+      listed,
+      [&](std::size_t bound) {
+        rows.reserve(bound);
+        values.reserve(bound * width_);
+      },
+      [&](View key, const Moments* total) {
+        rows.push_back(Row{key_group_of<K>(key, key_groups_), key, values.size()});
+        values.insert(values.end(), total, total + width_);
+      });
+  std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
+    return a.group != b.group ? a.group < b.group : K::less(a.key, b.key);
+  });
+  std::vector<Run> runs;
+  add_runs(runs, rows.size(), 0, [&](std::size_t i) { return rows[i].group; });
+
+  RecordWriter writer(RecordKind::kNumericAggregateStore);
+  std::string header = sectioned_header<K>(np, key_groups_, kExportForm, columns_);
+  const auto exported = static_cast<std::uint32_t>(std::count(listed.begin(), listed.end(), 1));
+  put_u32(header, exported);
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    if (listed[pid] != 0) put_u32(header, pid);
+  }
+  writer.add(kHeaderKey, header);
+  writer.add(kSectionsKey, section_index(runs));
+  std::string chunk;
+  for (const Run& run : runs) {
+    write_run(writer, kMergedKey, run, chunk, [&](std::string& out, std::size_t i) {
+      K::encode(out, rows[i].key);
+      for (std::size_t c = 0; c < width_; ++c) values[rows[i].at + c].encode(out);
+    });
+  }
+  return std::move(writer).finish();  // an export, not a capture: tracking stays
 }
 
 template <class K>
@@ -759,85 +949,297 @@ void NumericAggregateStore<K>::install(SharedMap& fresh_shared, std::vector<Stag
 }
 
 template <class K>
-void NumericAggregateStore<K>::restore(std::string_view data) {
-  RecordReader reader(data);
+struct NumericAggregateStore<K>::Layout {
+  std::uint32_t version = 0;
+  std::uint32_t partitions = 0;  // the writer's num_partitions
+  std::uint32_t key_groups = 0;  // 0: not recorded (layouts 1 to 3)
+  bool exported = false;
+  std::vector<Section> sections;  // layout 4
+};
+
+template <class K>
+typename NumericAggregateStore<K>::Layout NumericAggregateStore<K>::read_layout(
+    RecordReader& reader) const {
   reader.expect_kind(RecordKind::kNumericAggregateStore);
   RecordView record;
   if (!reader.next(record) || record.key != kHeaderKey) corrupt("missing header record");
-  std::uint32_t version = 0;
+  Layout layout;
   {
     ByteReader header(record.value, "numeric aggregate store snapshot header");
-    version = header.u32();
-    (void)header.u32();  // the writer's num_partitions; partition ids are checked below
+    layout.version = header.u32();
+    layout.partitions = header.u32();
     const auto tag = static_cast<std::uint8_t>(header.take(1)[0]);
-    if (version != kLayoutVersion && version != kFullPartialsLayout && version != kColumnsLayout) {
-      corrupt("unsupported layout version " + std::to_string(version));
+    if (layout.version != kFullPartialsLayout && layout.version != kLayoutVersion &&
+        layout.version != kColumnsLayout && layout.version != kKeyGroupsLayout) {
+      corrupt("unsupported layout version " + std::to_string(layout.version));
     }
     check_key_type<K>(tag);
-    const std::vector<std::string> written =
-        version == kColumnsLayout ? read_columns(header, kMaxColumns) : std::vector<std::string>{};
-    check_columns(written, columns_);
-  }
-
-  const std::uint32_t np = num_partitions();
-  const std::size_t extra = width_ - 1;
-  SharedMap fresh_shared;
-  std::vector<StagedLocal<Local>> fresh_local(np);
-  for (auto& staged : fresh_local) staged.allocate();
-  // int64 key lower bound: key, partial count, one (partition, width Moments) slot.
-  const std::size_t min_shared = 8 + 4 + 4 + width_ * Moments::kEncodedSize;
-  std::vector<Moments> row;
-  while (reader.next(record)) {
-    ByteReader in(record.value, "numeric aggregate store snapshot chunk");
-    if (record.key == kSharedKey) {
-      const std::uint32_t n = chunk_count(in, min_shared - 4);
-      for (std::uint32_t i = 0; i < n; ++i) {
-        const View key = K::decode(in);
-        const std::uint32_t k = in.u32();
-        if (k == 0 || k > np) corrupt("a shared entry with " + std::to_string(k) + " partials");
-        typename SharedMap::accessor entry;
-        if (!fresh_shared.insert(entry, key)) corrupt("duplicate shared entry");
-        Slots& slots = entry->second;
-        std::uint32_t previous = 0;
-        for (std::uint32_t j = 0; j < k; ++j) {
-          const std::uint32_t pid = in.u32();
-          if (pid >= np) {
-            corrupt("partition id " + std::to_string(pid) + " >= num_partitions " +
-                    std::to_string(np));
-          }
-          if (j > 0 && pid <= previous) {
-            corrupt("shared partials not in strictly ascending partition order");
-          }
-          previous = pid;
-          const Moments first = Moments::decode(in);
-          row.clear();
-          decode_more(in, row, extra);
-          put(slots, pid, first, row.data());
+    std::vector<std::string> written;
+    if (layout.version == kKeyGroupsLayout) {
+      layout.key_groups = header.u32();
+      const auto form = static_cast<std::uint8_t>(header.take(1)[0]);
+      if (form != kCaptureForm && form != kExportForm) corrupt("unknown snapshot form");
+      layout.exported = form == kExportForm;
+      written = read_columns(header, kMaxColumns, /*zero_is_unnamed=*/true);
+      if (layout.key_groups == 0 || layout.key_groups > kMaxKeyGroups ||
+          layout.partitions == 0 || layout.partitions > layout.key_groups) {
+        corrupt("a header with " + std::to_string(layout.partitions) + " partitions and " +
+                std::to_string(layout.key_groups) + " key groups");
+      }
+      if (layout.exported) {
+        const std::uint32_t n = header.u32();
+        if (n > header.remaining() / 4) corrupt("an export header listing too many partitions");
+        for (std::uint32_t i = 0; i < n; ++i) {
+          if (header.u32() >= layout.partitions) corrupt("an export of an unknown partition");
         }
       }
+      if (!header.at_end()) corrupt("trailing bytes in the header");
+    } else if (layout.version == kColumnsLayout) {
+      written = read_columns(header, kMaxColumns);
+    }
+    // (layouts 1 to 3 record the writer's partitions too; ids are checked as they come)
+    check_columns(written, columns_);
+  }
+  if (layout.key_groups != 0 && layout.key_groups != key_groups_) {
+    throw InvalidArgument("numeric aggregate store snapshot: written by a store of " +
+                          std::to_string(layout.key_groups) + " key groups, this store has " +
+                          std::to_string(key_groups_) +
+                          " (key groups are fixed for the life of a job: create the store "
+                          "with key_groups=" + std::to_string(layout.key_groups) + ")");
+  }
+  if (layout.version != kKeyGroupsLayout) return layout;
+
+  if (!reader.next(record) || record.key != kSectionsKey) corrupt("missing section index");
+  ByteReader in(record.value, "numeric aggregate store section index");
+  const std::uint32_t n = in.u32();
+  if (n > in.remaining() / 16) corrupt("a section index longer than its bytes");
+  layout.sections.reserve(n);
+  std::uint64_t records = 0;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    Section section{};
+    section.group = in.u32();
+    section.records = in.u32();
+    section.entries = in.u64();
+    if (section.group >= key_groups_ ||
+        (i > 0 && section.group <= layout.sections.back().group)) {
+      corrupt("a section index not in ascending key group order");
+    }
+    if (section.records == 0) corrupt("an empty section");
+    records += section.records;
+    layout.sections.push_back(section);
+  }
+  if (!in.at_end()) corrupt("trailing bytes in the section index");
+  if (records != reader.count() - 2) {
+    corrupt("the section index lists " + std::to_string(records) + " records, the snapshot " +
+            "holds " + std::to_string(reader.count() - 2));
+  }
+  return layout;
+}
+
+template <class K>
+std::size_t NumericAggregateStore<K>::read_shared_chunk(ByteReader& in, std::uint32_t np,
+                                                        std::uint32_t group,
+                                                        SharedMap& out) const {
+  const std::size_t extra = width_ - 1;
+  // The shortest entry: an empty bytes key (its u32 length), partial count, one
+  // (partition, width Moments) slot.
+  const std::size_t min_entry = 4 + 4 + 4 + width_ * Moments::kEncodedSize;
+  const std::uint32_t n = chunk_count(in, min_entry);
+  std::vector<Moments> row;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    const View key = K::decode(in);
+    check_group(K::hash(key), group, key_groups_);
+    const std::uint32_t k = in.u32();
+    if (k == 0 || k > np) corrupt("a shared entry with " + std::to_string(k) + " partials");
+    typename SharedMap::accessor entry;
+    if (!out.insert(entry, key)) corrupt("duplicate shared entry");
+    Slots& slots = entry->second;
+    std::uint32_t previous = 0;
+    for (std::uint32_t j = 0; j < k; ++j) {
+      const std::uint32_t pid = in.u32();
+      if (pid >= np) {
+        corrupt("partition id " + std::to_string(pid) + " >= num_partitions " +
+                std::to_string(np));
+      }
+      if (j > 0 && pid <= previous) {
+        corrupt("shared partials not in strictly ascending partition order");
+      }
+      previous = pid;
+      const Moments first = Moments::decode(in);
+      row.clear();
+      decode_more(in, row, extra);
+      put(slots, pid, first, row.data());
+    }
+  }
+  return n;
+}
+
+template <class K>
+template <class Staged>
+void NumericAggregateStore<K>::decode_capture(RecordReader& reader, const Layout& layout,
+                                              std::uint32_t np, const std::vector<char>& wanted,
+                                              SharedMap& shared,
+                                              std::vector<Staged>& local) const {
+  const std::size_t extra = width_ - 1;
+  RecordView record;
+  const auto decode_record = [&](std::uint32_t group) -> std::size_t {
+    ByteReader in(record.value, "numeric aggregate store snapshot chunk");
+    std::size_t n = 0;
+    if (record.key == kSharedKey) {
+      n = read_shared_chunk(in, np, group, shared);
     } else if (const auto pid = partition_of(record.key, kLocalPrefix, np)) {
-      read_local_chunk<Local>(in, fresh_local[*pid], *pid, extra);
+      n = read_local_chunk<Local>(in, local[*pid], *pid, extra, group, key_groups_);
     } else {
       corrupt("unknown record");
     }
     if (!in.at_end()) corrupt("trailing bytes in a chunk");
+    return n;
+  };
+  if (layout.version == kKeyGroupsLayout) {
+    for (const Section& section : layout.sections) {
+      const bool decode = wanted.empty() || wanted[section.group] != 0;
+      std::uint64_t entries = 0;
+      for (std::uint32_t r = 0; r < section.records; ++r) {
+        (void)reader.next(record);  // read_layout matched the index to the record count
+        if (decode) entries += decode_record(section.group);
+      }
+      if (decode && entries != section.entries) {
+        corrupt("the section of key group " + std::to_string(section.group) + " holds " +
+                std::to_string(entries) + " entries, its index says " +
+                std::to_string(section.entries));
+      }
+    }
+    return;
   }
-  if (version == kFullPartialsLayout) {
+  while (reader.next(record)) (void)decode_record(kAnyGroup);
+  if (layout.version == kFullPartialsLayout) {
     // Layout 1 local tables held each partition's full partial of a key, ahead of (or
     // equal to) its published slot: they become the slot, so a key lives in one place.
     for (std::uint32_t pid = 0; pid < np; ++pid) {
-      for (auto& table : fresh_local[pid].tables) {
+      for (auto& table : local[pid].tables) {
         for (std::size_t i = 0; i < table.size(); ++i) {
           typename SharedMap::accessor entry;
-          fresh_shared.insert(entry, table.key_at(i));
+          shared.insert(entry, table.key_at(i));
           put(entry->second, pid, table.value_at(i), nullptr);  // layout 1: one column
         }
         table.release();
       }
     }
   }
+}
+
+template <class K>
+template <class Add>
+void NumericAggregateStore<K>::decode_export(RecordReader& reader, const Layout& layout,
+                                             const std::vector<char>& wanted, Add&& add) const {
+  std::vector<Moments> row(width_);
+  RecordView record;
+  for (const Section& section : layout.sections) {
+    const bool decode = wanted.empty() || wanted[section.group] != 0;
+    std::uint64_t entries = 0;
+    for (std::uint32_t r = 0; r < section.records; ++r) {
+      (void)reader.next(record);  // read_layout matched the index to the record count
+      if (!decode) continue;
+      if (record.key != kMergedKey) corrupt("unknown record in an export");
+      ByteReader in(record.value, "numeric aggregate store export chunk");
+      const std::uint32_t n = chunk_count(in, 4 + width_ * Moments::kEncodedSize);
+      for (std::uint32_t i = 0; i < n; ++i) {
+        const View key = K::decode(in);
+        check_group(K::hash(key), section.group, key_groups_);
+        for (Moments& m : row) m = Moments::decode(in);
+        add(key, row.data());
+      }
+      if (!in.at_end()) corrupt("trailing bytes in a chunk");
+      entries += n;
+    }
+    if (decode && entries != section.entries) {
+      corrupt("the section of key group " + std::to_string(section.group) + " holds " +
+              std::to_string(entries) + " entries, its index says " +
+              std::to_string(section.entries));
+    }
+  }
+}
+
+template <class K>
+void NumericAggregateStore<K>::restore(std::string_view data) {
+  RecordReader reader(data);
+  const Layout layout = read_layout(reader);
+  if (layout.exported) {
+    restore_from({data}, std::nullopt);
+    return;
+  }
+  const std::uint32_t np = num_partitions();
+  SharedMap fresh_shared;
+  std::vector<StagedLocal<Local>> fresh_local(np);
+  for (auto& staged : fresh_local) staged.allocate();
+  decode_capture(reader, layout, np, {}, fresh_shared, fresh_local);
   install(fresh_shared, fresh_local);
   identity_ = record_identity(data);
+  sequence_ = 0;
+}
+
+template <class K>
+void NumericAggregateStore<K>::restore_from(
+    const std::vector<std::string_view>& artifacts,
+    const std::optional<std::vector<std::uint32_t>>& partitions) {
+  const std::uint32_t np = num_partitions();
+  std::vector<char> listed(np, partitions ? 0 : 1);
+  if (partitions) {
+    for (const std::uint32_t pid : *partitions) {
+      check_partition(pid);
+      listed[pid] = 1;
+    }
+  }
+  std::vector<char> wanted(key_groups_);
+  for (std::uint32_t g = 0; g < key_groups_; ++g) {
+    wanted[g] = listed[owner_of_group(g, np, key_groups_)];
+  }
+  const std::size_t extra = width_ - 1;
+  SharedMap fresh;
+  // Older layouts have no sections: their keys of other owners are dropped here.
+  const auto add = [&](View key, const Moments* row) {
+    const std::uint32_t owner = partition_of<K>(key, np, key_groups_);
+    if (listed[owner] == 0) return;
+    typename SharedMap::accessor entry;
+    fresh.insert(entry, key);
+    Slot* slot = entry->second.slot(owner, extra).first;
+    slot->partial.merge(row[0]);
+    if (extra > 0) {
+      Moments* into = entry->second.more(slot, extra);
+      for (std::size_t c = 0; c < extra; ++c) into[c].merge(row[1 + c]);
+    }
+  };
+  for (const std::string_view data : artifacts) {
+    RecordReader reader(data);
+    const Layout layout = read_layout(reader);
+    if (layout.exported) {
+      decode_export(reader, layout, wanted, add);
+      continue;
+    }
+    const std::uint32_t writer = layout.partitions;
+    if (writer == 0 || writer > kMaxPartitions) {
+      corrupt("a header with " + std::to_string(writer) + " partitions");
+    }
+    // The writer's state, restored as restore() would (wanted sections only), merges key
+    // by key as repartitioned() merges; its routing is never used.
+    NumericAggregateStore staged(writer, policy_, columns_, std::max(writer, key_groups_));
+    SharedMap shared;
+    std::vector<StagedLocal<Local>> local(writer);
+    for (auto& part : local) part.allocate();
+    decode_capture(reader, layout, writer, wanted, shared, local);
+    staged.install(shared, local);
+    const Quiescent quiescent(staged.epoch_, staged.partitions_);
+    staged.merge_partials({}, [](std::size_t) {}, add);
+  }
+  install_published(fresh);
+}
+
+template <class K>
+void NumericAggregateStore<K>::install_published(SharedMap& fresh_shared) {
+  std::vector<StagedLocal<Local>> empty(num_partitions());
+  for (auto& staged : empty) staged.allocate();
+  install(fresh_shared, empty);
+  identity_ = 0;  // no capture's state
   sequence_ = 0;
 }
 
@@ -857,7 +1259,7 @@ void NumericAggregateStore<K>::restore_columns(const std::vector<std::string_vie
     return c == 0 ? first : more[c - 1];
   };
   for (std::size_t c = 0; c < width_; ++c) {
-    NumericAggregateStore part(np, policy_);
+    NumericAggregateStore part(np, policy_, {}, key_groups_);
     part.restore(parts[c]);  // every check a restore makes, layouts 1 and 2 alike
     for (const auto& item : part.shared_) {
       typename SharedMap::accessor entry;
@@ -892,7 +1294,7 @@ void NumericAggregateStore<K>::restore_columns(const std::vector<std::string_vie
 template <class K>
 std::unique_ptr<NumericAggregateStore<K>> NumericAggregateStore<K>::repartitioned(
     std::uint32_t partitions) const {
-  auto out = std::make_unique<NumericAggregateStore>(partitions, policy_, columns_);
+  auto out = std::make_unique<NumericAggregateStore>(partitions, policy_, columns_, key_groups_);
   repartition_into(*out);
   return out;
 }
@@ -904,11 +1306,23 @@ void NumericAggregateStore<K>::repartition_into(NumericAggregateStore& target) c
                           "nan_policy");
   }
   const std::uint32_t partitions = target.num_partitions();
+  const std::uint32_t key_groups = target.key_groups_;
   // Staged without the target's locks, installed after this store's are released: two
   // stores' locks are never held at once, so no order between stores can deadlock.
   SharedMap fresh;
   std::vector<std::size_t> published(partitions, 0);
-  stage_repartitioned(partitions, fresh, published);
+  {
+    const Quiescent quiescent(epoch_, partitions_);
+    merge_partials(
+        {}, [&](std::size_t bound) { fresh.rehash(bound); },  // no regrowth
+        [&](View key, const Moments* total) {
+          const std::uint32_t owner = partition_of<K>(key, partitions, key_groups);
+          typename SharedMap::accessor entry;
+          fresh.insert(entry, key);
+          put(entry->second, owner, total[0], total + 1);
+          ++published[owner];
+        });
+  }
 
   const Quiescent quiescent(target.epoch_, target.partitions_);
   const bool empty = target.shared_.empty() &&
@@ -924,10 +1338,11 @@ void NumericAggregateStore<K>::repartition_into(NumericAggregateStore& target) c
 }
 
 template <class K>
-void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, SharedMap& fresh,
-                                                   std::vector<std::size_t>& published) const {
+template <class Reserve, class Emit>
+void NumericAggregateStore<K>::merge_partials(const std::vector<char>& listed, Reserve&& reserve,
+                                              Emit&& emit) const {
   const std::size_t extra = width_ - 1;
-  const Quiescent quiescent(epoch_, partitions_);
+  const auto included = [&](std::uint32_t pid) { return listed.empty() || listed[pid] != 0; };
 
   // Every local entry by key: a chain of (partition, Ref) links in ascending partition
   // order, found through one flat table (a node-based map costs an allocation a key).
@@ -944,6 +1359,7 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
   FlatTable<K, Chain> locals;
   std::vector<Link> links;
   for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+    if (!included(pid)) continue;
     const Local& local = partitions_[pid]->local;
     for (std::size_t s = 0; s < Local::kShards; ++s) {
       const auto& table = local.shard(s);
@@ -957,7 +1373,7 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
     }
   }
 
-  fresh.rehash(shared_.size() + locals.size());  // at most this many keys: no regrowth
+  reserve(shared_.size() + locals.size());  // at most this many keys
   std::vector<Moments> total(width_);
   std::vector<Moments> share(width_);
   // One source partition's share of a key (its slot, if any, with its local entry, if
@@ -975,12 +1391,8 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
       total[c].merge(share[c]);
     }
   };
-  const auto emit = [&](View key) {
-    const std::uint32_t owner = partition_of<K>(key, partitions);
-    typename SharedMap::accessor entry;
-    fresh.insert(entry, key);
-    put(entry->second, owner, total[0], total.data() + 1);
-    ++published[owner];
+  const auto flush = [&](View key) {
+    emit(key, static_cast<const Moments*>(total.data()));
     std::fill(total.begin(), total.end(), Moments{});
   };
 
@@ -996,16 +1408,20 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
     // Both lists ascend by partition: walk them together.
     constexpr std::uint32_t kNone = std::numeric_limits<std::uint32_t>::max();
     const Slot* slot = slots.begin();
-    while (slot != slots.end() || link != kNoLink) {
+    bool any = false;
+    while (true) {
+      while (slot != slots.end() && !included(slot->partition)) ++slot;
+      if (slot == slots.end() && link == kNoLink) break;
       const std::uint32_t next_slot = slot != slots.end() ? slot->partition : kNone;
       const std::uint32_t next_local = link != kNoLink ? links[link].partition : kNone;
       const std::uint32_t pid = std::min(next_slot, next_local);
       add_share(&slots, next_slot == pid ? slot : nullptr, pid,
                 next_local == pid ? &links[link].ref : nullptr);
+      any = true;
       if (next_slot == pid) ++slot;
       if (next_local == pid) link = links[link].next;
     }
-    emit(key);
+    if (any) flush(key);
   }
   for (std::size_t i = 0; i < locals.size(); ++i) {
     const Chain& chain = locals.value_at(i);
@@ -1013,7 +1429,9 @@ void NumericAggregateStore<K>::stage_repartitioned(std::uint32_t partitions, Sha
     for (std::size_t link = chain.head; link != kNoLink; link = links[link].next) {
       add_share(nullptr, nullptr, links[link].partition, &links[link].ref);
     }
-    emit(locals.key_at(i));
+    // The key as the source partition's table holds it (`locals` goes with this call).
+    const Link& first = links[chain.head];
+    flush(partitions_[first.partition]->local.key_at(first.ref));
   }
 }
 

@@ -15,6 +15,12 @@
 // slots sorted by partition: a merged read of one key is one lookup, and result_columns()
 // is one pass over the map, instead of num_partitions lookups per key.
 //
+// Key groups (partition_router.h): a store has key_groups() groups (fixed for a job,
+// recorded in its snapshots) and num_partitions() <= key_groups(); partition p owns the
+// groups key_group_range() gives it. Full snapshots are sectioned by group (an index
+// record, then each group's records), so restore_from() rebuilds a store of any partition
+// count from snapshots of any other, decoding only the sections its partitions own.
+//
 // Value columns: a store folds rows of width() values (one per named column, or one
 // unnamed column, the default). Column 0 lives where the only column always lived (the
 // table entry, the slot's partial), so one column costs what it did; columns 1.. sit
@@ -42,7 +48,10 @@
 #include <oneapi/tbb/concurrent_hash_map.h>
 
 #include "core/aggregate_store.h"
+#include "core/byte_io.h"
+#include "core/record_codec.h"
 #include "core/partition_aggregator.h"
+#include "core/partition_router.h"
 #include "core/stats.h"
 
 namespace streamstate {
@@ -80,11 +89,13 @@ class NumericAggregateStore {
   using View = typename K::View;
   using KeyColumn = typename K::KeyColumn;
 
-  // Throws InvalidArgument unless 1 <= num_partitions <= 65536 (each has its own table),
-  // or when `columns` (the value columns' names; empty: one unnamed column) holds an empty
-  // or repeated name or more than kMaxColumns.
+  // Throws InvalidArgument unless 1 <= num_partitions <= key_groups <= 65536 (each
+  // partition has its own table and owns at least one key group), or when `columns` (the
+  // value columns' names; empty: one unnamed column) holds an empty or repeated name or
+  // more than kMaxColumns.
   NumericAggregateStore(std::uint32_t num_partitions, NanPolicy policy,
-                        std::vector<std::string> columns = {});
+                        std::vector<std::string> columns = {},
+                        std::uint32_t key_groups = kDefaultKeyGroups);
 
   static constexpr std::size_t kMaxColumns = 4096;
 
@@ -97,6 +108,7 @@ class NumericAggregateStore {
     return static_cast<std::uint32_t>(partitions_.size());
   }
   [[nodiscard]] NanPolicy nan_policy() const noexcept { return policy_; }
+  [[nodiscard]] std::uint32_t key_groups() const noexcept { return key_groups_; }
 
   // Single writer per partition by design; concurrent calls on one partition serialise.
   // `values` holds n rows of width() values, row-major.
@@ -128,14 +140,32 @@ class NumericAggregateStore {
   // The partition's tables plus its slots in the shared map.
   [[nodiscard]] std::size_t partition_memory_bytes(std::uint32_t partition_id) const;
 
-  // Shared map and every partition's local state (kind kNumericAggregateStore); resets
-  // the change tracking. Equal contents give equal bytes.
+  // Shared map and every partition's local state (kind kNumericAggregateStore), sectioned
+  // by key group; resets the change tracking. Equal contents give equal bytes.
   [[nodiscard]] std::string snapshot();
+  // An export of the listed partitions (InvalidArgument for an id out of range; repeats
+  // are ignored): every key one of them holds, with its partials of those partitions
+  // (published slot and local entry of each, merged as repartitioned() merges), one merged
+  // partial per key, sectioned by key group. Not a capture: the change tracking is left
+  // alone, and only restore_from() / restore() read it (no delta follows it).
+  [[nodiscard]] std::string snapshot_partitions(const std::vector<std::uint32_t>& partitions);
   // Validates everything into fresh structures, then swaps them in; CorruptDataError on
-  // any problem (a snapshot of other value columns included) and the store is unchanged.
-  // Also reads layout 1 (whose local tables held full partials: they are published on
-  // restore).
+  // any problem (a snapshot of other value columns included) and the store is unchanged;
+  // InvalidArgument for a snapshot of other key_groups. Also reads layout 1 (whose local
+  // tables held full partials: they are published on restore), and exports (as
+  // restore_from({data}) does: the store is then no capture's state).
   void restore(std::string_view data);
+  // Replaces the state with the keys of `artifacts` (snapshots or exports of stores of
+  // this key type, value columns and key_groups, at any partition count; older layouts
+  // without key groups too) whose group a listed partition of this store owns (nullopt:
+  // all partitions), each as one published partial at its owner: the merge of its
+  // partials over every artifact (artifact by artifact, in order; within one, as
+  // repartitioned() merges). Sections of groups no listed partition owns are skipped
+  // without being decoded. All or nothing: every artifact is validated before anything
+  // changes (CorruptDataError; InvalidArgument for other key_groups or a partition id
+  // out of range). The store is then no capture's state (identity 0).
+  void restore_from(const std::vector<std::string_view>& artifacts,
+                    const std::optional<std::vector<std::uint32_t>>& partitions);
 
   // Restores from one snapshot per value column (parts[c] for column c), each written by
   // a store of one unnamed column with this store's key type: how a pipeline held its
@@ -158,8 +188,8 @@ class NumericAggregateStore {
   [[nodiscard]] std::uint32_t identity() const noexcept { return identity_; }
   [[nodiscard]] std::uint64_t sequence() const noexcept { return sequence_; }
 
-  // Rescaling: a new store of `partitions` partitions (same key type, nan policy and
-  // value columns) holding this store's state with every key in one place: all of a key's
+  // Rescaling: a new store of `partitions` partitions (same key type, nan policy, value
+  // columns and key groups) holding this store's state with every key in one place: all of a key's
   // partials, published slots and local entries alike, merged into one published slot of
   // the partition partition_of<K> routes the key to. Per source partition, in ascending
   // order, the local entry is merged into the slot (what publish() does) and the results
@@ -172,7 +202,8 @@ class NumericAggregateStore {
       std::uint32_t partitions) const;
   // The same into `target`, a store with this one's value columns and nan policy that
   // holds nothing yet (any number of partitions; InvalidArgument otherwise, `target`
-  // unchanged). Never holds both stores' locks at once.
+  // unchanged); keys go to their owners under the target's key groups. Never holds both
+  // stores' locks at once.
   void repartition_into(NumericAggregateStore& target) const;
   // The partitions holding a partial of the key (a published slot or a local entry),
   // ascending: after repartitioned(), exactly the key's owner.
@@ -270,10 +301,35 @@ class NumericAggregateStore {
   [[nodiscard]] Moments merged(const Slots& slots, std::size_t column) const noexcept;
   // Sets a slot's partials from column 0's and columns 1..'s.
   void put(Slots& slots, std::uint32_t partition, const Moments& first, const Moments* more) const;
-  // repartition_into's work under this store's locks: every key's merged partials into
-  // `fresh` at its owner among `partitions`, counting each owner's slots in `published`.
-  void stage_repartitioned(std::uint32_t partitions, SharedMap& fresh,
-                           std::vector<std::size_t>& published) const;
+  // Every key's partials held by the `listed` partitions (indexed by partition id; empty:
+  // all), merged per source partition in ascending order (the local entry into the slot,
+  // as publish() does, then across partitions, as result() does): reserve(upper bound on
+  // the keys) once, then emit(key, width() merged Moments) per key holding any. Callers
+  // hold this store's locks (Quiescent).
+  template <class Reserve, class Emit>
+  void merge_partials(const std::vector<char>& listed, Reserve&& reserve, Emit&& emit) const;
+  // What a snapshot's header says (defined with the layouts, in the .cpp).
+  struct Layout;
+  // Reads and checks the header record (kind, key type, value columns, key groups).
+  [[nodiscard]] Layout read_layout(RecordReader& reader) const;
+  // Decodes a snapshot (layout 1 to 4) into `shared` and `local` (one per partition, `np`
+  // of them: partition ids must be below it), only the sections of groups `wanted` marks
+  // (empty: every section; older layouts have none and decode whole). Layout 1's local
+  // tables become slots. CorruptDataError on any problem.
+  template <class Staged>
+  void decode_capture(RecordReader& reader, const Layout& layout, std::uint32_t np,
+                      const std::vector<char>& wanted, SharedMap& shared,
+                      std::vector<Staged>& local) const;
+  // Decodes an export's wanted sections, handing each row to add(key, width() Moments).
+  template <class Add>
+  void decode_export(RecordReader& reader, const Layout& layout, const std::vector<char>& wanted,
+                     Add&& add) const;
+  // A "shared" chunk into `out` (partition ids below `np`; every key of group `group`
+  // unless it is kAnyGroup); returns its entry count.
+  std::size_t read_shared_chunk(ByteReader& in, std::uint32_t np, std::uint32_t group,
+                                SharedMap& out) const;
+  // Swaps in a state of published slots only (restore_from's): identity 0, nothing dirty.
+  void install_published(SharedMap& fresh_shared);
   // Swaps in state a restore validated (a fresh map, and every partition's staged local
   // tables), with the map quiescent and every partition stopped; nothing is dirty after.
   template <class Staged>
@@ -283,6 +339,7 @@ class NumericAggregateStore {
   void reset_tracking(std::string_view capture, std::uint64_t sequence) noexcept;
 
   NanPolicy policy_;
+  std::uint32_t key_groups_;
   std::vector<std::string> columns_;
   std::size_t width_;
   std::vector<std::unique_ptr<Partition>> partitions_;

@@ -1,6 +1,9 @@
 #include "core/partition_router.h"
 
 #include <cstring>
+#include <string>
+
+#include "core/errors.h"
 
 namespace streamstate {
 namespace {
@@ -16,6 +19,19 @@ void gather_typed(const std::size_t* rows, std::size_t n, const char* column,
 }
 
 }  // namespace
+
+void check_key_groups(std::uint32_t partitions, std::uint32_t key_groups) {
+  if (key_groups == 0 || key_groups > kMaxKeyGroups) {
+    throw InvalidArgument("key_groups must be between 1 and " + std::to_string(kMaxKeyGroups) +
+                          ", got " + std::to_string(key_groups));
+  }
+  if (partitions == 0 || partitions > key_groups) {
+    throw InvalidArgument("partitions must be between 1 and key_groups (" +
+                          std::to_string(key_groups) + "): each partition owns at least one "
+                          "key group, got " + std::to_string(partitions) +
+                          " partitions (pass a larger key_groups)");
+  }
+}
 
 void gather_rows(const PartitionPlan& plan, std::uint32_t p, const char* column,
                  std::ptrdiff_t stride, std::size_t itemsize, char* out) noexcept {

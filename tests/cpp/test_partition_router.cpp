@@ -2,6 +2,7 @@
 // same values tests/test_partition_router.py pins through Python), and the counting sort.
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string_view>
 #include <vector>
 
@@ -17,17 +18,60 @@ using streamstate::Int64Keys;
 using streamstate::partition_of;
 
 void test_known_answers() {
+  // With as many key groups as partitions a key's partition is its group: what routing
+  // gave before key groups existed, so the answers pinned then still hold.
   const std::vector<std::string_view> keys = {"", "a", "JFK-LAX", "EWR-ORD",
                                               "a somewhat longer key of 33 bytes"};
   const std::vector<std::uint32_t> expected_bytes = {59, 594, 39, 181, 943};
+  const std::vector<std::uint32_t> groups_bytes = {15, 152, 10, 46, 241};
+  const std::vector<std::uint32_t> thirds_bytes = {0, 1, 0, 0, 2};
   for (std::size_t i = 0; i < keys.size(); ++i) {
-    CHECK(partition_of<BytesKeys>(keys[i], 1000) == expected_bytes[i]);
+    CHECK(partition_of<BytesKeys>(keys[i], 1000, 1000) == expected_bytes[i]);
+    CHECK(streamstate::key_group_of<BytesKeys>(keys[i], 256) == groups_bytes[i]);
+    CHECK(partition_of<BytesKeys>(keys[i], 3) == thirds_bytes[i]);
   }
   const std::vector<std::int64_t> ints = {0, 1, 2, -1, std::int64_t{1} << 62};
   const std::vector<std::uint32_t> expected_ints = {485, 162, 702, 926, 260};
+  const std::vector<std::uint32_t> groups_ints = {124, 41, 179, 237, 66};
+  const std::vector<std::uint32_t> thirds_ints = {1, 0, 2, 2, 0};
   for (std::size_t i = 0; i < ints.size(); ++i) {
-    CHECK(partition_of<Int64Keys>(ints[i], 1000) == expected_ints[i]);
+    CHECK(partition_of<Int64Keys>(ints[i], 1000, 1000) == expected_ints[i]);
+    CHECK(streamstate::key_group_of<Int64Keys>(ints[i], 256) == groups_ints[i]);
+    CHECK(partition_of<Int64Keys>(ints[i], 3) == thirds_ints[i]);
   }
+}
+
+// Partition p owns exactly the groups g with floor(g * P / G) == p, contiguous and in
+// order; and when P divides G a key's owner is floor(fresh * P / 2^64), the partition of
+// routing before key groups (which the 1000-partition answers above pin).
+void test_key_group_ranges() {
+  for (const std::uint32_t groups : {1U, 7U, 16U, 256U, 1000U}) {
+    for (std::uint32_t parts = 1; parts <= groups && parts <= 40; ++parts) {
+      std::uint32_t next = 0;
+      for (std::uint32_t p = 0; p < parts; ++p) {
+        const streamstate::KeyGroupRange r = streamstate::key_group_range(p, parts, groups);
+        CHECK(r.first == next);
+        CHECK(r.end > r.first);  // every partition owns a group
+        for (std::uint32_t g = r.first; g < r.end; ++g) {
+          CHECK(streamstate::owner_of_group(g, parts, groups) == p);
+        }
+        next = r.end;
+      }
+      CHECK(next == groups);
+    }
+  }
+  for (std::int64_t k = 0; k < 5000; ++k) {
+    for (const std::uint32_t parts : {1U, 2U, 4U, 8U, 64U, 256U}) {
+      CHECK(partition_of<Int64Keys>(k, parts) == partition_of<Int64Keys>(k, parts, parts));
+    }
+  }
+  bool refused = false;
+  try {
+    streamstate::check_key_groups(257, 256);
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  CHECK(refused);
 }
 
 void test_plan_is_a_stable_counting_sort() {
@@ -65,6 +109,7 @@ void test_plan_is_a_stable_counting_sort() {
 
 int main() {
   test_known_answers();
+  test_key_group_ranges();
   test_plan_is_a_stable_counting_sort();
   return streamstate::test::check_summary("test_partition_router");
 }

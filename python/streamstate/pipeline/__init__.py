@@ -29,11 +29,12 @@ from __future__ import annotations
 from .checkpoints import CheckpointStats
 from .core import Pipeline, PipelineRun, Transform
 from .fingerprint import JobFingerprint, JobRecord
-from .routing import partition_batch, route_partitions
+from .routing import DEFAULT_KEY_GROUPS, key_group_range, partition_batch, route_partitions
 from .sources import ArraySource, ArrowSource, Batch, Offset, ParquetSource, Source
 from .workers import PartitionBarrier, PartitionWorker
 
 __all__ = [
+    "DEFAULT_KEY_GROUPS",
     "ArraySource",
     "ArrowSource",
     "Batch",
@@ -48,6 +49,7 @@ __all__ = [
     "PipelineRun",
     "Source",
     "Transform",
+    "key_group_range",
     "partition_batch",
     "route_partitions",
 ]

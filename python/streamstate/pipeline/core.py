@@ -32,7 +32,7 @@ from .checkpoints import (
 )
 from .contents import STORE_ENTRY, check_newest, state_chain_bytes, unpack_state
 from .fingerprint import JobFingerprint, JobRecord, key_types_compatible
-from .routing import partition_batch
+from .routing import DEFAULT_KEY_GROUPS, partition_batch
 from .sources import (
     Batch,
     Offset,
@@ -374,6 +374,7 @@ class Pipeline:
         # One store holds every value column (one fold per partition per batch).
         self._aggregates: NumericAggregateStore | None = None
         self._store_partitions = self._partitions
+        self._key_groups = max(DEFAULT_KEY_GROUPS, self._partitions)  # a checkpoint's wins
         self._key_type: KeyType | None = self._given_key_type
         self._offset: Offset = self._start_offset
         self._committed_offset: Offset = self._start_offset
@@ -408,7 +409,9 @@ class Pipeline:
             )
 
     def _new_store(self, key_type: KeyType, partitions: int) -> NumericAggregateStore:
-        return NumericAggregateStore(partitions, key_type, self._nan_policy, values=self._values)
+        return NumericAggregateStore(
+            partitions, key_type, self._nan_policy, values=self._values, key_groups=self._key_groups
+        )
 
     def _store_for(self, keys: npt.NDArray[Any] | None) -> NumericAggregateStore:
         """The store, created on first use with the key type the keys call for."""
@@ -521,11 +524,17 @@ class Pipeline:
         # applies to no other); another count now is a rescale: every key's partials move
         # into one slot of the partition it routes to now.
         chain_partitions = self._partitions if record is None else record.store_partitions
-        store, migrated = self._restored_store(
-            where, key_type, chain_partitions, snapshots, deltas
-        )
+        recorded_groups = None if record is None else record.key_groups
+        self._key_groups = recorded_groups or max(self._key_groups, chain_partitions)
         rescaled = chain_partitions != self._partitions
-        if rescaled:
+        # A snapshot sectioned by key group (recorded key groups) with no delta after it is
+        # read straight into the new partitions; anything else is rescaled once restored.
+        sectioned = rescaled and recorded_groups is not None and not deltas
+        store, migrated = self._restored_store(
+            where, key_type, self._partitions if sectioned else chain_partitions, snapshots,
+            deltas, sectioned,
+        )
+        if rescaled and not sectioned:
             store = store.repartitioned(self._partitions)
         self._aggregates = store
         self._unpublished = True
@@ -549,19 +558,33 @@ class Pipeline:
         partitions: int,
         snapshots: dict[str, bytes],
         deltas: list[dict[str, bytes]],
+        sectioned: bool = False,
     ) -> tuple[NumericAggregateStore, bool]:
         """A new store of ``partitions`` holding the checkpoint's full snapshot with its
         deltas applied in order, in place, by the store (no full state is rebuilt per
-        delta); and whether the checkpoint was of the older layout, one store per value
-        column, whose state is then joined into the one store."""
+        delta), or (``sectioned``) the snapshot's keys at their owners among
+        ``partitions`` (``restore_from``); and whether the checkpoint was of the older
+        layout, one store per value column, whose state is then joined into the one
+        store."""
         store = self._new_store(key_type, partitions)
+        if sectioned:
+            try:
+                store.restore_from([snapshots[STORE_ENTRY]])
+            except CorruptDataError as exc:
+                raise IncompatibleCheckpointError(
+                    f"checkpoint {where}: the store's state does not restore into {partitions} "
+                    f"partition(s): {exc}"
+                ) from exc
+            return store, False
         if STORE_ENTRY in snapshots:
             self._restore_chain(where, store, "the store", snapshots[STORE_ENTRY],
                                 [delta[STORE_ENTRY] for delta in deltas])
             return store, False
         parts = []
         for metric in self._values:
-            single = NumericAggregateStore(partitions, key_type, self._nan_policy)
+            single = NumericAggregateStore(
+                partitions, key_type, self._nan_policy, key_groups=self._key_groups
+            )
             self._restore_chain(where, single, repr(metric), snapshots[metric],
                                 [delta[metric] for delta in deltas])
             parts.append(single.snapshot())
@@ -636,7 +659,7 @@ class Pipeline:
             is_delta=is_delta,
             parent=self._chain.parent,
             snapshots=snapshots,
-            record=JobRecord.encode(self.fingerprint, self._store_partitions),
+            record=JobRecord.encode(self.fingerprint, self._store_partitions, self._key_groups),
             started=started,
             stall_seconds=time.perf_counter() - started,
             packed=self._packed_buffer,
@@ -845,7 +868,7 @@ class Pipeline:
         # One C++ pass routes the keys and every value column (a counting sort); each
         # partition's slice then goes to its worker in one queue hand-off, and is folded
         # there in one call (one probe per key for every column).
-        routed = partition_batch(keys, self._partitions, *values)
+        routed = partition_batch(keys, self._partitions, *values, key_groups=self._key_groups)
         for worker, (part_keys, *part_values) in zip(workers, routed, strict=True):
             if len(part_keys):
                 worker.fold(part_keys, part_values)

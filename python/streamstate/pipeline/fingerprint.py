@@ -122,29 +122,37 @@ class JobFingerprint:
             )
 
 
+def _is_key_groups(value: object, partitions: int) -> bool:
+    """Whether a record's ``key_groups`` is a valid count for ``partitions``."""
+    return type(value) is int and partitions <= value <= _MAX_PARTITIONS
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """The job artifact of one checkpoint: the fingerprint, and how the state is laid out.
 
     ``store_partitions`` is the partition count of the stores the snapshots came from. A
-    job resumed with another partition count restores into a store of that many, then
-    rescales it (``NumericAggregateStore.repartitioned``): each key ends up held by the
-    partition it routes to now.
+    job resumed with another partition count rescales: each key ends up held by the
+    partition it routes to now. ``key_groups`` is the store's key groups (fixed for the
+    life of the job), None in records written before key groups: such snapshots are not
+    sectioned, and restore into a store of ``store_partitions`` that is then rescaled
+    (``NumericAggregateStore.repartitioned``); sectioned ones restore straight into the
+    new partitions (``NumericAggregateStore.restore_from``) when no delta follows them.
     """
 
     fingerprint: Mapping[str, Any]
     store_partitions: int
+    key_groups: int | None = None
 
     @staticmethod
-    def encode(fingerprint: JobFingerprint, store_partitions: int) -> bytes:
+    def encode(
+        fingerprint: JobFingerprint, store_partitions: int, key_groups: int | None = None
+    ) -> bytes:
         """The artifact's bytes: canonical JSON."""
-        return _canonical(
-            {
-                "format": _FORMAT,
-                "job": fingerprint.as_dict(),
-                "layout": {"store_partitions": store_partitions},
-            }
-        )
+        layout: dict[str, int] = {"store_partitions": store_partitions}
+        if key_groups is not None:
+            layout["key_groups"] = key_groups
+        return _canonical({"format": _FORMAT, "job": fingerprint.as_dict(), "layout": layout})
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> JobRecord:
@@ -170,11 +178,13 @@ class JobRecord:
             )
         job, layout = document.get("job"), document.get("layout")
         partitions = layout.get("store_partitions") if isinstance(layout, dict) else None
+        groups = layout.get("key_groups") if isinstance(layout, dict) else None
         if (
             not isinstance(job, dict)
             or isinstance(partitions, bool)
             or not isinstance(partitions, int)
             or not 1 <= partitions <= _MAX_PARTITIONS
+            or not (groups is None or _is_key_groups(groups, partitions))
         ):
             raise not_ours
-        return cls(job, partitions)
+        return cls(job, partitions, groups)
