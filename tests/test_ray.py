@@ -25,11 +25,7 @@ if "libasan" in os.environ.get("LD_PRELOAD", ""):
     pytest.skip("Ray's worker processes cannot preload ASan", allow_module_level=True)
 ray = pytest.importorskip("ray")
 
-from streamstate import (
-    IncompatibleCheckpointError,
-    NumericAggregateStore,
-    StoreConfigurationError,
-)
+from streamstate import IncompatibleCheckpointError, StoreConfigurationError
 from streamstate.pipeline import ArraySource, Batch, Pipeline
 from streamstate.ray import (
     RayPipeline,
@@ -44,10 +40,6 @@ EVENTS = 2_000_000
 KEYS = 100_000
 BATCH = 65_536
 STATS = ["count", "sum", "min", "max", "mean", "var"]
-needs_key_groups = pytest.mark.skipif(
-    not hasattr(NumericAggregateStore, "restore_from"),
-    reason="rescaling needs NumericAggregateStore.restore_from (key groups, w4/keygroups)",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -288,23 +280,32 @@ def test_workers_the_cluster_cannot_place_time_out_instead_of_hanging(
 # -- rescaling, and Pipeline checkpoints ----------------------------------------------------
 
 
-@needs_key_groups
-@pytest.mark.parametrize(("before", "after"), [(3, 2), (2, 5)])
+@pytest.mark.parametrize(
+    ("before", "after", "full_every"),
+    [(3, 2, 3), (2, 5, 1)],  # restored from a full and a delta / from fulls alone
+)
 def test_resuming_with_another_partition_count_is_exact(
-    before: int, after: int, events: dict[str, np.ndarray], tmp_path: Path
+    before: int, after: int, full_every: int, events: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     rows = 24 * 16_384
     source = _source(events, rows)
     store = resolve_store(tmp_path / "ckpt")
     with _pipe(source, store, partitions=before, num_workers=before, batch_size=16_384,
-               checkpoint_every=5) as first:
-        assert first.run(max_batches=12).checkpoints[-1].offset == 10 * 16_384
+               checkpoint_every=5, full_checkpoint_every=full_every) as first:
+        cut = first.run(max_batches=12)
+        assert [c.is_delta for c in cut.checkpoints] == [False, full_every > 1]
+        assert cut.checkpoints[-1].offset == 10 * 16_384
     with _pipe(source, store, partitions=after, num_workers=after, batch_size=16_384,
                actor_options={"num_cpus": 0}) as second:
         report = second.run()
         assert report.recovered_epoch == 2 and report.start_offset == 10 * 16_384
         assert report.checkpoints[0].is_delta is False  # a rescaled store starts a new chain
         _assert_equal(second.to_pandas("amount"), _expected_prefix(events, rows)["amount"])
+    # And back to the first layout, from the rescaled job's checkpoints.
+    with _pipe(source, store, partitions=before, num_workers=before) as third:
+        again = third.run()
+        assert again.events == 0 and again.recovered_epoch == report.checkpoints[-1].epoch
+        _assert_equal(third.to_pandas("amount"), _expected_prefix(events, rows)["amount"])
 
 
 def test_a_pipeline_and_a_one_worker_ray_pipeline_resume_each_other(
@@ -337,7 +338,6 @@ def test_a_pipeline_and_a_one_worker_ray_pipeline_resume_each_other(
         _assert_equal(local_again.to_pandas("amount"), expected)
 
 
-@needs_key_groups
 def test_several_workers_resume_a_pipeline_checkpoint_of_another_partition_count(
     events: dict[str, np.ndarray], tmp_path: Path
 ) -> None:

@@ -73,7 +73,7 @@ from .pipeline.checkpoints import CheckpointStats, CommitInFlight, DeltaChain
 from .pipeline.contents import STATE_OPERATOR, STORE_ENTRY, check_layout, pack_state
 from .pipeline.core import _FIRST_IDLE_SLEEP, Pipeline, PipelineRun, Transform, _key_type_of
 from .pipeline.fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
-from .pipeline.routing import partition_batch
+from .pipeline.routing import DEFAULT_KEY_GROUPS, partition_batch
 from .pipeline.sources import Batch, Offset, Source, check_batch, describe_keys, key_column
 from .recovery import RecoveryPlan
 from .stats import StatResults
@@ -177,13 +177,16 @@ class PartitionsWorker:
         nan_policy: NanPolicy,
         values: list[str],
         checkpointer: ObjectStoreCheckpointer,
+        key_groups: int = DEFAULT_KEY_GROUPS,
     ) -> None:
         self.index = index
         self.owned = owned_partitions(index, workers, partitions)
         self._partitions = partitions
         self._values = values
         self._checkpointer = checkpointer
-        self._store = NumericAggregateStore(partitions, key_type, nan_policy, values=values)
+        self._store = NumericAggregateStore(
+            partitions, key_type, nan_policy, values=values, key_groups=key_groups
+        )
         self._aggregators = {p: self._store.partition(p) for p in self.owned}
         self._capture = bytearray()
         self._packed = bytearray()
@@ -202,6 +205,7 @@ class PartitionsWorker:
             self._store.key_type,
             cast("NanPolicy", self._store.nan_policy),
             values=self._values,
+            key_groups=self._store.key_groups,
         )
 
     def _chain_state(
@@ -240,17 +244,23 @@ class PartitionsWorker:
         else:
             snapshots = []
             for chain in chains:
+                if len(chain) == 1:  # a full snapshot: restore_from reads only our sections
+                    [entry] = chain
+                    snapshots.append(_unpack_store(self._checkpointer.load_verified(entry),
+                                                   entry.path))
+                    continue
+                # restore_from takes no deltas: bring the chain forward in its own store first
                 old = self._new_store(partitions)
                 self._chain_state(old, chain)
                 snapshots.append(old.snapshot())
                 del old
-            restore_from = getattr(self._store, "restore_from", None)
-            if restore_from is None:  # until the core has key groups (contract C)
+            try:
+                self._store.restore_from(snapshots, partitions=self.owned)
+            except (CorruptDataError, ValueError) as exc:
                 raise IncompatibleCheckpointError(
-                    "resuming a RayPipeline with another layout of partitions or workers "
-                    "needs NumericAggregateStore.restore_from (key groups)"
-                )
-            restore_from(snapshots, partitions=list(self.owned))
+                    f"the checkpoint's state does not restore into partitions "
+                    f"{list(self.owned)} of {self._partitions}: {exc}"
+                ) from exc
         self._unpublished = True
         return len(self._store)
 
@@ -515,6 +525,8 @@ class RayPipeline:
         self._end_workers()
         job = self._job
         self._key_type: KeyType | None = job._given_key_type
+        # As the Pipeline's: fixed for the life of the job, a checkpoint's wins.
+        self._key_groups = max(DEFAULT_KEY_GROUPS, job.partitions)
         self._offset: Offset = job._start_offset
         self._committed_offset: Offset = job._start_offset
         self._epoch = 0
@@ -579,6 +591,7 @@ class RayPipeline:
                 job.nan_policy,
                 job.values,
                 self.checkpointer,
+                self._key_groups,
             )
             for index in range(self._num_workers)
         ]
@@ -660,6 +673,7 @@ class RayPipeline:
             )
         key_type = self._resolved_key_type(record, offset, where)
         old_workers, old_partitions = len(state_parts), record.store_partitions
+        self._key_groups = record.key_groups or max(self._key_groups, old_partitions)
         exact = old_workers == self._num_workers and old_partitions == job.partitions
         self._start_workers(key_type)
         chains = [plan.chain(STATE_OPERATOR, w) for w in range(old_workers)]
@@ -846,7 +860,7 @@ class RayPipeline:
                     f"source {job.source.name!r}: column {metric!r} of the batch at offset "
                     f"{self._offset!r} is not numeric: {exc}"
                 ) from exc
-        routed = partition_batch(keys, job.partitions, *values)
+        routed = partition_batch(keys, job.partitions, *values, key_groups=self._key_groups)
         for index, worker in enumerate(self._workers):
             slices = [
                 (p, routed[p][0], list(routed[p][1:]))
@@ -903,11 +917,15 @@ class RayPipeline:
         prune = checkpoint.final or self._unpruned_commits >= job.keep_checkpoints
         if prune:
             self._unpruned_commits = 0
-        record = JobRecord.encode(self.fingerprint, job.partitions)
+        record = JobRecord.encode(self.fingerprint, job.partitions, self._key_groups)
         entries = [checkpoint.uploads[w].entry for w in range(len(self._workers))]
         checkpointer, pending = self.checkpointer, checkpoint.pending
         offsets = {job.source.name: checkpoint.offset}
-        metadata = {"partitions": job.partitions, "workers": self._num_workers}
+        metadata = {
+            "partitions": job.partitions,
+            "workers": self._num_workers,
+            "key_groups": self._key_groups,
+        }
         keep = job.keep_checkpoints if prune and job.keep_checkpoints else None
 
         def commit() -> float:
