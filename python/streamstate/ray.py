@@ -29,7 +29,7 @@ A checkpoint holds one ``"aggregates"`` artifact per worker (partition id = work
 packed as the Pipeline packs its one store) and the Pipeline's ``"job"`` record, so a
 one-worker RayPipeline and a Pipeline write the same layout and resume each other's
 checkpoints. Resumed with the same partitions and workers, each worker restores its own
-chain (the full snapshot and its deltas, verified with ``load_partition``); with any other
+chain (the full snapshot and its deltas, each verified with ``load_verified``); with any other
 layout (a rescale, or a Pipeline's one-store checkpoint) each worker reads every artifact
 and keeps the keys whose key groups its partitions own (``restore_from``).
 
@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "PartitionsWorker",
     "RayPipeline",
     "RayPipelineError",
     "RayPipelineRun",
@@ -156,7 +157,8 @@ def _store_results(store: NumericAggregateStore, kind: str, value: str | None) -
 
 @dataclass(frozen=True)
 class _Uploaded:
-    """A worker's finished upload: its artifact's entry, or the error that stopped it."""
+    """A worker's finished upload: the epoch, its artifact's entry, and how long it took
+    (packing, SHA-256 and the write)."""
 
     epoch: int
     entry: PartitionSnapshotEntry
