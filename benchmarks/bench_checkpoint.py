@@ -241,8 +241,14 @@ def run_pipeline(quick: bool = False, base_dir: str | None = None) -> list[Row]:
 
         def label_of(name: str, seconds: float) -> str:
             last = reports[name][-1]
+            # What each checkpoint beyond the final one costs in CPU (every thread): on two
+            # shared cores this, not the wall time, is what the folding threads lose.
+            extra = len(last.checkpoints) - 1
+            added = statistics.median(cpu[name]) - statistics.median(cpu["final"])
+            per_checkpoint = f", +{added / extra * 1000:.0f} ms CPU/ckpt" if extra > 0 else ""
             return (
-                f"{events / seconds / 1e6:.2f} M ev/s, CPU {statistics.median(cpu[name]):.2f} s "
+                f"{events / seconds / 1e6:.2f} M ev/s, CPU {statistics.median(cpu[name]):.2f} s"
+                f"{per_checkpoint} "
                 f"({len(last.checkpoints)} ckpts, {last.delta_checkpoints} delta, stall "
                 f"{last.stall_seconds:.2f} s, upload {last.upload_seconds:.2f} s, waited "
                 f"{last.commit_wait_seconds:.2f} s)"

@@ -35,7 +35,7 @@ from streamstate import (
     decode_batch,
     encode_batch,
 )
-from streamstate.batcher import BatchCompression, encode_batch_into
+from streamstate.batcher import BatchCompression, auto_compression, encode_batch_into
 from streamstate.retry import RetryPolicy
 from streamstate.storage import CheckpointStorage
 
@@ -907,3 +907,17 @@ def test_batcher_writes_through_the_storage_adapter_with_retries() -> None:
             batcher.flush(1)
         assert len(batcher) == 1
         assert batcher.flush(1) == "checkpoints/batch-000001.lz4"
+
+
+def test_auto_compression_names_what_auto_encodes() -> None:
+    redundant = [("a", bytes(2 << 20))]
+    noise = [("a", os.urandom(2 << 20))]
+    small = [("a", os.urandom(1000))]
+    assert auto_compression(redundant) == "lz4"
+    assert auto_compression(noise) == "stored"
+    assert auto_compression(small) == "lz4"  # under 1 MiB: always compressed
+    for entries in (redundant, noise, small):
+        chosen = auto_compression(entries)
+        assert encode_batch(entries, compression="auto") == encode_batch(entries, compression=chosen)
+    with pytest.raises(TypeError):
+        auto_compression([(1, b"x")])  # type: ignore[list-item]

@@ -160,3 +160,55 @@ def test_listing_a_local_store_matches_obstore_for_plain_trees(tmp_path: Path) -
     storage.delete("a/b/deeper/f.bin")
     assert not (tmp_path / "a" / "b" / "deeper").exists()  # emptied directories go too
     storage.delete("a/b/deeper/f.bin")  # missing: not an error
+
+
+# -- existence checks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_exists_answers_for_objects_only(tmp_path: Path, s3_server: Any, where: str) -> None:
+    store = (LocalStore(str(tmp_path), mkdir=True) if where == "local"
+             else s3_server.store(s3_server.create_bucket()))  # fmt: skip
+    storage = CheckpointStorage(store)
+    assert storage.is_local == (where == "local")
+    storage.put("a/b.bin", b"x")
+    assert storage.exists("a/b.bin")
+    assert not storage.exists("a/c.bin")
+    assert not storage.exists("a")  # a directory (local) or a mere prefix (s3)
+    storage.delete("a/b.bin")
+    assert not storage.exists("a/b.bin")
+
+
+def test_exists_does_not_look_through_a_linked_directory(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.bin").write_bytes(b"x")
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "linked").symlink_to(outside)
+    storage = CheckpointStorage(LocalStore(str(root)))
+    assert not storage.exists("linked/f.bin")
+
+
+def test_a_delta_commit_reads_its_parents_manifest_at_most_once(tmp_path: Path) -> None:
+    # The checkpointer committed the parent itself, so neither begin nor the commit point
+    # reads that manifest back; the commit point still checks that it exists.
+    gets: list[str] = []
+
+    class Recording(CheckpointStorage):
+        def get(self, path: str) -> Any:
+            gets.append(path)
+            return super().get(path)
+
+    ck = ObjectStoreCheckpointer(Recording(resolve_store(tmp_path)), retry=FAST)
+    parent = ck.commit(1, [("agg", 0, False, b"full")])
+    gets.clear()
+    ck.commit(2, [("agg", 0, True, b"d")], parent=parent.checkpoint_id, validate_delta=None)
+    assert ck.paths.manifest(parent.checkpoint_id) not in gets
+    # A parent deleted meanwhile is still refused at the commit point.
+    other = ObjectStoreCheckpointer(str(tmp_path))
+    third = ck.commit(3, [("agg", 0, False, b"full")])
+    other.delete_checkpoint(third.checkpoint_id)
+    with pytest.raises(ss.CheckpointError, match="no manifest"):
+        ck.commit(4, [("agg", 0, True, b"d")], parent=third.checkpoint_id, validate_delta=None)
+    assert [m.epoch for m in map(ck.load_manifest, ck.list_checkpoints())] == [1, 2]

@@ -279,3 +279,97 @@ def test_a_checkpoint_of_one_store_per_value_column_resumes_into_the_one_store()
     with Pipeline(source, key="k", values=["v", "w"], partitions=2, store=store) as again:
         assert again.run().start_offset == rows
         assert _stats_frame(again, "w") == resumed["w"]
+
+
+def _by_key(pipe: Pipeline) -> dict[int, tuple[int, float]]:
+    results = pipe.results("v")
+    return {int(k): (int(c), float(m))
+            for k, c, m in zip(results["key"], results["count"], results["mean"], strict=True)}
+
+
+def _wide_events(keys: int, rows: int, hot: int | None = None) -> ArraySource:
+    """Every key twice (so no partial is degenerate: min != max), then ``rows`` events over
+    the first ``hot`` keys (all by default)."""
+    rng = np.random.default_rng(keys)
+    first = np.concatenate([np.arange(keys), rng.permutation(keys)])
+    later = rng.integers(0, hot or keys, rows)
+    return ArraySource("events", {"k": np.concatenate([first, later]),
+                                  "v": rng.normal(0, 1, 2 * keys + rows)})  # fmt: skip
+
+
+def test_large_float_state_is_stored_as_the_stores_own_snapshot_and_resumes(tmp_path: Path) -> None:
+    # Float partials do not halve under LZ4, so a state of more than 1 MiB is committed as
+    # the store's own record container, uncopied; a chain of such deltas resumes exactly.
+    source = _wide_events(100_000, 800_000, hot=25_000)
+    with Pipeline(source, key="k", values="v", partitions=2, store=tmp_path,
+                  batch_size=200_000, checkpoint_every=1, full_checkpoint_every=10) as pipe:
+        first = pipe.run(max_batches=4)
+        expected_partial = _by_key(pipe)
+    assert first.delta_checkpoints == 3
+    recovered = ObjectStoreCheckpointer(str(tmp_path)).recover(rebuild=False)
+    assert recovered is not None
+    chain = [recovered.state["aggregates"][0], *recovered.deltas["aggregates"][0]]
+    assert len(chain) == 4 and all(blob[:4] == b"SSRC" for blob in chain)
+    assert len(chain[0]) > 1 << 20
+    with Pipeline(source, key="k", values="v", partitions=2, store=tmp_path,
+                  batch_size=200_000, checkpoint_every=1) as again:
+        assert again.recover() == 800_000
+        assert _by_key(again) == expected_partial
+        again.run()
+        resumed = _by_key(again)
+    with Pipeline(source, key="k", values="v", partitions=2, store=MemoryStore(),
+                  batch_size=200_000) as fresh:
+        fresh.run()
+        once = _by_key(fresh)
+    assert resumed.keys() == once.keys()
+    for key, (count, mean) in once.items():
+        assert resumed[key][0] == count and resumed[key][1] == pytest.approx(mean, rel=1e-12)
+
+
+def test_small_state_stays_an_lz4_batch() -> None:
+    store = MemoryStore()
+    with Pipeline(_events(), key="k", values="v", store=store) as pipe:
+        pipe.run()
+    recovered = ObjectStoreCheckpointer(store).recover(rebuild=False)
+    assert recovered is not None
+    packed = recovered.state["aggregates"][0]
+    assert packed[:4] == b"LCB1"
+    assert [name for name, _ in decode_batch(packed)] == [STORE_ENTRY]
+
+
+def test_a_damaged_bare_snapshot_is_refused_and_an_older_checkpoint_resumed(
+    tmp_path: Path,
+) -> None:
+    source = _wide_events(40_000, 20_000)
+    with Pipeline(source, key="k", values="v", partitions=2, store=tmp_path,
+                  batch_size=10_000, checkpoint_every=3, full_checkpoint_every=1) as pipe:
+        pipe.run()
+        expected = _by_key(pipe)
+    ck = ObjectStoreCheckpointer(str(tmp_path))
+    newest = ck.load_manifest(ck.list_checkpoints()[-1])
+    path = tmp_path / newest.operators["aggregates"].partitions[0].path
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"SSRC"
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with Pipeline(source, key="k", values="v", partitions=2, store=tmp_path,
+                  batch_size=10_000) as again:
+        assert again.recover() < len(source)  # the older checkpoint, then replayed
+        again.run()
+        assert {k: c for k, (c, _) in _by_key(again).items()} == {
+            k: c for k, (c, _) in expected.items()
+        }
+
+
+def test_a_capture_buffer_someone_still_views_is_replaced_not_an_error() -> None:
+    # A failed commit's traceback can keep a view of the buffer a bare snapshot was
+    # uploaded from; the next capture must not fail on it.
+    source = _wide_events(1_000, 1_000)
+    with Pipeline(source, key="k", values="v", store=MemoryStore(), batch_size=500,
+                  checkpoint_every=2) as pipe:
+        pipe.run(max_batches=2)
+        held = memoryview(pipe._capture_buffers[STORE_ENTRY])
+        stats = pipe.checkpoint()
+        assert stats.bytes > 0 and held.nbytes > 0
+        pipe.run()
+        assert sum(count for count, _ in _by_key(pipe).values()) == len(source)

@@ -160,6 +160,10 @@ def _check_keep_last(keep_last: object, *, none_ok: bool) -> None:
         raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
 
 
+def _no_manifest(path: str) -> CheckpointError:
+    return CheckpointError(f"{path}: no manifest (checkpoint not committed)")
+
+
 def _partitions_of(manifest: CheckpointManifest) -> frozenset[tuple[str, int]]:
     return frozenset(
         (op, part.partition_id)
@@ -207,6 +211,9 @@ class ObjectStoreCheckpointer:
         # for an empty store, _UNKNOWN until the first commit or recovery looks it up.
         self._newest: object = _UNKNOWN
         self._newest_lock = threading.Lock()
+        # The manifest this checkpointer committed last: the next delta's parent, whose
+        # partitions begin() then need not read back (manifests are never overwritten).
+        self._last_committed: CheckpointManifest | None = None
 
     @property
     def _io(self) -> RetryingStorage:
@@ -228,12 +235,14 @@ class ObjectStoreCheckpointer:
         # Workers get the configuration, not the caches: a fresh lock, and the newest
         # committed checkpoint looked up again where it is needed.
         require_portable(self._storage, repr(self))
-        return {k: v for k, v in self.__dict__.items() if k not in ("_newest", "_newest_lock")}
+        local = ("_newest", "_newest_lock", "_last_committed")
+        return {k: v for k, v in self.__dict__.items() if k not in local}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._newest = _UNKNOWN
         self._newest_lock = threading.Lock()
+        self._last_committed = None
 
     # -- artifacts ----------------------------------------------------------------------
 
@@ -337,7 +346,7 @@ class ObjectStoreCheckpointer:
         try:
             raw = self._io.get(path).data
         except FileNotFoundError:
-            raise CheckpointError(f"{path}: no manifest (checkpoint not committed)") from None
+            raise _no_manifest(path) from None
         try:
             manifest = CheckpointManifest.from_json(memoryview(raw))
         except CorruptDataError as exc:
@@ -390,6 +399,9 @@ class ObjectStoreCheckpointer:
         with self._newest_lock:
             if isinstance(self._newest, tuple) and self._newest[0] <= checkpoint_id:
                 self._newest = _UNKNOWN  # the floor for epochs may have gone with it
+            known = self._last_committed
+            if known is not None and known.checkpoint_id == checkpoint_id:
+                self._last_committed = None
         io.delete(self.paths.manifest(checkpoint_id))
         self._parallel(io.delete, io.list(self.paths.checkpoint_dir(checkpoint_id)))
 
@@ -465,12 +477,24 @@ class ObjectStoreCheckpointer:
             entries = [pending.upload("agg", p, snapshot_of(p)) for p in parts]  # anywhere
             ckpt.commit_entries(pending, entries, source_offsets={"kafka": {"0": 2077}})
         """
+        return self._begin(epoch, parent, check_parent=True)
+
+    def _begin(
+        self, epoch: int, parent: CheckpointId | str | None, *, check_parent: bool
+    ) -> PendingCheckpoint:
+        """:meth:`begin`; without ``check_parent`` a parent this checkpointer committed last
+        is not looked up again (:meth:`commit` checks it at the commit point anyway)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         parent = _optional_id("parent", parent)
         parent_partitions: frozenset[tuple[str, int]] = frozenset()
         if parent is not None:
-            parent_partitions = _partitions_of(self.load_manifest(parent))
+            known = self._last_committed
+            if known is None or known.checkpoint_id != parent:
+                known = self.load_manifest(parent)
+            elif check_parent and not self._io.exists(self.paths.manifest(parent)):
+                raise _no_manifest(self.paths.manifest(parent))
+            parent_partitions = _partitions_of(known)
         self._check_advances(epoch)
         floor = max((c for c in (self._latest_or_none(), parent) if c is not None), default=None)
         return PendingCheckpoint(
@@ -522,7 +546,7 @@ class ObjectStoreCheckpointer:
         items = list(snapshots)
         _check_keep_last(keep_last, none_ok=True)
         fields = _commit_fields(source_offsets, watermark, metadata)
-        pending = self.begin(epoch, parent=parent)
+        pending = self._begin(epoch, parent, check_parent=False)
         placed = pending.place(items, validate_delta)
         # Check the manifest can be written before uploading anything.
         self._manifest(pending, [], fields)
@@ -625,9 +649,12 @@ class ObjectStoreCheckpointer:
             )
         deltas = [(op, entry.partition_id) for op, entry in entries if entry.is_delta]
         if deltas:
-            # The parent may have been deleted since begin(): read it again.
+            # The parent may have been deleted since begin(), which read its partitions: a
+            # manifest is never overwritten, so that it still exists is all to check again.
             parent = pending.parent_id
-            held = None if parent is None else _partitions_of(self.load_manifest(parent))
+            held = None if parent is None else pending.parent_partitions
+            if parent is not None and not self._io.exists(self.paths.manifest(parent)):
+                raise _no_manifest(self.paths.manifest(parent))
             for op, partition in deltas:
                 require_parent(parent, held, op, partition)
         manifest = self._manifest(pending, entries, fields)
@@ -638,6 +665,8 @@ class ObjectStoreCheckpointer:
         """After the commit point: remember the new floor for epochs, move ``_latest``,
         prune if asked to."""
         self._note_committed(manifest.checkpoint_id, manifest.epoch)
+        with self._newest_lock:
+            self._last_committed = manifest
         try:
             self.update_latest(manifest.checkpoint_id)
         except CheckpointError as exc:

@@ -141,6 +141,27 @@ class CheckpointStorage:
         # The view keeps obstore's buffer alive without copying it.
         return StoredObject(memoryview(result.bytes()), meta.get("e_tag"), meta.get("version"))
 
+    @property
+    def is_local(self) -> bool:
+        """Whether the store is the local filesystem (its calls wait on no network)."""
+        return self._root is not None
+
+    def exists(self, path: str) -> bool:
+        """Whether an object is stored at ``path`` (one metadata request; on a local store a
+        ``stat``, and a path through a linked directory is not an object of the store)."""
+        if self._root is not None:
+            if _through_link(self._root, path):
+                return False
+            try:
+                return not stat.S_ISDIR(os.lstat(self._root / path).st_mode)
+            except FileNotFoundError:
+                return False
+        try:
+            obstore.head(self.store, path)
+        except FileNotFoundError:
+            return False
+        return True
+
     def list_directory(self, prefix: str) -> list[str]:
         """Paths of the objects directly under the directory ``prefix`` (not below it)."""
         if self._root is not None:
@@ -341,6 +362,10 @@ class RetryingStorage:
             return False
         mine = byte_view(data)
         return existing.nbytes == mine.nbytes and sha256_hex(existing) == sha256_hex(mine)
+
+    def exists(self, path: str) -> bool:
+        """Whether an object is stored at ``path``."""
+        return self.retry.call(path, lambda _attempt: self.storage.exists(path))
 
     def list_directory(self, prefix: str) -> list[str]:
         """Paths of the objects directly under the directory ``prefix``."""

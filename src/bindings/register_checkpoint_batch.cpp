@@ -141,6 +141,20 @@ void encode_batch_into_py(const py::object& entries_arg, const py::object& out,
   }
 }
 
+// What compression="auto" picks for `entries`: "lz4" or "stored" (choose_batch_compression).
+py::str batch_compression_py(const py::object& entries_arg) {
+  PinnedEntries pinned;
+  pin_entries(entries_arg, pinned);
+  const std::size_t body_size = batch_body_size(pinned.views);
+  BatchCompression chosen = BatchCompression::kLz4;
+  {
+    // Renders and compresses at most one 64 KiB sample of the pinned buffers.
+    const MaybeReleaseGil release(body_size);
+    chosen = choose_batch_compression(pinned.views, body_size);
+  }
+  return py::str(chosen == BatchCompression::kStored ? "stored" : "lz4");
+}
+
 py::list decode_batch_py(const py::object& raw, const py::object& max_size) {
   const std::size_t max_body_size = size_limit_of(max_size, "decode_batch: max_size");
   // Decoded without the GIL: a copy (or immutable bytes) no other thread can change.
@@ -193,6 +207,9 @@ void register_checkpoint_batch(py::module_& m) {
         "encode_batch() written into the bytearray out (resized to the batch's length) "
         "instead of a new bytes object: a caller encoding periodically reuses one buffer "
         "whose pages are mapped already. BufferError while someone holds a view of out.");
+  m.def("batch_compression", &batch_compression_py, py::arg("entries"),
+        "What encode_batch(entries, compression='auto') would use: 'lz4' or 'stored' (a body "
+        "of 1 MiB or more is stored unless LZ4 halves a 64 KiB sample of it).");
   m.def("decode_batch", &decode_batch_py, py::arg("raw"),
         py::arg("max_size") = py::int_(kDefaultMaxDecompressedSize),
         "Validate and decode an LCB1 batch (version 1 or 2) into [(key, data), ...]; a body "

@@ -1,11 +1,14 @@
 """How a pipeline lays its state out in a checkpoint, and the checks before resuming one.
 
 A pipeline checkpoint holds exactly two artifacts, both as partition 0: under
-``"aggregates"`` one LCB1 batch packing the snapshot of the one store holding every value
-column (under :data:`STORE_ENTRY`), and under ``"job"`` the
-:class:`~streamstate.pipeline.JobRecord`. In an incremental checkpoint the ``"aggregates"``
-artifact is a delta (``is_delta``) packing the store's ``snapshot_delta()`` instead,
-applied by the store itself on recovery. Checkpoints written before one store held every
+``"aggregates"`` the snapshot of the one store holding every value column, and under
+``"job"`` the :class:`~streamstate.pipeline.JobRecord`. In an incremental checkpoint the
+``"aggregates"`` artifact is a delta (``is_delta``) holding the store's ``snapshot_delta()``
+instead, applied by the store itself on recovery. The snapshot is either an LCB1 batch
+packing it under :data:`STORE_ENTRY` (LZ4-compressed: small or redundant state), or, when
+LZ4 would not halve it, the store's own record container (magic ``SSRC``, CRC-checked) as
+it was captured: a stored LCB1 batch around it would add nothing but a copy and a second
+CRC pass over tens of MB, on the two cores the partitions fold on. Checkpoints written before one store held every
 column pack one one-column store's snapshot (or delta) per value column, named after the
 column; they are still read (the pipeline joins them into one store). Read a
 pipeline's checkpoints with ``ObjectStoreCheckpointer.recover(rebuild=False)`` (the default
@@ -21,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from .._typing import BytesLike
-from ..batcher import decode_batch, encode_batch, encode_batch_into
+from .._typing import BytesLike, byte_view
+from ..batcher import auto_compression, decode_batch, encode_batch, encode_batch_into
 from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_integrity
 from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError, SourceError
 from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
@@ -43,6 +46,8 @@ STATE_OPERATOR = "aggregates"
 #: The packed entry of the one store holding every value column (a NUL-led name, which
 #: no source column is given: older checkpoints name their entries after the columns).
 STORE_ENTRY = "\x00store"
+#: How every store snapshot (the project's record container) begins; never an LCB1 batch's.
+_RECORD_MAGIC = b"SSRC"
 
 
 def pack_state(
@@ -56,15 +61,25 @@ def pack_state(
 
     Large float partials barely compress (LZ4 saved ~21% on a 1M-key snapshot), and on two
     cores shared with the folding partitions the match search cost more than hashing and
-    writing those bytes: ``"auto"`` stores such a body as LZ4 literals instead. With
-    ``out`` the packed state is written into that buffer (reused across checkpoints, so its
-    pages are mapped already) and it is the state item's data.
+    writing those bytes. So when ``"auto"`` compression would store the body, the one
+    store's snapshot is the state item's data itself, uncopied (see the module notes; the
+    caller must not change it until the commit landed). Otherwise the snapshots are packed
+    into an LCB1 batch; with ``out`` it is written into that buffer (reused across
+    checkpoints, so its pages are mapped already) and that is the state item's data.
     """
+    entries = list(snapshots)
     packed: BytesLike
-    if out is None:
-        packed = encode_batch(list(snapshots), compression="auto")
+    if (
+        len(entries) == 1
+        and entries[0][0] == STORE_ENTRY
+        and byte_view(entries[0][1])[:4] == _RECORD_MAGIC
+        and auto_compression(entries) == "stored"
+    ):
+        packed = entries[0][1]
+    elif out is None:
+        packed = encode_batch(entries, compression="auto")
     else:
-        encode_batch_into(list(snapshots), out, compression="auto")
+        encode_batch_into(entries, out, compression="auto")
         packed = out
     return [
         (STATE_OPERATOR, 0, is_delta, packed),
@@ -161,7 +176,8 @@ def _unpack(
     one store (``STORE_ENTRY``) or, in the older layout, exactly the columns ``values``;
     and, when ``layout`` is given, that it holds the same entries (a chain keeps one)."""
     try:
-        entries = decode_batch(packed)
+        # A bare store snapshot (see pack_state) is checked by the store that restores it.
+        entries = [(STORE_ENTRY, packed)] if packed[:4] == _RECORD_MAGIC else decode_batch(packed)
     except CorruptDataError as exc:
         raise IncompatibleCheckpointError(
             f"checkpoint {where}: its {STATE_OPERATOR!r} {what} is not a pipeline's packed "

@@ -754,7 +754,11 @@ class Pipeline:
         # has landed, so nothing reads it any more): its pages are mapped already, where a
         # new object of tens of MB would fault in every page during the stall.
         buffer = self._capture_buffers.setdefault(STORE_ENTRY, bytearray())
-        store.snapshot_into(buffer, delta=is_delta)
+        try:
+            store.snapshot_into(buffer, delta=is_delta)
+        except BufferError:  # a failed commit's traceback may still hold a view of it
+            buffer = self._capture_buffers[STORE_ENTRY] = bytearray()
+            store.snapshot_into(buffer, delta=is_delta)
         snapshots: list[tuple[str, BytesLike]] = [(STORE_ENTRY, buffer)]
         self._unpruned_commits += 1
         prune = final or self._unpruned_commits >= self.keep_checkpoints
