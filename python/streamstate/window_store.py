@@ -5,7 +5,8 @@ sum, min, max, mean, sample variance; those of :class:`~streamstate.NumericAggre
 of every ``(key, window)`` the partition folded. ``emit(watermark)`` hands out every
 window whose end is at or before the watermark, across partitions, as columns sorted by
 ``(window_end, window_start, key)``, and frees them; ``emit_all()`` hands out every open
-window (the end of a bounded stream).
+window (the end of a bounded stream). ``emit_arrow`` / ``emit_all_arrow`` give the same
+rows as a ``pyarrow.RecordBatch`` over the core's buffers.
 
 Windows, in int64 epoch milliseconds, aligned to the epoch:
 
