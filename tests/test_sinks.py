@@ -565,3 +565,12 @@ def test_sinks_satisfy_the_protocol(tmp_path: Path) -> None:
     assert issubclass(SinkError, StreamStateError)
     for name in ("Sink", "ParquetSink", "CallableSink", "SinkError"):
         assert name in streamstate.__all__
+
+
+def test_published_files_are_listed_in_epoch_then_file_order(tmp_path: Path) -> None:
+    sink = ParquetSink(tmp_path, "out")
+    names = ["epoch-000000000001-9999", "epoch-000000000001-10000", "epoch-1000000000000-0000"]
+    (tmp_path / "out").mkdir()
+    for name in reversed(names):
+        (tmp_path / "out" / f"{name}.parquet").write_bytes(b"listed, never read")
+    assert sink.published_files() == [f"out/{name}.parquet" for name in names]

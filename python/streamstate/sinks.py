@@ -343,11 +343,12 @@ class ParquetSink:
 
     def published_files(self) -> list[str]:
         """The store paths of the published files, in epoch and file order."""
-        return sorted(
-            path
-            for path in self._io.list_directory(self._prefix)
-            if _FINAL_NAME.fullmatch(posixpath.basename(path))
-        )
+        found = []
+        for path in self._io.list_directory(self._prefix):
+            match = _FINAL_NAME.fullmatch(posixpath.basename(path))
+            if match is not None:
+                found.append((int(match[1]), int(match[2]), path))
+        return [path for _, _, path in sorted(found)]
 
     def read_published(self) -> pa.Table:
         """Every published row as one ``pyarrow.Table`` (for stores pyarrow cannot open
