@@ -206,8 +206,10 @@ class ParquetSink:
     None)``, a job starting without checkpoints, deletes every published epoch file: a
     fresh start must not leave the output of a run whose checkpoints are gone.
 
-    Only names this sink writes are ever deleted; other files in the directory stay. The
-    sink keeps no state between calls, so its methods may run on different threads.
+    One job writes to one prefix: recovery deletes the epoch files it cannot account for,
+    so two jobs sharing a prefix delete each other's output. Only names this sink writes
+    are ever deleted; other files in the directory stay. The sink keeps no state between
+    calls, so its methods may run on different threads.
     """
 
     exactly_once = True
