@@ -5,7 +5,8 @@ sum, min, max, mean, sample variance; those of :class:`~streamstate.NumericAggre
 of every ``(key, window)`` the partition folded. ``emit(watermark)`` hands out every
 window whose end is at or before the watermark, across partitions, as columns sorted by
 ``(window_end, window_start, key)``, and frees them; ``emit_all()`` hands out every open
-window (the end of a bounded stream).
+window (the end of a bounded stream). ``emit_arrow`` / ``emit_all_arrow`` give the same
+rows as a ``pyarrow.RecordBatch`` over the core's buffers.
 
 Windows, in int64 epoch milliseconds, aligned to the epoch:
 
@@ -34,10 +35,13 @@ bytes raise :class:`~streamstate.CorruptDataError` and leave the store as it was
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from . import _core
-from .stats import ResultKeyType, list_key_format
+from .stats import ResultKeyType, _arrow_keys, _arrow_numeric, list_key_format, require_modules
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["NanPolicy", "WindowColumns", "WindowKind", "WindowPartition", "WindowedAggregateStore"]
 
@@ -133,6 +137,26 @@ class WindowedAggregateStore(_core.WindowedAggregateStore):
         """Every open window, as :meth:`emit` gives them (the end of a bounded stream);
         :attr:`closed_through` is unchanged."""
         return self._emit_all(list_key_format(self.key_type))
+
+    def emit_arrow(self, watermark: int) -> pa.RecordBatch:
+        """:meth:`emit` as a ``pyarrow.RecordBatch`` over the core's buffers, without
+        copying them (needs pyarrow): ``key`` int64, ``binary`` or ``string`` by
+        ``key_type`` (``large_*`` past 2 GiB of keys), ``window_start`` and ``window_end``
+        int64 milliseconds, the counts int64 and the other statistics float64."""
+        require_modules("emit_arrow()", "pyarrow")
+        return self._batch(self._emit(watermark, "arrow"))
+
+    def emit_all_arrow(self) -> pa.RecordBatch:
+        """:meth:`emit_all` as :meth:`emit_arrow` gives it."""
+        require_modules("emit_all_arrow()", "pyarrow")
+        return self._batch(self._emit_all("arrow"))
+
+    def _batch(self, columns: WindowColumns) -> pa.RecordBatch:
+        import pyarrow as pa
+
+        arrays = [_arrow_keys(pa, columns["key"], self.key_type)]
+        arrays += [_arrow_numeric(pa, column) for name, column in columns.items() if name != "key"]
+        return pa.RecordBatch.from_arrays(arrays, names=list(columns))
 
     def __repr__(self) -> str:
         shape = {

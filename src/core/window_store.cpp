@@ -444,40 +444,65 @@ template <class K>
 WindowRows<K> WindowedAggregateStore<K>::take(std::int64_t watermark, bool everything) {
   const AllLocks locks(partitions_);
   std::vector<RowRef> rows;
-  // Emitted windows stay alive (their keys and partials are what the rows point at) until
-  // the rows are written; freed when this returns.
-  std::vector<typename Windows::node_type> popped;
-  const std::size_t extra = width_ - 1;
-  for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
-    Partition& p = *partitions_[pid];
-    if (!sessions_kind()) {
+  WindowRows<K> out;
+  if (!sessions_kind()) {
+    // Emitted windows stay alive (their keys and partials are what the rows point at)
+    // until the rows are written; freed when this returns.
+    std::vector<std::pair<std::uint32_t, typename Windows::node_type>> popped;
+    std::size_t total = 0;
+    for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+      Partition& p = *partitions_[pid];
       while (!p.windows.empty()) {
         const auto it = p.windows.begin();
-        const std::int64_t start = it->first;
-        const std::int64_t end = start + spec_.size;  // checked when the window was made
-        if (!everything && end > watermark) break;
-        popped.push_back(p.windows.extract(it));
-        const Window& w = popped.back().mapped();
+        // start + size was checked when the window was made.
+        if (!everything && it->first + spec_.size > watermark) break;
+        popped.emplace_back(pid, p.windows.extract(it));
+        const Window& w = popped.back().second.mapped();
+        total += w.table.size();
+        p.open -= w.table.size();
+        if (w.captured) p.removed.push_back(popped.back().second.key());
+      }
+    }
+    // Window by window (every partition's part of one window together), so each sort
+    // and merge works on one window's rows, which stay in cache.
+    std::stable_sort(popped.begin(), popped.end(), [](const auto& a, const auto& b) {
+      return a.second.key() < b.second.key();
+    });
+    allocate_rows(out, total);
+    const std::size_t extra = width_ - 1;
+    for (std::size_t first = 0; first < popped.size();) {
+      const std::int64_t start = popped[first].second.key();
+      rows.clear();
+      std::size_t last = first;
+      for (; last < popped.size() && popped[last].second.key() == start; ++last) {
+        const Window& w = popped[last].second.mapped();
         for (std::size_t i = 0; i < w.table.size(); ++i) {
-          rows.push_back(RowRef{end, start, w.table.key_at(i), pid, &w.table.value_at(i),
+          rows.push_back(RowRef{start + spec_.size, start, w.table.key_at(i), popped[last].first,
+                                &w.table.value_at(i),
                                 extra > 0 ? w.more.data() + i * extra : nullptr});
         }
-        p.open -= w.table.size();
-        if (w.captured) p.removed.push_back(start);
       }
-      continue;
+      append_rows(out, rows);
+      first = last;
     }
-    for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-      const KeySessions& ks = p.sessions.value_at(i);
-      for (std::size_t j = 0; j < ks.spans.size(); ++j) {
-        if (!everything && ks.spans[j].end > watermark) continue;
-        const Moments* first = ks.partials.data() + j * width_;
-        rows.push_back(RowRef{ks.spans[j].end, ks.spans[j].start, p.sessions.key_at(i), pid,
-                              first, first + 1});
+    finish_rows(out);
+  } else {
+    for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
+      const Partition& p = *partitions_[pid];
+      for (std::size_t i = 0; i < p.sessions.size(); ++i) {
+        const KeySessions& ks = p.sessions.value_at(i);
+        for (std::size_t j = 0; j < ks.spans.size(); ++j) {
+          if (!everything && ks.spans[j].end > watermark) continue;
+          const Moments* first = ks.partials.data() + j * width_;
+          rows.push_back(RowRef{ks.spans[j].end, ks.spans[j].start, p.sessions.key_at(i), pid,
+                                first, first + 1});
+        }
       }
     }
+    allocate_rows(out, rows.size());
+    append_rows(out, rows);
+    finish_rows(out);
   }
-  WindowRows<K> out = finish_rows(rows);
   if (sessions_kind()) {
     for (auto& part : partitions_) {
       Partition& p = *part;
@@ -513,7 +538,16 @@ WindowRows<K> WindowedAggregateStore<K>::take(std::int64_t watermark, bool every
 }
 
 template <class K>
-WindowRows<K> WindowedAggregateStore<K>::finish_rows(std::vector<RowRef>& rows) const {
+void WindowedAggregateStore<K>::allocate_rows(WindowRows<K>& out, std::size_t rows) const {
+  out.keys.reserve(rows);
+  out.starts.reserve(rows);
+  out.ends.reserve(rows);
+  out.columns.resize(width_);
+  for (StatArrays& column : out.columns) column.allocate(rows);
+}
+
+template <class K>
+void WindowedAggregateStore<K>::append_rows(WindowRows<K>& out, std::vector<RowRef>& rows) const {
   std::sort(rows.begin(), rows.end(), [](const RowRef& a, const RowRef& b) {
     if (a.end != b.end) return a.end < b.end;
     if (a.start != b.start) return a.start < b.start;
@@ -523,33 +557,37 @@ WindowRows<K> WindowedAggregateStore<K>::finish_rows(std::vector<RowRef>& rows) 
   const auto same = [](const RowRef& a, const RowRef& b) {
     return a.end == b.end && a.start == b.start && a.key == b.key;
   };
-  std::size_t groups = 0;
-  for (std::size_t i = 0; i < rows.size(); ++i) {
-    if (i == 0 || !same(rows[i - 1], rows[i])) ++groups;
-  }
-  WindowRows<K> out;
-  out.keys.reserve(groups);
-  out.starts.reserve(groups);
-  out.ends.reserve(groups);
-  out.columns.resize(width_);
-  for (StatArrays& column : out.columns) column.allocate(groups);
-  std::size_t g = 0;
+  // Sorted by key, the rows visit their partials in no memory order: fetched a few rows
+  // ahead, so a window bigger than the cache does not wait on every row's miss.
+  constexpr std::size_t kAhead = 8;
   for (std::size_t i = 0; i < rows.size();) {
+    if (i + kAhead < rows.size()) flat_detail::prefetch(rows[i + kAhead].first);
     std::size_t j = i + 1;
     while (j < rows.size() && same(rows[i], rows[j])) ++j;
+    const std::size_t g = out.starts.size();
     out.keys.push_back(rows[i].key);
     out.starts.push_back(rows[i].start);
     out.ends.push_back(rows[i].end);
     for (std::size_t c = 0; c < width_; ++c) {
+      const auto partial = [&](std::size_t r) -> const Moments& {
+        return c == 0 ? *rows[r].first : rows[r].more[c - 1];
+      };
+      if (j == i + 1) {
+        out.columns[c].set(g, partial(i));
+        continue;
+      }
       // A key folded for one window by several partitions: merged in partition order.
       Moments m;
-      for (std::size_t r = i; r < j; ++r) m.merge(c == 0 ? *rows[r].first : rows[r].more[c - 1]);
+      for (std::size_t r = i; r < j; ++r) m.merge(partial(r));
       out.columns[c].set(g, m);
     }
-    ++g;
     i = j;
   }
-  return out;
+}
+
+template <class K>
+void WindowedAggregateStore<K>::finish_rows(WindowRows<K>& out) noexcept {
+  for (StatArrays& column : out.columns) column.size = out.starts.size();
 }
 
 template <class K>
@@ -716,10 +754,11 @@ void WindowedAggregateStore<K>::check_header(std::string_view value, bool delta,
 
 template <class K>
 void WindowedAggregateStore<K>::encode_window(std::string& chunk, const Window& w,
-                                              std::size_t begin, std::size_t end) const {
+                                              const std::size_t* order, std::size_t n) const {
   const std::size_t extra = width_ - 1;
-  put_u32(chunk, static_cast<std::uint32_t>(end - begin));
-  for (std::size_t i = begin; i < end; ++i) {
+  put_u32(chunk, static_cast<std::uint32_t>(n));
+  for (std::size_t r = 0; r < n; ++r) {
+    const std::size_t i = order[r];
     K::encode(chunk, w.table.key_at(i));
     w.table.value_at(i).encode(chunk);
     for (std::size_t c = 0; c < extra; ++c) w.more[i * extra + c].encode(chunk);
@@ -738,11 +777,27 @@ void WindowedAggregateStore<K>::encode_sessions(std::string& chunk, View key,
   }
 }
 
-// Session keys of one partition, chunked: `pick(i)` says whether entry i goes in.
+// Entries [0, n) of `table` ordered by key: captures list keys in key order, so equal
+// contents give equal bytes whatever order the keys were folded (or restored) in.
+template <class K, class Table>
+std::vector<std::size_t> key_order(const Table& table, std::size_t n, const std::size_t* pick) {
+  std::vector<std::size_t> order(n);
+  for (std::size_t r = 0; r < n; ++r) order[r] = pick == nullptr ? r : pick[r];
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return K::less(table.key_at(a), table.key_at(b));
+  });
+  return order;
+}
+
+// Session entries `indices` (all the live ones when null) of one partition, in key order
+// and chunks; entries without sessions are listed only when `indices` names them.
 template <class K>
-template <class Pick>
 void WindowedAggregateStore<K>::write_sessions(RecordWriter& writer, std::uint32_t pid,
-                                               const Partition& p, Pick&& pick) const {
+                                               const Partition& p,
+                                               const std::vector<std::size_t>* indices) const {
+  std::vector<std::size_t> order =
+      indices == nullptr ? key_order<K>(p.sessions, p.sessions.size(), nullptr)
+                         : key_order<K>(p.sessions, indices->size(), indices->data());
   const std::string key = partition_key(kSessionsPrefix, pid);
   std::string chunk;
   std::uint32_t count = 0;
@@ -752,15 +807,16 @@ void WindowedAggregateStore<K>::write_sessions(RecordWriter& writer, std::uint32
     writer.add(key, chunk);
     count = 0;
   };
-  const auto add = [&](std::size_t i) {
+  for (const std::size_t i : order) {
+    const KeySessions& ks = p.sessions.value_at(i);
+    if (indices == nullptr && ks.spans.empty()) continue;
     if (count == 0) {
       chunk.clear();
       put_u32(chunk, 0);  // the count, patched by flush
     }
-    encode_sessions(chunk, p.sessions.key_at(i), p.sessions.value_at(i));
+    encode_sessions(chunk, p.sessions.key_at(i), ks);
     if (++count == kChunkEntries) flush();
-  };
-  pick(add);
+  }
   flush();
 }
 
@@ -768,11 +824,12 @@ template <class K>
 void WindowedAggregateStore<K>::write_window(RecordWriter& writer, std::uint32_t pid,
                                              std::int64_t start, const Window& w) const {
   const std::string key = window_key(pid, start);
+  const std::vector<std::size_t> order = key_order<K>(w.table, w.table.size(), nullptr);
   std::string chunk;
-  for (std::size_t begin = 0; begin < w.table.size(); begin += kChunkEntries) {
-    const std::size_t end = std::min(w.table.size(), begin + kChunkEntries);
+  for (std::size_t begin = 0; begin < order.size(); begin += kChunkEntries) {
+    const std::size_t n = std::min(order.size() - begin, kChunkEntries);
     chunk.clear();
-    encode_window(chunk, w, begin, end);
+    encode_window(chunk, w, order.data() + begin, n);
     writer.add(key, chunk);
   }
 }
@@ -785,11 +842,7 @@ std::string WindowedAggregateStore<K>::snapshot() {
   for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
     const Partition& p = *partitions_[pid];
     for (const auto& [start, w] : p.windows) write_window(writer, pid, start, w);
-    write_sessions(writer, pid, p, [&](const auto& add) {
-      for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-        if (!p.sessions.value_at(i).spans.empty()) add(i);
-      }
-    });
+    if (sessions_kind()) write_sessions(writer, pid, p, nullptr);
   }
   std::string out = std::move(writer).finish();
   reset_tracking(out, 0);
@@ -812,17 +865,12 @@ std::string WindowedAggregateStore<K>::snapshot_delta() {
     for (const auto& [start, w] : p.windows) {
       if (w.dirty) write_window(writer, pid, start, w);
     }
+    if (!sessions_kind()) continue;
     if (p.rewritten) {
       writer.add(partition_key(kResetPrefix, pid), {});
-      write_sessions(writer, pid, p, [&](const auto& add) {
-        for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-          if (!p.sessions.value_at(i).spans.empty()) add(i);
-        }
-      });
+      write_sessions(writer, pid, p, nullptr);
     } else {
-      write_sessions(writer, pid, p, [&](const auto& add) {
-        for (const std::size_t i : p.dirty_keys) add(i);
-      });
+      write_sessions(writer, pid, p, &p.dirty_keys);
     }
   }
   std::string out = std::move(writer).finish();

@@ -210,7 +210,11 @@ class WindowedAggregateStore {
   void add_row(Moments& first, Moments* more, const double* row) const noexcept;
   [[nodiscard]] bool skipped(const double* row) const noexcept;
   [[nodiscard]] WindowRows<K> take(std::int64_t watermark, bool everything);
-  [[nodiscard]] WindowRows<K> finish_rows(std::vector<RowRef>& rows) const;
+  // Emission: room for `rows` rows; rows of one or more windows sorted by (end, start,
+  // key, partition) and appended, a key's partitions merged; the columns' final size.
+  void allocate_rows(WindowRows<K>& out, std::size_t rows) const;
+  void append_rows(WindowRows<K>& out, std::vector<RowRef>& rows) const;
+  static void finish_rows(WindowRows<K>& out) noexcept;
   // Drops session keys without sessions once they outnumber the live ones.
   void compact_sessions(Partition& p);
   // Recomputes the partition's open and dead_keys counters (after a restore or delta).
@@ -220,15 +224,15 @@ class WindowedAggregateStore {
   [[nodiscard]] std::string header(bool delta) const;
   void check_header(std::string_view header, bool delta, std::uint32_t& parent,
                     std::uint64_t& sequence, std::int64_t& closed) const;
-  void encode_window(std::string& chunk, const Window& w, std::size_t begin,
-                     std::size_t end) const;
+  // The n entries order[0 .. n) of `w` as one chunk.
+  void encode_window(std::string& chunk, const Window& w, const std::size_t* order,
+                     std::size_t n) const;
   void encode_sessions(std::string& chunk, View key, const KeySessions& ks) const;
   void write_window(RecordWriter& writer, std::uint32_t pid, std::int64_t start,
                     const Window& w) const;
-  // The session entries `pick(add)` passes to add(index), in chunks.
-  template <class Pick>
+  // The partition's session keys (those of `indices`, or every live one when null).
   void write_sessions(RecordWriter& writer, std::uint32_t pid, const Partition& p,
-                      Pick&& pick) const;
+                      const std::vector<std::size_t>* indices) const;
   void read_window_chunk(std::string_view value, std::int64_t start, Staged& staged) const;
   void read_sessions_chunk(std::string_view value, Staged& staged, bool delta) const;
   // Reads a snapshot's or delta's records into per-partition staged state.
