@@ -154,17 +154,43 @@ class Job:
             offset, epoch, k = stop, epoch + 1, k + 1
         return True
 
+    def play(self, plan: Plan) -> Sink:
+        """The plan's crashing runs, then one to the end, then one more start (recovery of
+        a finished job); return the last sink, checked to have nothing left staged."""
+        for sizes, pieces, crash in plan.crashed:
+            self.run(sizes, pieces, crash)
+        assert self.run(*plan.last, crash=None)
+        sink, _, offset = self.recover()
+        assert offset == self.total
+        assert self.staged_leftovers() == []
+        return sink
+
     def staged_leftovers(self) -> list[str]:
         return paths_under(self.store, f"{self.sink_prefix}/_staging") + paths_under(
             self.store, f"{self.namespace}/sinks"
         )
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How a job goes: the source's row count, runs that crash (rows per epoch, cycled;
+    batches per epoch; the (epoch, step) where the run stops), and the run that ends it."""
+
+    total: int
+    crashed: list[tuple[list[int], int, tuple[int, str]]]
+    last: tuple[list[int], int]
+
+
 epoch_sizes = st.lists(st.integers(0, 30), min_size=1, max_size=5).map(
     lambda sizes: sizes if sum(sizes) else [*sizes, 1]
 )
 crash_points = st.tuples(st.integers(0, 5), st.sampled_from(STEPS))
-runs = st.lists(st.tuples(epoch_sizes, st.integers(1, 3), crash_points), max_size=3)
+plans = st.builds(
+    Plan,
+    total=st.integers(0, 90),
+    crashed=st.lists(st.tuples(epoch_sizes, st.integers(1, 3), crash_points), max_size=3),
+    last=st.tuples(epoch_sizes, st.integers(1, 3)),
+)
 
 
 def examples(store: Any, local: int) -> settings:
@@ -183,31 +209,14 @@ def test_parquet_sink_publishes_every_committed_row_exactly_once_across_crashes(
     store: Any,
 ) -> None:
     @examples(store, 30)
-    @given(
-        total=st.integers(0, 90),
-        crashed=runs,
-        last=st.tuples(epoch_sizes, st.integers(1, 3)),
-        max_file_bytes=st.sampled_from([200, 1 << 20]),
-        double=st.booleans(),
-    )
-    def check(
-        total: int,
-        crashed: list[tuple[list[int], int, tuple[int, str]]],
-        last: tuple[list[int], int],
-        max_file_bytes: int,
-        double: bool,
-    ) -> None:
+    @given(plan=plans, max_file_bytes=st.sampled_from([200, 1 << 20]), double=st.booleans())
+    def check(plan: Plan, max_file_bytes: int, double: bool) -> None:
         def make_sink(prefix: str) -> Sink:
             return ParquetSink(store, prefix, max_file_bytes=max_file_bytes, retry=FAST)
 
-        job = Job(store, make_sink, total, double=double)
-        for sizes, pieces, crash in crashed:
-            job.run(sizes, pieces, crash)
-        assert job.run(*last, crash=None)
-        sink, _, offset = job.recover()  # one more start: recovery of a finished job
-        assert offset == total
-        assert job.staged_leftovers() == []
-        assert published_ids(sink, store) == list(range(total))  # type: ignore[arg-type]
+        sink = Job(store, make_sink, plan.total, double=double).play(plan)
+        assert isinstance(sink, ParquetSink)
+        assert published_ids(sink, store) == list(range(plan.total))
 
     check()
 
@@ -368,6 +377,52 @@ def test_parquet_sink_on_an_s3_url(s3_server: Any, monkeypatch: pytest.MonkeyPat
     assert direct is not None and direct.num_rows == 50
 
 
+class InterruptedRenames(CheckpointStorage):
+    """Renames that fail on the calls numbered in ``failing``: ``"after_copy"`` copies then
+    fails before deleting the source (an S3 rename is a copy and a delete), ``"lost_reply"``
+    moves the object and then fails (a response lost on the way back)."""
+
+    def __init__(self, store: Any, failing: set[int], how: str, error: OSError) -> None:
+        super().__init__(store)
+        self.failing, self.how, self.error, self.calls = failing, how, error, 0
+
+    def rename(self, src: str, dst: str) -> None:
+        self.calls += 1
+        if self.calls not in self.failing:
+            super().rename(src, dst)
+            return
+        if self.how == "after_copy":
+            self.put(dst, bytes(self.get(src).data))
+        else:
+            super().rename(src, dst)
+        raise self.error
+
+
+@pytest.mark.parametrize("how", ["after_copy", "lost_reply"])
+def test_an_interrupted_rename_is_retried_to_the_same_result(store: Any, how: str) -> None:
+    storage = InterruptedRenames(store, {2}, how, ConnectionResetError(104, "reset"))
+    sink = ParquetSink(storage, "out", max_file_bytes=200, retry=FAST)
+    staged = sink.stage(0, [rows(0, 40)])
+    sink.publish(0, staged)  # the transient failure is retried inside publish
+    assert storage.calls > len(staged)
+    assert paths_under(store, "out/_staging") == []
+    assert published_ids(sink, store) == list(range(40))
+
+
+@pytest.mark.parametrize("how", ["after_copy", "lost_reply"])
+def test_a_publish_that_fails_part_way_is_completed_by_recovery(store: Any, how: str) -> None:
+    storage = InterruptedRenames(store, {2}, how, PermissionError(13, "denied"))
+    sink = ParquetSink(storage, "out", max_file_bytes=200, retry=FAST)
+    staged = sink.stage(0, [rows(0, 40)])
+    assert len(staged) >= 3
+    with pytest.raises(SinkError, match="publishing epoch 0") as info:
+        sink.publish(0, staged)
+    assert info.value.__cause__ is not None
+    ParquetSink(store, "out", retry=FAST).recover(0, staged)  # the next start
+    assert paths_under(store, "out/_staging") == []
+    assert published_ids(sink, store) == list(range(40))
+
+
 def test_stage_failure_leaves_nothing_staged(tmp_path: Path) -> None:
     class FailingSecondPut(CheckpointStorage):
         puts = 0
@@ -414,28 +469,13 @@ def test_callable_sink_delivers_every_committed_row_exactly_once_across_crashes(
     store: Any,
 ) -> None:
     @examples(store, 30)
-    @given(
-        total=st.integers(0, 90),
-        crashed=runs,
-        last=st.tuples(epoch_sizes, st.integers(1, 3)),
-        double=st.booleans(),
-    )
-    def check(
-        total: int,
-        crashed: list[tuple[list[int], int, tuple[int, str]]],
-        last: tuple[list[int], int],
-        double: bool,
-    ) -> None:
+    @given(plan=plans, double=st.booleans())
+    def check(plan: Plan, double: bool) -> None:
         delivered: list[pa.RecordBatch] = []
-        job = Job(store, lambda _: CallableSink(delivered.append), total, double=double)
-        for sizes, pieces, crash in crashed:
-            job.run(sizes, pieces, crash)
-        assert job.run(*last, crash=None)
-        job.recover()
-        assert job.staged_leftovers() == []
+        Job(store, lambda _: CallableSink(delivered.append), plan.total, double=double).play(plan)
         ids = [i for batch in delivered for i in batch.column("id").to_pylist()]
         # Crashes between the steps never interrupt a delivery: exactly once.
-        assert sorted(ids) == list(range(total))
+        assert sorted(ids) == list(range(plan.total))
 
     check()
 
@@ -525,3 +565,12 @@ def test_sinks_satisfy_the_protocol(tmp_path: Path) -> None:
     assert issubclass(SinkError, StreamStateError)
     for name in ("Sink", "ParquetSink", "CallableSink", "SinkError"):
         assert name in streamstate.__all__
+
+
+def test_published_files_are_listed_in_epoch_then_file_order(tmp_path: Path) -> None:
+    sink = ParquetSink(tmp_path, "out")
+    names = ["epoch-000000000001-9999", "epoch-000000000001-10000", "epoch-1000000000000-0000"]
+    (tmp_path / "out").mkdir()
+    for name in reversed(names):
+        (tmp_path / "out" / f"{name}.parquet").write_bytes(b"listed, never read")
+    assert sink.published_files() == [f"out/{name}.parquet" for name in names]

@@ -20,16 +20,17 @@ exactly-once; :class:`CallableSink` hands rows to a Python function, at least on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import posixpath
 import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from obstore import exceptions as obs_errors
 
+from .batcher import _check_epoch
 from .codec import sha256_hex
 from .errors import CorruptDataError, IntegrityError, SinkError, StreamStateError
 from .retry import RetryPolicy
@@ -100,15 +101,7 @@ def _pyarrow() -> Any:
     return pyarrow
 
 
-def _check_epoch(epoch: object) -> int:
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
-        raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
-    return epoch
-
-
-def _check_recovered(epoch: object, staged: object) -> int | None:
+def _check_recovered(epoch: int | None, staged: object) -> int | None:
     if epoch is None:
         if staged is not None:
             raise ValueError("recover(None, staged): staged rows need the epoch they belong to")
@@ -179,7 +172,7 @@ _STAGED_NAME = re.compile(r"epoch-(\d{12,})-(\d{4,})-([0-9a-f]{32})\.parquet")
 DEFAULT_MAX_FILE_BYTES = 128 << 20
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _StagedFile:
     """One file staged by :meth:`ParquetSink.stage`, as the manifest records it."""
 
@@ -188,15 +181,6 @@ class _StagedFile:
     rows: int
     bytes: int
     sha256: str
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "staged": self.staged,
-            "final": self.final,
-            "rows": self.rows,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-        }
 
 
 class ParquetSink:
@@ -222,8 +206,10 @@ class ParquetSink:
     None)``, a job starting without checkpoints, deletes every published epoch file: a
     fresh start must not leave the output of a run whose checkpoints are gone.
 
-    Only names this sink writes are ever deleted; other files in the directory stay. The
-    sink keeps no state between calls, so its methods may run on different threads.
+    One job writes to one prefix: recovery deletes the epoch files it cannot account for,
+    so two jobs sharing a prefix delete each other's output. Only names this sink writes
+    are ever deleted; other files in the directory stay. The sink keeps no state between
+    calls, so its methods may run on different threads.
     """
 
     exactly_once = True
@@ -301,7 +287,7 @@ class ParquetSink:
         except _STORAGE_ERRORS as exc:
             self._io.delete_quietly([entry.staged for entry in staged])
             raise SinkError(f"{self!r}: staging epoch {epoch} failed: {exc}") from exc
-        return [entry.record() for entry in staged]
+        return [dataclasses.asdict(entry) for entry in staged]
 
     def publish(self, epoch: int, staged: Any) -> None:
         """Rename the files :meth:`stage` staged for ``epoch`` to their final names.
@@ -359,11 +345,12 @@ class ParquetSink:
 
     def published_files(self) -> list[str]:
         """The store paths of the published files, in epoch and file order."""
-        return sorted(
-            path
-            for path in self._io.list_directory(self._prefix)
-            if _FINAL_NAME.fullmatch(posixpath.basename(path))
-        )
+        found = []
+        for path in self._io.list_directory(self._prefix):
+            match = _FINAL_NAME.fullmatch(posixpath.basename(path))
+            if match is not None:
+                found.append((int(match[1]), int(match[2]), path))
+        return [path for _, _, path in sorted(found)]
 
     def read_published(self) -> pa.Table:
         """Every published row as one ``pyarrow.Table`` (for stores pyarrow cannot open
