@@ -12,12 +12,12 @@ windows it must publish, exactly once.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import numpy as np
+from pipeline_crash_child import SlowSource  # a run slow enough to be hit (this directory)
 
-from streamstate.pipeline import ArraySource, Batch, Pipeline
+from streamstate.pipeline import ArraySource, Pipeline
 from streamstate.sinks import ParquetSink
 from streamstate.windows import Tumbling
 
@@ -40,7 +40,6 @@ PIPELINE: dict[str, Any] = {
     "full_checkpoint_every": 3,
     "keep_checkpoints": 2,
 }
-READ_PAUSE = 0.01  # per batch: a run lasts ~0.6 s plus its checkpoints
 
 
 def windowed_source() -> ArraySource:
@@ -51,21 +50,6 @@ def windowed_source() -> ArraySource:
     keys = rng.integers(0, KEYS, ROWS)
     values = rng.integers(-1_000, 1_000, ROWS).astype(np.float64)
     return ArraySource("events", {"k": keys, "t": times, "v": values})
-
-
-class SlowSource:
-    """The source, read a little slower, so a run lasts long enough to be hit."""
-
-    def __init__(self, inner: ArraySource) -> None:
-        self.inner = inner
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def read(self, offset: int, max_rows: int) -> Batch | None:
-        time.sleep(READ_PAUSE)
-        return self.inner.read(offset, max_rows)
 
 
 def open_store(kind: str, where: list[str]) -> Any:

@@ -395,8 +395,8 @@ class Windowing:
         """Emit every final window (every open one with ``flush``: the source ended) and
         take the late rows gathered since the last capture: the checkpoint's output. Call
         with the partitions quiesced, before the store is captured."""
-        emitted = store.emit_all() if flush else store.emit(self.watermark.value)
-        batch = self.emitted_batch(emitted, store.key_type)
+        emitted = store.emit_all_arrow() if flush else store.emit_arrow(self.watermark.value)
+        batch = self.emitted_batch(emitted)
         batches: dict[str, list[pa.RecordBatch]] = {"sink": [batch] if batch.num_rows else []}
         batches["late_sink"], self._late = self._late, []
         self.emitted_windows += batch.num_rows
@@ -408,23 +408,20 @@ class Windowing:
         """The window state the manifest records: the watermark and the time kind."""
         return {**self.watermark.state(), "datetime": self.is_datetime}
 
-    def emitted_batch(self, emitted: Mapping[str, Any], key_type: str) -> pa.RecordBatch:
-        """The store's emitted columns as one Arrow record batch: ``key``,
-        ``window_start``, ``window_end`` (``timestamp[ms]`` when the time column held
-        datetimes, int64 ms otherwise), then the statistics of each value column."""
+    def emitted_batch(self, emitted: pa.RecordBatch) -> pa.RecordBatch:
+        """The store's emitted batch (``key``, ``window_start``, ``window_end`` in int64
+        ms, then the statistics of each value column) with its bounds as
+        ``timestamp[ms]`` when the time column held datetimes (a cast of the same
+        buffers)."""
+        if not self.is_datetime:
+            return emitted
         import pyarrow as pa
 
-        key_arrow = {"int64": pa.int64(), "bytes": pa.binary(), "str": pa.string()}[key_type]
-        bound = pa.timestamp("ms") if self.is_datetime else pa.int64()
-        arrays: dict[str, Any] = {}
-        for name, column in emitted.items():
-            if name == "key":
-                arrays[name] = pa.array(column, type=key_arrow)
-            elif name in ("window_start", "window_end"):
-                arrays[name] = pa.array(np.asarray(column, dtype=np.int64)).cast(bound)
-            else:
-                arrays[name] = pa.array(np.asarray(column))
-        return pa.record_batch(arrays)
+        columns = list(emitted.columns)
+        for bound in ("window_start", "window_end"):
+            i = emitted.schema.get_field_index(bound)
+            columns[i] = columns[i].cast(pa.timestamp("ms"))
+        return pa.RecordBatch.from_arrays(columns, names=emitted.schema.names)
 
     def landed(self) -> None:
         """The commit of the output in flight landed: publish it."""
