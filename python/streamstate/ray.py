@@ -57,7 +57,6 @@ import numpy as np
 from obstore.store import MemoryStore
 
 from .aggregate import KeyType, NanPolicy, NumericAggregateStore
-from .batcher import decode_batch
 from .checkpoint import ObjectStoreCheckpointer
 from .errors import (
     CheckpointError,
@@ -70,7 +69,13 @@ from .errors import (
 from .manifest import PartitionSnapshotEntry
 from .pending import PendingCheckpoint
 from .pipeline.checkpoints import CheckpointStats, CommitInFlight, DeltaChain
-from .pipeline.contents import STATE_OPERATOR, STORE_ENTRY, check_layout, pack_state
+from .pipeline.contents import (
+    STATE_OPERATOR,
+    STORE_ENTRY,
+    check_layout,
+    pack_state,
+    packed_entries,
+)
 from .pipeline.core import _FIRST_IDLE_SLEEP, Pipeline, PipelineRun, Transform, _key_type_of
 from .pipeline.fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
 from .pipeline.routing import DEFAULT_KEY_GROUPS, partition_batch
@@ -128,7 +133,7 @@ def owned_partitions(worker: int, workers: int, partitions: int) -> range:
 def _unpack_store(packed: bytes, where: str) -> bytes:
     """The store snapshot (or delta) one packed ``"aggregates"`` artifact holds."""
     try:
-        entries = dict(decode_batch(packed))
+        entries = dict(packed_entries(packed))
     except CorruptDataError as exc:
         raise IncompatibleCheckpointError(
             f"{where} is not a pipeline's packed store state ({exc})"

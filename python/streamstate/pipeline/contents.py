@@ -37,6 +37,7 @@ __all__ = [
     "check_layout",
     "check_newest",
     "pack_state",
+    "packed_entries",
     "state_chain_bytes",
     "unpack_state",
 ]
@@ -169,6 +170,13 @@ def check_newest(
     check_layout(fingerprint, where, partitions, manifest.source_offsets, record, start_offset)
 
 
+def packed_entries(packed: bytes) -> list[tuple[str, bytes]]:
+    """The (name, blob) entries of one packed ``"aggregates"`` artifact, which is an LCB1
+    batch or a bare store snapshot (see :func:`pack_state`; a bare one is checked by the
+    store that restores it). Raises ``CorruptDataError`` for anything else."""
+    return [(STORE_ENTRY, packed)] if packed[:4] == _RECORD_MAGIC else decode_batch(packed)
+
+
 def _unpack(
     packed: bytes, where: str, what: str, values: Collection[str], layout: set[str] | None
 ) -> dict[str, bytes]:
@@ -176,8 +184,7 @@ def _unpack(
     one store (``STORE_ENTRY``) or, in the older layout, exactly the columns ``values``;
     and, when ``layout`` is given, that it holds the same entries (a chain keeps one)."""
     try:
-        # A bare store snapshot (see pack_state) is checked by the store that restores it.
-        entries = [(STORE_ENTRY, packed)] if packed[:4] == _RECORD_MAGIC else decode_batch(packed)
+        entries = packed_entries(packed)
     except CorruptDataError as exc:
         raise IncompatibleCheckpointError(
             f"checkpoint {where}: its {STATE_OPERATOR!r} {what} is not a pipeline's packed "
