@@ -16,6 +16,7 @@
 #include "core/flat_table.h"
 #include "core/partition_router.h"
 #include "core/record_codec.h"
+#include "core/snapshot_records.h"
 
 namespace streamstate {
 namespace {
@@ -101,8 +102,11 @@ void sort_by_high_word(std::vector<std::uint64_t>& v, unsigned bits) {
   }
 }
 
+// Which snapshot format found the damage, leading every CorruptDataError it raises.
+constexpr std::string_view kCodec = "numeric aggregate store snapshot";
+
 [[noreturn]] void corrupt(const std::string& what) {
-  throw CorruptDataError("numeric aggregate store snapshot: " + what);
+  throw CorruptDataError(std::string(kCodec) + ": " + what);
 }
 
 // Reads a chunk's entry count and rejects counts the chunk cannot possibly hold, so a
@@ -113,23 +117,9 @@ std::uint32_t chunk_count(ByteReader& in, std::size_t min_entry_bytes) {
   return n;
 }
 
-std::string partition_key(std::string_view prefix, std::uint32_t pid) {
-  std::string key(prefix);
-  put_u32(key, pid);
-  return key;
-}
-
-// The partition id of a record named prefix + u32, or nullopt for another name.
 std::optional<std::uint32_t> partition_of(std::string_view key, std::string_view prefix,
                                           std::uint32_t np) {
-  if (key.size() != prefix.size() + 4 || key.substr(0, prefix.size()) != prefix) {
-    return std::nullopt;
-  }
-  const std::uint32_t pid = load_u32(key.data() + prefix.size());
-  if (pid >= np) {
-    corrupt("partition id " + std::to_string(pid) + " >= num_partitions " + std::to_string(np));
-  }
-  return pid;
+  return partition_of_record(key, prefix, np, kCodec);
 }
 
 template <class K>
@@ -218,20 +208,10 @@ void put_columns(std::string& header, const std::vector<std::string>& columns) {
   }
 }
 
-std::string describe_columns(const std::vector<std::string>& columns) {
-  if (columns.empty()) return "one unnamed value column";
-  std::string out = "value columns [";
-  for (std::size_t c = 0; c < columns.size(); ++c) {
-    if (c > 0) out += ", ";
-    out += "'" + columns[c] + "'";
-  }
-  return out + "]";
-}
-
 void check_columns(const std::vector<std::string>& written, const std::vector<std::string>& mine) {
   if (written != mine) {
-    corrupt("written by a store with " + describe_columns(written) + " (this store has " +
-            describe_columns(mine) + ")");
+    corrupt("written by a store with " + describe_value_columns(written) + " (this store has " +
+            describe_value_columns(mine) + ")");
   }
 }
 
@@ -704,7 +684,7 @@ std::string NumericAggregateStore<K>::snapshot() {
       const std::uint32_t pid = run.source - 1;
       const Local& table = partitions_[pid]->local;
       const std::vector<std::uint64_t>& refs = local[pid];
-      write_run(writer, partition_key(kLocalPrefix, pid), run, chunk,
+      write_run(writer, partition_record_name(kLocalPrefix, pid), run, chunk,
                 [&](std::string& out, std::size_t i) {
                   const auto ref = static_cast<Ref>(refs[i]);
                   K::encode(out, table.key_at(ref));
@@ -786,7 +766,7 @@ std::string NumericAggregateStore<K>::snapshot_delta() {
   std::vector<std::uint64_t> refs;
   for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
     const Partition& p = *partitions_[pid];
-    const std::string shared_key = partition_key(kSharedKey, pid);
+    const std::string shared_key = partition_record_name(kSharedKey, pid);
     for (std::size_t start = 0; start < p.dirty.size(); start += kChunkEntries) {
       const std::size_t end = std::min(p.dirty.size(), start + kChunkEntries);
       chunk.clear();
@@ -800,10 +780,10 @@ std::string NumericAggregateStore<K>::snapshot_delta() {
       }
       writer.add(shared_key, chunk);
     }
-    if (p.local.drained_since_capture()) writer.add(partition_key(kResetPrefix, pid), {});
+    if (p.local.drained_since_capture()) writer.add(partition_record_name(kResetPrefix, pid), {});
     refs.clear();
     p.local.collect_changes(refs);
-    const std::string local_key = partition_key(kLocalPrefix, pid);
+    const std::string local_key = partition_record_name(kLocalPrefix, pid);
     for (std::size_t start = 0; start < refs.size(); start += kChunkEntries) {
       const std::size_t end = std::min(refs.size(), start + kChunkEntries);
       chunk.clear();

@@ -10,6 +10,7 @@
 #include "core/errors.h"
 #include "core/partition_aggregator.h"
 #include "core/record_codec.h"
+#include "core/snapshot_records.h"
 
 namespace streamstate {
 namespace {
@@ -68,36 +69,23 @@ std::string decimal(i128 v) {
   return {digits.rbegin(), digits.rend()};
 }
 
-[[noreturn]] void corrupt(const std::string& what) {
-  throw CorruptDataError("window store snapshot: " + what);
-}
+// Which snapshot format found the damage, leading every CorruptDataError it raises.
+constexpr std::string_view kCodec = "window store snapshot";
 
-std::string partition_key(std::string_view prefix, std::uint32_t pid) {
-  std::string key(prefix);
-  put_u32(key, pid);
-  return key;
+[[noreturn]] void corrupt(const std::string& what) {
+  throw CorruptDataError(std::string(kCodec) + ": " + what);
 }
 
 std::string window_key(std::uint32_t pid, std::int64_t start) {
-  std::string key = partition_key(kWindowPrefix, pid);
+  std::string key = partition_record_name(kWindowPrefix, pid);
   put_u64(key, static_cast<std::uint64_t>(start));
   return key;
 }
 
-// The partition of a record named prefix + u32 (+ `suffix` more bytes, returned in
-// `rest`), or nullopt for another name; CorruptDataError for a partition >= np.
 std::optional<std::uint32_t> partition_of(std::string_view key, std::string_view prefix,
                                           std::uint32_t np, std::size_t suffix = 0,
                                           std::string_view* rest = nullptr) {
-  if (key.size() != prefix.size() + 4 + suffix || key.substr(0, prefix.size()) != prefix) {
-    return std::nullopt;
-  }
-  const std::uint32_t pid = load_u32(key.data() + prefix.size());
-  if (pid >= np) {
-    corrupt("partition id " + std::to_string(pid) + " >= num_partitions " + std::to_string(np));
-  }
-  if (rest != nullptr) *rest = key.substr(prefix.size() + 4);
-  return pid;
+  return partition_of_record(key, prefix, np, kCodec, suffix, rest);
 }
 
 std::string describe(const WindowSpec& spec) {
@@ -111,16 +99,6 @@ std::string describe(const WindowSpec& spec) {
       return "session windows of gap " + std::to_string(spec.gap);
   }
   return "unknown windows";
-}
-
-std::string describe_columns(const std::vector<std::string>& columns) {
-  if (columns.empty()) return "one unnamed value column";
-  std::string out = "value columns [";
-  for (std::size_t c = 0; c < columns.size(); ++c) {
-    if (c > 0) out += ", ";
-    out += "'" + columns[c] + "'";
-  }
-  return out + "]";
 }
 
 // Every partition's mutex, in ascending order, for as long as this lives.
@@ -743,8 +721,8 @@ void WindowedAggregateStore<K>::check_header(std::string_view value, bool delta,
             " (this store has " + describe(spec_) + ")");
   }
   if (columns != columns_) {
-    corrupt("written by a store with " + describe_columns(columns) + " (this store has " +
-            describe_columns(columns_) + ")");
+    corrupt("written by a store with " + describe_value_columns(columns) + " (this store has " +
+            describe_value_columns(columns_) + ")");
   }
   if (delta ? np != num_partitions() : np > num_partitions()) {
     corrupt("written by a store of " + std::to_string(np) + " partitions (this one has " +
@@ -798,7 +776,7 @@ void WindowedAggregateStore<K>::write_sessions(RecordWriter& writer, std::uint32
   std::vector<std::size_t> order =
       indices == nullptr ? key_order<K>(p.sessions, p.sessions.size(), nullptr)
                          : key_order<K>(p.sessions, indices->size(), indices->data());
-  const std::string key = partition_key(kSessionsPrefix, pid);
+  const std::string key = partition_record_name(kSessionsPrefix, pid);
   std::string chunk;
   std::uint32_t count = 0;
   const auto flush = [&] {
@@ -860,14 +838,14 @@ std::string WindowedAggregateStore<K>::snapshot_delta() {
       std::string removed;
       put_u32(removed, static_cast<std::uint32_t>(p.removed.size()));
       for (const std::int64_t start : p.removed) put_u64(removed, static_cast<std::uint64_t>(start));
-      writer.add(partition_key(kRemovedPrefix, pid), removed);
+      writer.add(partition_record_name(kRemovedPrefix, pid), removed);
     }
     for (const auto& [start, w] : p.windows) {
       if (w.dirty) write_window(writer, pid, start, w);
     }
     if (!sessions_kind()) continue;
     if (p.rewritten) {
-      writer.add(partition_key(kResetPrefix, pid), {});
+      writer.add(partition_record_name(kResetPrefix, pid), {});
       write_sessions(writer, pid, p, nullptr);
     } else {
       write_sessions(writer, pid, p, &p.dirty_keys);
