@@ -487,6 +487,18 @@ def test_machine_passes_a_correct_operator() -> None:
     )
 
 
+def test_machine_missing_a_hook_is_refused_by_name() -> None:
+    class _NoCheck(OperatorMachine[_Counter, Counter[bytes]]):
+        def make_operator(self) -> _Counter:
+            return _Counter()
+
+        def make_model(self) -> Counter[bytes]:
+            return Counter()
+
+    with pytest.raises(TypeError, match=r"_NoCheck must implement check"):
+        _NoCheck()  # type: ignore[abstract]
+
+
 def test_machine_finds_a_bug_only_a_restore_shows() -> None:
     # The buggy counter is right until it is restored: only the built-in checkpoint and
     # crash/rollback steps can expose it.

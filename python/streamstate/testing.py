@@ -31,6 +31,7 @@ import copy
 import itertools
 import math
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar, cast
@@ -642,6 +643,18 @@ class OperatorMachine(RuleBasedStateMachine, Generic[OperatorT, ModelT]):
     detects_corruption: ClassVar[bool] = True
 
     def __init__(self) -> None:
+        # RuleBasedStateMachine's metaclass is not ABCMeta, so the abstract hooks are
+        # enforced here: a machine missing one fails at once, naming what it lacks.
+        missing = [
+            name
+            for name in ("make_operator", "make_model", "check")
+            if getattr(getattr(type(self), name), "__isabstractmethod__", False)
+        ]
+        if missing:
+            raise TypeError(
+                f"{type(self).__name__} must implement {', '.join(missing)} "
+                "(see OperatorMachine)"
+            )
         super().__init__()
         self.operator: OperatorT = self.make_operator()
         self.model: ModelT = self.make_model()
@@ -649,17 +662,17 @@ class OperatorMachine(RuleBasedStateMachine, Generic[OperatorT, ModelT]):
 
     # -- what a subclass provides
 
+    @abstractmethod
     def make_operator(self) -> OperatorT:
         """A new, empty operator under test."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_model(self) -> ModelT:
         """A new, empty model (plain Python; deep-copied at each checkpoint)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def check(self, operator: OperatorT, model: ModelT) -> None:
         """Assert that ``operator`` and ``model`` hold the same state."""
-        raise NotImplementedError
 
     def snapshot(self, operator: OperatorT) -> bytes:
         """The operator's snapshot (default: ``operator.snapshot()``)."""
