@@ -290,7 +290,7 @@ def test_a_callable_sink_gets_every_window_with_timestamp_bounds(tmp_path: Path)
     assert late_rows == len(late_ref) and table.num_rows == len(expected)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     window=st.sampled_from(WINDOWS),
     lateness=st.sampled_from([0, 40]),

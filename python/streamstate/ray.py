@@ -33,6 +33,23 @@ chain (the full snapshot and its deltas, each verified with ``load_verified``); 
 layout (a rescale, or a Pipeline's one-store checkpoint) each worker reads every artifact
 and keeps the keys whose key groups its partitions own (``restore_from``).
 
+A windowed job (``window=``, see :mod:`streamstate.pipeline.windowing`) runs the
+Pipeline's own window machinery on the driver: :meth:`Windowing.route
+<streamstate.pipeline.windowing.Windowing.route>` splits each batch's late rows off under
+the watermark before it and routes the rest with their event times, and the watermark moves
+on from the routed times, as in the Pipeline. The workers hold window stores
+(:class:`~streamstate.window_store.WindowedAggregateStore`) and fold each slice under the
+watermark it was routed with. At a barrier each worker first emits the windows that ended
+(``emit_windows``, queued just before the capture, so the capture holds only what was not
+emitted); once every upload is in, the driver merges the workers' emitted batches in the
+order one store would emit them (:func:`~streamstate.pipeline.windowing.merge_emitted`),
+and its commit thread stages them and the barrier's late rows in the sinks before the
+manifest (recording the staging and the watermark in its metadata, as the Pipeline's
+does); once the manifest landed the driver publishes them. Recovery restores the watermark
+from the manifest and settles the sinks on the recovered checkpoint. A windowed checkpoint
+resumes only with the partitions and workers it was written with (its window stores are
+restored whole, and the watermark depends on the partitioning).
+
 A worker that dies (``ray.kill``, out of memory, a lost node) is noticed at the next reply
 of any call; every worker is then replaced, restored from the last committed checkpoint,
 and the source rewound to its offset, up to ``max_restarts`` times per run
@@ -404,7 +421,8 @@ class PartitionsWorker:
 class RayPipelineRun(PipelineRun):
     """A :class:`~streamstate.pipeline.PipelineRun` of a :class:`RayPipeline`, plus
     ``restarts``: how often the workers were replaced after one died (each restart replays
-    from the last checkpoint, so ``events`` counts the replayed rows again)."""
+    from the last checkpoint, so ``events`` and ``late_events`` count the replayed rows
+    again)."""
 
     restarts: int = 0
 
@@ -452,10 +470,20 @@ class RayPipeline:
         worker_timeout: the longest wait, in seconds, for any worker's reply (starting,
             restoring, a batch, an upload) before the run fails with
             :class:`WorkerTimeoutError`.
+        window, time, allowed_lateness, sink, late_sink: a windowed job, as the
+            :class:`~streamstate.pipeline.Pipeline` takes them, with the same semantics and
+            the same output: the watermark, the late split and the sinks run on the driver,
+            the windows in the workers. :attr:`RayPipelineRun.late_events` counts replays
+            after a restart again (the late sink holds each row once); ``emitted_windows``
+            counts the windows of the run's committed checkpoints. A windowed job has no
+            :meth:`results` (read the sink) and resumes only with the ``partitions`` and
+            ``num_workers`` its checkpoint was written with
+            (:class:`~streamstate.IncompatibleCheckpointError` otherwise).
 
     ``store`` must be reachable from every worker: a directory on one machine (or a
     shared file system), or an ``s3://``, ``gs://``, ``az://`` URL (or obstore store) on
-    a cluster; a ``MemoryStore`` is refused. The ``transform`` runs on the driver. The
+    a cluster; a ``MemoryStore`` is refused. The ``transform`` and the sinks run on the
+    driver (a sink's own store need only be reachable from there). The
     state lives in the workers: results are gathered from them, and :meth:`close` (or the
     end of a ``with`` block) ends them.
     """
