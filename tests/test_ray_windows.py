@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +47,7 @@ ROWS = 12_000
 BATCH = 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Iterator[None]:
-    """One local Ray for the module: 2 CPUs, as CI has."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray (conftest.py)
 
 
 def _events(seed: int = 16, rows: int = ROWS) -> dict[str, Any]:
@@ -296,14 +288,16 @@ def test_a_callable_sink_gets_every_window_with_timestamp_bounds(tmp_path: Path)
     lateness=st.sampled_from([0, 40]),
     partitions=st.integers(1, 3),
     workers=st.integers(1, 3),
-    batch_size=st.sampled_from([97, 400]),
+    batch_size=st.sampled_from([170, 400]),
     checkpoint_every=st.integers(1, 3),
     cut=st.floats(0.0, 1.0),
+    kill_at=st.one_of(st.none(), st.integers(1, 6)),
     seed=st.integers(0, 2**16),
 )
-def test_any_layout_and_stop_point_publishes_the_reference_exactly_once(
+def test_any_layout_stop_point_and_worker_loss_publishes_the_reference_exactly_once(
     window: Window, lateness: int, partitions: int, workers: int, batch_size: int,
-    checkpoint_every: int, cut: float, seed: int, tmp_path_factory: pytest.TempPathFactory,
+    checkpoint_every: int, cut: float, kill_at: int | None, seed: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     columns = make_events(2_000, keys=9, spread=3, disorder=200, seed=seed)
     tmp = tmp_path_factory.mktemp("prop")
@@ -321,7 +315,10 @@ def test_any_layout_and_stop_point_publishes_the_reference_exactly_once(
         with job() as first:
             first.run(max_batches=int(cut * batches))
     with job() as survivor:
-        assert survivor.run().finished
+        on_batch = None if kill_at is None else _killer(survivor, kill_at)
+        report = survivor.run(on_batch=on_batch)
+        assert report.finished
+        assert report.restarts == (kill_at is not None and kill_at <= report.batches)
     expected, late_rows = reference(
         columns["k"].tolist(), columns["t"].tolist(), columns["v"].tolist(), window=window,
         lateness=lateness, batch_size=batch_size, partitions=partitions,
