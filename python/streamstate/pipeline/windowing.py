@@ -310,7 +310,10 @@ class Windowing:
     Owned by the :class:`~streamstate.Pipeline`, which calls it at a few points: when it
     creates or restores the store, per batch (:meth:`fold_batch`), at each capture
     (:meth:`output`), when a commit landed (:meth:`landed`) and when it recovers
-    (:meth:`restore`, :meth:`recover_sinks`).
+    (:meth:`restore`, :meth:`recover_sinks`). A :class:`~streamstate.ray.RayPipeline`
+    drives the same object with its stores in other processes: :meth:`route` per batch,
+    and at each barrier :meth:`barrier`, then :meth:`add_windows` with what the workers
+    emitted (:func:`emit_final`).
     """
 
     @classmethod
