@@ -133,6 +133,19 @@ def s3_store(s3_server: S3Server) -> Any:
     return s3_server.store(s3_server.create_bucket())
 
 
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for a test module, 2 CPUs as CI has (a module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("ray_cluster")``, after skipping without Ray)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(params=["local", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """An obstore store of each backend in turn: a store-facing test runs once per backend

@@ -33,6 +33,23 @@ chain (the full snapshot and its deltas, each verified with ``load_verified``); 
 layout (a rescale, or a Pipeline's one-store checkpoint) each worker reads every artifact
 and keeps the keys whose key groups its partitions own (``restore_from``).
 
+A windowed job (``window=``, see :mod:`streamstate.pipeline.windowing`) runs the
+Pipeline's own window machinery on the driver: :meth:`Windowing.route
+<streamstate.pipeline.windowing.Windowing.route>` splits each batch's late rows off under
+the watermark before it and routes the rest with their event times, and the watermark moves
+on from the routed times, as in the Pipeline. The workers hold window stores
+(:class:`~streamstate.window_store.WindowedAggregateStore`) and fold each slice under the
+watermark it was routed with. At a barrier each worker first emits the windows that ended
+(``emit_windows``, queued just before the capture, so the capture holds only what was not
+emitted); once every upload is in, the driver merges the workers' emitted batches in the
+order one store would emit them (:func:`~streamstate.pipeline.windowing.merge_emitted`),
+and its commit thread stages them and the barrier's late rows in the sinks before the
+manifest (recording the staging and the watermark in its metadata, as the Pipeline's
+does); once the manifest landed the driver publishes them. Recovery restores the watermark
+from the manifest and settles the sinks on the recovered checkpoint. A windowed checkpoint
+resumes only with the partitions and workers it was written with (its window stores are
+restored whole, and the watermark depends on the partitioning).
+
 A worker that dies (``ray.kill``, out of memory, a lost node) is noticed at the next reply
 of any call; every worker is then replaced, restored from the last committed checkpoint,
 and the source rewound to its offset, up to ``max_restarts`` times per run
@@ -80,6 +97,14 @@ from .pipeline.core import _FIRST_IDLE_SLEEP, Pipeline, PipelineRun, Transform, 
 from .pipeline.fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
 from .pipeline.routing import DEFAULT_KEY_GROUPS, partition_batch
 from .pipeline.sources import Batch, Offset, Source, check_batch, describe_keys, key_column
+from .pipeline.windowing import (
+    EpochOutput,
+    WindowSpec,
+    check_resumable,
+    emit_final,
+    no_running_totals,
+)
+from .pipeline.workers import fold_slice
 from .recovery import RecoveryPlan
 from .stats import StatResults
 from .storage import StoreLike, describe_store
@@ -88,6 +113,9 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
     from typing_extensions import Self
+
+    from .window_store import WindowedAggregateStore
+    from .windows import Window
 
 __all__ = [
     "PartitionsWorker",
@@ -173,7 +201,13 @@ class _Uploaded:
 class PartitionsWorker:
     """One worker: the store of its partitions (a store of every partition, only its own
     folded), and at most one checkpoint upload in flight. Run as a Ray actor by
-    :class:`RayPipeline`; a plain class so this module imports without Ray."""
+    :class:`RayPipeline`; a plain class so this module imports without Ray.
+
+    Given ``window`` (a windowed job), the store is a
+    :class:`~streamstate.window_store.WindowedAggregateStore`: batches come with their
+    event times and the watermark they fold under (:meth:`fold_windows`), and at each
+    barrier :meth:`emit_windows` hands the driver the windows that closed, just before
+    :meth:`checkpoint` captures what is left."""
 
     def __init__(
         self,
@@ -185,14 +219,20 @@ class PartitionsWorker:
         values: list[str],
         checkpointer: ObjectStoreCheckpointer,
         key_groups: int = DEFAULT_KEY_GROUPS,
+        window: WindowSpec | None = None,
     ) -> None:
         self.index = index
         self.owned = owned_partitions(index, workers, partitions)
         self._partitions = partitions
         self._values = values
         self._checkpointer = checkpointer
-        self._store = NumericAggregateStore(
-            partitions, key_type, nan_policy, values=values, key_groups=key_groups
+        self._window = window
+        self._store: NumericAggregateStore | WindowedAggregateStore = (
+            NumericAggregateStore(
+                partitions, key_type, nan_policy, values=values, key_groups=key_groups
+            )
+            if window is None
+            else window.new_store(key_type, partitions, nan_policy, values)
         )
         self._aggregators = {p: self._store.partition(p) for p in self.owned}
         self._capture = bytearray()
@@ -206,17 +246,26 @@ class PartitionsWorker:
 
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
+    def _totals(self) -> NumericAggregateStore:
+        """The store of a job of running totals (not windowed)."""
+        if not isinstance(self._store, NumericAggregateStore):
+            raise no_running_totals("results()")
+        return self._store
+
     def _new_store(self, partitions: int) -> NumericAggregateStore:
+        store = self._totals()
         return NumericAggregateStore(
             partitions,
-            self._store.key_type,
-            cast("NanPolicy", self._store.nan_policy),
+            store.key_type,
+            cast("NanPolicy", store.nan_policy),
             values=self._values,
-            key_groups=self._store.key_groups,
+            key_groups=store.key_groups,
         )
 
     def _chain_state(
-        self, store: NumericAggregateStore, chain: Sequence[PartitionSnapshotEntry]
+        self,
+        store: NumericAggregateStore | WindowedAggregateStore,
+        chain: Sequence[PartitionSnapshotEntry],
     ) -> None:
         """Restore ``store`` from one verified chain: the full snapshot, then its deltas."""
         blobs = [self._checkpointer.load_verified(entry) for entry in chain]
@@ -249,6 +298,11 @@ class PartitionsWorker:
             (chain,) = chains
             self._chain_state(self._store, chain)
         else:
+            if self._window is not None:  # the driver refuses first; never half-restore
+                raise IncompatibleCheckpointError(
+                    "a windowed job's worker restores only its own chain (same workers, same "
+                    "partitions)"
+                )
             snapshots = []
             for chain in chains:
                 if len(chain) == 1:  # a full snapshot: restore_from reads only our sections
@@ -262,7 +316,7 @@ class PartitionsWorker:
                 snapshots.append(old.snapshot())
                 del old
             try:
-                self._store.restore_from(snapshots, partitions=self.owned)
+                self._totals().restore_from(snapshots, partitions=self.owned)
             except (CorruptDataError, ValueError) as exc:
                 raise IncompatibleCheckpointError(
                     f"the checkpoint's state does not restore into partitions "
@@ -276,9 +330,37 @@ class PartitionsWorker:
         finished upload of the checkpoint in flight, once (None while it runs or when none
         is). A failed upload raises here."""
         for partition, keys, values in slices:
-            block = values[0] if len(values) == 1 else np.column_stack(values)
-            self._aggregators[partition].fold(keys, block)
+            fold_slice(self._aggregators[partition], keys, values)
         self._unpublished = True
+        return self._finished_upload()
+
+    def fold_windows(
+        self, slices: Sequence[tuple[int, Any, list[Any], Any]], watermark: int
+    ) -> _Uploaded | None:
+        """A windowed job's :meth:`fold`: slices ``(partition, keys, value columns, event
+        times)``, each folded under ``watermark`` (the driver's, before the batch)."""
+        for partition, keys, values, times in slices:
+            fold_slice(self._aggregators[partition], keys, values, times, watermark)
+        return self._finished_upload()
+
+    def emit_windows(self, watermark: int, flush: bool) -> pa.RecordBatch:
+        """At a barrier, before :meth:`checkpoint`: emit and free the windows final under
+        ``watermark`` (every open one with ``flush``: the source ended)."""
+        return emit_final(self._windows(), watermark, flush=flush)
+
+    def open_windows(self) -> int:
+        """How many (key, window) pairs are open."""
+        return self._windows().open_windows
+
+    def _windows(self) -> WindowedAggregateStore:
+        from .window_store import WindowedAggregateStore
+
+        if not isinstance(self._store, WindowedAggregateStore):
+            raise RayPipelineError(f"worker {self.index} folds running totals, not windows")
+        return self._store
+
+    def _finished_upload(self) -> _Uploaded | None:
+        """The upload in flight once it finished (once), else None; raises its failure."""
         upload = self._upload
         if upload is not None and upload.done():
             self._upload = None
@@ -318,11 +400,12 @@ class PartitionsWorker:
     def results(self, kind: str, value: str | None) -> Any:
         """This worker's keys' results (see :func:`_store_results`), every partition
         published first."""
+        store = self._totals()
         if self._unpublished:
-            for aggregator in self._aggregators.values():
-                aggregator.publish()
+            for partition in self.owned:
+                store.partition(partition).publish()
             self._unpublished = False
-        return _store_results(self._store, kind, value)
+        return _store_results(store, kind, value)
 
     def __len__(self) -> int:
         return len(self._store)
@@ -338,7 +421,8 @@ class PartitionsWorker:
 class RayPipelineRun(PipelineRun):
     """A :class:`~streamstate.pipeline.PipelineRun` of a :class:`RayPipeline`, plus
     ``restarts``: how often the workers were replaced after one died (each restart replays
-    from the last checkpoint, so ``events`` counts the replayed rows again)."""
+    from the last checkpoint, so ``events`` and ``late_events`` count the replayed rows
+    again)."""
 
     restarts: int = 0
 
@@ -356,6 +440,10 @@ class _CheckpointInFlight:
     captures: list[Any]  # the workers' checkpoint() refs: their capture seconds
     uploads: dict[int, _Uploaded] = field(default_factory=dict)
     commit: CommitInFlight[float] | None = None
+    #: A windowed job's: what the checkpoint stages (the late rows and watermark of its
+    #: barrier), and the workers' emit_windows() refs, its windows.
+    output: EpochOutput | None = None
+    emitted: list[Any] = field(default_factory=list)
 
 
 class RayPipeline:
@@ -382,10 +470,20 @@ class RayPipeline:
         worker_timeout: the longest wait, in seconds, for any worker's reply (starting,
             restoring, a batch, an upload) before the run fails with
             :class:`WorkerTimeoutError`.
+        window, time, allowed_lateness, sink, late_sink: a windowed job, as the
+            :class:`~streamstate.pipeline.Pipeline` takes them, with the same semantics and
+            the same output: the watermark, the late split and the sinks run on the driver,
+            the windows in the workers. :attr:`RayPipelineRun.late_events` counts replays
+            after a restart again (the late sink holds each row once); ``emitted_windows``
+            counts the windows of the run's committed checkpoints. A windowed job has no
+            :meth:`results` (read the sink) and resumes only with the ``partitions`` and
+            ``num_workers`` its checkpoint was written with
+            (:class:`~streamstate.IncompatibleCheckpointError` otherwise).
 
     ``store`` must be reachable from every worker: a directory on one machine (or a
     shared file system), or an ``s3://``, ``gs://``, ``az://`` URL (or obstore store) on
-    a cluster; a ``MemoryStore`` is refused. The ``transform`` runs on the driver. The
+    a cluster; a ``MemoryStore`` is refused. The ``transform`` and the sinks run on the
+    driver (a sink's own store need only be reachable from there). The
     state lives in the workers: results are gathered from them, and :meth:`close` (or the
     end of a ``with`` block) ends them.
     """
@@ -412,6 +510,11 @@ class RayPipeline:
         transform: Transform | None = None,
         max_restarts: int = 3,
         worker_timeout: float = 300.0,
+        window: Window | None = None,
+        time: str | None = None,
+        allowed_lateness: object = 0,
+        sink: object = None,
+        late_sink: object = None,
     ) -> None:
         # The Pipeline checks the shared arguments and holds the job's definition (its
         # fingerprint, its checkpointer, its transform); it never runs.
@@ -430,7 +533,15 @@ class RayPipeline:
             checkpoint_prefix=checkpoint_prefix,
             max_idle_sleep=max_idle_sleep,
             transform=transform,
+            window=window,
+            time=time,
+            allowed_lateness=allowed_lateness,
+            sink=sink,
+            late_sink=late_sink,
         )
+        # A windowed job's watermark, late split and sinks: the Pipeline's own machinery,
+        # driven from here; the workers hold the window stores.
+        self._windowing = self._job._windowing
         self.checkpointer = self._job.checkpointer
         if isinstance(self.checkpointer.store, MemoryStore):
             raise StoreConfigurationError(
@@ -513,11 +624,14 @@ class RayPipeline:
         return self._key_type
 
     @property
+    def window(self) -> Window | None:
+        """The event-time window of a windowed job (None: running totals)."""
+        return self._job.window
+
+    @property
     def fingerprint(self) -> JobFingerprint:
         """The job's definition as recorded in its checkpoints."""
-        job = self._job
-        return JobFingerprint.of(job.source.name, job.key, job.values, self._key_type,
-                                 job.nan_policy)
+        return self._job._fingerprint_of(self._key_type)
 
     @property
     def workers(self) -> list[Any]:
@@ -544,6 +658,8 @@ class RayPipeline:
         self._recovery_seconds = 0.0
         self._in_flight: list[deque[Any]] = []
         self._checkpoint: _CheckpointInFlight | None = None
+        if self._windowing is not None:
+            self._windowing.reset(job.partitions)
 
     def _end_workers(self) -> None:
         if self._workers:
@@ -599,6 +715,7 @@ class RayPipeline:
                 job.values,
                 self.checkpointer,
                 self._key_groups,
+                None if self._windowing is None else self._windowing.spec,
             )
             for index in range(self._num_workers)
         ]
@@ -646,6 +763,10 @@ class RayPipeline:
                 f"the workers could not restore checkpoint {failures[0][0]} nor an older one "
                 f"({reasons})"
             ) from failures[0][1]
+        if self._windowing is not None:  # the sinks settle on what was restored, or on none
+            self._windowing.bind_sinks(self.checkpointer.store, self._job._sink_prefix)
+            metadata = None if plan is None else plan.manifest.metadata
+            self._windowing.recover_sinks(self._recovered_epoch, metadata)
         self._recovered = True
         self._recovery_seconds = time.perf_counter() - started
         return self._offset
@@ -682,6 +803,8 @@ class RayPipeline:
         old_workers, old_partitions = len(state_parts), record.store_partitions
         self._key_groups = record.key_groups or max(self._key_groups, old_partitions)
         exact = old_workers == self._num_workers and old_partitions == job.partitions
+        if self._windowing is not None:
+            self._check_windowed_resume(plan, old_workers, old_partitions)
         self._start_workers(key_type)
         chains = [plan.chain(STATE_OPERATOR, w) for w in range(old_workers)]
         calls = [
@@ -702,6 +825,21 @@ class RayPipeline:
                 max(lengths) - 1,
             )
 
+    def _check_windowed_resume(self, plan: RecoveryPlan, workers: int, partitions: int) -> None:
+        """A windowed checkpoint resumes only as it was written: the Pipeline's rule on
+        partitions, and the same workers (a window store is not split between them); then
+        the driver adopts its watermark."""
+        assert self._windowing is not None
+        where = str(plan.checkpoint_id)
+        check_resumable(where, partitions, self._job.partitions)
+        if workers != self._num_workers:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} was written by {workers} worker(s) of this windowed job; "
+                f"it resumes only with num_workers={workers}, not {self._num_workers} (each "
+                "worker's window store is restored whole)"
+            )
+        self._windowing.restore(plan.manifest.metadata, where)
+
     def _resolved_key_type(self, record: JobRecord, offset: Offset, where: str) -> KeyType:
         recorded = record.fingerprint.get("key_type")
         if recorded is not None and recorded not in ("int64", "bytes", "str"):
@@ -715,9 +853,7 @@ class RayPipeline:
         inferred = None if keys is None else self._job._inferred_key_type(keys)
         if inferred is not None and recorded is not None:
             # the fingerprint check above matched an unresolved key type: compare now
-            JobFingerprint.of(
-                self.source.name, self.key, self.values, inferred, self._job.nan_policy
-            ).check_compatible(record.fingerprint, where)
+            self._job._fingerprint_of(inferred).check_compatible(record.fingerprint, where)
         return inferred or cast("KeyType | None", recorded) or "int64"
 
     # -- running -------------------------------------------------------------------------
@@ -757,6 +893,9 @@ class RayPipeline:
     ) -> RayPipelineRun:
         report: RayPipelineRun | None = None
         restarts = 0
+        windowing = self._windowing
+        late_before = 0 if windowing is None else windowing.late_events
+        emitted_before = 0 if windowing is None else windowing.emitted_windows
         try:
             while True:
                 try:
@@ -785,6 +924,9 @@ class RayPipeline:
             raise
         report.end_offset = self._offset
         report.seconds = time.perf_counter() - started
+        if windowing is not None:
+            report.late_events = windowing.late_events - late_before
+            report.emitted_windows = windowing.emitted_windows - emitted_before
         return report
 
     def stop(self) -> None:
@@ -839,8 +981,11 @@ class RayPipeline:
                 since_checkpoint = 0
         if self._workers:
             ended = report.finished or report.stopped
-            if ended and since_checkpoint:
-                self._barrier(report, final=True)
+            # At the end of a bounded source every open window is emitted, even when no
+            # batch came since the last checkpoint (as the Pipeline does).
+            flush = report.finished and self._open_windows() > 0
+            if ended and (since_checkpoint or flush):
+                self._barrier(report, final=True, flush=flush)
             for worker in range(len(self._workers)):
                 self._drain(worker, 0, report)
             self._land(report)
@@ -867,16 +1012,43 @@ class RayPipeline:
                     f"source {job.source.name!r}: column {metric!r} of the batch at offset "
                     f"{self._offset!r} is not numeric: {exc}"
                 ) from exc
+        if self._windowing is not None:
+            where = f"source {job.source.name!r}: the batch at offset {self._offset!r}"
+            watermark, windowed = self._windowing.route(
+                keys, values, columns, where, job.partitions, self._key_groups
+            )
+            self._send(windowed, lambda worker, slices: worker.fold_windows.remote(slices, watermark))
+            return
         routed = partition_batch(keys, job.partitions, *values, key_groups=self._key_groups)
+        self._send(
+            [(part[0], list(part[1:])) for part in routed],
+            lambda worker, slices: worker.fold.remote(slices),
+        )
+
+    def _send(
+        self, routed: Sequence[tuple[Any, ...]], fold: Callable[[Any, list[Any]], Any]
+    ) -> None:
+        """Send every worker the non-empty slices of its partitions, ``(partition,
+        *routed[partition])`` each, in one call (``fold(worker, slices)``), keeping at
+        most :data:`MAX_BATCHES_IN_FLIGHT` unanswered."""
+        if not routed:  # a windowed batch whose every row was late
+            return
         for index, worker in enumerate(self._workers):
             slices = [
-                (p, routed[p][0], list(routed[p][1:]))
-                for p in owned_partitions(index, self._num_workers, job.partitions)
+                (p, *routed[p])
+                for p in owned_partitions(index, self._num_workers, self._job.partitions)
                 if len(routed[p][0])
             ]
             if slices:
-                self._in_flight[index].append(worker.fold.remote(slices))
+                self._in_flight[index].append(fold(worker, slices))
                 self._drain(index, MAX_BATCHES_IN_FLIGHT, None)
+
+    def _open_windows(self) -> int:
+        """How many (key, window) pairs the workers hold open (0 for running totals)."""
+        if self._windowing is None:
+            return 0
+        calls = [worker.open_windows.remote() for worker in self._workers]
+        return sum(self._get(calls, "counting the open windows"))
 
     def _drain(self, worker: int, keep: int, report: RayPipelineRun | None) -> None:
         """Wait for worker ``worker``'s oldest batches until ``keep`` are in flight, taking
@@ -904,17 +1076,25 @@ class RayPipeline:
         if checkpoint is not None and checkpoint.commit is not None and checkpoint.commit.done():
             self._land(report)
 
-    def _barrier(self, report: RayPipelineRun, *, final: bool) -> None:
+    def _barrier(self, report: RayPipelineRun, *, final: bool, flush: bool = False) -> None:
         """Land the previous checkpoint, then queue the next one's capture behind every
-        worker's batches (calls run in order: nothing waits for the capture here)."""
+        worker's batches (calls run in order: nothing waits for the capture here). A
+        windowed job's workers first emit their final windows (every open one with
+        ``flush``), so each capture holds only what was not emitted."""
         self._land(report)
         is_delta = self._chain.next_is_delta()
         pending = self.checkpointer.begin(
             self._epoch + 1, parent=self._chain.parent if is_delta else None
         )
+        output, emitted = None, []
+        if self._windowing is not None:
+            output = self._windowing.barrier()
+            watermark = self._windowing.watermark.value
+            emitted = [worker.emit_windows.remote(watermark, flush) for worker in self._workers]
         captures = [worker.checkpoint.remote(pending, is_delta) for worker in self._workers]
         self._checkpoint = _CheckpointInFlight(
-            pending, self._offset, is_delta, time.perf_counter(), final, captures
+            pending, self._offset, is_delta, time.perf_counter(), final, captures,
+            output=output, emitted=emitted,
         )
 
     def _start_commit(self, checkpoint: _CheckpointInFlight) -> None:
@@ -934,15 +1114,23 @@ class RayPipeline:
             "key_groups": self._key_groups,
         }
         keep = job.keep_checkpoints if prune and job.keep_checkpoints else None
+        output = checkpoint.output
+        if output is not None and self._windowing is not None:
+            # Every worker's checkpoint() ran (its upload is in), so did the emit before it.
+            windows = self._get(checkpoint.emitted, "emitting the closed windows")
+            self._windowing.add_windows(output, windows)
 
         def commit() -> float:
             begun = time.perf_counter()
             job_entry = pending.upload(FINGERPRINT_OPERATOR, 0, record)
+            recorded: dict[str, Any] = dict(metadata)
+            if output is not None:  # staged before the manifest, which records the staging
+                recorded.update(output.stage(pending.epoch))
             checkpointer.commit_entries(
                 pending,
                 [*entries, job_entry],
                 source_offsets=offsets,
-                metadata=metadata,
+                metadata=recorded,
                 keep_last=keep,
             )
             return time.perf_counter() - begun
@@ -973,6 +1161,8 @@ class RayPipeline:
             )
         self._checkpoint = None
         commit_seconds = checkpoint.commit.result()
+        if self._windowing is not None:  # the manifest is there: the rows may be seen
+            self._windowing.landed()
         stalls = self._get(checkpoint.captures, "capturing the checkpoint")
         report.commit_wait_seconds += time.perf_counter() - waited
         uploads = list(checkpoint.uploads.values())
@@ -998,6 +1188,8 @@ class RayPipeline:
         if checkpoint is not None and checkpoint.commit is not None:
             with suppress(BaseException):  # the run's own failure is what is raised
                 checkpoint.commit.result()
+                if self._windowing is not None:  # it committed: publish (recovery would)
+                    self._windowing.landed()
 
     # -- results -------------------------------------------------------------------------
 
@@ -1018,6 +1210,8 @@ class RayPipeline:
 
     def _gather(self, kind: str, value: str | None, call: str) -> list[Any]:
         self._check_open(call)
+        if self._windowing is not None:
+            raise no_running_totals(call)
         if value is not None and value not in self.values:
             raise KeyError(f"{value!r} is not one of the aggregated values {self.values}")
         if not self._workers:  # nothing folded yet; do not fix the key type by asking
@@ -1077,6 +1271,12 @@ class RayPipeline:
 
     def __repr__(self) -> str:
         state = ", closed" if self._closed else ""
+        if self._windowing is not None:
+            spec = self._windowing.spec
+            state += (
+                f", window={spec.window!r}, time={spec.time!r}, "
+                f"allowed_lateness={spec.allowed_lateness} ms"
+            )
         return (
             f"RayPipeline(source={self.source.name!r}, key={self.key!r}, values={self.values}, "
             f"partitions={self.partitions}, num_workers={self._num_workers}, "

@@ -43,7 +43,7 @@ from .sources import (
     key_column,
     start_offset_of,
 )
-from .windowing import Windowing
+from .windowing import Windowing, no_running_totals
 from .workers import PartitionWorker, quiesce
 
 if TYPE_CHECKING:
@@ -1027,10 +1027,7 @@ class Pipeline:
     def _store(self, metric: str, call: str) -> NumericAggregateStore:
         self._check_open(call)
         if self._windowing is not None:
-            raise StreamStateError(
-                f"{call}: a windowed Pipeline keeps no running totals; its windows go to its "
-                "sink as they close (read them there, e.g. the ParquetSink's dataset)"
-            )
+            raise no_running_totals(call)
         if metric not in self._values:
             raise KeyError(f"{metric!r} is not one of the aggregated values {self._values}")
         if self._aggregates is None:  # nothing folded yet; do not fix the key type by asking

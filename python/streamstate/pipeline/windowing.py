@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import IncompatibleCheckpointError, SourceError
+from ..errors import IncompatibleCheckpointError, SourceError, StreamStateError
 from ..windows import Window, event_times, parse_duration
 from .routing import partition_batch
 
@@ -56,10 +56,15 @@ if TYPE_CHECKING:
 __all__ = [
     "NO_WATERMARK",
     "EpochOutput",
+    "RoutedSlice",
     "Watermark",
     "WindowSpec",
     "Windowing",
     "as_sink",
+    "check_resumable",
+    "emit_final",
+    "merge_emitted",
+    "no_running_totals",
 ]
 
 #: The watermark before any event was seen: no window has ended.
@@ -68,6 +73,48 @@ NO_WATERMARK = -(2**63)
 #: The manifest metadata keys a windowed job writes.
 SINKS_METADATA = "sinks"
 WINDOWS_METADATA = "windows"
+
+#: One partition's share of a routed batch: its keys, its rows of each value column, and
+#: their event times (exact float64 milliseconds).
+RoutedSlice = tuple[Any, list[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
+
+
+def check_resumable(where: str, recorded_partitions: int, partitions: int) -> None:
+    """Refuse to resume windowed checkpoint ``where`` at another partition count."""
+    if recorded_partitions != partitions:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} was written by this windowed job with "
+            f"{recorded_partitions} partitions; it resumes only with that many, not "
+            f"{partitions} (the watermark, and so which events are late, depends on the "
+            "partitioning)"
+        )
+
+
+def no_running_totals(call: str) -> StreamStateError:
+    """The error of a results reader called on a windowed job."""
+    return StreamStateError(
+        f"{call}: a windowed pipeline keeps no running totals; its windows go to its sink "
+        "as they close (read them there, e.g. the ParquetSink's dataset)"
+    )
+
+
+def emit_final(store: WindowedAggregateStore, watermark: int, *, flush: bool) -> pa.RecordBatch:
+    """Emit (and free) every window of ``store`` final under ``watermark``, or with
+    ``flush`` (the source ended) every open one: what a barrier emits."""
+    return store.emit_all_arrow() if flush else store.emit_arrow(watermark)
+
+
+def merge_emitted(emitted: Sequence[pa.RecordBatch]) -> pa.RecordBatch:
+    """Batches emitted at one barrier by stores of disjoint keys as one batch, in the
+    order one store holding every key emits them: ``(window_end, window_start, key)``."""
+    full = [batch for batch in emitted if batch.num_rows]
+    if len(full) <= 1:
+        return full[0] if full else emitted[0]
+    import pyarrow as pa
+
+    order = [(name, "ascending") for name in ("window_end", "window_start", "key")]
+    table = pa.Table.from_batches(full).sort_by(order).combine_chunks()
+    return table.to_batches()[0]
 
 
 @dataclass(frozen=True)
@@ -101,6 +148,21 @@ class WindowSpec:
             "window": self.window.as_dict(),
             "allowed_lateness": self.allowed_lateness,
         }
+
+    def new_store(
+        self, key_type: str, partitions: int, nan_policy: str, values: Sequence[str]
+    ) -> WindowedAggregateStore:
+        """An empty window store for this job (the spec pickles: Ray workers build theirs
+        with it)."""
+        from ..window_store import WindowedAggregateStore
+
+        return WindowedAggregateStore(
+            partitions,
+            key_type=key_type,  # type: ignore[arg-type]
+            values=list(values),
+            nan_policy=nan_policy,  # type: ignore[arg-type]
+            **self.window.store_arguments(),
+        )
 
 
 class Watermark:
@@ -212,6 +274,11 @@ class EpochOutput:
         self._staged: dict[str, Any] | None = None
         self._epoch: int | None = None
 
+    def add_rows(self, name: str, batch: pa.RecordBatch) -> None:
+        """Add ``batch`` to the rows for sink ``name`` (before :meth:`stage`)."""
+        if batch.num_rows:
+            self._batches.setdefault(name, []).append(batch)
+
     @property
     def rows(self) -> dict[str, int]:
         """Rows per sink name."""
@@ -243,7 +310,10 @@ class Windowing:
     Owned by the :class:`~streamstate.Pipeline`, which calls it at a few points: when it
     creates or restores the store, per batch (:meth:`fold_batch`), at each capture
     (:meth:`output`), when a commit landed (:meth:`landed`) and when it recovers
-    (:meth:`restore`, :meth:`recover_sinks`).
+    (:meth:`restore`, :meth:`recover_sinks`). A :class:`~streamstate.ray.RayPipeline`
+    drives the same object with its stores in other processes: :meth:`route` per batch,
+    and at each barrier :meth:`barrier`, then :meth:`add_windows` with what the workers
+    emitted (:func:`emit_final`).
     """
 
     @classmethod
@@ -299,15 +369,7 @@ class Windowing:
         self, key_type: str, partitions: int, nan_policy: str, values: Sequence[str]
     ) -> WindowedAggregateStore:
         """An empty window store for this job."""
-        from ..window_store import WindowedAggregateStore
-
-        return WindowedAggregateStore(
-            partitions,
-            key_type=key_type,  # type: ignore[arg-type]
-            values=list(values),
-            nan_policy=nan_policy,  # type: ignore[arg-type]
-            **self.spec.window.store_arguments(),
-        )
+        return self.spec.new_store(key_type, partitions, nan_policy, values)
 
     def restorable_store(
         self,
@@ -321,13 +383,7 @@ class Windowing:
     ) -> WindowedAggregateStore:
         """An empty store to restore checkpoint ``where`` into, once it is clear that it
         can be: taken with this job's partition count, as one store."""
-        if recorded_partitions != partitions:
-            raise IncompatibleCheckpointError(
-                f"checkpoint {where} was written by this windowed job with "
-                f"{recorded_partitions} partitions; it resumes only with that many, not "
-                f"{partitions} (the watermark, and so which events are late, depends on the "
-                "partitioning)"
-            )
+        check_resumable(where, recorded_partitions, partitions)
         if not one_store:
             raise IncompatibleCheckpointError(
                 f"checkpoint {where} holds per-column state; a windowed job writes one store"
@@ -336,18 +392,19 @@ class Windowing:
 
     # -- per batch -----------------------------------------------------------------------
 
-    def fold_batch(
+    def route(
         self,
-        workers: Sequence[PartitionWorker],
         keys: Any,
         values: list[npt.NDArray[np.float64]],
         columns: Mapping[str, Any],
         where: str,
+        partitions: int,
         key_groups: int,
-    ) -> None:
-        """Split the batch's late rows off under the watermark before it, route the rest
-        with their times and queue each partition's slice to fold under that watermark;
-        then move the watermark on."""
+    ) -> tuple[int, list[RoutedSlice]]:
+        """Split the batch's late rows off under the watermark before it and route the rest
+        with their times; then move the watermark on. Returns the watermark the slices
+        fold under and every partition's ``(keys, value columns, times)`` (no slices at
+        all when every row was late)."""
         if self.spec.time not in columns:
             raise SourceError(
                 f"{where} has no time column {self.spec.time!r}; it has {sorted(columns)}"
@@ -377,17 +434,33 @@ class Windowing:
             values = [v[on_time] for v in values]
             times = times[on_time]
         if len(times) == 0:
-            return
+            return watermark, []
         routed = partition_batch(
-            keys, len(workers), *values, times.astype(np.float64), key_groups=key_groups
+            keys, partitions, *values, times.astype(np.float64), key_groups=key_groups
         )
-        for p, (worker, (part_keys, *part_values, part_times)) in enumerate(
-            zip(workers, routed, strict=True)
-        ):
+        slices: list[RoutedSlice] = []
+        for p, (part_keys, *part_values, part_times) in enumerate(routed):
             if len(part_keys):
                 self.watermark.observe(p, int(part_times.max()))
-                worker.fold(part_keys, part_values, part_times, watermark)
+            slices.append((part_keys, part_values, part_times))
         self.watermark.advance()
+        return watermark, slices
+
+    def fold_batch(
+        self,
+        workers: Sequence[PartitionWorker],
+        keys: Any,
+        values: list[npt.NDArray[np.float64]],
+        columns: Mapping[str, Any],
+        where: str,
+        key_groups: int,
+    ) -> None:
+        """:meth:`route` the batch and queue each partition's slice to its worker thread,
+        to fold under the watermark before the batch."""
+        watermark, slices = self.route(keys, values, columns, where, len(workers), key_groups)
+        for p, (part_keys, part_values, part_times) in enumerate(slices):
+            if len(part_keys):
+                workers[p].fold(part_keys, part_values, part_times, watermark)
 
     # -- at a barrier --------------------------------------------------------------------
 
@@ -395,14 +468,24 @@ class Windowing:
         """Emit every final window (every open one with ``flush``: the source ended) and
         take the late rows gathered since the last capture: the checkpoint's output. Call
         with the partitions quiesced, before the store is captured."""
-        emitted = store.emit_all_arrow() if flush else store.emit_arrow(self.watermark.value)
-        batch = self.emitted_batch(emitted)
-        batches: dict[str, list[pa.RecordBatch]] = {"sink": [batch] if batch.num_rows else []}
-        batches["late_sink"], self._late = self._late, []
-        self.emitted_windows += batch.num_rows
-        output = EpochOutput(self.sinks, batches, self.state())
+        output = self.barrier()
+        self.add_windows(output, [emit_final(store, self.watermark.value, flush=flush)])
+        return output
+
+    def barrier(self) -> EpochOutput:
+        """The output of the checkpoint whose barrier this is, its windows aside: the late
+        rows gathered since the last barrier and the watermark state now. The windows
+        follow with :meth:`add_windows` before it is staged (from stores elsewhere, such
+        as Ray workers', each emitting with :func:`emit_final` at this barrier)."""
+        output = EpochOutput(self.sinks, {"sink": [], "late_sink": self._late}, self.state())
+        self._late = []
         self._in_flight = output
         return output
+
+    def add_windows(self, output: EpochOutput, emitted: Sequence[pa.RecordBatch]) -> None:
+        """Add to ``output`` the windows its barrier emitted: one batch per store, the
+        stores holding disjoint keys, merged in the order one store emits them."""
+        output.add_rows("sink", self.emitted_batch(merge_emitted(emitted)))
 
     def state(self) -> dict[str, Any]:
         """The window state the manifest records: the watermark and the time kind."""
@@ -428,6 +511,7 @@ class Windowing:
         output, self._in_flight = self._in_flight, None
         if output is not None:
             output.publish()
+            self.emitted_windows += output.rows.get("sink", 0)
 
     # -- recovery ------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from ..errors import StreamStateError
 if TYPE_CHECKING:
     from ..window_store import WindowPartition
 
-__all__ = ["PartitionBarrier", "PartitionWorker", "quiesce"]
+__all__ = ["PartitionBarrier", "PartitionWorker", "fold_slice", "quiesce"]
 
 
 class PartitionBarrier:
@@ -59,6 +59,31 @@ class PartitionBarrier:
 
 
 _STOP = object()
+
+
+def fold_slice(
+    aggregator: PartitionAggregator | WindowPartition,
+    keys: npt.NDArray[Any],
+    values: Sequence[npt.NDArray[Any]],
+    times: npt.NDArray[np.float64] | None = None,
+    watermark: int = 0,
+) -> None:
+    """Fold one routed slice into a partition: ``keys`` and each value column's rows (one
+    ``(n, M)`` block, one probe per key for every column); in a windowed job also their
+    event times (exact float64 ms, as routed) under ``watermark``, which the coordinator
+    split every late event off under, so the store finding one is an error."""
+    block = values[0] if len(values) == 1 else np.column_stack(values)
+    if times is None:
+        cast("PartitionAggregator", aggregator).fold(keys, block)
+        return
+    late = cast("WindowPartition", aggregator).fold(
+        keys, times.astype(np.int64), block, watermark=watermark
+    )
+    if late:
+        raise StreamStateError(
+            f"the window store found {late} late events in a slice the pipeline judged on "
+            f"time under watermark {watermark}"
+        )
 
 
 class PartitionWorker:
@@ -101,18 +126,7 @@ class PartitionWorker:
             keys, values, times, watermark = item
             try:
                 # The (n, M) block is stacked here, on the partition's own thread.
-                block = values[0] if len(values) == 1 else np.column_stack(values)
-                if times is None:
-                    cast("PartitionAggregator", self._aggregator).fold(keys, block)
-                    continue
-                late = cast("WindowPartition", self._aggregator).fold(
-                    keys, times.astype(np.int64), block, watermark=watermark
-                )
-                if late:  # the coordinator split every late event off under this watermark
-                    raise StreamStateError(
-                        f"the window store found {late} late events in a slice the "
-                        f"pipeline judged on time under watermark {watermark}"
-                    )
+                fold_slice(self._aggregator, keys, values, times, watermark)
             except Exception as exc:  # noqa: BLE001 - surfaced by the coordinator at the barrier
                 self.error = exc
 
