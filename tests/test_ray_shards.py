@@ -36,8 +36,9 @@ STATS = ["count", "sum", "min", "max", "mean", "var"]
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster() -> Iterator[None]:
-    """One local Ray for the module: 2 CPUs, as CI has."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A local Ray of its own for the module (never one already running here): 2 CPUs,
+    as CI has."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -238,3 +239,21 @@ def test_read_on_workers_is_checked(events: dict[str, np.ndarray], tmp_path: Pat
         RayPipeline(ArraySource("e", events), key="user", values="amount", store=tmp_path,
                     read_on_workers="yes")  # type: ignore[arg-type]
     assert not RayPipeline(Unsharded(), key="user", values="amount", store=tmp_path).reads_shards
+
+
+def test_a_rescale_between_partition_counts_continues_every_shard(
+    events: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    rows = 24 * BATCH
+    columns = {k: v[:rows] for k, v in events.items()}
+    source = ArraySource("events", columns)
+    store = resolve_store(tmp_path / "ckpt")
+    with _pipe(source, store, partitions=4, checkpoint_every=4) as first:
+        cut = first.run(max_batches=7)
+        assert cut.checkpoints and first.committed_offset == {"shards": [4 * BATCH,
+                                                                        rows // 2 + 4 * BATCH]}
+    with _pipe(source, store, partitions=2) as second:  # the same two shards, fewer partitions
+        report = second.run()
+        assert report.start_offset == cut.checkpoints[-1].offset and report.finished
+        assert report.events == rows - 8 * BATCH
+        _assert_equal(second.to_pandas("amount"), _expected(columns))

@@ -1165,9 +1165,11 @@ class RayPipeline:
             since_checkpoint += self._collect_steps(MAX_BATCHES_IN_FLIGHT, report, on_batch)
             self._poll_checkpoint(report)
             if since_checkpoint + len(self._steps) >= job.checkpoint_every:
-                # Due once the steps in flight hold events too. Fold what was read and wait
-                # for every step: the barrier's offset is then exactly what its capture
-                # holds (and an idle source, whose steps held none, takes none).
+                # Due once the steps in flight hold events too. Land the checkpoint before
+                # while the workers are still busy with those steps; fold what was read and
+                # take every step's report: the barrier's offset is then exactly what its
+                # capture holds (and an idle source, whose steps held none, takes none).
+                self._land(report)
                 self._fold_step(unfolded)
                 unfolded = None
                 since_checkpoint += self._collect_steps(0, report, on_batch)
