@@ -4,10 +4,13 @@
 
 The same job, 10M events over 1M int64 keys (``--quick``: 1M events over 100K keys) in
 64K-row batches, two value columns, 2 partitions, a checkpoint every 10 batches to a
-LocalStore: once by a :class:`~streamstate.pipeline.Pipeline` (2 partition threads in this
-process) and once by a :class:`~streamstate.ray.RayPipeline` (2 worker actors, the driver
-routing every batch and shipping each worker its slice through Ray's object store),
-alternating, median of the runs. Each run starts on an empty store; the Ray workers are
+LocalStore: by a :class:`~streamstate.pipeline.Pipeline` (2 partition threads in this
+process), by a :class:`~streamstate.ray.RayPipeline` (2 worker actors) with the driver
+routing every batch and shipping each worker its slice through Ray's object store
+(``read_on_workers=False``), and by one with the workers reading a shard each and sending
+each other their slices (``read_on_workers=True``; the shards are put in the object store
+inside the clock; a step reads a batch of each shard, so a checkpoint every 5 steps),
+in turn, medians of the runs. Each run starts on an empty store; the Ray workers are
 started (and the cluster up) before the clock starts, as a long-running job would have
 them. Target: >= 0.7x the in-process speed on 2 cores (what Ray adds is more machines, not
 these two cores).
@@ -73,9 +76,13 @@ def _in_process(source: ArraySource, work: Path) -> float:
         return seconds
 
 
-def _on_ray(source: ArraySource, work: Path) -> float:
+def _on_ray(source: ArraySource, work: Path, read_on_workers: bool) -> float:
     with tempfile.TemporaryDirectory(dir=work) as store:
-        pipe = RayPipeline(source, num_workers=2, key_type="int64", **_options(Path(store)))
+        options = _options(Path(store))
+        if read_on_workers:  # a step reads a batch of each shard: checkpoint as often in rows
+            options["checkpoint_every"] //= 2
+        pipe = RayPipeline(source, num_workers=2, key_type="int64",
+                           read_on_workers=read_on_workers, **options)
         with pipe:
             pipe.recover()  # an empty store: starts nothing
             pipe._start_workers("int64")  # the actors up before the clock, as in a long job
@@ -111,22 +118,27 @@ def _actor_overhead(batches: int) -> float:
 
 
 def run(quick: bool = False) -> list[Row]:
-    """One row for the pipeline comparison, one for the actor overhead per batch."""
+    """Rows for the pipeline comparisons (driver routing, sharded reads, in-process), one
+    for the actor overhead per batch."""
     import ray
 
     events, keys = (1_000_000, 100_000) if quick else (10_000_000, 1_000_000)
     repeats = 3
     source = ArraySource("events", _columns(events, keys))
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _on_ray(ArraySource("events", _columns(BATCH * 2, 1000)), work)  # warm the workers' imports
-        local, remote = [], []
+        warm = ArraySource("events", _columns(BATCH * 2, 1000))
+        _on_ray(warm, work, False)  # warm the workers' imports
+        _on_ray(warm, work, True)
+        local, remote, sharded = [], [], []
         for _ in range(repeats):
             local.append(_in_process(source, work))
-            remote.append(_on_ray(source, work))
+            remote.append(_on_ray(source, work, False))
+            sharded.append(_on_ray(source, work, True))
     t_local, t_ray = statistics.median(local), statistics.median(remote)
+    t_sharded = statistics.median(sharded)
     batches = -(-events // BATCH)
     overhead = _actor_overhead(200 if quick else 1000)
     return [
@@ -137,6 +149,22 @@ def run(quick: bool = False) -> list[Row]:
             f"{events / t_local / 1e6:.2f} M ev/s",
             t_local / t_ray,
             ">= 0.7x",
+        ),
+        row(
+            f"{events:,} events / {keys:,} keys: RayPipeline, workers reading their shards, "
+            "vs in-process Pipeline",
+            f"{events / t_sharded / 1e6:.2f} M ev/s",
+            f"{events / t_local / 1e6:.2f} M ev/s",
+            t_local / t_sharded,
+            ">= 0.7x",
+        ),
+        row(
+            f"{events:,} events / {keys:,} keys: RayPipeline, workers reading their shards, "
+            "vs the driver reading and routing",
+            f"{events / t_sharded / 1e6:.2f} M ev/s",
+            f"{events / t_ray / 1e6:.2f} M ev/s",
+            t_ray / t_sharded,
+            "reported",
         ),
         row(
             f"actor overhead per batch and worker (empty fold call, {MAX_BATCHES_IN_FLIGHT} in "

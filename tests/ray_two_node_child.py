@@ -42,8 +42,10 @@ def main() -> None:
                 killed: list[int] = []
 
                 def kill_once(batch: Batch) -> None:
-                    if batch.offset >= 12 * 16_384 and not killed:
-                        killed.append(batch.offset)
+                    # Once a checkpoint has landed (the workers read a shard each, so the
+                    # offsets are every shard's): the replacements restore it.
+                    if pipe.epoch >= 1 and not killed:
+                        killed.append(pipe.epoch)
                         ray.kill(pipe.workers[1])
 
                 report = pipe.run(on_batch=kill_once)

@@ -90,6 +90,9 @@ def _pipe(source: ArraySource, store: Any, **kwargs: Any) -> RayPipeline:
         "checkpoint_every": 8,
         "full_checkpoint_every": 3,
         "batch_size": BATCH,
+        # These tests pin the driver-routing path (plain row offsets, a batch per call);
+        # tests/test_ray_shards.py runs the same jobs with the workers reading shards.
+        "read_on_workers": False,
     }
     options.update(kwargs)
     return RayPipeline(source, **options)

@@ -25,6 +25,15 @@ offset and the job record (``commit_entries``), on a thread of its own. At most 
 checkpoint is in flight, and :attr:`RayPipeline.committed_offset` moves when its manifest
 lands.
 
+A source that splits into shards (:class:`~streamstate.pipeline.sources.ShardableSource`:
+an :class:`ArraySource`'s row ranges, a :class:`ParquetSource`'s files) is read by the
+workers instead, one shard each (``read_on_workers``): per step the driver asks every
+worker to read its next batch, transform and route it, and each worker's slices for the
+others go to them through the object store as arguments of their fold calls, never through
+the driver, which sees only each shard's new offset and counts. The offset of such a run is
+``{"shards": [o0, o1, ...]}``, every shard's; the barrier is queued behind the folds of a
+step, so it records exactly the offsets read up to it.
+
 A checkpoint holds one ``"aggregates"`` artifact per worker (partition id = worker index,
 packed as the Pipeline packs its one store) and the Pipeline's ``"job"`` record, so a
 one-worker RayPipeline and a Pipeline write the same layout and resume each other's
@@ -93,10 +102,26 @@ from .pipeline.contents import (
     pack_state,
     packed_entries,
 )
-from .pipeline.core import _FIRST_IDLE_SLEEP, Pipeline, PipelineRun, Transform, _key_type_of
+from .pipeline.core import (
+    _FIRST_IDLE_SLEEP,
+    Pipeline,
+    PipelineRun,
+    Transform,
+    _key_type_of,
+    transformed,
+)
 from .pipeline.fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
 from .pipeline.routing import DEFAULT_KEY_GROUPS, partition_batch
-from .pipeline.sources import Batch, Offset, Source, check_batch, describe_keys, key_column
+from .pipeline.sources import (
+    Batch,
+    Offset,
+    Source,
+    can_shard,
+    check_batch,
+    describe_keys,
+    key_column,
+    shard_offset,
+)
 from .pipeline.windowing import (
     EpochOutput,
     WindowSpec,
@@ -185,6 +210,149 @@ def _store_results(store: NumericAggregateStore, kind: str, value: str | None) -
     return store.to_arrow(value)
 
 
+def _checked_values(
+    keys: Any,
+    columns: Mapping[str, Any],
+    *,
+    source: str,
+    offset: Offset,
+    key: str,
+    values: Sequence[str],
+    key_type: KeyType | None,
+) -> list[Any]:
+    """One batch's value columns as float64 arrays, once its keys are checked to be of the
+    job's key type (a SourceError naming the batch otherwise)."""
+    found = _key_type_of(keys)
+    if found != key_type and not (found == "str" and key_type == "bytes"):
+        raise SourceError(
+            f"source {source!r}: the batch at offset {offset!r} has {found or 'no valid'} keys "
+            f"({describe_keys(keys)}) in column {key!r}, but this job's keys are {key_type}"
+        )
+    arrays = []
+    for metric in values:
+        try:
+            arrays.append(np.asarray(columns[metric], dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise SourceError(
+                f"source {source!r}: column {metric!r} of the batch at offset {offset!r} is "
+                f"not numeric: {exc}"
+            ) from exc
+    return arrays
+
+
+def _routed(
+    keys: Any,
+    columns: Mapping[str, Any],
+    *,
+    source: str,
+    offset: Offset,
+    key: str,
+    values: Sequence[str],
+    key_type: KeyType | None,
+    partitions: int,
+    key_groups: int,
+    workers: int,
+) -> list[list[tuple[int, Any, list[Any]]]]:
+    """One batch's keys and value columns, checked and routed: for every worker the
+    ``(partition, keys, value columns)`` slices of its partitions that hold rows."""
+    arrays = _checked_values(
+        keys, columns, source=source, offset=offset, key=key, values=values, key_type=key_type
+    )
+    routed = partition_batch(keys, partitions, *arrays, key_groups=key_groups)
+    return [
+        [
+            (p, routed[p][0], list(routed[p][1:]))
+            for p in owned_partitions(worker, workers, partitions)
+            if len(routed[p][0])
+        ]
+        for worker in range(workers)
+    ]
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What a worker needs to read, transform and route batches of its shard (the job's
+    definition, picklable)."""
+
+    source: str
+    key: str
+    values: list[str]
+    transform: Transform | None
+    batch_size: int
+    partitions: int
+    key_groups: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class _ShardStep:
+    """A worker's read of its shard: the shard's offset after it, the rows read, those the
+    transform passed on, and whether the shard has ended."""
+
+    offset: Offset
+    events: int
+    folded: int
+    ended: bool
+
+
+class _ShardReader:
+    """A worker's shard: reads its batches in turn from ``offset``, through the job's
+    transform, and routes them."""
+
+    def __init__(self, shard: Source, offset: Offset, job: _ShardJob) -> None:
+        self.shard = shard
+        self.offset = offset
+        self.job = job
+        self._required = [job.key, *job.values]
+
+    def _columns(self, batch: Batch) -> Mapping[str, Any]:
+        return transformed(self.job.transform, self.job.source, batch, self.offset,
+                           self._required)
+
+    def first_keys(self) -> tuple[Any, bool]:
+        """The key column of the shard's next row (None if it has none now), and whether
+        it has ended."""
+        batch = self.shard.read(self.offset, 1)
+        if batch is None or len(batch) == 0:
+            return None, batch is None
+        keys = self._columns(batch)[self.job.key]
+        return (key_column(keys) if len(keys) else None), False
+
+    def step(self, key_type: KeyType) -> tuple[list[list[tuple[int, Any, list[Any]]]], _ShardStep]:
+        """Read the next batch and route it: every worker's slices, and the step."""
+        job = self.job
+        batch = self.shard.read(self.offset, job.batch_size)
+        if batch is None:
+            return [], _ShardStep(self.offset, 0, 0, ended=True)
+        checked = self._required if job.transform is None else list(batch.columns)
+        next_offset = check_batch(batch, job.source, self.offset, checked)
+        if next_offset == self.offset:
+            return [], _ShardStep(self.offset, 0, 0, ended=False)
+        columns = self._columns(batch)
+        keys = key_column(columns[job.key])
+        routed = _routed(
+            keys, columns, source=job.source, offset=self.offset, key=job.key,
+            values=job.values, key_type=key_type, partitions=job.partitions,
+            key_groups=job.key_groups, workers=job.workers,
+        )
+        self.offset = next_offset
+        return routed, _ShardStep(next_offset, len(batch), len(keys), ended=False)
+
+
+def _first_keys_of_shards(
+    job: _ShardJob, offsets: Sequence[Offset], *shards: Source
+) -> tuple[Any, bool]:
+    """The key column of the first row any shard has next (None if none has one now), and
+    whether every shard has ended; run as a Ray task, so the driver reads nothing."""
+    ended = True
+    for shard, offset in zip(shards, offsets, strict=True):
+        keys, shard_ended = _ShardReader(shard, offset, job).first_keys()
+        if keys is not None:
+            return keys, False
+        ended = ended and shard_ended
+    return None, ended
+
+
 # -- the worker (a Ray actor) ------------------------------------------------------------------
 
 
@@ -239,6 +407,8 @@ class PartitionsWorker:
         self._packed = bytearray()
         self._upload: CommitInFlight[_Uploaded] | None = None
         self._unpublished = False
+        self._reader: _ShardReader | None = None
+        self._own: deque[list[tuple[int, Any, list[Any]]]] = deque()  # read, not yet folded
 
     def ready(self) -> tuple[str, int]:
         """The Ray node id and process id of the worker, once it is constructed."""
@@ -367,6 +537,34 @@ class PartitionsWorker:
             return upload.result()
         return None
 
+    def attach(self, shard: Source, offset: Offset, job: _ShardJob) -> None:
+        """Read ``shard`` from ``offset`` from now on (:meth:`read_shard`)."""
+        self._reader = _ShardReader(shard, offset, job)
+        self._own.clear()
+
+    def read_shard(self) -> list[Any]:
+        """Read and route the shard's next batch. Returns one item per worker (its slices,
+        or None: this worker's own are kept for :meth:`fold_step`, and an empty list is
+        sent as None) and then the :class:`_ShardStep`; the driver asks for them as
+        separate object refs (``num_returns``), so each goes to its worker alone."""
+        if self._reader is None:
+            raise RayPipelineError(f"worker {self.index} was given no shard to read")
+        routed, step = self._reader.step(self._store.key_type)
+        self._own.append(routed[self.index] if routed else [])
+        workers = self._reader.job.workers
+        slices = [None if w == self.index or not routed else routed[w] or None
+                  for w in range(workers)]
+        return [*slices, step]
+
+    def fold_step(self, *others: list[tuple[int, Any, list[Any]]] | None) -> _Uploaded | None:
+        """Fold the oldest step read but not folded: this worker's own slices and those
+        the other workers sent (Ray resolves them, worker to worker); see :meth:`fold`."""
+        slices = list(self._own.popleft())
+        for part in others:
+            if part:
+                slices.extend(part)
+        return self.fold(slices)
+
     def checkpoint(self, pending: PendingCheckpoint, is_delta: bool) -> float:
         """Capture the store (everything folded before this call: calls run in order) and
         upload it on a thread while later batches fold; return the capture's seconds."""
@@ -479,6 +677,15 @@ class RayPipeline:
             :meth:`results` (read the sink) and resumes only with the ``partitions`` and
             ``num_workers`` its checkpoint was written with
             (:class:`~streamstate.IncompatibleCheckpointError` otherwise).
+        read_on_workers: True: the workers read the source, one shard each (it must be a
+            :class:`~streamstate.pipeline.sources.ShardableSource`); False: the driver
+            reads and routes every batch. None (default): the workers when the source
+            can be sharded and the job is not windowed (a windowed job's watermark and
+            late split run on the driver, which reads). Reading on the workers, a step is
+            one batch of each shard (``max_batches`` and ``checkpoint_every`` count steps,
+            ``on_batch`` gets a Batch of no columns from the offset before the step to the
+            one after it), the ``transform`` runs on the workers, and :meth:`stop` ends the
+            run after the steps already in flight.
 
     ``store`` must be reachable from every worker: a directory on one machine (or a
     shared file system), or an ``s3://``, ``gs://``, ``az://`` URL (or obstore store) on
@@ -515,6 +722,7 @@ class RayPipeline:
         allowed_lateness: object = 0,
         sink: object = None,
         late_sink: object = None,
+        read_on_workers: bool | None = None,
     ) -> None:
         # The Pipeline checks the shared arguments and holds the job's definition (its
         # fingerprint, its checkpointer, its transform); it never runs.
@@ -572,6 +780,24 @@ class RayPipeline:
         if not worker_timeout > 0:
             raise ValueError(f"worker_timeout must be > 0, got {worker_timeout}")
         self.worker_timeout = float(worker_timeout)
+        if read_on_workers is not None and not isinstance(read_on_workers, bool):
+            raise TypeError(
+                f"read_on_workers must be a bool or None, got {type(read_on_workers).__name__}"
+            )
+        if read_on_workers and not can_shard(source):
+            raise ValueError(
+                f"read_on_workers=True: source {source.name!r} ({type(source).__name__}) does "
+                "not split into shards (it has no shards()/shard_offsets())"
+            )
+        if read_on_workers and self._windowing is not None:
+            # The watermark and the late split run on the driver, over every batch it reads.
+            raise ValueError(
+                "read_on_workers=True: a windowed job's batches are read and routed by the "
+                "driver (its watermark and late split see every row); leave read_on_workers "
+                "at None or False"
+            )
+        self._read_on_workers = read_on_workers
+        self._shard_refs: list[Any] | None = None  # the shards, put in the object store once
         self._workers: list[Any] = []
         self._closed = False
         self._discard_state()
@@ -660,6 +886,9 @@ class RayPipeline:
         self._checkpoint: _CheckpointInFlight | None = None
         if self._windowing is not None:
             self._windowing.reset(job.partitions)
+        self._steps: deque[list[Any]] = deque()  # the workers' _ShardStep refs, per step
+        self._shards_ended = False
+        self._idle_sleep = 0.0
 
     def _end_workers(self) -> None:
         if self._workers:
@@ -849,7 +1078,7 @@ class RayPipeline:
             )
         if self._key_type is not None:
             return self._key_type
-        keys = self._job._peek_keys(offset)
+        keys = self._first_keys(offset)[0] if self.reads_shards else self._job._peek_keys(offset)
         inferred = None if keys is None else self._job._inferred_key_type(keys)
         if inferred is not None and recorded is not None:
             # the fingerprint check above matched an unresolved key type: compare now
@@ -909,7 +1138,7 @@ class RayPipeline:
                     report.restarts = restarts
                     self._run(report, max_batches, on_batch)
                     break
-                except ray.exceptions.RayActorError as exc:
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                     restarts += 1
                     if restarts > self.max_restarts:
                         raise WorkersLostError(
@@ -940,11 +1169,13 @@ class RayPipeline:
         max_batches: int | None,
         on_batch: Callable[[Batch], None] | None,
     ) -> None:
+        if self.reads_shards:
+            self._run_sharded(report, max_batches, on_batch)
+            return
         job = self._job
         name = job.source.name
         required = [job.key, *job.values]
         since_checkpoint = 0
-        idle_sleep = 0.0
         while max_batches is None or report.batches + report.empty_batches < max_batches:
             if job._stop_requested.is_set():
                 report.stopped = True
@@ -956,13 +1187,9 @@ class RayPipeline:
             checked = required if job._transform is None else list(batch.columns)
             next_offset = check_batch(batch, name, self._offset, checked)
             if next_offset == self._offset:
-                report.empty_batches += 1
-                idle_sleep = min(job.max_idle_sleep, 2 * idle_sleep or _FIRST_IDLE_SLEEP)
-                slept = time.perf_counter()
-                job._stop_requested.wait(idle_sleep)  # stop() cuts the pause short
-                report.idle_seconds += time.perf_counter() - slept
+                self._back_off(report)
                 continue
-            idle_sleep = 0.0
+            self._idle_sleep = 0.0
             columns = job._transformed(batch, self._offset, required)
             keys = key_column(columns[job.key])
             if not self._workers:
@@ -979,6 +1206,20 @@ class RayPipeline:
             if since_checkpoint >= job.checkpoint_every:
                 self._barrier(report, final=False)
                 since_checkpoint = 0
+        self._end_run(report, since_checkpoint)
+
+    def _back_off(self, report: RayPipelineRun) -> None:
+        """An idle poll of a following source: count it and pause, longer each time."""
+        job = self._job
+        report.empty_batches += 1
+        self._idle_sleep = min(job.max_idle_sleep, 2 * self._idle_sleep or _FIRST_IDLE_SLEEP)
+        slept = time.perf_counter()
+        job._stop_requested.wait(self._idle_sleep)  # stop() cuts the pause short
+        report.idle_seconds += time.perf_counter() - slept
+
+    def _end_run(self, report: RayPipelineRun, since_checkpoint: int) -> None:
+        """The final checkpoint of a run that ended, and every reply and commit collected."""
+        job = self._job
         if self._workers:
             ended = report.finished or report.stopped
             # At the end of a bounded source every open window is emitted, even when no
@@ -996,22 +1237,10 @@ class RayPipeline:
     def _dispatch(self, keys: Any, columns: Mapping[str, Any]) -> None:
         """Route one batch and send every worker its partitions' slices (one call each)."""
         job = self._job
-        found = _key_type_of(keys)
-        if found != self._key_type and not (found == "str" and self._key_type == "bytes"):
-            raise SourceError(
-                f"source {job.source.name!r}: the batch at offset {self._offset!r} has "
-                f"{found or 'no valid'} keys ({describe_keys(keys)}) in column {job.key!r}, "
-                f"but this job's keys are {self._key_type}"
-            )
-        values = []
-        for metric in job.values:
-            try:
-                values.append(np.asarray(columns[metric], dtype=np.float64))
-            except (TypeError, ValueError) as exc:
-                raise SourceError(
-                    f"source {job.source.name!r}: column {metric!r} of the batch at offset "
-                    f"{self._offset!r} is not numeric: {exc}"
-                ) from exc
+        values = _checked_values(
+            keys, columns, source=job.source.name, offset=self._offset, key=job.key,
+            values=job.values, key_type=self._key_type,
+        )
         if self._windowing is not None:
             where = f"source {job.source.name!r}: the batch at offset {self._offset!r}"
             watermark, windowed = self._windowing.route(
@@ -1049,6 +1278,151 @@ class RayPipeline:
             return 0
         calls = [worker.open_windows.remote() for worker in self._workers]
         return sum(self._get(calls, "counting the open windows"))
+
+    # -- reading on the workers ------------------------------------------------------------
+
+    @property
+    def reads_shards(self) -> bool:
+        """Whether the workers read the source, one shard each (see ``read_on_workers``)."""
+        return (
+            self._read_on_workers is not False
+            and self._windowing is None
+            and can_shard(self._job.source)
+        )
+
+    def _shard_job(self) -> _ShardJob:
+        job = self._job
+        return _ShardJob(job.source.name, job.key, job.values, job._transform, job.batch_size,
+                         job.partitions, self._key_groups, self._num_workers)
+
+    def _shards(self, offset: Offset) -> tuple[list[Any], list[Offset]]:
+        """The shards' object refs (put in the object store once per pipeline) and their
+        offsets at ``offset`` (translated from a plain one or another shard count, exactly,
+        or refused with IncompatibleCheckpointError)."""
+        source = self._job.source
+        assert can_shard(source)
+        positions = source.shard_offsets(offset, self._num_workers)
+        if self._shard_refs is None:
+            ray = self._ray()
+            self._shard_refs = [ray.put(shard) for shard in source.shards(self._num_workers)]
+        return self._shard_refs, positions
+
+    def _first_keys(self, offset: Offset) -> tuple[Any, bool]:
+        """The key column of a row some shard has next at ``offset`` (None if none has one),
+        and whether every shard has ended; read by a Ray task, not here."""
+        refs, positions = self._shards(offset)
+        task = self._ray().remote(_first_keys_of_shards).options(num_cpus=0)
+        found = self._get(task.remote(self._shard_job(), positions, *refs),
+                          "reading the first keys of the shards")
+        return cast("tuple[Any, bool]", found)
+
+    def _run_sharded(
+        self,
+        report: RayPipelineRun,
+        max_batches: int | None,
+        on_batch: Callable[[Batch], None] | None,
+    ) -> None:
+        """:meth:`_run` with the workers reading their shards: per step, every worker reads
+        and routes a batch, and the next step's reads are queued before this step's folds,
+        so a worker reads on while the others' slices for it are still coming."""
+        job = self._job
+        self._shards_ended = False
+        while not self._workers:
+            if job._stop_requested.is_set():
+                report.stopped = True
+                return
+            if max_batches is not None and report.empty_batches >= max_batches:
+                return
+            keys: Any = None
+            if self._key_type is None:
+                keys, self._shards_ended = self._first_keys(self._offset)
+                if self._shards_ended:
+                    report.finished = True
+                    return
+                if keys is None:
+                    self._back_off(report)
+                    continue
+            self._start_workers(self._key_type or job._inferred_key_type(keys))
+        refs, positions = self._shards(self._offset)
+        spec = self._shard_job()
+        self._get(
+            [w.attach.remote(ref, at, spec) for w, ref, at in zip(self._workers, refs, positions,
+                                                                 strict=True)],
+            "handing the workers their shards",
+        )
+        since_checkpoint = 0
+        steps = 0
+        unfolded: list[Any] | None = None  # the last step's reads, not yet folded
+        while max_batches is None or steps + report.empty_batches < max_batches:
+            if job._stop_requested.is_set():
+                report.stopped = True
+                break
+            if self._shards_ended:
+                report.finished = True
+                break
+            reads = [
+                worker.read_shard.options(num_returns=self._num_workers + 1).remote()
+                for worker in self._workers
+            ]
+            steps += 1
+            self._steps.append([read[-1] for read in reads])
+            if unfolded is not None:
+                self._fold_step(unfolded)
+            unfolded = reads
+            since_checkpoint += self._collect_steps(MAX_BATCHES_IN_FLIGHT, report, on_batch)
+            self._poll_checkpoint(report)
+            if since_checkpoint + len(self._steps) >= job.checkpoint_every:
+                # Due once the steps in flight hold events too. Land the checkpoint before
+                # while the workers are still busy with those steps; fold what was read and
+                # take every step's report: the barrier's offset is then exactly what its
+                # capture holds (and an idle source, whose steps held none, takes none).
+                self._land(report)
+                self._fold_step(unfolded)
+                unfolded = None
+                since_checkpoint += self._collect_steps(0, report, on_batch)
+                if since_checkpoint:
+                    self._barrier(report, final=False)
+                since_checkpoint = 0
+        if unfolded is not None:
+            self._fold_step(unfolded)
+        since_checkpoint += self._collect_steps(0, report, on_batch)
+        if self._shards_ended and not report.stopped:
+            report.finished = True
+        self._end_run(report, since_checkpoint)
+
+    def _fold_step(self, reads: Sequence[Sequence[Any]]) -> None:
+        """Queue one step's folds: every worker gets the refs of the slices the others read
+        for it as arguments, so Ray moves them worker to worker."""
+        for index, worker in enumerate(self._workers):
+            others = [read[index] for source, read in enumerate(reads) if source != index]
+            self._in_flight[index].append(worker.fold_step.remote(*others))
+            self._drain(index, MAX_BATCHES_IN_FLIGHT, None)
+
+    def _collect_steps(
+        self, keep: int, report: RayPipelineRun, on_batch: Callable[[Batch], None] | None
+    ) -> int:
+        """Take the oldest steps' reports until ``keep`` are in flight: move the offset,
+        count the events, back off after a step that found nothing. Returns the number of
+        steps that held events."""
+        held = 0
+        while len(self._steps) > keep:
+            steps = cast("list[_ShardStep]", self._get(self._steps.popleft(),
+                                                       "the workers reading their shards"))
+            before = self._offset
+            self._offset = shard_offset([step.offset for step in steps])
+            events = sum(step.events for step in steps)
+            self._shards_ended = all(step.ended for step in steps)
+            if events:
+                held += 1
+                self._idle_sleep = 0.0
+                report.events += events
+                report.folded_events += sum(step.folded for step in steps)
+                report.batches += 1
+                if on_batch is not None:
+                    on_batch(Batch({}, before, self._offset, events))
+            elif not self._shards_ended:
+                self._back_off(report)
+        return held
 
     def _drain(self, worker: int, keep: int, report: RayPipelineRun | None) -> None:
         """Wait for worker ``worker``'s oldest batches until ``keep`` are in flight, taking
@@ -1262,6 +1636,7 @@ class RayPipeline:
         self._closed = True
         self._abandon_checkpoint()
         self._end_workers()
+        self._shard_refs = None
 
     def __enter__(self) -> Self:
         return self

@@ -29,7 +29,7 @@ from ..batcher import auto_compression, decode_batch, encode_batch, encode_batch
 from ..checkpoint import ObjectStoreCheckpointer, RecoveredCheckpoint, verify_integrity
 from ..errors import CheckpointError, CorruptDataError, IncompatibleCheckpointError, SourceError
 from .fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
-from .sources import Offset, plain_offset
+from .sources import Offset, plain_offset, shard_positions
 
 __all__ = [
     "STATE_OPERATOR",
@@ -134,7 +134,11 @@ def check_layout(
     if (
         plain != offset
         or (isinstance(offset, int) and offset < 0)
-        or (start_offset is not None and type(offset) is not type(start_offset))
+        or (
+            start_offset is not None
+            and type(offset) is not type(start_offset)
+            and shard_positions(offset) is None  # several shards' offsets: the source reads them
+        )
     ):
         raise IncompatibleCheckpointError(
             f"checkpoint {where}: the offset of source {name!r} is {offset!r}, not a source "

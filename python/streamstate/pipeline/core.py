@@ -192,6 +192,35 @@ def _key_type_of(keys: Any) -> KeyType | None:
     return None
 
 
+def transformed(
+    transform: Transform | None,
+    source: str,
+    batch: Batch,
+    offset: Offset,
+    required: Sequence[str],
+) -> Mapping[str, Any]:
+    """The columns of ``batch`` (read at ``offset`` from source ``source``) through
+    ``transform``, checked: every ``required`` column is there, all of one length."""
+    if transform is None:
+        return batch.columns
+    columns = transform(dict(batch.columns))
+    where = f"source {source!r}: the transform of the batch at offset {offset!r}"
+    if not isinstance(columns, Mapping):
+        raise SourceError(
+            f"{where} returned a {type(columns).__name__}; it must return a mapping of "
+            "column names to arrays"
+        )
+    check_columns(required, columns, where)
+    rows = len(columns[required[0]])
+    for name in required[1:]:
+        if len(columns[name]) != rows:
+            raise SourceError(
+                f"{where} returned column {name!r} of {len(columns[name])} rows, but "
+                f"column {required[0]!r} has {rows}"
+            )
+    return columns
+
+
 class Pipeline:
     """Folds a keyed source into per-key statistics across ``partitions`` threads, with
     periodic exactly-once checkpoints to an object store.
@@ -513,26 +542,8 @@ class Pipeline:
     def _transformed(
         self, batch: Batch, offset: Offset, required: Sequence[str]
     ) -> Mapping[str, Any]:
-        """The batch's columns through the transform, checked: every ``required`` column is
-        there, all of one length."""
-        if self._transform is None:
-            return batch.columns
-        columns = self._transform(dict(batch.columns))
-        where = f"source {self._source.name!r}: the transform of the batch at offset {offset!r}"
-        if not isinstance(columns, Mapping):
-            raise SourceError(
-                f"{where} returned a {type(columns).__name__}; it must return a mapping of "
-                "column names to arrays"
-            )
-        check_columns(required, columns, where)
-        rows = len(columns[required[0]])
-        for name in required[1:]:
-            if len(columns[name]) != rows:
-                raise SourceError(
-                    f"{where} returned column {name!r} of {len(columns[name])} rows, but "
-                    f"column {required[0]!r} has {rows}"
-                )
-        return columns
+        """The batch's columns through the transform, checked (see :func:`transformed`)."""
+        return transformed(self._transform, self._source.name, batch, offset, required)
 
     def recover(self) -> Offset:
         """Restore the newest valid checkpoint (once); return the offset to resume from.

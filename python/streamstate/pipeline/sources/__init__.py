@@ -4,6 +4,8 @@
 of each batch; :class:`ArraySource` reads in-memory numpy columns, :class:`ArrowSource`
 Arrow data (tables, readers, pandas and polars frames) and :class:`ParquetSource` a
 directory of Parquet files, locally or in an object store, optionally following it for new
+files. :class:`ShardableSource` is what a source that splits into shards (each read by a
+worker of its own) adds: arrays split into row ranges, Parquet directories into sets of
 files.
 """
 
@@ -14,12 +16,16 @@ from .arrow_source import ArrowSource
 from .contract import (
     Batch,
     Offset,
+    ShardableSource,
     Source,
+    can_shard,
     check_batch,
     check_columns,
     describe_keys,
     key_column,
     plain_offset,
+    shard_offset,
+    shard_positions,
     start_offset_of,
 )
 from .parquet_source import ParquetSource
@@ -30,11 +36,15 @@ __all__ = [
     "Batch",
     "Offset",
     "ParquetSource",
+    "ShardableSource",
     "Source",
+    "can_shard",
     "check_batch",
     "check_columns",
     "describe_keys",
     "key_column",
     "plain_offset",
+    "shard_offset",
+    "shard_positions",
     "start_offset_of",
 ]

@@ -5,21 +5,27 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 
-from ...errors import SourceError
+from ...errors import IncompatibleCheckpointError, SourceError
 
 __all__ = [
     "Batch",
     "Offset",
+    "ShardableSource",
     "Source",
+    "can_shard",
     "check_batch",
     "check_columns",
+    "check_shard_count",
     "describe_keys",
     "key_column",
     "plain_offset",
+    "read_from_shards",
+    "shard_offset",
+    "shard_positions",
     "start_offset_of",
 ]
 
@@ -74,6 +80,84 @@ class Source(Protocol):
     def read(self, offset: Any, max_rows: int) -> Batch | None:
         """Up to ``max_rows`` events starting at ``offset``, or None at the end."""
         ...
+
+
+class ShardableSource(Source, Protocol):
+    """A source that splits into shards read independently (by the workers of a
+    :class:`~streamstate.ray.RayPipeline`), every row in exactly one shard.
+
+    Each shard is a :class:`Source` with offsets of its own, starting at its
+    ``start_offset``. The offset of the whole source while its ``count`` shards are read is
+    :func:`shard_offset` of theirs: ``{"shards": [o0, o1, ...]}``, and for one shard that
+    shard's offset, which is the source's own (one shard reads what the source reads).
+    """
+
+    def shards(self, count: int) -> Sequence[Source]:
+        """The source split into ``count`` shards; the same split for the same ``count`` and
+        the same data, in every process."""
+        ...
+
+    def shard_offsets(self, offset: Offset, count: int) -> list[Offset]:
+        """Where each of ``count`` shards is when the source is at ``offset``: one of this
+        source's own offsets, or :func:`shard_offset` of any number of its shards'. Raises
+        :class:`~streamstate.IncompatibleCheckpointError` when the rows read so far are not,
+        in every shard, a prefix of its rows (the shards cannot continue without reading a
+        row twice or skipping one)."""
+        ...
+
+
+def can_shard(source: Source) -> TypeGuard[ShardableSource]:
+    """Whether ``source`` splits into shards (see :class:`ShardableSource`)."""
+    return callable(getattr(source, "shards", None)) and callable(
+        getattr(source, "shard_offsets", None)
+    )
+
+
+def check_shard_count(count: object) -> int:
+    """``count`` as a number of shards: an int >= 1, else TypeError / ValueError."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"a shard count must be an int, got {type(count).__name__}")
+    if count < 1:
+        raise ValueError(f"a shard count must be >= 1, got {count}")
+    return count
+
+
+#: The key of the offset of a source read in several shards: ``{"shards": [o0, o1, ...]}``.
+SHARDS = "shards"
+
+
+def shard_offset(offsets: Sequence[Offset]) -> Offset:
+    """The offset of a whole source whose shards are at ``offsets``: ``{"shards": offsets}``,
+    or the one shard's offset (one shard is the whole source)."""
+    if len(offsets) == 1:
+        return offsets[0]
+    return {SHARDS: list(offsets)}
+
+
+def shard_positions(offset: Offset) -> list[Offset] | None:
+    """The shards' offsets a :func:`shard_offset` of several shards holds, or None for an
+    offset of the source as one (a plain offset)."""
+    if isinstance(offset, dict) and set(offset) == {SHARDS}:
+        positions = offset[SHARDS]
+        if not isinstance(positions, list) or len(positions) < 2:
+            raise IncompatibleCheckpointError(
+                f"offset {offset!r}: {SHARDS!r} must list the offsets of two or more shards"
+            )
+        return list(positions)
+    return None
+
+
+def read_from_shards(source: ShardableSource, offset: Offset, max_rows: int) -> Batch | None:
+    """A whole source's read at the offset of its shards (``{"shards": [...]}``), when the
+    rows they read are a prefix of the source: the batch starts at that offset and ends at
+    a plain one. Otherwise :class:`~streamstate.IncompatibleCheckpointError` (from
+    ``shard_offsets``)."""
+    [plain] = source.shard_offsets(offset, 1)
+    batch = source.read(plain, max_rows)
+    if batch is None:
+        return None
+    rows = len(batch)
+    return Batch(batch.columns, offset, batch.next_offset if rows else offset, rows)
 
 
 def start_offset_of(source: Source) -> Offset:

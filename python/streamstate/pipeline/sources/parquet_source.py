@@ -11,20 +11,25 @@ checkpoint's offset names it, once it is visible under the directory; a new file
 sort after every file already read (name files by time or sequence number, and write each
 under a temporary name outside the directory, or atomically, as object stores do). A
 checkpoint whose offset names a file that is gone raises :class:`~streamstate.SourceError`.
+
+Split into ``count`` shards, a file belongs to shard ``crc32(name) % count``: the split
+depends on the name alone, so it holds as new files arrive, and each shard (a
+ParquetSource over its files, followed when the source is) has offsets of the same form.
 """
 
 from __future__ import annotations
 
 import bisect
 import posixpath
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ...errors import SourceError
+from ...errors import IncompatibleCheckpointError, SourceError
 from ...storage import CheckpointStorage, StoreLike, describe_store
 from .arrow_source import _pyarrow, arrow_columns
-from .contract import Batch, Offset
+from .contract import Batch, Offset, check_shard_count, read_from_shards, shard_positions
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -33,6 +38,11 @@ if TYPE_CHECKING:
 __all__ = ["ParquetSource"]
 
 _SUFFIX = ".parquet"
+
+
+def _shard_of(name: str, count: int) -> int:
+    """The shard of ``count`` that file ``name`` belongs to (the same in every process)."""
+    return zlib.crc32(name.encode()) % count
 
 
 @dataclass
@@ -102,6 +112,7 @@ class ParquetSource:
         self._columns = None if columns is None else list(columns)
         self._rows: dict[str, int] = {}  # row counts of files seen (files never change)
         self._open: _OpenFile | None = None
+        self._shard = (0, 1)  # (index, count): this source reads the files of that shard
 
     @property
     def name(self) -> str:
@@ -109,13 +120,82 @@ class ParquetSource:
         return self._name
 
     def files(self) -> list[str]:
-        """The names of the Parquet files in the directory now, in reading order."""
+        """The names of the Parquet files in the directory now that this source (or shard)
+        reads, in reading order."""
+        index, count = self._shard
+        return [name for name in self._all_files() if _shard_of(name, count) == index]
+
+    def _all_files(self) -> list[str]:
         names = []
         for path in self._storage.list_directory(self._prefix):
             base = posixpath.basename(path)
             if base.endswith(_SUFFIX) and not base.startswith((".", "_")):
                 names.append(base)
         return sorted(names)
+
+    def shards(self, count: int) -> list[ParquetSource]:
+        """The source in ``count`` shards, each reading the files ``crc32(name) % count``
+        puts in it (see the module notes), in name order."""
+        check_shard_count(count)
+        if self._shard != (0, 1):
+            raise SourceError(f"{self!r} is a shard already")
+        shards = []
+        for index in range(count):
+            shard = ParquetSource.__new__(ParquetSource)
+            shard.__dict__.update(self.__dict__)
+            shard._rows, shard._open, shard._shard = dict(self._rows), None, (index, count)
+            shards.append(shard)
+        return shards
+
+    def shard_offsets(self, offset: Offset, count: int) -> list[Offset]:
+        """Each of ``count`` shards' offset when the source is at ``offset``: one of its own
+        (every file before ``file`` read, and ``row`` rows of it) or the offsets of each of
+        several shards (see :class:`~streamstate.pipeline.sources.ShardableSource`). The
+        files' row counts needed are read from the files."""
+        check_shard_count(count)
+        positions = shard_positions(offset)
+        old = [offset] if positions is None else positions
+        for index, at in enumerate(old):
+            file, _ = self._position(at)
+            if file is not None and _shard_of(file, len(old)) != index:
+                raise SourceError(
+                    f"source {self._name!r}: offset {offset!r} names {file!r} for shard "
+                    f"{index} of {len(old)}, which it is not in"
+                )
+        if len(old) == count:  # the same split: each shard continues where it is
+            return old
+        names = self._all_files()
+        read: dict[str, int | None] = {}  # rows read of each file; None: all of it
+        for index, at in enumerate(old):
+            file, row = self._position(at)
+            for name in names:
+                if file is not None and name < file and _shard_of(name, len(old)) == index:
+                    read[name] = None
+            if file is not None and row:
+                read[file] = None if row == self._row_count(file) else row
+        result: list[Offset] = []
+        for index in range(count):
+            position: dict[str, Any] = {"file": None, "row": 0}
+            untouched: str | None = None  # the first file of the shard not read in full
+            for name in (n for n in names if _shard_of(n, count) == index):
+                rows = read.get(name, 0)
+                if untouched is not None and rows != 0:
+                    raise IncompatibleCheckpointError(
+                        f"source {self._name!r}: at offset {offset!r} {name!r} is read but "
+                        f"{untouched!r} before it is not (all of it), so shard {index} of "
+                        f"{count} cannot continue from one offset; resume with the shard count "
+                        "that wrote it"
+                    )
+                if rows is None:
+                    position = {"file": name, "row": -1}  # its row count, once it is the last
+                elif rows:
+                    position, untouched = {"file": name, "row": rows}, name
+                else:
+                    untouched = name
+            if position["row"] == -1:
+                position["row"] = self._row_count(position["file"])
+            result.append(position)
+        return result
 
     def _position(self, offset: Offset) -> tuple[str | None, int]:
         """The file and row an offset names, after checking it is one of this source's."""
@@ -170,6 +250,8 @@ class ParquetSource:
     def read(self, offset: Offset, max_rows: int) -> Batch | None:
         """Up to ``max_rows`` rows of one row group from ``offset``; at the end of the last
         file None, or, when following, an empty batch."""
+        if shard_positions(offset) is not None:
+            return read_from_shards(self, offset, max_rows)
         file, row = self._position(offset)
         rows = 0 if file is None else self._row_count(file)
         if row > rows:
@@ -199,4 +281,8 @@ class ParquetSource:
     def __repr__(self) -> str:
         where = describe_store(self._storage.store)
         follow = ", follow=True" if self.follow else ""
-        return f"ParquetSource({where}, prefix={self._prefix!r}, name={self._name!r}{follow})"
+        index, count = self._shard
+        shard = f", shard={index} of {count}" if count > 1 else ""
+        return (
+            f"ParquetSource({where}, prefix={self._prefix!r}, name={self._name!r}{follow}{shard})"
+        )
