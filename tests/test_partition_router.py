@@ -261,3 +261,125 @@ def test_ctrl_c_stops_a_long_fold_between_chunks(key_type: str) -> None:
     # Stopped part-way, on a chunk boundary: the chunks before the signal stay folded.
     assert 0 < folded < n
     assert folded % 2**19 == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Routed slices: routing's hashes reused by the fold
+
+
+def _frame_results(store: ss.NumericAggregateStore, column: str | None = None) -> dict[Any, tuple[float, ...]]:
+    r = store.results(column) if column is not None else store.results()
+    return {
+        k: (int(r["count"][i]), r["sum"][i], r["min"][i], r["max"][i], r["var"][i])
+        for i, k in enumerate(r["key"])
+    }
+
+
+def _close(a: dict[Any, tuple[float, ...]], b: dict[Any, tuple[float, ...]]) -> bool:
+    return a.keys() == b.keys() and all(
+        np.allclose(a[k], b[k], rtol=1e-9, atol=1e-9, equal_nan=True) for k in a
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(keys=_text_keys, partitions=st.integers(1, 5), data=st.data())
+def test_slices_hold_what_partition_batch_routes(keys: list[str], partitions: int, data: Any) -> None:
+    n = len(keys)
+    a = np.array(data.draw(st.lists(st.floats(-1e6, 1e6), min_size=n, max_size=n)), dtype=np.float64)
+    b = np.arange(n, dtype=np.int32)  # cast to float64 in the slice's block
+    encoded = [k.encode() for k in keys]
+    plain = ss.partition_batch(encoded, partitions, a, b)
+    for name, rep in _representations(keys).items():
+        slices = ss.partition_batch(rep, partitions, a, b, as_slices=True)
+        assert len(slices) == partitions, name
+        for s, (part_keys, part_a, part_b) in zip(slices, plain, strict=True):
+            assert isinstance(s, ss.RoutedSlice) and s.width == 2
+            if keys:  # an empty list holds no key to tell its type by: it routes as int64
+                assert s.key_type == "bytes", name
+            assert len(s) == len(part_a), name
+            assert [bytes(k) for k in s.keys] == [bytes(k) for k in part_keys], name
+            np.testing.assert_array_equal(s.values, np.column_stack([part_a, part_b]).reshape(-1, 2))
+            assert "rows=" in repr(s)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    keys=st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5), max_size=120),
+    partitions=st.integers(1, 4),
+    policy=st.sampled_from(["skip", "propagate"]),
+    data=st.data(),
+)
+def test_folding_slices_equals_folding_the_rows(
+    keys: list[int], partitions: int, policy: str, data: Any
+) -> None:
+    import pandas as pd
+
+    n = len(keys)
+    values = st.floats(-1e6, 1e6) | st.just(float("nan"))
+    block = np.array(
+        data.draw(st.lists(st.tuples(values, values), min_size=n, max_size=n)), dtype=np.float64
+    ).reshape(n, 2)
+    karr = np.array(keys, dtype=np.int64)
+    names = ["a", "b"]
+    sliced = ss.NumericAggregateStore(partitions, values=names, nan_policy=policy)
+    folded = ss.NumericAggregateStore(partitions, values=names, nan_policy=policy)
+    slices = ss.partition_batch(karr, partitions, block[:, 0], block[:, 1], as_slices=True)
+    plain = ss.partition_batch(karr, partitions, block[:, 0], block[:, 1])
+    for p in range(partitions):
+        with sliced.partition(p) as part:
+            part.fold_slice(slices[p])
+        part_keys, col_a, col_b = plain[p]
+        with folded.partition(p) as part:
+            part.fold(part_keys, np.column_stack([col_a, col_b]).reshape(-1, 2))
+    for name in names:
+        got, want = _frame_results(sliced, name), _frame_results(folded, name)
+        assert _close(got, want), name
+    if policy == "skip":  # the one column against a pandas group-by
+        frame = pd.DataFrame({"k": karr, "v": block[:, 0]}).dropna()
+        expected = frame.groupby("k")["v"].agg(["count", "sum", "min", "max", "var"])
+        got = {k: v for k, v in _frame_results(sliced, "a").items() if v[0] > 0}
+        want = {k: (int(r["count"]), r["sum"], r["min"], r["max"], r["var"]) for k, r in expected.iterrows()}
+        assert _close(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(keys=_text_keys, data=st.data())
+def test_folding_byte_slices_equals_folding_the_rows(keys: list[str], data: Any) -> None:
+    n = len(keys)
+    values = np.array(data.draw(st.lists(st.floats(-1e6, 1e6), min_size=n, max_size=n)), dtype=np.float64)
+    sliced = ss.NumericAggregateStore(2, key_type="bytes")
+    folded = ss.NumericAggregateStore(2, key_type="bytes")
+    for p, s in enumerate(ss.partition_batch(np.array(keys, dtype=object), 2, values, as_slices=True)):
+        with sliced.partition(p) as part:
+            part.fold_slice(s)
+            part.fold_slice(s)  # twice: the second finds every key the first inserted
+        with folded.partition(p) as part:
+            part.fold(s.keys, s.values[:, 0])
+            part.fold(s.keys, s.values[:, 0])
+    assert _close(_frame_results(sliced), _frame_results(folded))
+
+
+def test_fold_slice_rejects_what_it_cannot_fold() -> None:
+    store = ss.NumericAggregateStore(1, values=["a", "b"], nan_policy="raise")
+    part = store.partition(0)
+    (wide,) = ss.partition_batch(np.array([1, 2]), 1, [1.0, 2.0], [3.0, 4.0], as_slices=True)
+    (narrow,) = ss.partition_batch(np.array([1, 2]), 1, [1.0, 2.0], as_slices=True)
+    (text,) = ss.partition_batch([b"x", b"y"], 1, [1.0, 2.0], [3.0, 4.0], as_slices=True)
+    (poisoned,) = ss.partition_batch(np.array([7, 8]), 1, [1.0, np.nan], [3.0, 4.0], as_slices=True)
+    with pytest.raises(TypeError, match="must be a RoutedSlice"):
+        part.fold_slice((np.array([1]), np.array([[1.0, 2.0]])))
+    with pytest.raises(TypeError, match="bytes keys, the store's key_type is 'int64'"):
+        part.fold_slice(text)
+    with pytest.raises(ValueError, match="carries 1 value columns, the store folds 2"):
+        part.fold_slice(narrow)
+    with pytest.raises(ValueError, match="NaN"):
+        part.fold_slice(poisoned)
+    assert part.pending == 0  # nothing from a refused slice was folded
+    part.fold_slice(wide)
+    assert part.pending == 2
+    with pytest.raises(TypeError, match="as_slices must be a bool"):
+        ss.partition_batch(np.array([1]), 1, [1.0], as_slices=1)
+    with pytest.raises(ValueError, match="at least one value column"):
+        ss.partition_batch(np.array([1]), 1, as_slices=True)
+    with pytest.raises(TypeError, match="must be numeric"):
+        ss.partition_batch(np.array([1]), 1, np.array(["x"]), as_slices=True)

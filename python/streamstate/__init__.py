@@ -57,6 +57,7 @@ from .pipeline import (
     ParquetSource,
     Pipeline,
     PipelineRun,
+    RoutedSlice,
     key_group_range,
     partition_batch,
 )
@@ -115,6 +116,7 @@ __all__ = [
     "RecoveredCheckpoint",
     "RecoveryPlan",
     "RetryPolicy",
+    "RoutedSlice",
     "Session",
     "Sink",
     "SinkError",

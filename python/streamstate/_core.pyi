@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
 from types import TracebackType as _TracebackType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, overload
 from typing import Any as _Any
 from typing import Protocol as _Protocol
 
@@ -92,6 +92,7 @@ class PartitionAggregator:
         keys: _ArrayLike | _Sequence[_BytesLike | str] | _ArrowArray,
         values: _ArrayLike | _Mapping[str, _ArrayLike],
     ) -> None: ...
+    def fold_slice(self, slice: RoutedSlice) -> None: ...
     def publish(self) -> int: ...
     def __len__(self) -> int: ...
     @property
@@ -284,12 +285,33 @@ class SpillingAggregatorCore:
     def key_type(self) -> str: ...
 
 # -- partition router --
+class RoutedSlice:
+    def __len__(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def key_type(self) -> Literal["int64", "bytes"]: ...
+    @property
+    def keys(self) -> _Any: ...
+    @property
+    def values(self) -> _Any: ...
+
+@overload
 def partition_batch(
     keys: _ArrayLike | _Sequence[_BytesLike | str] | _ArrowArray,
     partitions: int,
     *columns: _ArrayLike,
     key_groups: int = 256,
+    as_slices: Literal[False] = False,
 ) -> list[tuple[_Any, ...]]: ...
+@overload
+def partition_batch(
+    keys: _ArrayLike | _Sequence[_BytesLike | str] | _ArrowArray,
+    partitions: int,
+    *columns: _ArrayLike,
+    key_groups: int = 256,
+    as_slices: Literal[True],
+) -> list[RoutedSlice]: ...
 def key_group_range(partition: int, partitions: int, key_groups: int = 256) -> range: ...
 
 # -- checkpoint batcher --

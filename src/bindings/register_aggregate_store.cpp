@@ -5,6 +5,7 @@
 #include "bindings/key_dispatch.h"
 #include "bindings/prelude.h"
 #include "bindings/result_arrays.h"
+#include "bindings/routed_slice.h"
 #include "bindings/value_block.h"
 #include "core/aggregate_store.h"
 #include "core/byte_io.h"
@@ -96,6 +97,42 @@ void fold_into(const NumericStoreHandle& handle, std::uint32_t pid, py::handle k
     run_interruptible(n, 8 + 8 * width, chunk, [&](std::size_t begin, std::size_t end) {
       handle.int64().fold(pid, k + begin, v + begin * width, end - begin);
     });
+  }
+}
+
+// Folds a routed slice, reusing the hashes routing computed; chunked and all-or-nothing
+// under nan_policy='raise' as fold_into is.
+void fold_slice_into(const NumericStoreHandle& handle, std::uint32_t pid, py::handle slice_arg) {
+  if (!py::isinstance<RoutedSlice>(slice_arg)) {
+    throw py::type_error("slice must be a RoutedSlice (from partition_batch(..., as_slices=True)), "
+                         "not " + type_name(slice_arg));
+  }
+  const auto& slice = slice_arg.cast<const RoutedSlice&>();
+  const std::size_t width = handle.visit([](const auto& s) { return s.width(); });
+  if (slice.is_bytes() != handle.is_bytes()) {
+    throw py::type_error(std::string("the slice holds ") + (slice.is_bytes() ? "bytes" : "int64") +
+                         " keys, the store's key_type is " +
+                         (handle.is_bytes() ? "'bytes'" : "'int64'"));
+  }
+  if (slice.width() != width) {
+    throw InvalidArgument("the slice carries " + std::to_string(slice.width()) +
+                          " value columns, the store folds " + std::to_string(width));
+  }
+  const auto fold = [&](auto& store, const auto& rows) {
+    const std::size_t n = rows.size();
+    const double* v = rows.values.data();
+    const std::size_t chunk =
+        store.nan_policy() == NanPolicy::kRaise && any_nan(v, n * width) ? n + 1 : kInterruptRows;
+    // The slice is immutable and kept alive by the caller's reference: safe without the GIL.
+    run_interruptible(n, 16 + 8 * width, chunk, [&](std::size_t begin, std::size_t end) {
+      store.fold(pid, rows.keys.data() + begin, v + begin * width, end - begin,
+                 rows.hashes.data() + begin);
+    });
+  };
+  if (handle.is_bytes()) {
+    fold(handle.bytes(), std::get<RoutedRows<BytesKeys>>(slice.rows));
+  } else {
+    fold(handle.int64(), std::get<RoutedRows<Int64Keys>>(slice.rows));
   }
 }
 
@@ -373,6 +410,16 @@ since the last publish. As a context manager it publishes on a clean exit.
           "array-like of the same length. Bad input raises before any row is folded; a null key\n"
           "raises ValueError. Interruptible: Ctrl-C stops it between chunks of ~512K rows,\n"
           "and the chunks folded before then stay folded.")
+      .def(
+          "fold_slice",
+          [](const PartitionHandle& self, const py::object& slice) {
+            fold_slice_into(*self.store, self.partition_id, slice);
+          },
+          py::arg("slice"),
+          "Fold a RoutedSlice (partition_batch(..., as_slices=True)): the same as\n"
+          "fold(slice.keys, slice.values), without hashing the keys again (routing's hashes\n"
+          "are reused) or converting them. TypeError for a slice of the other key type,\n"
+          "ValueError for one of another width; interruptible as fold is.")
       .def(
           "publish",
           [](const PartitionHandle& self) {

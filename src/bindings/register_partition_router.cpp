@@ -3,15 +3,19 @@
 #include "bindings/buffers.h"
 #include "bindings/key_columns.h"
 #include "bindings/prelude.h"
+#include "bindings/routed_slice.h"
 #include "core/errors.h"
 #include "core/key_traits.h"
 #include "core/partition_router.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <variant>
 #include <vector>
 
 namespace streamstate::bindings {
@@ -213,9 +217,124 @@ py::list route_bytes(py::handle keys, std::uint32_t partitions, std::uint32_t ke
   return as_tuples(parts);
 }
 
+// The value columns of a routed slice: float64, one-dimensional, `n` long, at least one.
+std::vector<Float64Array> slice_columns(const std::vector<py::handle>& column_args, std::size_t n) {
+  if (column_args.empty()) {
+    throw InvalidArgument("as_slices=True needs at least one value column to route");
+  }
+  std::vector<Float64Array> out;
+  for (std::size_t c = 0; c < column_args.size(); ++c) {
+    const py::array checked = column_arg(column_args[c], c, n);
+    auto values = Float64Array::ensure(checked);
+    if (!values) {
+      PyErr_Clear();
+      throw py::type_error("columns[" + std::to_string(c) +
+                           "] must be numeric (cast to float64) for as_slices=True, got dtype " +
+                           py::str(checked.dtype()).cast<std::string>());
+    }
+    out.push_back(std::move(values));
+  }
+  return out;
+}
+
+std::vector<const double*> column_pointers(const std::vector<Float64Array>& columns) {
+  std::vector<const double*> out;
+  for (const Float64Array& c : columns) out.push_back(c.data());
+  return out;
+}
+
+template <class K>
+py::list as_slices(std::vector<RoutedRows<K>>&& parts) {
+  py::list out;
+  for (RoutedRows<K>& part : parts) out.append(py::cast(RoutedSlice{std::move(part)}));
+  return out;
+}
+
+py::list slices_int64(py::handle keys, std::uint32_t partitions, std::uint32_t key_groups,
+                      const std::vector<py::handle>& column_args) {
+  const Int64Array ks = int_keys(keys);
+  const auto n = static_cast<std::size_t>(ks.size());
+  const std::vector<Float64Array> columns = slice_columns(column_args, n);
+  const std::vector<const double*> pointers = column_pointers(columns);
+  const std::int64_t* k = ks.data();
+  std::vector<RoutedRows<Int64Keys>> parts;
+  {
+    const MaybeReleaseGil release(n * 8 * (2 + columns.size()));  // pinned arrays only
+    parts = route_rows<Int64Keys>([k](std::size_t i) { return k[i]; }, n, partitions, key_groups,
+                                  pointers);
+  }
+  return as_slices(std::move(parts));
+}
+
+py::list slices_bytes(py::handle keys, std::uint32_t partitions, std::uint32_t key_groups,
+                      const std::vector<py::handle>& column_args) {
+  const ByteKeyColumn column(keys, "keys");
+  const std::size_t n = column.size();
+  const std::vector<Float64Array> columns = slice_columns(column_args, n);
+  const std::vector<const double*> pointers = column_pointers(columns);
+  std::vector<RoutedRows<BytesKeys>> parts;
+  {
+    // `column` pins its buffers; the arrays are pinned by this frame.
+    const MaybeReleaseGil release(n * (24 + 8 * columns.size()) + column.total_bytes());
+    parts = route_rows<BytesKeys>([&column](std::size_t i) { return column.at(i); }, n,
+                                  partitions, key_groups, pointers);
+  }
+  return as_slices(std::move(parts));
+}
+
+py::array slice_keys(const RoutedSlice& slice) {
+  if (const auto* r = std::get_if<RoutedRows<Int64Keys>>(&slice.rows)) {
+    Int64Array out(static_cast<py::ssize_t>(r->size()));
+    std::copy(r->keys.begin(), r->keys.end(), out.mutable_data());
+    return out;
+  }
+  const auto& r = std::get<RoutedRows<BytesKeys>>(slice.rows);
+  py::array out(py::dtype("O"), shape_of(r.size()));
+  auto** items = static_cast<PyObject**>(out.mutable_data());
+  for (std::size_t i = 0; i < r.size(); ++i) {
+    PyObject* b = PyBytes_FromStringAndSize(r.keys[i].data(),
+                                            static_cast<Py_ssize_t>(r.keys[i].size()));
+    if (b == nullptr) throw py::error_already_set();
+    Py_XDECREF(items[i]);  // numpy fills object arrays with None
+    items[i] = b;
+  }
+  return out;
+}
+
+Float64Array slice_values(const RoutedSlice& slice) {
+  return std::visit(
+      [](const auto& r) {
+        Float64Array out({static_cast<py::ssize_t>(r.size()), static_cast<py::ssize_t>(r.width)});
+        std::copy(r.values.begin(), r.values.end(), out.mutable_data());
+        return out;
+      },
+      slice.rows);
+}
+
 }  // namespace
 
 void register_partition_router(py::module_& m) {
+  py::class_<RoutedSlice>(m, "RoutedSlice", R"doc(
+One partition's rows of a routed batch, from ``partition_batch(..., as_slices=True)``: its
+keys, their table hashes (computed once, by routing) and its value columns as one (n, M)
+float64 block, owned and read-only. ``PartitionAggregator.fold_slice(s)`` folds it reusing
+the routing hashes, with no conversion of the keys or values. ``keys`` and ``values`` give
+copies (int64 array or object array of bytes; an (n, M) float64 array).
+)doc")
+      .def("__len__", &RoutedSlice::size, "Rows in the slice.")
+      .def_property_readonly("width", &RoutedSlice::width, "Value columns a row carries.")
+      .def_property_readonly(
+          "key_type", [](const RoutedSlice& s) { return s.is_bytes() ? "bytes" : "int64"; },
+          "'int64' or 'bytes': the key type of the store that can fold the slice.")
+      .def_property_readonly("keys", &slice_keys, "A copy of the keys, in batch order.")
+      .def_property_readonly("values", &slice_values,
+                             "A copy of the value block, (len, width) float64.")
+      .def("__repr__", [](const RoutedSlice& s) {
+        return "RoutedSlice(key_type='" + std::string(s.is_bytes() ? "bytes" : "int64") +
+               "', rows=" + std::to_string(s.size()) + ", width=" + std::to_string(s.width()) +
+               ")";
+      });
+
   m.def(
       "key_group_range",
       [](const py::object& partition, const py::object& partitions, const py::object& key_groups) {
@@ -238,15 +357,24 @@ partitions.
   m.def(
       "partition_batch",
       [](const py::object& keys, const py::object& partitions, const py::args& columns,
-         const py::object& key_groups) {
+         const py::object& key_groups, const py::object& slices) {
         const std::uint32_t p = int_arg<std::uint32_t>(partitions, "partitions", 1, kMaxPartitions);
         const auto g = int_arg<std::uint32_t>(key_groups, "key_groups", 1, kMaxKeyGroups);
         check_key_groups(p, g);
+        if (!PyBool_Check(slices.ptr())) {
+          throw py::type_error("as_slices must be a bool, not " + type_name(slices));
+        }
         std::vector<py::handle> column_args(columns.begin(), columns.end());
-        if (holds_byte_keys(keys)) return route_bytes(keys, p, g, column_args);
+        const bool byte_keys = holds_byte_keys(keys);
+        if (slices.ptr() == Py_True) {
+          return byte_keys ? slices_bytes(keys, p, g, column_args)
+                           : slices_int64(keys, p, g, column_args);
+        }
+        if (byte_keys) return route_bytes(keys, p, g, column_args);
         return route_int64(keys, p, g, column_args);
       },
       py::arg("keys"), py::arg("partitions"), py::kw_only(), py::arg("key_groups") = kDefaultKeyGroups,
+      py::arg("as_slices") = false,
       R"doc(
 Split a batch by partition in one pass: ``[(keys_p, *columns_p) for p in range(partitions)]``.
 
@@ -263,6 +391,11 @@ more than four times the key bytes. Each column (1-D, same length as ``keys``, a
 non-object dtype) comes back as arrays of its own dtype, rows aligned with the keys, in
 their original order within each partition (a counting sort). The GIL is released for the
 hashing and the copies. A null key raises ValueError; keys of another type raise TypeError.
+
+With ``as_slices=True`` it returns one :class:`RoutedSlice` per partition instead: the same
+rows (same partition, same order), the columns cast to float64 and laid out as one (n, M)
+block, and every key's hash kept, so ``PartitionAggregator.fold_slice`` folds the slice
+without hashing or converting anything again (at least one column is needed).
 )doc");
 }
 

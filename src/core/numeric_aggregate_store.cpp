@@ -377,10 +377,11 @@ const typename NumericAggregateStore<K>::Partition& NumericAggregateStore<K>::pa
 
 template <class K>
 void NumericAggregateStore<K>::fold(std::uint32_t partition_id, const View* keys,
-                                    const double* values, std::size_t n) {
+                                    const double* values, std::size_t n,
+                                    const std::uint64_t* hashes) {
   Partition& p = partition(partition_id);
   const std::lock_guard<std::mutex> lock(p.mutex);
-  p.local.fold(keys, values, n, policy_);
+  p.local.fold(keys, values, n, policy_, hashes);
 }
 
 template <class K>

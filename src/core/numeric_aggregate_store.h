@@ -111,8 +111,10 @@ class NumericAggregateStore {
   [[nodiscard]] std::uint32_t key_groups() const noexcept { return key_groups_; }
 
   // Single writer per partition by design; concurrent calls on one partition serialise.
-  // `values` holds n rows of width() values, row-major.
-  void fold(std::uint32_t partition_id, const View* keys, const double* values, std::size_t n);
+  // `values` holds n rows of width() values, row-major; `hashes` (optional) the keys'
+  // table hashes, K::hash(keys[i]), when routing computed them already.
+  void fold(std::uint32_t partition_id, const View* keys, const double* values, std::size_t n,
+            const std::uint64_t* hashes = nullptr);
 
   // Merges what the partition folded since its last publish into the shared map and
   // empties its tables, atomically with respect to captures. Returns how many partials

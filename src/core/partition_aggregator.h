@@ -71,8 +71,12 @@ class PartitionAggregator {
   // NanPolicy::kRaise a NaN anywhere in the batch throws InvalidArgument before any row is
   // folded; kSkip ignores NaN values, each column on its own (a row whose values are all
   // NaN is ignored entirely: the key is not created); kPropagate folds them (that column's
-  // sum/mean/min/max/var become NaN).
-  void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy);
+  // sum/mean/min/max/var become NaN). `hashes`, when given, holds K::hash(keys[i]) for
+  // every row, computed already (routing hashes each key once and the fold reuses it);
+  // nullptr: the fold hashes the keys itself. A wrong hash misplaces its key (it may then
+  // appear twice) but never reaches outside the tables.
+  void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy,
+            const std::uint64_t* hashes = nullptr);
 
   // What the tables hold is only what was folded since the last publish: publish merges
   // every entry into the shared map and then drain()s the tables, so a key's published
@@ -159,6 +163,11 @@ class PartitionAggregator {
     return width_ == 1 ? nullptr : sh.more.data() + i * (width_ - 1);
   }
 
+  // The hash of row i: the caller's (`hashes`, when routing computed it) or computed here.
+  [[nodiscard]] static std::uint64_t hash_of(const View* keys, const std::uint64_t* hashes,
+                                             std::size_t i) noexcept {
+    return hashes != nullptr ? hashes[i] : K::hash(keys[i]);
+  }
   // Calls row(i, hash of keys[i]) for i in [0, n) in order, hashing each key once, kAhead
   // rows ahead, and prefetching its slot and then its entry so row()'s lookup hits cache.
   // Rows looked ahead: the slot of row i + kAhead is prefetched, and the entry of row
@@ -168,16 +177,17 @@ class PartitionAggregator {
   static constexpr std::size_t kRing = 32;  // power of two > kAhead: hashes computed ahead
   static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0);
   template <class Row>
-  [[gnu::always_inline]] void prefetched_rows(const View* keys, std::size_t n, Row&& row) {
+  [[gnu::always_inline]] void prefetched_rows(const View* keys, const std::uint64_t* hashes,
+                                              std::size_t n, Row&& row) {
     std::uint64_t ring[kRing];
     const std::size_t warm = n < kAhead ? n : kAhead;
     for (std::size_t j = 0; j < warm; ++j) {
-      ring[j] = K::hash(keys[j]);
+      ring[j] = hash_of(keys, hashes, j);
       shards_[shard_of(ring[j])].table.prefetch_slot(ring[j]);
     }
     for (std::size_t i = 0; i < n; ++i) {
       if (i + kAhead < n) {
-        const std::uint64_t h = K::hash(keys[i + kAhead]);
+        const std::uint64_t h = hash_of(keys, hashes, i + kAhead);
         ring[(i + kAhead) & (kRing - 1)] = h;
         shards_[shard_of(h)].table.prefetch_slot(h);
       }
@@ -190,17 +200,22 @@ class PartitionAggregator {
   }
   // Row by row while the table is small, shard by shard once it is big.
   template <bool kSkipNan>
-  void fold_sliced(const View* keys, const double* values, std::size_t n);
+  void fold_sliced(const View* keys, const std::uint64_t* hashes, const double* values,
+                  std::size_t n);
   template <bool kSkipNan>
-  void fold_rows(const View* keys, const double* values, std::size_t n);
+  void fold_rows(const View* keys, const std::uint64_t* hashes, const double* values,
+                std::size_t n);
   template <bool kSkipNan>
-  void fold_scattered(const View* keys, const double* values, std::size_t n);
-  void fold_with_nan(const View* keys, const double* values, std::size_t n);
+  void fold_scattered(const View* keys, const std::uint64_t* hashes, const double* values,
+                     std::size_t n);
+  void fold_with_nan(const View* keys, const std::uint64_t* hashes, const double* values,
+                     std::size_t n);
   // Rows of width() > 1 values: one hash and one probe a row, every column folded.
-  void fold_wide(const View* keys, const double* values, std::size_t n, NanPolicy policy);
+  void fold_wide(const View* keys, const std::uint64_t* hashes, const double* values,
+                 std::size_t n, NanPolicy policy);
   // fold_scattered for rows of width() values.
-  void fold_wide_scattered(const View* keys, const double* values, std::size_t n, bool has_nan,
-                           bool skip);
+  void fold_wide_scattered(const View* keys, const std::uint64_t* hashes, const double* values,
+                           std::size_t n, bool has_nan, bool skip);
   // One row of width() values into the key's entry (NaN left out when `skip`).
   void fold_wide_row(Shard& sh, View key, std::uint64_t hash, const double* row, bool has_nan,
                      bool skip);

@@ -25,6 +25,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "core/hash.h"
@@ -121,6 +123,78 @@ template <class K, class KeyAt>
   plan.order.resize(n);
   for (std::size_t i = 0; i < n; ++i) plan.order[next[part[i]]++] = i;
   return plan;
+}
+
+// One partition's rows of a routed batch, owned and ready to fold: the keys, their table
+// hashes (K::hash, computed once by routing: the fold reuses them instead of hashing again)
+// and the value columns as rows of `width` float64 values, row-major (the block a fold
+// takes). Bytes keys view `arena`, a vector so that moving the rows keeps the views valid;
+// a copy would view the original's arena, so there is none (move-only).
+template <class K>
+struct RoutedRows {
+  RoutedRows() = default;
+  RoutedRows(RoutedRows&&) noexcept = default;
+  RoutedRows& operator=(RoutedRows&&) noexcept = default;
+  RoutedRows(const RoutedRows&) = delete;
+  RoutedRows& operator=(const RoutedRows&) = delete;
+  ~RoutedRows() = default;
+
+  std::vector<char> arena;
+  std::vector<typename K::View> keys;
+  std::vector<std::uint64_t> hashes;
+  std::vector<double> values;
+  std::size_t width = 0;
+
+  [[nodiscard]] std::size_t size() const noexcept { return keys.size(); }
+};
+
+// Splits n rows by partition in two passes: the first hashes every key (key_at(i) ->
+// K::View) and counts each partition's rows and key bytes, the second appends each row to
+// its partition (keys, hashes, and the float64 `columns[c][i]` side by side: width is
+// columns.size(), at least 1). Stable: a partition's rows keep their batch order.
+// `partitions` <= `key_groups`.
+template <class K, class KeyAt>
+[[nodiscard]] std::vector<RoutedRows<K>> route_rows(KeyAt&& key_at, std::size_t n,
+                                                   std::uint32_t partitions,
+                                                   std::uint32_t key_groups,
+                                                   const std::vector<const double*>& columns) {
+  std::vector<std::uint64_t> hashes(n);
+  std::vector<std::uint32_t> part(n);
+  std::vector<std::size_t> rows(partitions, 0);
+  std::vector<std::size_t> bytes(partitions, 0);
+  for (std::size_t i = 0; i < n; ++i) {
+    const typename K::View key = key_at(i);
+    const std::uint64_t h = K::hash(key);
+    const std::uint32_t p = partition_of_hash(h, partitions, key_groups);
+    hashes[i] = h;
+    part[i] = p;
+    ++rows[p];
+    bytes[p] += K::arena_bytes(key);
+  }
+  const std::size_t width = columns.size();
+  std::vector<RoutedRows<K>> out(partitions);
+  for (std::uint32_t p = 0; p < partitions; ++p) {
+    out[p].width = width;
+    out[p].arena.reserve(bytes[p]);
+    out[p].keys.reserve(rows[p]);
+    out[p].hashes.reserve(rows[p]);
+    out[p].values.reserve(rows[p] * width);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    RoutedRows<K>& r = out[part[i]];
+    const typename K::View key = key_at(i);
+    if constexpr (std::is_same_v<typename K::View, std::string_view>) {
+      // Reserved above: appending never moves the arena, so earlier views stay valid.
+      const std::size_t at = r.arena.size();
+      r.arena.insert(r.arena.end(), key.begin(), key.end());
+      r.keys.emplace_back(r.arena.data() + at, key.size());
+    } else {
+      r.keys.push_back(key);
+    }
+    r.hashes.push_back(hashes[i]);
+    for (const double* column : columns) r.values.push_back(column[i]);
+  }
+  return out;
 }
 
 // Copies partition p's rows of a column of fixed-size items (`itemsize` bytes each, rows

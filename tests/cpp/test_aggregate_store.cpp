@@ -286,13 +286,18 @@ void test_numeric_store_big_batches() {
   // Enough keys that later batches are folded shard by shard (scatter path).
   using Store = streamstate::NumericAggregateStore<streamstate::Int64Keys>;
   Store store(1, streamstate::NanPolicy::kSkip);
+  // The same rows folded with their hashes given (as routing gives them), row by row and
+  // scattered alike: the same state, byte for byte.
+  Store hashed(1, streamstate::NanPolicy::kSkip);
   std::mt19937_64 rng(3);
   std::vector<std::int64_t> keys(600000);
+  std::vector<std::uint64_t> hashes(keys.size());
   std::vector<double> values(keys.size());
   std::unordered_map<std::int64_t, std::pair<std::uint64_t, double>> reference;
   for (int round = 0; round < 3; ++round) {
     for (std::size_t i = 0; i < keys.size(); ++i) {
       keys[i] = static_cast<std::int64_t>(rng() % 450000);
+      hashes[i] = streamstate::Int64Keys::hash(keys[i]);
       values[i] = (i % 1000 == 7) ? std::nan("") : static_cast<double>(rng() % 1000);
       if (!std::isnan(values[i])) {
         auto& r = reference[keys[i]];
@@ -301,7 +306,9 @@ void test_numeric_store_big_batches() {
       }
     }
     store.fold(0, keys.data(), values.data(), keys.size());
+    hashed.fold(0, keys.data(), values.data(), keys.size(), hashes.data());
   }
+  CHECK(hashed.snapshot() == store.snapshot());
   CHECK(store.partition_size(0) == reference.size());
   store.publish(0);
   CHECK(store.size() == reference.size());

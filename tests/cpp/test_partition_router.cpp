@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -105,11 +106,50 @@ void test_plan_is_a_stable_counting_sort() {
   }
 }
 
+// route_rows gives each partition its rows in batch order, with the table hash of every
+// key and the row's values side by side; moving the result keeps byte keys' views valid.
+void test_route_rows_keeps_hashes_and_rows() {
+  constexpr std::size_t kRows = 3000;
+  constexpr std::uint32_t kParts = 3;
+  std::vector<std::string> owned;
+  for (std::size_t i = 0; i < kRows; ++i) owned.push_back("key-" + std::to_string(i % 777));
+  std::vector<double> a(kRows);
+  std::vector<double> b(kRows);
+  for (std::size_t i = 0; i < kRows; ++i) {
+    a[i] = static_cast<double>(i);
+    b[i] = -static_cast<double>(i);
+  }
+  const auto key_at = [&owned](std::size_t i) { return std::string_view(owned[i]); };
+  std::vector<streamstate::RoutedRows<BytesKeys>> parts = streamstate::route_rows<BytesKeys>(
+      key_at, kRows, kParts, 256, {a.data(), b.data()});
+  const std::vector<streamstate::RoutedRows<BytesKeys>> moved = std::move(parts);
+  CHECK(moved.size() == kParts);
+  std::size_t total = 0;
+  for (std::uint32_t p = 0; p < kParts; ++p) {
+    const streamstate::RoutedRows<BytesKeys>& r = moved[p];
+    CHECK(r.width == 2 && r.values.size() == 2 * r.size() && r.hashes.size() == r.size());
+    double last = -1;
+    for (std::size_t j = 0; j < r.size(); ++j) {
+      const double row = r.values[2 * j];
+      CHECK(row > last);  // batch order kept
+      last = row;
+      const auto i = static_cast<std::size_t>(row);
+      CHECK(r.keys[j] == owned[i]);
+      CHECK(r.hashes[j] == BytesKeys::hash(owned[i]));
+      CHECK(r.values[2 * j + 1] == b[i]);
+      CHECK(partition_of<BytesKeys>(r.keys[j], kParts) == p);
+    }
+    total += r.size();
+  }
+  CHECK(total == kRows);
+}
+
 }  // namespace
 
 int main() {
   test_known_answers();
   test_key_group_ranges();
   test_plan_is_a_stable_counting_sort();
+  test_route_rows_keeps_hashes_and_rows();
   return streamstate::test::check_summary("test_partition_router");
 }

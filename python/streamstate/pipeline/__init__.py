@@ -29,7 +29,13 @@ from __future__ import annotations
 from .checkpoints import CheckpointStats
 from .core import Pipeline, PipelineRun, Transform
 from .fingerprint import JobFingerprint, JobRecord
-from .routing import DEFAULT_KEY_GROUPS, key_group_range, partition_batch, route_partitions
+from .routing import (
+    DEFAULT_KEY_GROUPS,
+    RoutedSlice,
+    key_group_range,
+    partition_batch,
+    route_partitions,
+)
 from .sources import ArraySource, ArrowSource, Batch, Offset, ParquetSource, Source
 from .workers import PartitionBarrier, PartitionWorker
 
@@ -47,6 +53,7 @@ __all__ = [
     "PartitionWorker",
     "Pipeline",
     "PipelineRun",
+    "RoutedSlice",
     "Source",
     "Transform",
     "key_group_range",

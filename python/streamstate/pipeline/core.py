@@ -1008,13 +1008,15 @@ class Pipeline:
             where = f"source {self._source.name!r}: the batch at offset {self._offset!r}"
             self._windowing.fold_batch(workers, keys, values, columns, where, self._key_groups)
             return
-        # One C++ pass routes the keys and every value column (a counting sort); each
-        # partition's slice then goes to its worker in one queue hand-off, and is folded
-        # there in one call (one probe per key for every column).
-        routed = partition_batch(keys, self._partitions, *values, key_groups=self._key_groups)
-        for worker, (part_keys, *part_values) in zip(workers, routed, strict=True):
-            if len(part_keys):
-                worker.fold(part_keys, part_values)
+        # One C++ pass routes the keys and every value column, hashing each key once; each
+        # partition's slice (keys, hashes, one value block) then goes to its worker in one
+        # queue hand-off and is folded there in one call that reuses the hashes.
+        routed = partition_batch(
+            keys, self._partitions, *values, key_groups=self._key_groups, as_slices=True
+        )
+        for worker, part in zip(workers, routed, strict=True):
+            if len(part):
+                worker.fold_slice(part)
 
     # -- results -------------------------------------------------------------------------
 

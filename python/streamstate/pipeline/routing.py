@@ -22,13 +22,22 @@ import numpy.typing as npt
 
 from .. import _core
 
-__all__ = ["DEFAULT_KEY_GROUPS", "key_group_range", "partition_batch", "route_partitions"]
+__all__ = [
+    "DEFAULT_KEY_GROUPS",
+    "RoutedSlice",
+    "key_group_range",
+    "partition_batch",
+    "route_partitions",
+]
 
 #: The key groups of a store or pipeline that names none (Flink's default maximum
 #: parallelism is 128; 256 leaves room for rescaling to more partitions).
 DEFAULT_KEY_GROUPS = 256
 
 partition_batch = _core.partition_batch
+#: One partition's rows of a batch, routed (``partition_batch(..., as_slices=True)``) and
+#: folded by ``PartitionAggregator.fold_slice`` with the routing's hashes reused.
+RoutedSlice = _core.RoutedSlice
 key_group_range = _core.key_group_range
 
 

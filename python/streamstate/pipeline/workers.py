@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from ..aggregate import PartitionAggregator
 from ..errors import StreamStateError
+from .routing import RoutedSlice
 
 if TYPE_CHECKING:
     from ..window_store import WindowPartition
@@ -113,6 +114,11 @@ class PartitionWorker:
         float64 ms) and the watermark to fold them under."""
         self.inbox.put((keys, values, times, watermark))
 
+    def fold_slice(self, routed: RoutedSlice) -> None:
+        """Queue one routed slice of a job without windows, folded as it is (its keys'
+        routing hashes reused, its values already one block)."""
+        self.inbox.put(routed)
+
     def _loop(self) -> None:
         while True:
             item = self.inbox.get()
@@ -123,6 +129,12 @@ class PartitionWorker:
                 continue
             if self.error is not None:
                 continue  # drain without folding after a failure; the run will raise
+            if isinstance(item, RoutedSlice):
+                try:
+                    cast("PartitionAggregator", self._aggregator).fold_slice(item)
+                except Exception as exc:  # noqa: BLE001 - surfaced at the barrier
+                    self.error = exc
+                continue
             keys, values, times, watermark = item
             try:
                 # The (n, M) block is stacked here, on the partition's own thread.
