@@ -223,26 +223,28 @@ void WindowedAggregateStore<K>::check_partition(std::uint32_t partition_id) cons
 template <class K>
 void WindowedAggregateStore<K>::check_times(const std::int64_t* times, std::size_t n) const {
   if (n == 0) return;
-  // Window bounds grow with t, so the earliest and the latest time decide.
-  std::size_t lo = 0;
-  std::size_t hi = 0;
+  // Window bounds grow with t, so the earliest and the latest time decide (found by value
+  // in one vectorisable pass; the row is looked up only to name it).
+  std::int64_t lo = times[0];
+  std::int64_t hi = times[0];
   for (std::size_t i = 1; i < n; ++i) {
-    if (times[i] < times[lo]) lo = i;
-    if (times[i] > times[hi]) hi = i;
+    lo = std::min(lo, times[i]);
+    hi = std::max(hi, times[i]);
   }
-  const auto refuse = [&](std::size_t i, i128 start, i128 end) {
-    throw InvalidArgument("times[" + std::to_string(i) + "] = " + std::to_string(times[i]) +
+  const auto refuse = [&](std::int64_t t, i128 start, i128 end) {
+    const std::size_t i = static_cast<std::size_t>(std::find(times, times + n, t) - times);
+    throw InvalidArgument("times[" + std::to_string(i) + "] = " + std::to_string(t) +
                           ": its window [" + decimal(start) + ", " + decimal(end) +
                           ") does not fit in int64 milliseconds");
   };
   if (sessions_kind()) {
-    const i128 end = static_cast<i128>(times[hi]) + spec_.gap;
-    if (end > kMaxTime) refuse(hi, times[hi], end);
+    const i128 end = static_cast<i128>(hi) + spec_.gap;
+    if (end > kMaxTime) refuse(hi, hi, end);
     return;
   }
-  const i128 last_of_hi = floor_div(times[hi], spec_.step) * spec_.step;
+  const i128 last_of_hi = floor_div(hi, spec_.step) * spec_.step;
   if (last_of_hi + spec_.size > kMaxTime) refuse(hi, last_of_hi, last_of_hi + spec_.size);
-  const i128 first_of_lo = floor_div(times[lo], spec_.step) * spec_.step - (spec_.size - spec_.step);
+  const i128 first_of_lo = floor_div(lo, spec_.step) * spec_.step - (spec_.size - spec_.step);
   if (first_of_lo < kMinTime) refuse(lo, first_of_lo, first_of_lo + spec_.size);
 }
 
@@ -305,41 +307,60 @@ void WindowedAggregateStore<K>::fold_windows(Partition& p, const View* keys,
   const std::int64_t size = spec_.size;
   const std::int64_t step = spec_.step;
   const auto per_row = static_cast<std::size_t>(size / step);
-  const std::size_t extra = width_ - 1;
-  // The windows of the previous row's latest start: consecutive rows of a batch mostly
-  // share them, so the map is searched once per run of rows, not once per row and window.
-  std::vector<Window*> cached(per_row, nullptr);
-  std::int64_t cached_last = 0;
-  bool have_cache = false;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::int64_t t = times[i];
-    // check_times made every bound below fit in int64.
-    const auto last = static_cast<std::int64_t>(floor_div(t, step) * step);
-    if (last + size <= closed) {  // the latest-ending window holding t is closed: all are
-      ++late;
+  // Runs of consecutive rows whose latest window starts alike (most rows of a batch in
+  // time order share it): their windows are looked up once a run, and each window folds
+  // the run in one prefetching pass.
+  for (std::size_t a = 0; a < n;) {
+    // check_times made every bound below fit in int64, last + step and last + size included.
+    const std::int64_t q = times[a] / step;
+    const std::int64_t last = (times[a] % step < 0 ? q - 1 : q) * step;
+    std::size_t b = a + 1;
+    while (b < n && times[b] >= last && times[b] < last + step) ++b;
+    if (last + size <= closed) {  // the latest-ending window holding them is closed: all are
+      late += b - a;
+      a = b;
       continue;
     }
-    const double* row = values + i * width_;
-    if (skipped(row)) continue;
-    if (!have_cache || last != cached_last) {
-      std::fill(cached.begin(), cached.end(), nullptr);
-      cached_last = last;
-      have_cache = true;
-    }
-    const std::uint64_t hash = K::hash(keys[i]);
-    for (std::size_t k = 0; k < per_row; ++k) {
+    const double* run = values + a * width_;
+    bool any = policy_ != NanPolicy::kSkip;
+    for (std::size_t i = 0; !any && i < b - a; ++i) any = !skipped(run + i * width_);
+    for (std::size_t k = 0; any && k < per_row; ++k) {
       const std::int64_t start = last - static_cast<std::int64_t>(k) * step;
       if (start + size <= closed) break;  // earlier starts end earlier: closed too
-      Window*& w = cached[k];
-      if (w == nullptr) w = &window_at(p, start);
-      const auto [idx, inserted] = w->table.emplace(keys[i], hash);
-      if (inserted) {
-        if (extra > 0) w->more.resize((idx + 1) * extra);
-        ++p.open;
-      }
-      w->dirty = true;
-      add_row(w->table.value_at(idx), extra > 0 ? w->more.data() + idx * extra : nullptr, row);
+      fold_run(p, window_at(p, start), keys + a, run, b - a);
     }
+    a = b;
+  }
+}
+
+template <class K>
+void WindowedAggregateStore<K>::fold_run(Partition& p, Window& w, const View* keys,
+                                         const double* values, std::size_t n) {
+  const std::size_t extra = width_ - 1;
+  // Each row's slot is fetched kAhead rows before its lookup and its entry half way, so a
+  // window bigger than the cache does not wait on every row's misses.
+  constexpr std::size_t kAhead = 8;
+  std::uint64_t ring[kAhead];
+  for (std::size_t j = 0; j < std::min(n, kAhead); ++j) {
+    ring[j] = K::hash(keys[j]);
+    w.table.prefetch_slot(ring[j]);
+  }
+  w.dirty = true;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t hash = ring[i % kAhead];
+    if (i + kAhead < n) {
+      ring[i % kAhead] = K::hash(keys[i + kAhead]);
+      w.table.prefetch_slot(ring[i % kAhead]);
+    }
+    if (i + kAhead / 2 < n) w.table.prefetch_entry(ring[(i + kAhead / 2) % kAhead]);
+    const double* row = values + i * width_;
+    if (skipped(row)) continue;
+    const auto [idx, inserted] = w.table.emplace(keys[i], hash);
+    if (inserted) {
+      if (extra > 0) w.more.resize((idx + 1) * extra);
+      ++p.open;
+    }
+    add_row(w.table.value_at(idx), extra > 0 ? w.more.data() + idx * extra : nullptr, row);
   }
 }
 

@@ -220,6 +220,9 @@ class WindowedAggregateStore {
   [[nodiscard]] bool sessions_kind() const noexcept { return spec_.kind == WindowKind::kSession; }
   void fold_windows(Partition& p, const View* keys, const std::int64_t* times,
                     const double* values, std::size_t n, std::int64_t closed, std::size_t& late);
+  // Folds n rows, all of whose times have `w` as a window, into `w`.
+  void fold_run(Partition& p, Window& w, const View* keys, const double* values,
+                std::size_t n);
   void fold_sessions(Partition& p, const View* keys, const std::int64_t* times,
                      const double* values, std::size_t n, std::int64_t closed, std::size_t& late);
   // Flags session entry `index` as changed since the last capture.
