@@ -31,9 +31,8 @@ What makes a windowed job's output exactly-once and the same under every replay:
   lets every sink settle (``Sink.recover``): re-publish the recovered epoch, drop staged
   rows of epochs that never committed and published rows of epochs rolled back.
 
-Event times travel with the keys through routing as one more float64 column: every time
-is kept within ``±2**53`` ms (see :mod:`streamstate.windows`), so the conversion is exact
-both ways.
+Event times travel with the keys through routing as one more column, int64 as they are
+(the router moves each column in its own dtype): no conversion on the coordinator.
 """
 
 from __future__ import annotations
@@ -383,9 +382,7 @@ class Windowing:
             times = times[on_time]
         if len(times) == 0:
             return
-        routed = partition_batch(
-            keys, len(workers), *values, times.astype(np.float64), key_groups=key_groups
-        )
+        routed = partition_batch(keys, len(workers), *values, times, key_groups=key_groups)
         for p, (worker, (part_keys, *part_values, part_times)) in enumerate(
             zip(workers, routed, strict=True)
         ):

@@ -80,12 +80,12 @@ class PartitionWorker:
         self,
         keys: npt.NDArray[Any],
         values: Sequence[npt.NDArray[Any]],
-        times: npt.NDArray[np.float64] | None = None,
+        times: npt.NDArray[np.int64] | None = None,
         watermark: int = 0,
     ) -> None:
         """Queue one routed slice: ``keys`` and each value column's matching rows, in the
-        store's column order; in a windowed job also their event times (routed as exact
-        float64 ms) and the watermark to fold them under."""
+        store's column order; in a windowed job also their event times (routed as
+        int64 ms) and the watermark to fold them under."""
         self.inbox.put((keys, values, times, watermark))
 
     def _loop(self) -> None:
@@ -106,7 +106,7 @@ class PartitionWorker:
                     cast("PartitionAggregator", self._aggregator).fold(keys, block)
                     continue
                 late = cast("WindowPartition", self._aggregator).fold(
-                    keys, times.astype(np.int64), block, watermark=watermark
+                    keys, times.astype(np.int64, copy=False), block, watermark=watermark
                 )
                 if late:  # the coordinator split every late event off under this watermark
                     raise StreamStateError(
