@@ -531,16 +531,7 @@ WindowRows<K> WindowedAggregateStore<K>::take(std::int64_t watermark, bool every
     for (auto& [pid, node] : popped) recycle(*partitions_[pid], std::move(node));
   } else {
     for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
-      const Partition& p = *partitions_[pid];
-      for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-        const KeySessions& ks = p.sessions.value_at(i);
-        for (std::size_t j = 0; j < ks.spans.size(); ++j) {
-          if (!everything && ks.spans[j].end > watermark) continue;
-          const Moments* first = ks.partials.data() + j * width_;
-          rows.push_back(RowRef{ks.spans[j].end, ks.spans[j].start, p.sessions.key_at(i), pid,
-                                first, first + 1});
-        }
-      }
+      closing_sessions(pid, watermark, everything, rows);
     }
     allocate_rows(out, rows.size());
     append_rows(out, rows);
@@ -549,6 +540,22 @@ WindowRows<K> WindowedAggregateStore<K>::take(std::int64_t watermark, bool every
   }
   if (!everything && watermark > closed_through_) closed_through_ = watermark;
   return out;
+}
+
+template <class K>
+void WindowedAggregateStore<K>::closing_sessions(std::uint32_t pid, std::int64_t watermark,
+                                                 bool everything,
+                                                 std::vector<RowRef>& rows) const {
+  const Partition& p = *partitions_[pid];
+  for (std::size_t i = 0; i < p.sessions.size(); ++i) {
+    const KeySessions& ks = p.sessions.value_at(i);
+    for (std::size_t j = 0; j < ks.spans.size(); ++j) {
+      if (!everything && ks.spans[j].end > watermark) continue;
+      const Moments* first = ks.partials.data() + j * width_;
+      rows.push_back(RowRef{ks.spans[j].end, ks.spans[j].start, p.sessions.key_at(i), pid,
+                            first, first + 1});
+    }
+  }
 }
 
 template <class K>
@@ -676,17 +683,8 @@ std::vector<WindowRows<K>> WindowedAggregateStore<K>::take_partitions(std::int64
     // to be the same after a restore.
     std::vector<RowRef> rows;
     for (std::uint32_t pid = 0; pid < np; ++pid) {
-      const Partition& p = *partitions_[pid];
       rows.clear();
-      for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-        const KeySessions& ks = p.sessions.value_at(i);
-        for (std::size_t j = 0; j < ks.spans.size(); ++j) {
-          if (!everything && ks.spans[j].end > watermark) continue;
-          const Moments* first = ks.partials.data() + j * width_;
-          rows.push_back(RowRef{ks.spans[j].end, ks.spans[j].start, p.sessions.key_at(i), pid,
-                                first, first + 1});
-        }
-      }
+      closing_sessions(pid, watermark, everything, rows);
       sort_rows(rows);
       for (const RowRef& r : rows) push_row(out[pid], r.key, r.start, r.end, *r.first, r.more);
       finish_rows(out[pid]);

@@ -243,6 +243,9 @@ class WindowedAggregateStore {
   static Window& window_at(Partition& p, std::int64_t start);
   // An emitted window's node, kept as a spare (emptied, its memory kept) or freed.
   static void recycle(Partition& p, typename Windows::node_type&& node) noexcept;
+  // Appends partition pid's sessions ending <= watermark (every one when `everything`).
+  void closing_sessions(std::uint32_t pid, std::int64_t watermark, bool everything,
+                        std::vector<RowRef>& rows) const;
   // Drops the sessions ending <= watermark (every one when `everything`) of one partition.
   void drop_sessions(Partition& p, std::int64_t watermark, bool everything);
   // One row of `first`'s partials (and the columns 1.. at `more`) appended to `out`.
