@@ -50,9 +50,8 @@ on from the routed times, as in the Pipeline. The workers hold window stores
 (:class:`~streamstate.window_store.WindowedAggregateStore`) and fold each slice under the
 watermark it was routed with. At a barrier each worker first emits the windows that ended
 (``emit_windows``, queued just before the capture, so the capture holds only what was not
-emitted); once every upload is in, the driver merges the workers' emitted batches in the
-order one store would emit them (:func:`~streamstate.pipeline.windowing.merge_emitted`),
-and its commit thread stages them and the barrier's late rows in the sinks before the
+emitted); once every upload is in, the driver takes the workers' emitted batches (one per
+partition, in partition order, as the Pipeline's own store emits them), and its commit thread stages them and the barrier's late rows in the sinks before the
 manifest (recording the staging and the watermark in its metadata, as the Pipeline's
 does); once the manifest landed the driver publishes them. Recovery restores the watermark
 from the manifest and settles the sinks on the recovered checkpoint. A windowed checkpoint
@@ -129,7 +128,7 @@ from .pipeline.windowing import (
     emit_final,
     no_running_totals,
 )
-from .pipeline.workers import fold_slice
+from .pipeline.workers import fold_rows
 from .recovery import RecoveryPlan
 from .stats import StatResults
 from .storage import StoreLike, describe_store
@@ -500,7 +499,7 @@ class PartitionsWorker:
         finished upload of the checkpoint in flight, once (None while it runs or when none
         is). A failed upload raises here."""
         for partition, keys, values in slices:
-            fold_slice(self._aggregators[partition], keys, values)
+            fold_rows(self._aggregators[partition], keys, values)
         self._unpublished = True
         return self._finished_upload()
 
@@ -510,10 +509,10 @@ class PartitionsWorker:
         """A windowed job's :meth:`fold`: slices ``(partition, keys, value columns, event
         times)``, each folded under ``watermark`` (the driver's, before the batch)."""
         for partition, keys, values, times in slices:
-            fold_slice(self._aggregators[partition], keys, values, times, watermark)
+            fold_rows(self._aggregators[partition], keys, values, times, watermark)
         return self._finished_upload()
 
-    def emit_windows(self, watermark: int, flush: bool) -> pa.RecordBatch:
+    def emit_windows(self, watermark: int, flush: bool) -> list[pa.RecordBatch]:
         """At a barrier, before :meth:`checkpoint`: emit and free the windows final under
         ``watermark`` (every open one with ``flush``: the source ended)."""
         return emit_final(self._windows(), watermark, flush=flush)
@@ -1491,8 +1490,8 @@ class RayPipeline:
         output = checkpoint.output
         if output is not None and self._windowing is not None:
             # Every worker's checkpoint() ran (its upload is in), so did the emit before it.
-            windows = self._get(checkpoint.emitted, "emitting the closed windows")
-            self._windowing.add_windows(output, windows)
+            emitted = self._get(checkpoint.emitted, "emitting the closed windows")
+            self._windowing.add_windows(output, [b for batches in emitted for b in batches])
 
         def commit() -> float:
             begun = time.perf_counter()

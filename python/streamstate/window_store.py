@@ -6,7 +6,9 @@ of every ``(key, window)`` the partition folded. ``emit(watermark)`` hands out e
 window whose end is at or before the watermark, across partitions, as columns sorted by
 ``(window_end, window_start, key)``, and frees them; ``emit_all()`` hands out every open
 window (the end of a bounded stream). ``emit_arrow`` / ``emit_all_arrow`` give the same
-rows as a ``pyarrow.RecordBatch`` over the core's buffers.
+rows as a ``pyarrow.RecordBatch`` over the core's buffers. ``emit_partitions`` (and its
+``_arrow`` and ``_all`` forms) skip the sort and the cross-partition merge: one batch per
+partition, written in parallel, for callers that route each key to one partition.
 
 Windows, in int64 epoch milliseconds, aligned to the epoch:
 
@@ -150,6 +152,34 @@ class WindowedAggregateStore(_core.WindowedAggregateStore):
         """:meth:`emit_all` as :meth:`emit_arrow` gives it."""
         require_modules("emit_all_arrow()", "pyarrow")
         return self._batch(self._emit_all("arrow"))
+
+    def emit_partitions(self, watermark: int) -> list[WindowColumns]:
+        """:meth:`emit`'s windows without the sort and the merge: one :data:`WindowColumns`
+        per partition, the partitions written in parallel.
+
+        A partition's rows come window by window (by start), a window's keys in the order
+        the partition first folded (or restored) them (session windows: by ``(window_end,
+        window_start, key)``), so they depend only on what was folded, in what order,
+        through snapshots and restores too. A key folded for one window in several partitions gives a
+        row in each partition's columns: emit this way when each key is routed to one
+        partition (a pipeline routes them so). The store is left as :meth:`emit` leaves it.
+        """
+        return self._emit_partitions(watermark, list_key_format(self.key_type))
+
+    def emit_all_partitions(self) -> list[WindowColumns]:
+        """:meth:`emit_all` as :meth:`emit_partitions` gives it."""
+        return self._emit_all_partitions(list_key_format(self.key_type))
+
+    def emit_partitions_arrow(self, watermark: int) -> list[pa.RecordBatch]:
+        """:meth:`emit_partitions` as one ``pyarrow.RecordBatch`` per partition, as
+        :meth:`emit_arrow` gives them (over the core's buffers)."""
+        require_modules("emit_partitions_arrow()", "pyarrow")
+        return [self._batch(part) for part in self._emit_partitions(watermark, "arrow")]
+
+    def emit_all_partitions_arrow(self) -> list[pa.RecordBatch]:
+        """:meth:`emit_all_partitions` as :meth:`emit_partitions_arrow` gives it."""
+        require_modules("emit_all_partitions_arrow()", "pyarrow")
+        return [self._batch(part) for part in self._emit_all_partitions("arrow")]
 
     def _batch(self, columns: WindowColumns) -> pa.RecordBatch:
         import pyarrow as pa

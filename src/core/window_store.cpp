@@ -1,9 +1,12 @@
 #include "core/window_store.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <utility>
 
 #include "core/byte_io.h"
@@ -44,6 +47,11 @@ constexpr std::size_t kChunkEntries = 1 << 16;
 constexpr std::int64_t kMaxWindowsPerEvent = 4096;
 // Session keys without sessions are dropped once they outnumber the live ones and this.
 constexpr std::size_t kMinDeadKeys = 64;
+// Emitted windows a partition keeps (emptied) for its next new ones: a few more than the
+// windows a barrier usually closes.
+constexpr std::size_t kSpareWindows = 4;
+// Below this many rows emit_partitions() writes every partition on the calling thread.
+constexpr std::size_t kParallelEmitRows = 1 << 15;
 
 __extension__ typedef __int128 i128;  // NOLINT: GCC/Clang extension, pedantic-safe
 
@@ -200,6 +208,7 @@ WindowedAggregateStore<K>::WindowedAggregateStore(std::uint32_t num_partitions, 
   partitions_.reserve(num_partitions);
   for (std::uint32_t i = 0; i < num_partitions; ++i) {
     partitions_.push_back(std::make_unique<Partition>());
+    partitions_.back()->spare.reserve(kSpareWindows);  // recycle() never allocates
   }
 }
 
@@ -214,26 +223,28 @@ void WindowedAggregateStore<K>::check_partition(std::uint32_t partition_id) cons
 template <class K>
 void WindowedAggregateStore<K>::check_times(const std::int64_t* times, std::size_t n) const {
   if (n == 0) return;
-  // Window bounds grow with t, so the earliest and the latest time decide.
-  std::size_t lo = 0;
-  std::size_t hi = 0;
+  // Window bounds grow with t, so the earliest and the latest time decide (found by value
+  // in one vectorisable pass; the row is looked up only to name it).
+  std::int64_t lo = times[0];
+  std::int64_t hi = times[0];
   for (std::size_t i = 1; i < n; ++i) {
-    if (times[i] < times[lo]) lo = i;
-    if (times[i] > times[hi]) hi = i;
+    lo = std::min(lo, times[i]);
+    hi = std::max(hi, times[i]);
   }
-  const auto refuse = [&](std::size_t i, i128 start, i128 end) {
-    throw InvalidArgument("times[" + std::to_string(i) + "] = " + std::to_string(times[i]) +
+  const auto refuse = [&](std::int64_t t, i128 start, i128 end) {
+    const std::size_t i = static_cast<std::size_t>(std::find(times, times + n, t) - times);
+    throw InvalidArgument("times[" + std::to_string(i) + "] = " + std::to_string(t) +
                           ": its window [" + decimal(start) + ", " + decimal(end) +
                           ") does not fit in int64 milliseconds");
   };
   if (sessions_kind()) {
-    const i128 end = static_cast<i128>(times[hi]) + spec_.gap;
-    if (end > kMaxTime) refuse(hi, times[hi], end);
+    const i128 end = static_cast<i128>(hi) + spec_.gap;
+    if (end > kMaxTime) refuse(hi, hi, end);
     return;
   }
-  const i128 last_of_hi = floor_div(times[hi], spec_.step) * spec_.step;
+  const i128 last_of_hi = floor_div(hi, spec_.step) * spec_.step;
   if (last_of_hi + spec_.size > kMaxTime) refuse(hi, last_of_hi, last_of_hi + spec_.size);
-  const i128 first_of_lo = floor_div(times[lo], spec_.step) * spec_.step - (spec_.size - spec_.step);
+  const i128 first_of_lo = floor_div(lo, spec_.step) * spec_.step - (spec_.size - spec_.step);
   if (first_of_lo < kMinTime) refuse(lo, first_of_lo, first_of_lo + spec_.size);
 }
 
@@ -296,41 +307,60 @@ void WindowedAggregateStore<K>::fold_windows(Partition& p, const View* keys,
   const std::int64_t size = spec_.size;
   const std::int64_t step = spec_.step;
   const auto per_row = static_cast<std::size_t>(size / step);
-  const std::size_t extra = width_ - 1;
-  // The windows of the previous row's latest start: consecutive rows of a batch mostly
-  // share them, so the map is searched once per run of rows, not once per row and window.
-  std::vector<Window*> cached(per_row, nullptr);
-  std::int64_t cached_last = 0;
-  bool have_cache = false;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::int64_t t = times[i];
-    // check_times made every bound below fit in int64.
-    const auto last = static_cast<std::int64_t>(floor_div(t, step) * step);
-    if (last + size <= closed) {  // the latest-ending window holding t is closed: all are
-      ++late;
+  // Runs of consecutive rows whose latest window starts alike (most rows of a batch in
+  // time order share it): their windows are looked up once a run, and each window folds
+  // the run in one prefetching pass.
+  for (std::size_t a = 0; a < n;) {
+    // check_times made every bound below fit in int64, last + step and last + size included.
+    const std::int64_t q = times[a] / step;
+    const std::int64_t last = (times[a] % step < 0 ? q - 1 : q) * step;
+    std::size_t b = a + 1;
+    while (b < n && times[b] >= last && times[b] < last + step) ++b;
+    if (last + size <= closed) {  // the latest-ending window holding them is closed: all are
+      late += b - a;
+      a = b;
       continue;
     }
-    const double* row = values + i * width_;
-    if (skipped(row)) continue;
-    if (!have_cache || last != cached_last) {
-      std::fill(cached.begin(), cached.end(), nullptr);
-      cached_last = last;
-      have_cache = true;
-    }
-    const std::uint64_t hash = K::hash(keys[i]);
-    for (std::size_t k = 0; k < per_row; ++k) {
+    const double* run = values + a * width_;
+    bool any = policy_ != NanPolicy::kSkip;
+    for (std::size_t i = 0; !any && i < b - a; ++i) any = !skipped(run + i * width_);
+    for (std::size_t k = 0; any && k < per_row; ++k) {
       const std::int64_t start = last - static_cast<std::int64_t>(k) * step;
       if (start + size <= closed) break;  // earlier starts end earlier: closed too
-      Window*& w = cached[k];
-      if (w == nullptr) w = &p.windows[start];
-      const auto [idx, inserted] = w->table.emplace(keys[i], hash);
-      if (inserted) {
-        if (extra > 0) w->more.resize((idx + 1) * extra);
-        ++p.open;
-      }
-      w->dirty = true;
-      add_row(w->table.value_at(idx), extra > 0 ? w->more.data() + idx * extra : nullptr, row);
+      fold_run(p, window_at(p, start), keys + a, run, b - a);
     }
+    a = b;
+  }
+}
+
+template <class K>
+void WindowedAggregateStore<K>::fold_run(Partition& p, Window& w, const View* keys,
+                                         const double* values, std::size_t n) {
+  const std::size_t extra = width_ - 1;
+  // Each row's slot is fetched kAhead rows before its lookup and its entry half way, so a
+  // window bigger than the cache does not wait on every row's misses.
+  constexpr std::size_t kAhead = 8;
+  std::uint64_t ring[kAhead];
+  for (std::size_t j = 0; j < std::min(n, kAhead); ++j) {
+    ring[j] = K::hash(keys[j]);
+    w.table.prefetch_slot(ring[j]);
+  }
+  w.dirty = true;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t hash = ring[i % kAhead];
+    if (i + kAhead < n) {
+      ring[i % kAhead] = K::hash(keys[i + kAhead]);
+      w.table.prefetch_slot(ring[i % kAhead]);
+    }
+    if (i + kAhead / 2 < n) w.table.prefetch_entry(ring[(i + kAhead / 2) % kAhead]);
+    const double* row = values + i * width_;
+    if (skipped(row)) continue;
+    const auto [idx, inserted] = w.table.emplace(keys[i], hash);
+    if (inserted) {
+      if (extra > 0) w.more.resize((idx + 1) * extra);
+      ++p.open;
+    }
+    add_row(w.table.value_at(idx), extra > 0 ? w.more.data() + idx * extra : nullptr, row);
   }
 }
 
@@ -419,13 +449,47 @@ WindowRows<K> WindowedAggregateStore<K>::emit_all() {
 }
 
 template <class K>
+std::vector<WindowRows<K>> WindowedAggregateStore<K>::emit_partitions(std::int64_t watermark) {
+  return take_partitions(watermark, false);
+}
+
+template <class K>
+std::vector<WindowRows<K>> WindowedAggregateStore<K>::emit_all_partitions() {
+  return take_partitions(kMaxTime, true);
+}
+
+template <class K>
+typename WindowedAggregateStore<K>::Window& WindowedAggregateStore<K>::window_at(
+    Partition& p, std::int64_t start) {
+  const auto it = p.windows.lower_bound(start);
+  if (it != p.windows.end() && it->first == start) return it->second;
+  if (p.spare.empty()) return p.windows.try_emplace(it, start)->second;
+  typename Windows::node_type node = std::move(p.spare.back());
+  p.spare.pop_back();
+  node.key() = start;
+  return p.windows.insert(it, std::move(node))->second;
+}
+
+template <class K>
+void WindowedAggregateStore<K>::recycle(Partition& p,
+                                        typename Windows::node_type&& node) noexcept {
+  if (p.spare.size() >= std::min(kSpareWindows, p.spare.capacity())) return;  // freed
+  Window& w = node.mapped();
+  w.table.clear();
+  w.more.clear();
+  w.dirty = true;
+  w.captured = false;
+  p.spare.push_back(std::move(node));  // within capacity: no allocation
+}
+
+template <class K>
 WindowRows<K> WindowedAggregateStore<K>::take(std::int64_t watermark, bool everything) {
   const AllLocks locks(partitions_);
   std::vector<RowRef> rows;
   WindowRows<K> out;
   if (!sessions_kind()) {
     // Emitted windows stay alive (their keys and partials are what the rows point at)
-    // until the rows are written; freed when this returns.
+    // until the rows are written, then become spares or are freed.
     std::vector<std::pair<std::uint32_t, typename Windows::node_type>> popped;
     std::size_t total = 0;
     for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
@@ -464,52 +528,189 @@ WindowRows<K> WindowedAggregateStore<K>::take(std::int64_t watermark, bool every
       first = last;
     }
     finish_rows(out);
+    for (auto& [pid, node] : popped) recycle(*partitions_[pid], std::move(node));
   } else {
     for (std::uint32_t pid = 0; pid < num_partitions(); ++pid) {
-      const Partition& p = *partitions_[pid];
-      for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-        const KeySessions& ks = p.sessions.value_at(i);
-        for (std::size_t j = 0; j < ks.spans.size(); ++j) {
-          if (!everything && ks.spans[j].end > watermark) continue;
-          const Moments* first = ks.partials.data() + j * width_;
-          rows.push_back(RowRef{ks.spans[j].end, ks.spans[j].start, p.sessions.key_at(i), pid,
-                                first, first + 1});
-        }
-      }
+      closing_sessions(pid, watermark, everything, rows);
     }
     allocate_rows(out, rows.size());
     append_rows(out, rows);
     finish_rows(out);
+    for (auto& part : partitions_) drop_sessions(*part, watermark, everything);
+  }
+  if (!everything && watermark > closed_through_) closed_through_ = watermark;
+  return out;
+}
+
+template <class K>
+void WindowedAggregateStore<K>::closing_sessions(std::uint32_t pid, std::int64_t watermark,
+                                                 bool everything,
+                                                 std::vector<RowRef>& rows) const {
+  const Partition& p = *partitions_[pid];
+  for (std::size_t i = 0; i < p.sessions.size(); ++i) {
+    const KeySessions& ks = p.sessions.value_at(i);
+    for (std::size_t j = 0; j < ks.spans.size(); ++j) {
+      if (!everything && ks.spans[j].end > watermark) continue;
+      const Moments* first = ks.partials.data() + j * width_;
+      rows.push_back(RowRef{ks.spans[j].end, ks.spans[j].start, p.sessions.key_at(i), pid,
+                            first, first + 1});
+    }
+  }
+}
+
+template <class K>
+void WindowedAggregateStore<K>::drop_sessions(Partition& p, std::int64_t watermark,
+                                              bool everything) {
+  for (std::size_t i = 0; i < p.sessions.size(); ++i) {
+    KeySessions& ks = p.sessions.value_at(i);
+    if (ks.spans.empty()) continue;
+    std::size_t keep = 0;
+    for (std::size_t j = 0; j < ks.spans.size(); ++j) {
+      if (everything || ks.spans[j].end <= watermark) continue;
+      if (keep != j) {
+        ks.spans[keep] = ks.spans[j];
+        std::copy_n(ks.partials.begin() + static_cast<std::ptrdiff_t>(j * width_), width_,
+                    ks.partials.begin() + static_cast<std::ptrdiff_t>(keep * width_));
+      }
+      ++keep;
+    }
+    if (keep == ks.spans.size()) continue;
+    p.open -= ks.spans.size() - keep;
+    ks.spans.resize(keep);
+    ks.partials.resize(keep * width_);
+    if (keep == 0) {
+      std::vector<Session>().swap(ks.spans);
+      std::vector<Moments>().swap(ks.partials);
+      ++p.dead_keys;
+    }
+    mark(p, i);
+  }
+  compact_sessions(p);
+}
+
+template <class View>
+[[nodiscard]] std::size_t view_bytes(const View& key) noexcept {
+  if constexpr (requires { key.size(); }) {
+    return key.size();
+  } else {
+    return 0;
+  }
+}
+
+// Key bytes (for bytes keys) reserved too, so appending the rows cannot allocate.
+template <class Column>
+void reserve_key_column(Column& column, std::size_t rows, std::size_t key_bytes) {
+  column.reserve(rows);
+  if constexpr (requires { column.bytes.reserve(key_bytes); }) column.bytes.reserve(key_bytes);
+}
+
+template <class K>
+void WindowedAggregateStore<K>::reserve_partition(const Partition& p, WindowRows<K>& out,
+                                                  std::int64_t watermark,
+                                                  bool everything) const {
+  std::size_t rows = 0;
+  std::size_t key_bytes = 0;
+  if (!sessions_kind()) {
+    for (const auto& [start, w] : p.windows) {
+      if (!everything && start + spec_.size > watermark) break;
+      rows += w.table.size();
+      key_bytes += w.table.key_bytes();
+    }
+  } else {
+    for (std::size_t i = 0; i < p.sessions.size(); ++i) {
+      const KeySessions& ks = p.sessions.value_at(i);
+      std::size_t closing = 0;
+      for (const Session& span : ks.spans) closing += everything || span.end <= watermark;
+      rows += closing;
+      key_bytes += closing * view_bytes(p.sessions.key_at(i));
+    }
+  }
+  reserve_key_column(out.keys, rows, key_bytes);
+  allocate_rows(out, rows);
+}
+
+template <class K>
+void WindowedAggregateStore<K>::push_row(WindowRows<K>& out, View key, std::int64_t start,
+                                         std::int64_t end, const Moments& first,
+                                         const Moments* more) const noexcept {
+  const std::size_t g = out.starts.size();
+  out.keys.push_back(key);  // reserved: no allocation
+  out.starts.push_back(start);
+  out.ends.push_back(end);
+  out.columns[0].set(g, first);
+  for (std::size_t c = 1; c < width_; ++c) out.columns[c].set(g, more[c - 1]);
+}
+
+template <class K>
+void WindowedAggregateStore<K>::take_partition(Partition& p, WindowRows<K>& out,
+                                               std::int64_t watermark,
+                                               bool everything) const noexcept {
+  const std::size_t extra = width_ - 1;
+  while (!p.windows.empty()) {
+    const auto it = p.windows.begin();
+    const std::int64_t start = it->first;
+    if (!everything && start + spec_.size > watermark) break;
+    const Window& w = it->second;
+    // Entry order: the partials are read in memory order.
+    for (std::size_t i = 0; i < w.table.size(); ++i) {
+      push_row(out, w.table.key_at(i), start, start + spec_.size, w.table.value_at(i),
+               extra > 0 ? w.more.data() + i * extra : nullptr);
+    }
+    p.open -= w.table.size();
+    if (w.captured) p.removed.push_back(start);  // reserved by the caller
+    recycle(p, p.windows.extract(it));
+  }
+  finish_rows(out);
+}
+
+template <class K>
+std::vector<WindowRows<K>> WindowedAggregateStore<K>::take_partitions(std::int64_t watermark,
+                                                                      bool everything) {
+  const AllLocks locks(partitions_);
+  const std::uint32_t np = num_partitions();
+  std::vector<WindowRows<K>> out(np);
+  std::size_t total = 0;
+  // Everything that allocates first, so a failure leaves the state as it was.
+  for (std::uint32_t pid = 0; pid < np; ++pid) {
+    Partition& p = *partitions_[pid];
+    reserve_partition(p, out[pid], watermark, everything);
+    total += out[pid].starts.capacity();
+    p.removed.reserve(p.removed.size() + p.windows.size());
   }
   if (sessions_kind()) {
-    for (auto& part : partitions_) {
-      Partition& p = *part;
-      for (std::size_t i = 0; i < p.sessions.size(); ++i) {
-        KeySessions& ks = p.sessions.value_at(i);
-        if (ks.spans.empty()) continue;
-        std::size_t keep = 0;
-        for (std::size_t j = 0; j < ks.spans.size(); ++j) {
-          if (everything || ks.spans[j].end <= watermark) continue;
-          if (keep != j) {
-            ks.spans[keep] = ks.spans[j];
-            std::copy_n(ks.partials.begin() + static_cast<std::ptrdiff_t>(j * width_), width_,
-                        ks.partials.begin() + static_cast<std::ptrdiff_t>(keep * width_));
-          }
-          ++keep;
-        }
-        if (keep == ks.spans.size()) continue;
-        p.open -= ks.spans.size() - keep;
-        ks.spans.resize(keep);
-        ks.partials.resize(keep * width_);
-        if (keep == 0) {
-          std::vector<Session>().swap(ks.spans);
-          std::vector<Moments>().swap(ks.partials);
-          ++p.dead_keys;
-        }
-        mark(p, i);
-      }
-      compact_sessions(p);
+    // A scan of every key, then a sort: a session table's key order is not kept by
+    // captures (they list keys sorted), so a partition's rows are sorted as emit()'s are,
+    // to be the same after a restore.
+    std::vector<RowRef> rows;
+    for (std::uint32_t pid = 0; pid < np; ++pid) {
+      rows.clear();
+      closing_sessions(pid, watermark, everything, rows);
+      sort_rows(rows);
+      for (const RowRef& r : rows) push_row(out[pid], r.key, r.start, r.end, *r.first, r.more);
+      finish_rows(out[pid]);
     }
+    for (auto& part : partitions_) drop_sessions(*part, watermark, everything);
+  } else {
+    // The partitions' rows are written by several threads, each partition by one; the
+    // caller holds every partition's lock for them, and joining orders their writes.
+    std::atomic<std::uint32_t> next{0};
+    const auto work = [&]() noexcept {
+      for (std::uint32_t pid = next++; pid < np; pid = next++) {
+        take_partition(*partitions_[pid], out[pid], watermark, everything);
+      }
+    };
+    std::vector<std::thread> helpers;
+    if (total >= kParallelEmitRows) {
+      const std::size_t wanted =
+          std::min<std::size_t>({np, kEmitThreads, std::max(1U, std::thread::hardware_concurrency())});
+      try {
+        helpers.reserve(wanted - 1);
+        for (std::size_t t = 1; t < wanted; ++t) helpers.emplace_back(work);
+      } catch (...) {  // no thread to be had: the calling one does the rest
+      }
+    }
+    work();
+    for (std::thread& helper : helpers) helper.join();
   }
   if (!everything && watermark > closed_through_) closed_through_ = watermark;
   return out;
@@ -525,13 +726,18 @@ void WindowedAggregateStore<K>::allocate_rows(WindowRows<K>& out, std::size_t ro
 }
 
 template <class K>
-void WindowedAggregateStore<K>::append_rows(WindowRows<K>& out, std::vector<RowRef>& rows) const {
+void WindowedAggregateStore<K>::sort_rows(std::vector<RowRef>& rows) {
   std::sort(rows.begin(), rows.end(), [](const RowRef& a, const RowRef& b) {
     if (a.end != b.end) return a.end < b.end;
     if (a.start != b.start) return a.start < b.start;
     if (a.key != b.key) return K::less(a.key, b.key);
     return a.partition < b.partition;
   });
+}
+
+template <class K>
+void WindowedAggregateStore<K>::append_rows(WindowRows<K>& out, std::vector<RowRef>& rows) const {
+  sort_rows(rows);
   const auto same = [](const RowRef& a, const RowRef& b) {
     return a.end == b.end && a.start == b.start && a.key == b.key;
   };
@@ -639,10 +845,13 @@ std::size_t WindowedAggregateStore<K>::memory_bytes() const {
     total += sizeof(Partition) + p.removed.capacity() * sizeof(std::int64_t) +
              p.dirty_keys.capacity() * sizeof(std::size_t) + p.sessions.memory_bytes() +
              p.scratch.capacity() * sizeof(Moments);
-    for (const auto& [start, w] : p.windows) {
-      total += kNodeOverhead + sizeof(Window) + w.table.memory_bytes() +
-               w.more.capacity() * sizeof(Moments);
-    }
+    const auto window_bytes = [](const Window& w) {
+      return kNodeOverhead + sizeof(Window) + w.table.memory_bytes() +
+             w.more.capacity() * sizeof(Moments);
+    };
+    for (const auto& [start, w] : p.windows) total += window_bytes(w);
+    total += p.spare.capacity() * sizeof(typename Windows::node_type);
+    for (const auto& node : p.spare) total += window_bytes(node.mapped());
     for (std::size_t i = 0; i < p.sessions.size(); ++i) {
       const KeySessions& ks = p.sessions.value_at(i);
       total += ks.spans.capacity() * sizeof(Session) + ks.partials.capacity() * sizeof(Moments);
@@ -732,11 +941,10 @@ void WindowedAggregateStore<K>::check_header(std::string_view value, bool delta,
 
 template <class K>
 void WindowedAggregateStore<K>::encode_window(std::string& chunk, const Window& w,
-                                              const std::size_t* order, std::size_t n) const {
+                                              std::size_t begin, std::size_t end) const {
   const std::size_t extra = width_ - 1;
-  put_u32(chunk, static_cast<std::uint32_t>(n));
-  for (std::size_t r = 0; r < n; ++r) {
-    const std::size_t i = order[r];
+  put_u32(chunk, static_cast<std::uint32_t>(end - begin));
+  for (std::size_t i = begin; i < end; ++i) {
     K::encode(chunk, w.table.key_at(i));
     w.table.value_at(i).encode(chunk);
     for (std::size_t c = 0; c < extra; ++c) w.more[i * extra + c].encode(chunk);
@@ -755,8 +963,9 @@ void WindowedAggregateStore<K>::encode_sessions(std::string& chunk, View key,
   }
 }
 
-// Entries [0, n) of `table` ordered by key: captures list keys in key order, so equal
-// contents give equal bytes whatever order the keys were folded (or restored) in.
+// Entries [0, n) of `table` (or those `pick` names) ordered by key: session captures list
+// keys in key order, so equal contents give equal bytes whatever order the keys were
+// folded (or restored) in, and a rebuilt session table captures as it did before.
 template <class K, class Table>
 std::vector<std::size_t> key_order(const Table& table, std::size_t n, const std::size_t* pick) {
   std::vector<std::size_t> order(n);
@@ -802,12 +1011,11 @@ template <class K>
 void WindowedAggregateStore<K>::write_window(RecordWriter& writer, std::uint32_t pid,
                                              std::int64_t start, const Window& w) const {
   const std::string key = window_key(pid, start);
-  const std::vector<std::size_t> order = key_order<K>(w.table, w.table.size(), nullptr);
+  const std::size_t n = w.table.size();
   std::string chunk;
-  for (std::size_t begin = 0; begin < order.size(); begin += kChunkEntries) {
-    const std::size_t n = std::min(order.size() - begin, kChunkEntries);
+  for (std::size_t begin = 0; begin < n; begin += kChunkEntries) {
     chunk.clear();
-    encode_window(chunk, w, order.data() + begin, n);
+    encode_window(chunk, w, begin, std::min(n, begin + kChunkEntries));
     writer.add(key, chunk);
   }
 }

@@ -25,7 +25,10 @@
 // that existed at the previous capture and were emitted since are named; session keys whose
 // sessions changed are written with their whole (possibly empty) list. Identity and
 // sequence follow NumericAggregateStore: a delta names its parent's identity (the CRC32C of
-// the parent container) and is refused anywhere else.
+// the parent container) and is refused anywhere else. A window's keys are written in the
+// order the partition first folded them, which a restore or delta keeps: the same folds in
+// the same order, or a replica restored from a capture and its deltas, capture the same
+// bytes, and a capture reads the partials in memory order. Session keys come in key order.
 //
 // Locking: each partition's mutex is held by fold of that partition; emit, emit_all,
 // snapshot, snapshot_delta, restore and apply_delta take every partition's mutex in
@@ -88,6 +91,8 @@ class WindowedAggregateStore {
   using View = typename K::View;
 
   static constexpr std::size_t kMaxColumns = NumericAggregateStore<K>::kMaxColumns;
+  // Threads emit_partitions() writes partitions' rows with (the calling one included).
+  static constexpr std::size_t kEmitThreads = 8;
 
   // InvalidArgument unless 1 <= num_partitions <= 65536, the spec validates, and the
   // columns are as NumericAggregateStore takes them (empty: one unnamed column).
@@ -121,6 +126,16 @@ class WindowedAggregateStore {
   [[nodiscard]] WindowRows<K> emit(std::int64_t watermark);
   // Every open window (the end of a bounded stream); closed_through() is unchanged.
   [[nodiscard]] WindowRows<K> emit_all();
+  // emit() without the merge and (tumbling, hopping) the sort: one WindowRows per
+  // partition, written by up to kEmitThreads threads at once. A partition's tumbling or
+  // hopping rows come window by window (by start), a window's keys in the order the
+  // partition first folded (or restored) them; its session rows by (end, start, key). So
+  // the rows depend only on what was folded, in what order, through restores too. A key
+  // folded for one window in several partitions gives a row in each: for callers that
+  // route each key to one partition (a pipeline does). The state afterwards is emit()'s.
+  [[nodiscard]] std::vector<WindowRows<K>> emit_partitions(std::int64_t watermark);
+  // emit_all() as emit_partitions() gives it.
+  [[nodiscard]] std::vector<WindowRows<K>> emit_all_partitions();
 
   // (key, window) pairs held across partitions.
   [[nodiscard]] std::size_t open_windows() const;
@@ -173,6 +188,9 @@ class WindowedAggregateStore {
   struct Partition {
     mutable std::mutex mutex;
     Windows windows;
+    // Emitted windows, emptied, whose memory the next new windows reuse: a window table
+    // grows to every key of its window, and fresh memory costs a page fault per page.
+    std::vector<typename Windows::node_type> spare;
     // Starts of windows that existed at the last capture and were emitted since.
     std::vector<std::int64_t> removed;
     SessionTable sessions;
@@ -202,6 +220,9 @@ class WindowedAggregateStore {
   [[nodiscard]] bool sessions_kind() const noexcept { return spec_.kind == WindowKind::kSession; }
   void fold_windows(Partition& p, const View* keys, const std::int64_t* times,
                     const double* values, std::size_t n, std::int64_t closed, std::size_t& late);
+  // Folds n rows, all of whose times have `w` as a window, into `w`.
+  void fold_run(Partition& p, Window& w, const View* keys, const double* values,
+                std::size_t n);
   void fold_sessions(Partition& p, const View* keys, const std::int64_t* times,
                      const double* values, std::size_t n, std::int64_t closed, std::size_t& late);
   // Flags session entry `index` as changed since the last capture.
@@ -210,10 +231,32 @@ class WindowedAggregateStore {
   void add_row(Moments& first, Moments* more, const double* row) const noexcept;
   [[nodiscard]] bool skipped(const double* row) const noexcept;
   [[nodiscard]] WindowRows<K> take(std::int64_t watermark, bool everything);
+  [[nodiscard]] std::vector<WindowRows<K>> take_partitions(std::int64_t watermark,
+                                                           bool everything);
+  // One partition's part of take_partitions: room for its rows (may throw, changes nothing),
+  // then (tumbling, hopping) the rows written and the windows freed (throws nothing).
+  void reserve_partition(const Partition& p, WindowRows<K>& out, std::int64_t watermark,
+                         bool everything) const;
+  void take_partition(Partition& p, WindowRows<K>& out, std::int64_t watermark,
+                      bool everything) const noexcept;
+  // The tumbling or hopping window starting at `start`, made (from a spare) if new.
+  static Window& window_at(Partition& p, std::int64_t start);
+  // An emitted window's node, kept as a spare (emptied, its memory kept) or freed.
+  static void recycle(Partition& p, typename Windows::node_type&& node) noexcept;
+  // Appends partition pid's sessions ending <= watermark (every one when `everything`).
+  void closing_sessions(std::uint32_t pid, std::int64_t watermark, bool everything,
+                        std::vector<RowRef>& rows) const;
+  // Drops the sessions ending <= watermark (every one when `everything`) of one partition.
+  void drop_sessions(Partition& p, std::int64_t watermark, bool everything);
+  // One row of `first`'s partials (and the columns 1.. at `more`) appended to `out`.
+  void push_row(WindowRows<K>& out, View key, std::int64_t start, std::int64_t end,
+                const Moments& first, const Moments* more) const noexcept;
   // Emission: room for `rows` rows; rows of one or more windows sorted by (end, start,
   // key, partition) and appended, a key's partitions merged; the columns' final size.
   void allocate_rows(WindowRows<K>& out, std::size_t rows) const;
   void append_rows(WindowRows<K>& out, std::vector<RowRef>& rows) const;
+  // By (end, start, key, partition).
+  static void sort_rows(std::vector<RowRef>& rows);
   static void finish_rows(WindowRows<K>& out) noexcept;
   // Drops session keys without sessions once they outnumber the live ones.
   void compact_sessions(Partition& p);
@@ -224,9 +267,9 @@ class WindowedAggregateStore {
   [[nodiscard]] std::string header(bool delta) const;
   void check_header(std::string_view header, bool delta, std::uint32_t& parent,
                     std::uint64_t& sequence, std::int64_t& closed) const;
-  // The n entries order[0 .. n) of `w` as one chunk.
-  void encode_window(std::string& chunk, const Window& w, const std::size_t* order,
-                     std::size_t n) const;
+  // The entries [begin, end) of `w` as one chunk.
+  void encode_window(std::string& chunk, const Window& w, std::size_t begin,
+                     std::size_t end) const;
   void encode_sessions(std::string& chunk, View key, const KeySessions& ks) const;
   void write_window(RecordWriter& writer, std::uint32_t pid, std::int64_t start,
                     const Window& w) const;

@@ -171,6 +171,7 @@ void test_concurrent_partitions() {
   std::thread reader([&] {
     while (!done.load()) {
       emitted += total_count(store.emit_all());  // emit_all leaves closed_through alone
+      for (const auto& rows : store.emit_all_partitions()) emitted += total_count(rows);
       CHECK(!store.snapshot().empty());
       (void)store.open_windows();
     }
@@ -183,6 +184,41 @@ void test_concurrent_partitions() {
   CHECK(store.open_windows() == 0);
 }
 
+// Partitions emitted by several threads at once (enough rows for the parallel path): each
+// partition's rows are its own, window by window, and the emitted windows' memory is
+// reused by the next windows, which start empty.
+void test_parallel_partition_emission() {
+  constexpr std::uint32_t kPartitions = 4;
+  constexpr std::size_t kRows = 20000;
+  Int64Store store(kPartitions, WindowSpec{WindowKind::kTumbling, 10, 0, 0}, NanPolicy::kSkip);
+  std::vector<std::int64_t> keys(kRows);
+  std::vector<std::int64_t> times(kRows);
+  const std::vector<double> values(kRows, 1.0);
+  for (int round = 0; round < 3; ++round) {
+    for (std::uint32_t p = 0; p < kPartitions; ++p) {
+      for (std::size_t i = 0; i < kRows; ++i) {
+        keys[i] = static_cast<std::int64_t>(i * kPartitions + p);
+        times[i] = round * 20 + static_cast<std::int64_t>(i % 20);  // two windows a round
+      }
+      CHECK(store.fold(p, keys.data(), times.data(), values.data(), kRows, round * 20) == 0);
+    }
+    const auto parts = store.emit_partitions(round * 20 + 20);
+    CHECK(parts.size() == kPartitions);
+    for (std::uint32_t p = 0; p < kPartitions; ++p) {
+      const auto& rows = parts[p];
+      CHECK(rows.size() == kRows && total_count(rows) == static_cast<std::int64_t>(kRows));
+      bool own = true;
+      bool by_window = true;
+      for (std::size_t i = 0; i < rows.size(); ++i) {
+        own = own && rows.keys.keys[i] % std::int64_t{kPartitions} == std::int64_t{p};
+        by_window = by_window && (i == 0 || rows.starts[i - 1] <= rows.starts[i]);
+      }
+      CHECK(own && by_window);
+    }
+    CHECK(store.open_windows() == 0 && store.closed_through() == round * 20 + 20);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -191,5 +227,6 @@ int main() {
   test_times_beyond_int64_are_refused();
   test_captures_round_trip_and_corruption();
   test_concurrent_partitions();
+  test_parallel_partition_emission();
   return check_summary("test_window_store");
 }

@@ -19,7 +19,10 @@ What makes a windowed job's output exactly-once and the same under every replay:
   complementary. A window ended under the watermark takes no event any more (a session
   included: an on-time event overlapping it opens one of its own), so what is emitted
   does not depend on when checkpoints happen. At the end of a bounded source every open
-  window is emitted before the final checkpoint.
+  window is emitted before the final checkpoint. The rows come as one batch per partition
+  (written in parallel), each partition's windows by start and a window's keys in the
+  order first folded: not sorted, since a sink replaces an epoch's rows whole on recovery,
+  but the same on every replay (a restored store keeps its windows' key order).
 * **Staging and publishing**: the commit thread stages the epoch's rows in each sink
   (``Sink.stage``) before the manifest is written and records what staging returned in
   the manifest's metadata (``metadata["sinks"]``), next to the watermark state
@@ -28,9 +31,8 @@ What makes a windowed job's output exactly-once and the same under every replay:
   lets every sink settle (``Sink.recover``): re-publish the recovered epoch, drop staged
   rows of epochs that never committed and published rows of epochs rolled back.
 
-Event times travel with the keys through routing as one more float64 column: every time
-is kept within ``±2**53`` ms (see :mod:`streamstate.windows`), so the conversion is exact
-both ways.
+Event times travel with the keys through routing as one more column, int64 as they are
+(the router moves each column in its own dtype): no conversion on the coordinator.
 """
 
 from __future__ import annotations
@@ -56,14 +58,13 @@ if TYPE_CHECKING:
 __all__ = [
     "NO_WATERMARK",
     "EpochOutput",
-    "RoutedSlice",
     "Watermark",
+    "WindowSlice",
     "WindowSpec",
     "Windowing",
     "as_sink",
     "check_resumable",
     "emit_final",
-    "merge_emitted",
     "no_running_totals",
 ]
 
@@ -76,7 +77,7 @@ WINDOWS_METADATA = "windows"
 
 #: One partition's share of a routed batch: its keys, its rows of each value column, and
 #: their event times (exact float64 milliseconds).
-RoutedSlice = tuple[Any, list[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
+WindowSlice = tuple[Any, list[npt.NDArray[np.float64]], npt.NDArray[np.int64]]
 
 
 def check_resumable(where: str, recorded_partitions: int, partitions: int) -> None:
@@ -98,23 +99,19 @@ def no_running_totals(call: str) -> StreamStateError:
     )
 
 
-def emit_final(store: WindowedAggregateStore, watermark: int, *, flush: bool) -> pa.RecordBatch:
+def emit_final(
+    store: WindowedAggregateStore, watermark: int, *, flush: bool
+) -> list[pa.RecordBatch]:
     """Emit (and free) every window of ``store`` final under ``watermark``, or with
-    ``flush`` (the source ended) every open one: what a barrier emits."""
-    return store.emit_all_arrow() if flush else store.emit_arrow(watermark)
+    ``flush`` (the source ended) every open one: what a barrier emits, one batch per
+    partition that had any.
 
-
-def merge_emitted(emitted: Sequence[pa.RecordBatch]) -> pa.RecordBatch:
-    """Batches emitted at one barrier by stores of disjoint keys as one batch, in the
-    order one store holding every key emits them: ``(window_end, window_start, key)``."""
-    full = [batch for batch in emitted if batch.num_rows]
-    if len(full) <= 1:
-        return full[0] if full else emitted[0]
-    import pyarrow as pa
-
-    order = [(name, "ascending") for name in ("window_end", "window_start", "key")]
-    table = pa.Table.from_batches(full).sort_by(order).combine_chunks()
-    return table.to_batches()[0]
+    Each key is routed to one partition, so the partitions' rows need no merge, and they
+    come in no sorted order (written in parallel): a sink's rows of an epoch are replaced
+    whole on recovery, so exactly-once needs no order, and the rows of an epoch depend
+    only on the batches folded, so a replay gives the same ones."""
+    emitted = store.emit_all_partitions_arrow() if flush else store.emit_partitions_arrow(watermark)
+    return [batch for batch in emitted if batch.num_rows]
 
 
 @dataclass(frozen=True)
@@ -400,7 +397,7 @@ class Windowing:
         where: str,
         partitions: int,
         key_groups: int,
-    ) -> tuple[int, list[RoutedSlice]]:
+    ) -> tuple[int, list[WindowSlice]]:
         """Split the batch's late rows off under the watermark before it and route the rest
         with their times; then move the watermark on. Returns the watermark the slices
         fold under and every partition's ``(keys, value columns, times)`` (no slices at
@@ -424,8 +421,10 @@ class Windowing:
                 f"batches of this job {kinds[self.is_datetime]}"
             )
         watermark = self.watermark.value
-        late = self.spec.window.late_mask(times, watermark)
-        if late.any():
+        # Lateness grows as times fall (every window rule is monotone in t), so a batch
+        # whose earliest event is on time has no late one: one test, not a pass of masks.
+        if len(times) and self.spec.window.late_mask(times.min(keepdims=True), watermark)[0]:
+            late = self.spec.window.late_mask(times, watermark)
             if "late_sink" in self.sinks:
                 self._late.append(_record_batch(columns, late))
             self.late_events += int(np.count_nonzero(late))
@@ -435,10 +434,8 @@ class Windowing:
             times = times[on_time]
         if len(times) == 0:
             return watermark, []
-        routed = partition_batch(
-            keys, partitions, *values, times.astype(np.float64), key_groups=key_groups
-        )
-        slices: list[RoutedSlice] = []
+        routed = partition_batch(keys, partitions, *values, times, key_groups=key_groups)
+        slices: list[WindowSlice] = []
         for p, (part_keys, *part_values, part_times) in enumerate(routed):
             if len(part_keys):
                 self.watermark.observe(p, int(part_times.max()))
@@ -469,7 +466,7 @@ class Windowing:
         take the late rows gathered since the last capture: the checkpoint's output. Call
         with the partitions quiesced, before the store is captured."""
         output = self.barrier()
-        self.add_windows(output, [emit_final(store, self.watermark.value, flush=flush)])
+        self.add_windows(output, emit_final(store, self.watermark.value, flush=flush))
         return output
 
     def barrier(self) -> EpochOutput:
@@ -483,9 +480,10 @@ class Windowing:
         return output
 
     def add_windows(self, output: EpochOutput, emitted: Sequence[pa.RecordBatch]) -> None:
-        """Add to ``output`` the windows its barrier emitted: one batch per store, the
-        stores holding disjoint keys, merged in the order one store emits them."""
-        output.add_rows("sink", self.emitted_batch(merge_emitted(emitted)))
+        """Add to ``output`` the windows its barrier emitted (:func:`emit_final`'s batches,
+        of stores or partitions holding disjoint keys, in partition order)."""
+        for batch in emitted:
+            output.add_rows("sink", self.emitted_batch(batch))
 
     def state(self) -> dict[str, Any]:
         """The window state the manifest records: the watermark and the time kind."""

@@ -30,7 +30,7 @@ from .routing import RoutedSlice
 if TYPE_CHECKING:
     from ..window_store import WindowPartition
 
-__all__ = ["PartitionBarrier", "PartitionWorker", "fold_slice", "quiesce"]
+__all__ = ["PartitionBarrier", "PartitionWorker", "fold_rows", "quiesce"]
 
 
 class PartitionBarrier:
@@ -62,23 +62,23 @@ class PartitionBarrier:
 _STOP = object()
 
 
-def fold_slice(
+def fold_rows(
     aggregator: PartitionAggregator | WindowPartition,
     keys: npt.NDArray[Any],
     values: Sequence[npt.NDArray[Any]],
-    times: npt.NDArray[np.float64] | None = None,
+    times: npt.NDArray[np.int64] | None = None,
     watermark: int = 0,
 ) -> None:
     """Fold one routed slice into a partition: ``keys`` and each value column's rows (one
     ``(n, M)`` block, one probe per key for every column); in a windowed job also their
-    event times (exact float64 ms, as routed) under ``watermark``, which the coordinator
+    event times (int64 ms, as routed) under ``watermark``, which the coordinator
     split every late event off under, so the store finding one is an error."""
     block = values[0] if len(values) == 1 else np.column_stack(values)
     if times is None:
         cast("PartitionAggregator", aggregator).fold(keys, block)
         return
     late = cast("WindowPartition", aggregator).fold(
-        keys, times.astype(np.int64), block, watermark=watermark
+        keys, times.astype(np.int64, copy=False), block, watermark=watermark
     )
     if late:
         raise StreamStateError(
@@ -106,12 +106,12 @@ class PartitionWorker:
         self,
         keys: npt.NDArray[Any],
         values: Sequence[npt.NDArray[Any]],
-        times: npt.NDArray[np.float64] | None = None,
+        times: npt.NDArray[np.int64] | None = None,
         watermark: int = 0,
     ) -> None:
         """Queue one routed slice: ``keys`` and each value column's matching rows, in the
-        store's column order; in a windowed job also their event times (routed as exact
-        float64 ms) and the watermark to fold them under."""
+        store's column order; in a windowed job also their event times (routed as
+        int64 ms) and the watermark to fold them under."""
         self.inbox.put((keys, values, times, watermark))
 
     def fold_slice(self, routed: RoutedSlice) -> None:
@@ -138,7 +138,7 @@ class PartitionWorker:
             keys, values, times, watermark = item
             try:
                 # The (n, M) block is stacked here, on the partition's own thread.
-                fold_slice(self._aggregator, keys, values, times, watermark)
+                fold_rows(self._aggregator, keys, values, times, watermark)
             except Exception as exc:  # noqa: BLE001 - surfaced by the coordinator at the barrier
                 self.error = exc
 
