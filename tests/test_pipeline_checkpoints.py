@@ -19,8 +19,8 @@ from streamstate import (
     decode_batch,
     encode_batch,
 )
-from streamstate.pipeline import ArraySource, Batch, JobFingerprint, JobRecord, Pipeline
 from streamstate._core import RecordBuffer
+from streamstate.pipeline import ArraySource, Batch, JobFingerprint, JobRecord, Pipeline
 from streamstate.pipeline.contents import STORE_ENTRY
 
 
