@@ -573,7 +573,11 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           "new object of tens of MB faults in every page afresh.")
       .def(
           "capture",
-          [](const NumericStoreHandle& self, bool delta) {
+          [](const NumericStoreHandle& self, const py::object& delta_arg) {
+            if (!PyBool_Check(delta_arg.ptr())) {
+              throw py::type_error("capture: delta must be a bool, not " + type_name(delta_arg));
+            }
+            const bool delta = delta_arg.ptr() == Py_True;
             return capture_buffer([&] {
               return self.visit([delta](auto& s) { return delta ? s.snapshot_delta() : s.snapshot(); });
             });

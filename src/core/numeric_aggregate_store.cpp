@@ -664,22 +664,43 @@ std::string NumericAggregateStore<K>::snapshot() {
   // Local entries by group, each group's in table order (shard by shard, insertion order,
   // a stable sort): restoring rebuilds the tables in that order, so a restored store
   // snapshots to the same bytes.
+  // Int64 keys make every local entry the same size, so each one's place in the container
+  // is known from the per-group counts alone: the entries are then written in table order
+  // (memory read front to back) to their places, instead of read in group order, which
+  // misses the cache on every entry.
+  constexpr bool kScatter = std::is_same_v<K, Int64Keys>;
   const auto group_bits = static_cast<unsigned>(std::bit_width(key_groups_ - 1));
-  std::vector<std::vector<std::uint64_t>> local(np);  // (group << 32) | Ref
+  std::vector<std::vector<std::uint64_t>> local(np);  // (group << 32) | Ref; unless kScatter
   for (std::uint32_t pid = 0; pid < np; ++pid) {
     const Local& table = partitions_[pid]->local;
-    std::vector<std::uint64_t>& refs = local[pid];
-    refs.reserve(table.size());
-    for (std::size_t s = 0; s < Local::kShards; ++s) {
-      const auto& shard = table.shard(s);
-      for (std::size_t i = 0; i < shard.size(); ++i) {
-        const std::uint64_t group = key_group_of_hash(shard.hash_at(i), key_groups_);
-        refs.push_back((group << 32) | (s << Local::kIndexBits) | i);
+    if constexpr (kScatter) {
+      std::vector<std::size_t> counts(key_groups_, 0);
+      for (std::size_t s = 0; s < Local::kShards; ++s) {
+        const auto& shard = table.shard(s);
+        for (std::size_t i = 0; i < shard.size(); ++i) {
+          ++counts[key_group_of_hash(shard.hash_at(i), key_groups_)];
+        }
       }
+      std::size_t begin = 0;
+      for (std::uint32_t group = 0; group < key_groups_; ++group) {
+        if (counts[group] == 0) continue;
+        runs.push_back(Run{group, pid + 1, begin, begin + counts[group]});
+        begin += counts[group];
+      }
+    } else {
+      std::vector<std::uint64_t>& refs = local[pid];
+      refs.reserve(table.size());
+      for (std::size_t s = 0; s < Local::kShards; ++s) {
+        const auto& shard = table.shard(s);
+        for (std::size_t i = 0; i < shard.size(); ++i) {
+          const std::uint64_t group = key_group_of_hash(shard.hash_at(i), key_groups_);
+          refs.push_back((group << 32) | (s << Local::kIndexBits) | i);
+        }
+      }
+      sort_by_high_word(refs, group_bits);
+      add_runs(runs, refs.size(), pid + 1,
+               [&](std::size_t i) { return static_cast<std::uint32_t>(refs[i] >> 32); });
     }
-    sort_by_high_word(refs, group_bits);
-    add_runs(runs, refs.size(), pid + 1,
-             [&](std::size_t i) { return static_cast<std::uint32_t>(refs[i] >> 32); });
   }
   std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) {
     return a.group != b.group ? a.group < b.group : a.source < b.source;
@@ -689,6 +710,13 @@ std::string NumericAggregateStore<K>::snapshot() {
   writer.add(kHeaderKey, sectioned_header<K>(np, key_groups_, kCaptureForm, columns_));
   writer.add(kSectionsKey, section_index(runs));
   const std::size_t moments_bytes = width_ * Moments::kEncodedSize;
+  // (kScatter) The entry area of each local chunk, in container order.
+  struct Area {
+    const Run* run;
+    std::size_t at;  // offset into the container
+    std::size_t entries;
+  };
+  std::vector<Area> areas;
   for (const Run& run : runs) {
     if (run.source == 0) {
       write_run(writer, kSharedKey, run, 8 + 4 + moments_bytes, [&](std::string& out, std::size_t i) {
@@ -702,6 +730,17 @@ std::string NumericAggregateStore<K>::snapshot() {
           if (extra > 0) encode_more(out, node.second.more(&slot, extra), extra);
         }
       });
+    } else if constexpr (kScatter) {
+      // Room for the run's chunks; where each chunk's entries go is noted for the scatter.
+      const std::string name = partition_record_name(kLocalPrefix, run.source - 1);
+      for (std::size_t start = run.begin; start < run.end; start += kChunkEntries) {
+        const std::size_t n = std::min(run.end, start + kChunkEntries) - start;
+        writer.add_with(name, 4 + n * (8 + moments_bytes), [&](std::string& out) {
+          put_u32(out, static_cast<std::uint32_t>(n));
+          areas.push_back(Area{&run, out.size(), n});
+          out.resize(out.size() + n * (8 + moments_bytes));
+        });
+      }
     } else {
       const std::uint32_t pid = run.source - 1;
       const Local& table = partitions_[pid]->local;
@@ -720,6 +759,49 @@ std::string NumericAggregateStore<K>::snapshot() {
                   encode_more(out, table.more_at(ref), extra);
                 });
     }
+  }
+  if constexpr (kScatter) {
+    writer.overwrite([&](char* container) {
+      // A run's chunks are consecutive areas; a partition's cursor per group starts at its
+      // run's first and moves to the next when a chunk is full. The counts that sized the
+      // runs are those of the tables walked here (the store is quiescent), so every entry
+      // has its place and every place is written.
+      struct Cursor {
+        std::size_t area = 0;
+        std::size_t left = 0;
+        char* at = nullptr;
+      };
+      const std::size_t entry_bytes = 8 + moments_bytes;
+      std::vector<Cursor> cursors(key_groups_);
+      for (std::uint32_t pid = 0; pid < np; ++pid) {
+        for (std::size_t a = 0; a < areas.size(); ++a) {
+          const Area& area = areas[a];
+          if (area.run->source == pid + 1 && (a == 0 || areas[a - 1].run != area.run)) {
+            cursors[area.run->group] = Cursor{a, area.entries, container + area.at};
+          }
+        }
+        const Local& table = partitions_[pid]->local;
+        for (std::size_t s = 0; s < Local::kShards; ++s) {
+          const auto& shard = table.shard(s);
+          for (std::size_t i = 0; i < shard.size(); ++i) {
+            Cursor& c = cursors[key_group_of_hash(shard.hash_at(i), key_groups_)];
+            if (c.left == 0) {
+              ++c.area;
+              c.left = areas[c.area].entries;
+              c.at = container + areas[c.area].at;
+            }
+            store_u64(c.at, static_cast<std::uint64_t>(shard.key_at(i)));
+            shard.value_at(i).encode_to(c.at + 8);
+            const Moments* more = table.more_in(s, i);
+            for (std::size_t col = 0; col < extra; ++col) {
+              more[col].encode_to(c.at + 8 + (col + 1) * Moments::kEncodedSize);
+            }
+            c.at += entry_bytes;
+            --c.left;
+          }
+        }
+      }
+    });
   }
   std::string out = std::move(writer).finish();
   reset_tracking(out, 0);

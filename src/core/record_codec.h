@@ -64,6 +64,13 @@ class RecordWriter {
     }
     close_record(start);
   }
+  // Hands fill(char* container) the container written so far, to write values into room
+  // that add_with() made for them (sized ahead, filled out of order). Lengths, keys and
+  // anything outside that room must stay as they are.
+  template <class Fill>
+  void overwrite(Fill&& fill) {
+    std::forward<Fill>(fill)(out_.data());
+  }
   [[nodiscard]] std::size_t count() const noexcept { return count_; }
   // Seals the container (patches the count, appends the CRC) and hands the bytes over.
   [[nodiscard]] std::string finish() &&;
