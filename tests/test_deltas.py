@@ -283,11 +283,17 @@ def test_opaque_deltas_stay_consistent_while_threads_publish() -> None:
     assert replica.snapshot() == store.snapshot()
 
 
+def _fold_random(
+    store: ss.NumericAggregateStore, seed: int, keys: int = 5_000, rows: int = 20_000
+) -> None:
+    rng = np.random.default_rng(seed)
+    for p in range(store.num_partitions):
+        store.partition(p).fold(rng.integers(0, keys, rows), rng.normal(0, 1, rows))
+
+
 def test_snapshot_into_reuses_one_buffer_for_the_same_captures() -> None:
     def fold(store: ss.NumericAggregateStore, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        for p in range(store.num_partitions):
-            store.partition(p).fold(rng.integers(0, 5_000, 20_000), rng.normal(0, 1, 20_000))
+        _fold_random(store, seed)
 
     live, twin = ss.NumericAggregateStore(2), ss.NumericAggregateStore(2)
     buffer = bytearray(b"left over from before" * 50_000)  # larger than a capture: it shrinks
@@ -324,9 +330,7 @@ def test_snapshot_into_reuses_one_buffer_for_the_same_captures() -> None:
 
 def test_capture_hands_over_the_capture_itself_and_never_reuses_a_held_one() -> None:
     def fold(store: ss.NumericAggregateStore, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        for p in range(store.num_partitions):
-            store.partition(p).fold(rng.integers(0, 60_000, 80_000), rng.normal(0, 1, 80_000))
+        _fold_random(store, seed, keys=60_000, rows=80_000)
 
     live, twin = ss.NumericAggregateStore(2), ss.NumericAggregateStore(2)
     fold(live, 1)

@@ -40,10 +40,15 @@ uploading and ``restore()`` accept it. Read-only.
                                {static_cast<py::ssize_t>(bytes.size())}, {py::ssize_t{1}},
                                /*readonly=*/true);
       })
-      .def("__len__", [](const RecordBuffer& self) { return self.view().size(); })
-      .def("__repr__", [](const RecordBuffer& self) {
-        return "RecordBuffer(" + std::to_string(self.view().size()) + " bytes)";
-      });
+      .def(
+          "__len__", [](const RecordBuffer& self) { return self.view().size(); },
+          "The capture's size in bytes.")
+      .def(
+          "__repr__",
+          [](const RecordBuffer& self) {
+            return "RecordBuffer(" + std::to_string(self.view().size()) + " bytes)";
+          },
+          "RecordBuffer(<size> bytes).");
   m.def(
       "encode_records",
       [](const py::object& kind_arg, const py::object& records_arg) {
