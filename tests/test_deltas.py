@@ -283,11 +283,17 @@ def test_opaque_deltas_stay_consistent_while_threads_publish() -> None:
     assert replica.snapshot() == store.snapshot()
 
 
+def _fold_random(
+    store: ss.NumericAggregateStore, seed: int, keys: int = 5_000, rows: int = 20_000
+) -> None:
+    rng = np.random.default_rng(seed)
+    for p in range(store.num_partitions):
+        store.partition(p).fold(rng.integers(0, keys, rows), rng.normal(0, 1, rows))
+
+
 def test_snapshot_into_reuses_one_buffer_for_the_same_captures() -> None:
     def fold(store: ss.NumericAggregateStore, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        for p in range(store.num_partitions):
-            store.partition(p).fold(rng.integers(0, 5_000, 20_000), rng.normal(0, 1, 20_000))
+        _fold_random(store, seed)
 
     live, twin = ss.NumericAggregateStore(2), ss.NumericAggregateStore(2)
     buffer = bytearray(b"left over from before" * 50_000)  # larger than a capture: it shrinks
@@ -320,3 +326,34 @@ def test_snapshot_into_reuses_one_buffer_for_the_same_captures() -> None:
     view.release()
     live.snapshot_into(buffer, delta=True)
     assert bytes(buffer) == twin.snapshot_delta()  # the refused call left the tracking alone
+
+
+def test_capture_hands_over_the_capture_itself_and_never_reuses_a_held_one() -> None:
+    def fold(store: ss.NumericAggregateStore, seed: int) -> None:
+        _fold_random(store, seed, keys=60_000, rows=80_000)
+
+    live, twin = ss.NumericAggregateStore(2), ss.NumericAggregateStore(2)
+    fold(live, 1)
+    fold(twin, 1)
+    full = live.capture()
+    assert repr(full) == f"RecordBuffer({len(full)} bytes)"
+    held = memoryview(full)
+    assert held.readonly and held.nbytes == len(full) > 1 << 20  # large: its memory recycles
+    full_bytes = bytes(held)
+    assert full_bytes == twin.snapshot()
+    with pytest.raises(TypeError):
+        held[0] = 0  # read-only: what was captured is what gets committed
+    deltas = []
+    for seed in (2, 3):  # each delta dropped before the next capture, which reuses its memory
+        fold(live, seed)
+        fold(twin, seed)
+        deltas.append(bytes(live.capture(delta=True)))
+        assert deltas[-1] == twin.snapshot_delta()
+    assert bytes(held) == full_bytes  # the held capture was never written over
+    replayed = ss.NumericAggregateStore(2)
+    replayed.restore(full)  # every consumer takes the buffer as it is
+    for delta in deltas:
+        replayed.apply_delta(delta)
+    assert replayed.snapshot() == live.snapshot() == twin.snapshot()
+    with pytest.raises(TypeError, match="delta must be a bool"):
+        live.capture(delta=1)  # type: ignore[arg-type]

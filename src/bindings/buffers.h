@@ -25,6 +25,38 @@ inline py::bytes bytes_recycling(std::string&& container) {
   return out;
 }
 
+// A finished record container handed to Python without a copy: read through the buffer
+// protocol (memoryview, bytes(), hashlib, obstore.put, the checkpointer), read-only, its
+// bytes owned here. When the last reference goes its buffer goes back for the next large
+// container to be written into (see recycle_record_buffer), so a periodic capture neither
+// copies tens of MB under the GIL nor faults in fresh pages.
+class RecordBuffer {
+ public:
+  explicit RecordBuffer(std::string&& container) noexcept : bytes_(std::move(container)) {}
+  RecordBuffer(const RecordBuffer&) = delete;
+  RecordBuffer& operator=(const RecordBuffer&) = delete;
+  RecordBuffer(RecordBuffer&&) = delete;
+  RecordBuffer& operator=(RecordBuffer&&) = delete;
+  ~RecordBuffer() { recycle_record_buffer(std::move(bytes_)); }
+
+  [[nodiscard]] std::string_view view() const noexcept { return bytes_; }
+
+ private:
+  std::string bytes_;
+};
+
+// A store capture (`capture()`, run with the GIL released: pure C++ under the store's
+// locks) as a RecordBuffer.
+template <class Capture>
+std::unique_ptr<RecordBuffer> capture_buffer(Capture&& capture) {
+  std::string bytes;
+  {
+    const py::gil_scoped_release release;
+    bytes = std::forward<Capture>(capture)();
+  }
+  return std::make_unique<RecordBuffer>(std::move(bytes));
+}
+
 // The Python type name of `object`, for error messages.
 inline std::string type_name(py::handle object) { return Py_TYPE(object.ptr())->tp_name; }
 

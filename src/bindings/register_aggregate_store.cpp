@@ -619,6 +619,21 @@ NumericAggregateStore(num_partitions, key_type="int64", nan_policy="skip").
           "captures periodically reuses one buffer whose pages are mapped already, where a\n"
           "new object of tens of MB faults in every page afresh.")
       .def(
+          "capture",
+          [](const NumericStoreHandle& self, const py::object& delta_arg) {
+            if (!PyBool_Check(delta_arg.ptr())) {
+              throw py::type_error("capture: delta must be a bool, not " + type_name(delta_arg));
+            }
+            const bool delta = delta_arg.ptr() == Py_True;
+            return capture_buffer([&] {
+              return self.visit([delta](auto& s) { return delta ? s.snapshot_delta() : s.snapshot(); });
+            });
+          },
+          py::kw_only(), py::arg("delta") = false,
+          "snapshot() (or, with delta=True, snapshot_delta()) as a RecordBuffer: the bytes\n"
+          "stay where the capture wrote them (no copy into a Python object), and their memory\n"
+          "is reused by the next capture once the buffer is dropped.")
+      .def(
           "apply_delta",
           [](const NumericStoreHandle& self, const py::object& data) {
             require_buffer(data, "data");

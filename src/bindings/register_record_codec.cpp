@@ -28,6 +28,27 @@ void register_record_codec(py::module_& m) {
       .value("WINDOW_STORE_DELTA", RecordKind::kWindowStoreDelta)
       .value("DELTA", RecordKind::kDelta, "an incremental checkpoint (streamstate.delta)")
       .finalize();
+  py::class_<RecordBuffer>(m, "RecordBuffer", py::buffer_protocol(), R"doc(
+A store's capture (a checksummed record container) whose bytes live in C++ memory, read
+without a copy through the buffer protocol: ``memoryview(buf)``, ``bytes(buf)``, hashing,
+uploading and ``restore()`` accept it. Read-only.
+)doc")
+      .def_buffer([](const RecordBuffer& self) {
+        const std::string_view bytes = self.view();
+        return py::buffer_info(const_cast<char*>(bytes.data()), 1,
+                               py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(bytes.size())}, {py::ssize_t{1}},
+                               /*readonly=*/true);
+      })
+      .def(
+          "__len__", [](const RecordBuffer& self) { return self.view().size(); },
+          "The capture's size in bytes.")
+      .def(
+          "__repr__",
+          [](const RecordBuffer& self) {
+            return "RecordBuffer(" + std::to_string(self.view().size()) + " bytes)";
+          },
+          "RecordBuffer(<size> bytes).");
   m.def(
       "encode_records",
       [](const py::object& kind_arg, const py::object& records_arg) {

@@ -40,6 +40,16 @@ inline void store_u32(char* dst, std::uint32_t v) noexcept {
   for (int i = 0; i < 4; ++i) dst[i] = static_cast<char>((v >> (8 * i)) & 0xff);
 }
 
+inline void store_u64(char* dst, std::uint64_t v) noexcept {
+  for (int i = 0; i < 8; ++i) dst[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+inline void store_f64(char* dst, double v) noexcept {
+  std::uint64_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  store_u64(dst, bits);
+}
+
 namespace byte_io_detail {
 // Copies n bytes, sizeof(Word) <= n <= 2 * sizeof(Word), as two overlapping word moves.
 template <class Word>

@@ -112,6 +112,28 @@ void RecordWriter::add(std::string_view key, std::string_view value) {
   ++count_;
 }
 
+std::size_t RecordWriter::open_record(std::string_view key, std::size_t size_hint) {
+  check_field_sizes(key.size(), 0);
+  if (count_ == kMaxField) throw_too_many();
+  reserve_for(kRecordEntryOverhead + key.size() + size_hint + kRecordTrailerSize);
+  const std::size_t start = out_.size();
+  put_u32(out_, static_cast<std::uint32_t>(key.size()));
+  out_.append(key);
+  put_u32(out_, 0);
+  return start;
+}
+
+void RecordWriter::close_record(std::size_t start) {
+  const std::size_t value_at = start + 4 + load_u32(out_.data() + start) + 4;
+  const std::size_t value_size = out_.size() - value_at;
+  if (value_size > kMaxField) {
+    out_.resize(start);
+    check_field_sizes(0, value_size);
+  }
+  store_u32(out_.data() + value_at - 4, static_cast<std::uint32_t>(value_size));
+  ++count_;
+}
+
 std::string RecordWriter::finish() && {
   put_u32(out_, seal(out_.data(), out_.size(), count_));
   return std::move(out_);

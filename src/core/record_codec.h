@@ -49,12 +49,38 @@ class RecordWriter {
 
   // Throws InvalidArgument for a key or value over 4 GiB or more than 2^32-1 entries.
   void add(std::string_view key, std::string_view value);
+  // A record whose value fill(std::string& out) appends straight into the container, so a
+  // large capture is encoded once instead of into a chunk and then copied. `size_hint`
+  // (the value's expected size) lets a large container adopt the recycled buffer before
+  // it grows. Throws as add() does; if fill throws, the record is dropped whole.
+  template <class Fill>
+  void add_with(std::string_view key, std::size_t size_hint, Fill&& fill) {
+    const std::size_t start = open_record(key, size_hint);
+    try {
+      std::forward<Fill>(fill)(out_);
+    } catch (...) {
+      out_.resize(start);
+      throw;
+    }
+    close_record(start);
+  }
+  // Hands fill(char* container) the container written so far, to write values into room
+  // that add_with() made for them (sized ahead, filled out of order). Lengths, keys and
+  // anything outside that room must stay as they are.
+  template <class Fill>
+  void overwrite(Fill&& fill) {
+    std::forward<Fill>(fill)(out_.data());
+  }
   [[nodiscard]] std::size_t count() const noexcept { return count_; }
   // Seals the container (patches the count, appends the CRC) and hands the bytes over.
   [[nodiscard]] std::string finish() &&;
 
  private:
   void reserve_for(std::size_t more);
+  // Writes a record's key and a placeholder value length; returns where the record began.
+  std::size_t open_record(std::string_view key, std::size_t size_hint);
+  // Patches the length of the value appended since open_record() returned `start`.
+  void close_record(std::size_t start);
 
   std::string out_;
   std::size_t count_ = 0;

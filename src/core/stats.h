@@ -134,13 +134,19 @@ struct Moments {
   }
 
   void encode(std::string& out) const {
-    put_u64(out, scaled() ? count | kScaledFlag : count);
-    put_f64(out, sum);
-    put_f64(out, min);
-    put_f64(out, max);
-    put_f64(out, shift);
-    put_f64(out, dsum);
-    put_f64(out, dsq);
+    char bytes[kEncodedSize];
+    encode_to(bytes);
+    out.append(bytes, kEncodedSize);
+  }
+  // The same kEncodedSize bytes at `out` (a capture writing entries in place).
+  void encode_to(char* out) const noexcept {
+    store_u64(out, scaled() ? count | kScaledFlag : count);
+    store_f64(out + 8, sum);
+    store_f64(out + 16, min);
+    store_f64(out + 24, max);
+    store_f64(out + 32, shift);
+    store_f64(out + 40, dsum);
+    store_f64(out + 48, dsq);
   }
 
   // Throws CorruptDataError (through `in`) when truncated or when the scaled flag

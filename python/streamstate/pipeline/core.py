@@ -761,16 +761,23 @@ class Pipeline:
         if self._windowing is not None:
             output = self._windowing.output(cast("WindowedAggregateStore", store), flush=flush)
         is_delta = self._chain.next_is_delta()
-        # The store is captured into a buffer reused from the last checkpoint (whose commit
-        # has landed, so nothing reads it any more): its pages are mapped already, where a
-        # new object of tens of MB would fault in every page during the stall.
-        buffer = self._capture_buffers.setdefault(STORE_ENTRY, bytearray())
-        try:
-            store.snapshot_into(buffer, delta=is_delta)
-        except BufferError:  # a failed commit's traceback may still hold a view of it
-            buffer = self._capture_buffers[STORE_ENTRY] = bytearray()
-            store.snapshot_into(buffer, delta=is_delta)
-        snapshots: list[tuple[str, BytesLike]] = [(STORE_ENTRY, buffer)]
+        captured: BytesLike
+        if isinstance(store, NumericAggregateStore):
+            # The capture's own buffer, uncopied; its memory (mapped already) goes to the
+            # next capture once this commit has landed and dropped it.
+            captured = store.capture(delta=is_delta)
+        else:
+            # Captured into a buffer reused from the last checkpoint (whose commit has
+            # landed, so nothing reads it any more): its pages are mapped already, where a
+            # new object of tens of MB would fault in every page during the stall.
+            buffer = self._capture_buffers.setdefault(STORE_ENTRY, bytearray())
+            try:
+                store.snapshot_into(buffer, delta=is_delta)
+            except BufferError:  # a failed commit's traceback may still hold a view of it
+                buffer = self._capture_buffers[STORE_ENTRY] = bytearray()
+                store.snapshot_into(buffer, delta=is_delta)
+            captured = buffer
+        snapshots: list[tuple[str, BytesLike]] = [(STORE_ENTRY, captured)]
         self._unpruned_commits += 1
         prune = final or self._unpruned_commits >= self.keep_checkpoints
         if prune:
