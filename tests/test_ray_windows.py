@@ -259,6 +259,21 @@ def test_a_windowed_checkpoint_resumes_only_with_its_workers_and_partitions(
         _local_job(columns, *paths, window).recover()
 
 
+def test_a_windowed_job_reads_on_the_driver_even_from_a_shardable_source(
+    tmp_path: Path,
+) -> None:
+    # The watermark and the late split must see every row, so the driver reads.
+    columns = _events(rows=3_000)
+    paths = [tmp_path / name for name in ("c", "o", "l")]
+    with _ray_job(columns, *paths, Tumbling(50)) as pipe:
+        assert not pipe.reads_shards
+    with pytest.raises(ValueError, match="read_on_workers=True: a windowed job"):
+        _ray_job(columns, *paths, Tumbling(50), read_on_workers=True)
+    with RayPipeline(ArraySource("events", columns), key="k", values="v", partitions=2,
+                     store=tmp_path / "plain") as plain:
+        assert plain.reads_shards  # the same source shards without a window
+
+
 def test_a_callable_sink_gets_every_window_with_timestamp_bounds(tmp_path: Path) -> None:
     columns = _events(rows=4_000, seed=5)
     ms = columns["t"]
