@@ -87,7 +87,6 @@ from .errors import (
     CheckpointError,
     CorruptDataError,
     IncompatibleCheckpointError,
-    SourceError,
     StoreConfigurationError,
     StreamStateError,
 )
@@ -106,8 +105,9 @@ from .pipeline.core import (
     Pipeline,
     PipelineRun,
     Transform,
-    _key_type_of,
+    check_keys,
     transformed,
+    value_columns,
 )
 from .pipeline.fingerprint import FINGERPRINT_OPERATOR, JobFingerprint, JobRecord
 from .pipeline.routing import DEFAULT_KEY_GROUPS, partition_batch
@@ -117,7 +117,6 @@ from .pipeline.sources import (
     Source,
     can_shard,
     check_batch,
-    describe_keys,
     key_column,
     shard_offset,
 )
@@ -209,36 +208,6 @@ def _store_results(store: NumericAggregateStore, kind: str, value: str | None) -
     return store.to_arrow(value)
 
 
-def _checked_values(
-    keys: Any,
-    columns: Mapping[str, Any],
-    *,
-    source: str,
-    offset: Offset,
-    key: str,
-    values: Sequence[str],
-    key_type: KeyType | None,
-) -> list[Any]:
-    """One batch's value columns as float64 arrays, once its keys are checked to be of the
-    job's key type (a SourceError naming the batch otherwise)."""
-    found = _key_type_of(keys)
-    if found != key_type and not (found == "str" and key_type == "bytes"):
-        raise SourceError(
-            f"source {source!r}: the batch at offset {offset!r} has {found or 'no valid'} keys "
-            f"({describe_keys(keys)}) in column {key!r}, but this job's keys are {key_type}"
-        )
-    arrays = []
-    for metric in values:
-        try:
-            arrays.append(np.asarray(columns[metric], dtype=np.float64))
-        except (TypeError, ValueError) as exc:
-            raise SourceError(
-                f"source {source!r}: column {metric!r} of the batch at offset {offset!r} is "
-                f"not numeric: {exc}"
-            ) from exc
-    return arrays
-
-
 def _routed(
     keys: Any,
     columns: Mapping[str, Any],
@@ -254,9 +223,8 @@ def _routed(
 ) -> list[list[tuple[int, Any, list[Any]]]]:
     """One batch's keys and value columns, checked and routed: for every worker the
     ``(partition, keys, value columns)`` slices of its partitions that hold rows."""
-    arrays = _checked_values(
-        keys, columns, source=source, offset=offset, key=key, values=values, key_type=key_type
-    )
+    check_keys(keys, key_type, source, offset, key)
+    arrays = value_columns(columns, values, source, offset)
     routed = partition_batch(keys, partitions, *arrays, key_groups=key_groups)
     return [
         [
@@ -1236,10 +1204,8 @@ class RayPipeline:
     def _dispatch(self, keys: Any, columns: Mapping[str, Any]) -> None:
         """Route one batch and send every worker its partitions' slices (one call each)."""
         job = self._job
-        values = _checked_values(
-            keys, columns, source=job.source.name, offset=self._offset, key=job.key,
-            values=job.values, key_type=self._key_type,
-        )
+        check_keys(keys, self._key_type, job.source.name, self._offset, job.key)
+        values = value_columns(columns, job.values, job.source.name, self._offset)
         if self._windowing is not None:
             where = f"source {job.source.name!r}: the batch at offset {self._offset!r}"
             watermark, windowed = self._windowing.route(

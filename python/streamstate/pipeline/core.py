@@ -71,6 +71,7 @@ _FIRST_IDLE_SLEEP = 0.001
 
 
 @dataclass
+
 class PipelineRun:
     """What one call of :meth:`Pipeline.run` did.
 
@@ -219,6 +220,36 @@ def transformed(
                 f"column {required[0]!r} has {rows}"
             )
     return columns
+
+
+def check_keys(keys: Any, key_type: KeyType | None, source: str, offset: Offset, key: str) -> None:
+    """Refuse a batch whose keys (column ``key`` of ``source`` at ``offset``) are not of the
+    job's ``key_type`` with a SourceError naming it."""
+    found = _key_type_of(keys)
+    # A bytes job folds str keys as their UTF-8 bytes; a str job refuses bytes keys here
+    # rather than when results() finds one that is not UTF-8 text.
+    if found != key_type and not (found == "str" and key_type == "bytes"):
+        raise SourceError(
+            f"source {source!r}: the batch at offset {offset!r} has {found or 'no valid'} keys "
+            f"({describe_keys(keys)}) in column {key!r}, but this job's keys are {key_type}"
+        )
+
+
+def value_columns(
+    columns: Mapping[str, Any], values: Sequence[str], source: str, offset: Offset
+) -> list[npt.NDArray[np.float64]]:
+    """The batch's ``values`` columns as float64 arrays, or a SourceError naming the column
+    of ``source`` at ``offset`` that is not numeric."""
+    arrays = []
+    for metric in values:
+        try:
+            arrays.append(np.asarray(columns[metric], dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise SourceError(
+                f"source {source!r}: column {metric!r} of the batch at offset {offset!r} is "
+                f"not numeric: {exc}"
+            ) from exc
+    return arrays
 
 
 class Pipeline:
@@ -989,28 +1020,12 @@ class Pipeline:
         return 0 if self._aggregates is None else len(self._aggregates)
 
     def _check_keys(self, keys: Any) -> None:
-        found = _key_type_of(keys)
-        # A bytes job folds str keys as their UTF-8 bytes; a str job refuses bytes keys
-        # here rather than when results() finds one that is not UTF-8 text.
-        if found != self._key_type and not (found == "str" and self._key_type == "bytes"):
-            raise SourceError(
-                f"source {self._source.name!r}: the batch at offset {self._offset!r} has "
-                f"{found or 'no valid'} keys ({describe_keys(keys)}) in column {self._key!r}, "
-                f"but this job's keys are {self._key_type}"
-            )
+        check_keys(keys, self._key_type, self._source.name, self._offset, self._key)
 
     def _dispatch(
         self, workers: Sequence[PartitionWorker], keys: Any, columns: Mapping[str, Any]
     ) -> None:
-        values = []
-        for metric in self._values:
-            try:
-                values.append(np.asarray(columns[metric], dtype=np.float64))
-            except (TypeError, ValueError) as exc:
-                raise SourceError(
-                    f"source {self._source.name!r}: column {metric!r} of the batch at offset "
-                    f"{self._offset!r} is not numeric: {exc}"
-                ) from exc
+        values = value_columns(columns, self._values, self._source.name, self._offset)
         if self._windowing is not None:
             where = f"source {self._source.name!r}: the batch at offset {self._offset!r}"
             self._windowing.fold_batch(workers, keys, values, columns, where, self._key_groups)
