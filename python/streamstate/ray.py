@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from obstore.store import MemoryStore
 
+from ._typing import BytesLike
 from .aggregate import KeyType, NanPolicy, NumericAggregateStore
 from .checkpoint import ObjectStoreCheckpointer
 from .errors import (
@@ -537,8 +538,12 @@ class PartitionsWorker:
         upload it on a thread while later batches fold; return the capture's seconds."""
         started = time.perf_counter()
         self.collect()  # the driver collects each upload before the next barrier; be sure
-        self._store.snapshot_into(self._capture, delta=is_delta)
-        capture = self._capture
+        capture: BytesLike
+        if isinstance(self._store, NumericAggregateStore):
+            capture = self._store.capture(delta=is_delta)  # the capture's own bytes, uncopied
+        else:
+            self._store.snapshot_into(self._capture, delta=is_delta)
+            capture = self._capture
         stalled = time.perf_counter() - started
 
         def upload() -> _Uploaded:
