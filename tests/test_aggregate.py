@@ -549,6 +549,49 @@ def test_big_batches_take_the_shard_scatter_path(key_type: str) -> None:
         np.testing.assert_allclose(got[column], doubled[column], rtol=1e-9)
 
 
+def test_micro_batches_into_a_big_table_are_folded_before_any_read() -> None:
+    """Past ~400K keys, small int64 batches are staged and folded together later. Every
+    read (len, pending, snapshot, delta, publish) must see them, and the partials must be
+    exactly those of folding the same rows in one call."""
+    rng = np.random.default_rng(11)
+    base_keys = np.arange(450_000, dtype=np.int64)
+    keys = rng.integers(0, 600_000, 400_000)
+    values = rng.normal(0.0, 1.0, keys.size)
+    values[rng.integers(0, keys.size, 500)] = np.nan
+    live = ss.NumericAggregateStore(1)
+    oracle = ss.NumericAggregateStore(1)
+    live.partition(0).fold(base_keys, np.ones(base_keys.size))
+    oracle.partition(0).fold(base_keys, np.ones(base_keys.size))
+    base = live.snapshot()
+    half = keys.size // 2
+    for lo in range(0, half, 65_536):
+        live.partition(0).fold(keys[lo : min(lo + 65_536, half)], values[lo : min(lo + 65_536, half)])
+    delta = live.snapshot_delta()  # taken while rows are staged: it must hold them
+    for lo in range(half, keys.size, 4_096):
+        live.partition(0).fold(keys[lo : lo + 4_096], values[lo : lo + 4_096])
+    restored = ss.NumericAggregateStore(1)
+    restored.restore(live.snapshot())  # again with rows staged
+    oracle.partition(0).fold(keys, values)
+    for lo in range(0, 8_192, 4_096):  # staged again, then counted
+        live.partition(0).fold(keys[lo : lo + 4_096], values[lo : lo + 4_096])
+        oracle.partition(0).fold(keys[lo : lo + 4_096], values[lo : lo + 4_096])
+    kept = ~np.isnan(values)
+    assert len(live.partition(0)) == len(set(keys[kept].tolist()) | set(base_keys.tolist()))
+    assert live.partition(0).pending == oracle.partition(0).pending
+    restored.partition(0).fold(keys[:8_192], values[:8_192])
+    # The first half arrives through a delta on top of the base, the rest folded again.
+    chained = ss.NumericAggregateStore(1)
+    chained.restore(base)
+    chained.apply_delta(delta)
+    chained.partition(0).fold(keys[half:], values[half:])
+    chained.partition(0).fold(keys[:8_192], values[:8_192])
+    for store in (live, oracle, restored, chained):
+        store.partition(0).publish()
+    expected = oracle.to_pandas().sort_index()
+    for store in (live, restored, chained):
+        pd.testing.assert_frame_equal(store.to_pandas().sort_index(), expected)
+
+
 def test_empty_results() -> None:
     cols = ss.NumericAggregateStore(2).results()
     assert len(cols["key"]) == 0 and cols["key"].dtype == np.int64

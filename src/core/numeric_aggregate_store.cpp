@@ -331,7 +331,10 @@ class Quiescent {
   template <class Partitions>
   Quiescent(EpochLock& epoch, const Partitions& partitions) : epoch_(epoch) {
     locks_.reserve(partitions.size());
-    for (const auto& p : partitions) locks_.emplace_back(p->mutex);
+    for (const auto& p : partitions) {
+      locks_.emplace_back(p->mutex);
+      p->local.settle();  // a capture reads the tables: rows staged by fold() go in first
+    }
   }
 
  private:
@@ -470,6 +473,7 @@ void NumericAggregateStore<K>::reserve_for(Partition& p) {
   std::size_t pending = 0;
   {
     const std::lock_guard<std::mutex> lock(p.mutex);
+    p.local.settle();
     pending = p.local.size();
   }
   const std::size_t want = shared_.size() + pending;
@@ -491,6 +495,7 @@ std::size_t NumericAggregateStore<K>::publish(std::uint32_t partition_id) {
   reserve_for(p);
   const SharedEpoch epoch(epoch_);
   const std::lock_guard<std::mutex> lock(p.mutex);
+  p.local.settle();  // again: a fold may have staged rows since reserve_for()
   std::vector<std::uint64_t> order;  // (bucket << 32) | Ref
   p.local.collect_all(order);
   p.dirty.reserve(p.dirty.size() + order.size());  // no allocation once merging starts
@@ -586,7 +591,8 @@ template <class Read>
 auto NumericAggregateStore<K>::read_local(std::uint32_t partition_id, Read&& read) const {
   const Partition& p = partition(partition_id);
   const std::lock_guard<std::mutex> lock(p.mutex);
-  return read(p.local);
+  p.local.settle();
+  return read(std::as_const(p.local));
 }
 
 template <class K>
@@ -594,6 +600,7 @@ std::size_t NumericAggregateStore<K>::partition_size(std::uint32_t partition_id)
   const SharedEpoch epoch(epoch_);
   const Partition& p = partition(partition_id);
   const std::lock_guard<std::mutex> lock(p.mutex);
+  p.local.settle();
   // Local keys the partition has not published before count once more.
   std::size_t fresh = 0;
   for (std::size_t s = 0; s < Local::kShards; ++s) {

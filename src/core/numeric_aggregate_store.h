@@ -284,7 +284,9 @@ class NumericAggregateStore {
   struct Partition {
     explicit Partition(std::size_t width) : local(width) {}
     mutable std::mutex mutex;
-    Local local;
+    // mutable: const readers settle() it (fold staged rows into its tables), which changes
+    // how the partials are held, never what they are; always under `mutex`.
+    mutable Local local;
     // Shared nodes whose slot of this partition is dirty, each once.
     std::vector<Node*> dirty;
     // Slots this partition holds in the shared map.

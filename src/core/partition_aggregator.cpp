@@ -65,7 +65,8 @@ std::size_t PartitionAggregator<K>::size() const noexcept {
 
 template <class K>
 std::size_t PartitionAggregator<K>::memory_bytes() const noexcept {
-  std::size_t n = shards_.capacity() * sizeof(Shard);
+  std::size_t n = shards_.capacity() * sizeof(Shard) +
+                  staged_keys_.capacity() * sizeof(View) + staged_values_.capacity() * sizeof(double);
   for (const Shard& sh : shards_) {
     n += sh.table.memory_bytes() - sizeof(sh.table) + sh.changed.capacity() * sizeof(std::uint64_t) +
          sh.more.capacity() * sizeof(Moments);
@@ -151,6 +152,8 @@ void PartitionAggregator<K>::replace(std::vector<Table>&& tables,
     shards_[s].changed.clear();
     shards_[s].watermark = 0;
   }
+  staged_keys_.clear();  // rows of the state being replaced
+  staged_values_.clear();
   forget_changes();
 }
 
@@ -195,7 +198,7 @@ void PartitionAggregator<K>::fold(const View* keys, const double* values, std::s
                                   NanPolicy policy, const std::uint64_t* hashes) {
   if (n == 0) return;
   if (width_ > 1) {
-    fold_wide(keys, hashes, values, n, policy);
+    fold_wide(keys, hashes, values, n, policy);  // never stages (see fold())
     return;
   }
   const bool has_nan = any_nan(values, n);
@@ -209,14 +212,64 @@ void PartitionAggregator<K>::fold(const View* keys, const double* values, std::s
       }
     }
     if (policy == NanPolicy::kPropagate) {
+      settle();
       fold_with_nan(keys, hashes, values, n);
       return;
     }
   }
+  if constexpr (kStages) {
+    // As many staged rows as entries: ~16 B a key next to the table's ~64 B, and enough
+    // rows a shard for its table to be reused from cache (see kScatterMaxRows).
+    const std::size_t limit = std::min(size(), kScatterMaxRows);
+    if (size() >= kScatterMinKeys && n < limit) {
+      if (has_nan) {
+        stage<true>(keys, values, n, limit);  // kSkip: NaN rows are left out
+      } else {
+        stage<false>(keys, values, n, limit);
+      }
+      return;
+    }
+  }
+  settle();  // the staged rows come first: each key's rows fold in arrival order
   if (has_nan) {
     fold_sliced<true>(keys, hashes, values, n);  // kSkip: NaN rows are left out
   } else {
     fold_sliced<false>(keys, hashes, values, n);
+  }
+}
+
+template <class K>
+template <bool kSkipNan>
+void PartitionAggregator<K>::stage(const View* keys, const double* values, std::size_t n,
+                                   std::size_t limit) {
+  if (staged_keys_.size() + n > limit) settle();
+  // Reserved before the first row goes in: a failed allocation stages nothing.
+  staged_keys_.reserve(limit);
+  staged_values_.reserve(limit);
+  for (std::size_t i = 0; i < n; ++i) {
+    if constexpr (kSkipNan) {
+      if (std::isnan(values[i])) continue;
+    }
+    staged_keys_.push_back(keys[i]);
+    staged_values_.push_back(values[i]);
+  }
+}
+
+template <class K>
+void PartitionAggregator<K>::settle() {
+  if constexpr (kStages) {
+    if (staged_keys_.empty()) return;
+    // Taken out first: if folding fails part way (out of memory), the rows are not folded
+    // twice by a later settle(). Handed back empty afterwards, keeping their memory.
+    std::vector<View> keys;
+    std::vector<double> values;
+    keys.swap(staged_keys_);
+    values.swap(staged_values_);
+    fold_sliced<false>(keys.data(), nullptr, values.data(), keys.size());
+    keys.clear();
+    values.clear();
+    staged_keys_.swap(keys);
+    staged_values_.swap(values);
   }
 }
 
