@@ -136,6 +136,10 @@ void PartitionAggregator<K>::drain() noexcept {
     sh.changed.clear();
     sh.watermark = 0;
   }
+  // Settled before every drain; the tables now start small, and staging waits until they
+  // are big again, so its memory goes back too.
+  std::vector<View>().swap(staged_keys_);
+  std::vector<double>().swap(staged_values_);
   drained_ = true;
 }
 
