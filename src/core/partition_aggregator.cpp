@@ -224,8 +224,9 @@ void PartitionAggregator<K>::fold(const View* keys, const double* values, std::s
   if constexpr (kStages) {
     // As many staged rows as entries: ~16 B a key next to the table's ~64 B, and enough
     // rows a shard for its table to be reused from cache (see kScatterMaxRows).
-    const std::size_t limit = std::min(size(), kScatterMaxRows);
-    if (size() >= kScatterMinKeys && n < limit) {
+    const std::size_t held = size();
+    const std::size_t limit = std::min(held, kScatterMaxRows);
+    if (held >= kScatterMinKeys && n < limit) {
       if (has_nan) {
         stage<true>(keys, values, n, limit);  // kSkip: NaN rows are left out
       } else {

@@ -81,17 +81,15 @@ class PartitionAggregator {
   // that own their value (int64) is staged rather than folded: micro-batches add up until
   // the staged rows number as many as the entries, and then fold shard by shard together,
   // so each shard's table is reused from cache instead of missing memory row by row (at
-  // 1M keys, 64K-row batches then fold as fast as 1M-row ones). Everything that reads the
-  // tables settle()s first; staging keeps each key's rows in their order, so the partials
-  // are exactly those of folding at once. String views point into the caller's batch and
-  // are folded at once.
+  // 1M keys, 4K-row batches fold ~1.16x faster; a 64K-row batch was scattered already).
+  // Everything that reads the tables settle()s first; staging keeps each key's rows in
+  // their order, so the partials are exactly those of folding at once. String views point
+  // into the caller's batch and are folded at once.
   void fold(const View* keys, const double* values, std::size_t n, NanPolicy policy,
             const std::uint64_t* hashes = nullptr);
   // Folds the staged rows (a no-op when none are). Every reader of the tables calls it
   // first; the accessors below describe the tables as of the last settle().
   void settle();
-  // Rows staged by fold() and not yet folded.
-  [[nodiscard]] std::size_t staged_rows() const noexcept { return staged_keys_.size(); }
 
   // What the tables hold is only what was folded since the last publish: publish merges
   // every entry into the shared map and then drain()s the tables, so a key's published
