@@ -20,6 +20,8 @@ Figures:
 - value columns (issue 12): two value columns folded as one (n, 2) block into one store
   against the same two columns folded into two one-column stores (fold + publish +
   results, 64K-row batches, 2 threads), at 1M and at 10K keys.
+- Ctrl-C during one long fold (issue 12): how soon the KeyboardInterrupt lands, at 1M and
+  10M keys, against the time of the whole call.
 
 ``--one-column`` prints only the one-column fold + publish + results time (64K-row
 batches, 2 threads, 10M rows / 1M keys), with ``--repeats`` runs each: run it alternately
@@ -30,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -407,9 +411,79 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def interrupt_latencies(keys: np.ndarray, delays: list[float]) -> list[float]:
+    """Seconds from a SIGINT to the KeyboardInterrupt out of one long ``fold`` of ``keys``
+    into a fresh store, the signal sent ``delay`` seconds into the call, once per delay."""
+    import os
+    import signal
+
+    values = np.ones(len(keys))
+    latencies = []
+    for delay in delays:
+        part = ss.NumericAggregateStore(1).partition(0)
+        sent: list[float] = []
+
+        def fire(sent: list[float] = sent) -> None:
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        timer = threading.Timer(delay, fire)
+        timer.start()
+        try:
+            part.fold(keys, values)
+        except KeyboardInterrupt:
+            latencies.append(time.perf_counter() - sent[0])
+        else:  # the fold ended before the signal: let it land outside the fold
+            try:
+                timer.join()
+                time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+        timer.join()
+    return latencies
+
+
+def bench_interrupt(quick: bool) -> list[dict[str, Any]]:
+    """Ctrl-C during one long fold (issue 12: it lands within ~0.1 s, not after the whole
+    batch): the latency, median and worst over signals sent at several points of the call,
+    against the time the whole call takes. At 10M keys the call crosses the points where
+    every shard of the table grows at once."""
+    rows_n = 6_000_000 if quick else 48_000_000
+    out = []
+    for keys_n in (1_000_000, 10_000_000) if not quick else (1_000_000,):
+        keys = np.random.default_rng(2).integers(0, keys_n, rows_n, dtype=np.int64)
+        whole = median_seconds(
+            lambda keys=keys: ss.NumericAggregateStore(1).partition(0).fold(keys, np.ones(rows_n)),
+            1,
+            warmup=0,
+        )
+        delays = [whole * f for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)]
+        latencies = interrupt_latencies(keys, delays)
+        if not latencies:
+            continue
+        median = statistics.median(latencies)
+        out.append(
+            row(
+                f"Ctrl-C in one {rows_n // 1_000_000}M-row fold into {keys_n // 1_000_000}M keys: "
+                f"latency (median, worst of {len(latencies)}) vs the whole call",
+                f"{median:.3f} s, {max(latencies):.3f} s",
+                f"{whole:.3f} s",
+                whole / median,
+                "~0.1 s",
+            )
+        )
+    return out
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """All figures as rows: operation, streamstate, baseline, ratio, target."""
-    return bench_fold(quick) + bench_publish_many(quick) + bench_memory(quick) + bench_columns(quick)
+    return (
+        bench_fold(quick)
+        + bench_publish_many(quick)
+        + bench_memory(quick)
+        + bench_columns(quick)
+        + bench_interrupt(quick)
+    )
 
 
 def main() -> None:
@@ -419,12 +493,18 @@ def main() -> None:
         "--one-column", action="store_true", help="only the one-column time, to compare builds"
     )
     parser.add_argument("--columns", action="store_true", help="only the value-column rows")
+    parser.add_argument("--interrupt", action="store_true", help="only the Ctrl-C latency rows")
     parser.add_argument("--repeats", type=int, default=3, help="runs for --one-column")
     args = parser.parse_args()
     if args.one_column:
         print(" ".join(f"{t:.4f}" for t in one_column_seconds(args.repeats)))
         return
-    rows = bench_columns(args.quick) if args.columns else run(args.quick)
+    if args.columns:
+        rows = bench_columns(args.quick)
+    elif args.interrupt:
+        rows = bench_interrupt(args.quick)
+    else:
+        rows = run(args.quick)
     widths = [max(len(str(r[c])) for r in rows) for c in ("operation", "streamstate", "baseline")]
     print(
         f"{'operation':<{widths[0]}}  {'streamstate':>{widths[1]}}  {'baseline':>{widths[2]}}  ratio  target"

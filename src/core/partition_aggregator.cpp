@@ -32,6 +32,12 @@ constexpr std::size_t kScatterMinKeys = std::size_t{3} << 17;
 // from cache (at 1M keys: 2M-row chunks fold 10M rows in ~0.37 s, 4M in ~0.34 s, 8M in
 // ~0.30 s on the development machine).
 constexpr std::size_t kScatterMaxRows = std::size_t{1} << 22;
+// Staged rows folded at once, at most. A settle runs inside one fold call with no look at
+// pending signals, so it is kept to about what the bindings fold between two such looks
+// (1 << 19 rows): with the staging limit at the table size, a settle at 10M keys folded
+// 4M rows in one go and Ctrl-C took up to ~1 s to land. The micro-batches' gain comes from
+// folding 4K-row batches scattered, ~4K rows a shard, which this still gives.
+constexpr std::size_t kStageMaxRows = std::size_t{1} << 19;
 // Row-by-row slices between checks of the table size, so one big batch that grows the
 // table switches to scattering part way through.
 constexpr std::size_t kRowSlice = std::size_t{1} << 16;
@@ -222,10 +228,10 @@ void PartitionAggregator<K>::fold(const View* keys, const double* values, std::s
     }
   }
   if constexpr (kStages) {
-    // As many staged rows as entries: ~16 B a key next to the table's ~64 B, and enough
-    // rows a shard for its table to be reused from cache (see kScatterMaxRows).
+    // At most as many staged rows as entries (~16 B a key next to the table's ~64 B) and
+    // kStageMaxRows: enough rows a shard for its table to be reused from cache.
     const std::size_t held = size();
-    const std::size_t limit = std::min(held, kScatterMaxRows);
+    const std::size_t limit = std::min(held, kStageMaxRows);
     if (held >= kScatterMinKeys && n < limit) {
       if (has_nan) {
         stage<true>(keys, values, n, limit);  // kSkip: NaN rows are left out

@@ -79,7 +79,8 @@ class PartitionAggregator {
   //
   // Once the tables are big (where folding shard by shard pays), a one-column batch of keys
   // that own their value (int64) is staged rather than folded: micro-batches add up until
-  // the staged rows number as many as the entries, and then fold shard by shard together,
+  // the staged rows number as many as the entries (at most kStageMaxRows, which keeps a
+  // settle short: see the .cpp), and then fold shard by shard together,
   // so each shard's table is reused from cache instead of missing memory row by row (at
   // 1M keys, 4K-row batches fold ~1.16x faster; a 64K-row batch was scattered already).
   // Everything that reads the tables settle()s first; staging keeps each key's rows in
