@@ -549,6 +549,38 @@ def test_big_batches_take_the_shard_scatter_path(key_type: str) -> None:
         np.testing.assert_allclose(got[column], doubled[column], rtol=1e-9)
 
 
+@pytest.mark.parametrize("width", [1, 2])
+def test_a_big_partition_grows_a_few_shards_per_call_not_all_at_once(width: int) -> None:
+    # Keys spread evenly over a partition's shards, so left alone every shard doubles in
+    # the same call (at 2.1M keys the accounted memory doubled in one 100K-row call, and
+    # Ctrl-C could not land while it happened). Big shards grow early, each at its own
+    # load: no call grows the memory by much, and the results are those of one fold.
+    n, step = 3_000_000, 100_000
+    keys = np.random.default_rng(3).permutation(n).astype("S8")
+    values = np.arange(n * width, dtype=np.float64).reshape(n, width) % 7
+    columns = [f"c{c}" for c in range(width)] if width > 1 else None
+    store = ss.NumericAggregateStore(1, key_type="bytes", values=columns)
+    part = store.partition(0)
+    jumps = []
+    for start in range(0, n, step):
+        before = store.memory_bytes()
+        block = values[start : start + step]
+        part.fold(keys[start : start + step], block if width > 1 else block[:, 0])
+        if len(part) > 1_800_000:  # past where the first shards grow early
+            jumps.append(store.memory_bytes() / before)
+    assert len(part) == n
+    assert max(jumps) < 1.3, jumps
+    part.publish()
+    for c in range(width):
+        got = store.results(columns[c] if columns else None)
+        # Every key once, with its one value: nothing lost, moved twice or mixed up.
+        assert len(got["key"]) == n and (got["count"] == 1).all()
+        assert got["sum"].sum() == values[:, c].sum()
+        for i in (0, n // 3, n - 1):
+            stats = store.result(bytes(keys[i]), columns[c] if columns else None)
+            assert isinstance(stats, Stats) and stats.sum == values[i, c]
+
+
 def test_micro_batches_into_a_big_table_are_folded_before_any_read() -> None:
     """Past ~400K keys, small int64 batches are staged and folded together later. Every
     read (len, pending, snapshot, delta, publish) must see them, and the partials must be

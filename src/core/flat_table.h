@@ -278,6 +278,10 @@ class FlatTable {
 
   [[nodiscard]] std::size_t size() const noexcept { return entries_.size(); }
   [[nodiscard]] bool empty() const noexcept { return entries_.empty(); }
+  // Entries the slot array holds before the next insert grows it, and entries the table
+  // holds before the next insert reallocates them.
+  [[nodiscard]] std::size_t max_load() const noexcept { return index_.max_load(); }
+  [[nodiscard]] std::size_t capacity() const noexcept { return entries_.capacity(); }
   // Total bytes of all keys held outside the entries (0 for int64 keys).
   [[nodiscard]] std::size_t key_bytes() const noexcept { return store_.bytes(); }
 

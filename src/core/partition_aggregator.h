@@ -234,6 +234,9 @@ class PartitionAggregator {
   void fold_wide_row(Shard& sh, View key, std::uint64_t hash, const double* row, bool has_nan,
                      bool skip);
   [[nodiscard]] bool all_nan(const double* row) const noexcept;
+  // Grows big shards ahead of need, each at its own load (see the .cpp): keys spread
+  // evenly over the shards, so left alone every shard would double in the same call.
+  void stagger_growth() noexcept;
 
   // Keys whose views own their value can wait in staged_keys_ after fold() returns.
   static constexpr bool kStages = std::is_arithmetic_v<View>;
