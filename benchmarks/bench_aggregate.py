@@ -411,23 +411,23 @@ def bench_memory(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def interrupt_latencies(keys: np.ndarray, delays: list[float]) -> list[float]:
-    """Seconds from a SIGINT to the KeyboardInterrupt out of one long ``fold`` of ``keys``
-    into a fresh store, the signal sent ``delay`` seconds into the call, once per delay."""
+def _interrupt(sent: list[float]) -> None:
+    """Sends this process SIGINT, noting when (a timer thread runs it)."""
     import os
     import signal
 
-    values = np.ones(len(keys))
+    sent.append(time.perf_counter())
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def interrupt_latencies(keys: np.ndarray, values: np.ndarray, delays: list[float]) -> list[float]:
+    """Seconds from a SIGINT to the KeyboardInterrupt out of one long ``fold`` of ``keys``
+    into a fresh store, the signal sent ``delay`` seconds into the call, once per delay."""
     latencies = []
     for delay in delays:
         part = ss.NumericAggregateStore(1).partition(0)
         sent: list[float] = []
-
-        def fire(sent: list[float] = sent) -> None:
-            sent.append(time.perf_counter())
-            os.kill(os.getpid(), signal.SIGINT)
-
-        timer = threading.Timer(delay, fire)
+        timer = threading.Timer(delay, _interrupt, args=(sent,))
         timer.start()
         try:
             part.fold(keys, values)
@@ -449,16 +449,13 @@ def bench_interrupt(quick: bool) -> list[dict[str, Any]]:
     against the time the whole call takes. At 10M keys the call crosses the points where
     every shard of the table grows at once."""
     rows_n = 6_000_000 if quick else 48_000_000
+    values = np.ones(rows_n)
     out = []
     for keys_n in (1_000_000, 10_000_000) if not quick else (1_000_000,):
         keys = np.random.default_rng(2).integers(0, keys_n, rows_n, dtype=np.int64)
-        whole = median_seconds(
-            lambda keys=keys: ss.NumericAggregateStore(1).partition(0).fold(keys, np.ones(rows_n)),
-            1,
-            warmup=0,
-        )
+        whole = timed(lambda keys=keys: ss.NumericAggregateStore(1).partition(0).fold(keys, values))
         delays = [whole * f for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)]
-        latencies = interrupt_latencies(keys, delays)
+        latencies = interrupt_latencies(keys, values, delays)
         if not latencies:
             continue
         median = statistics.median(latencies)
